@@ -7,9 +7,6 @@ averages, learning-rate schedules, per-example second moments, SGD dynamics and 
 
 from __future__ import annotations
 
-from sgdlab import averages, hyper, schedules
-from sgdlab.optim import SGD, Adam, RMSProp
-
 __version__ = "0.1.0"
 
-__all__ = ["SGD", "Adam", "RMSProp", "averages", "hyper", "schedules", "__version__"]
+__all__ = ["__version__"]
