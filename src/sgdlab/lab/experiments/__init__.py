@@ -1,0 +1,1 @@
+"""One module per claim of the lecture; see :mod:`sgdlab.lab.registry` for the interface."""

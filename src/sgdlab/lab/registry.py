@@ -1,0 +1,54 @@
+"""The experiment registry: one module per claim of the lecture, in the lecture's order.
+
+An experiment module exposes ``NAME``, ``TITLE``, ``DESCRIPTION`` (a paragraph for the report),
+``Config`` (a dataclass derived from :class:`~sgdlab.lab.config.ExperimentConfig`),
+``PRESETS`` (overrides for ``tiny`` and ``full``; the defaults are ``quick``),
+``run(config, outdir) -> dict`` (measurements, JSON-ready), ``claims(results) -> list[Claim]``
+and ``plot(results, outdir) -> list[str]`` (figure file names, drawn from saved results only).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+__all__ = ["EXPERIMENTS", "UnknownExperimentError", "get", "names"]
+
+EXPERIMENTS: dict[str, str] = {
+    "one_d": "e01_one_d",
+    "convergence": "e02_convergence",
+    "running_averages": "e03_running_averages",
+    "momentum": "e04_momentum",
+    "conjugacy": "e05_conjugacy",
+    "batch_scaling": "e06_batch_scaling",
+    "invariant_adam": "e07_invariant_adam",
+    "rmsprop_power": "e08_rmsprop_power",
+    "adam_bias": "e09_adam_bias",
+    "gradient_flow": "e10_gradient_flow",
+    "slope": "e11_slope",
+    "langevin_1d": "e12_langevin_1d",
+    "two_temperatures": "e13_two_temperatures",
+    "mcmc": "e14_mcmc",
+    "critical_batch": "e15_critical_batch",
+}
+
+
+class UnknownExperimentError(KeyError):
+    """Raised for an experiment name not in the registry; the message lists the valid ones."""
+
+    def __str__(self) -> str:  # KeyError quotes its message otherwise
+        return str(self.args[0])
+
+
+def names() -> list[str]:
+    """Experiment names in report order."""
+    return list(EXPERIMENTS)
+
+
+def get(name: str) -> ModuleType:
+    """Import and return the experiment module called ``name``."""
+    if name not in EXPERIMENTS:
+        raise UnknownExperimentError(
+            f"unknown experiment {name!r}; valid experiments: {', '.join(EXPERIMENTS)}"
+        )
+    return importlib.import_module(f"sgdlab.lab.experiments.{EXPERIMENTS[name]}")

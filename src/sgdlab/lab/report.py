@@ -1,0 +1,194 @@
+"""The report: ``DIR/index.html``, built from saved results only.
+
+Self-contained: figures are embedded as base64 PNG data URIs, so the file can be mailed or
+opened from anywhere. Order: the claims table (claim, the formula checked, predicted, measured
++- standard error, tolerance, verdict), a section per experiment (its paragraph, figures and
+claims), then the lecture's errata each with the measurement that settles it.
+
+A figure listed in an experiment's ``results.json`` but missing on disk is redrawn from the
+saved measurements by the experiment's ``plot`` function before it is embedded.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from . import registry
+from .atomic import atomic_write_text, read_json
+from .runner import collect
+
+__all__ = ["build_report", "format_number"]
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;
+margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.7em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;width:100%;font-size:.88em;margin:1em 0}
+th,td{border:1px solid #ddd;padding:4px 6px;vertical-align:top;text-align:left}
+th{background:#f3f3f3}td.num{text-align:right;font-family:ui-monospace,monospace;white-space:nowrap}
+code{font-family:ui-monospace,monospace;font-size:.95em}
+.v-agrees{background:#e5f6e5}.v-disagrees{background:#fbe0e0}.v-lecture-corrected{background:#fff4d6}
+.fig{max-width:100%;border:1px solid #eee;margin:.5em 0}
+.meta{color:#666;font-size:.85em}.summary span{margin-right:1.5em}
+"""
+
+
+def format_number(x: Any) -> str:
+    """Compact numeric formatting (4 significant digits; strings pass through)."""
+    if x is None:
+        return ""
+    if isinstance(x, str):
+        return x
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if math.isnan(v) or math.isinf(v):
+        return str(v)
+    if v == 0:
+        return "0"
+    if 1e-3 <= abs(v) < 1e4:
+        return f"{v:.4g}"
+    return f"{v:.3e}"
+
+
+def _e(s: Any) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def _vclass(verdict: str) -> str:
+    return "v-" + verdict.replace(" ", "-")
+
+
+def _pm(c: dict[str, Any]) -> str:
+    return f"{format_number(c['measured'])} &plusmn; {format_number(c['stderr'])}"
+
+
+def _predicted(c: dict[str, Any]) -> str:
+    op = {"equal": "", "at_most": "&le; ", "at_least": "&ge; "}.get(c.get("kind", "equal"), "")
+    s = op + _e(format_number(c["predicted"]))
+    if c.get("lecture_value") is not None:
+        s += f"<br><span class='meta'>lecture: {_e(format_number(c['lecture_value']))}</span>"
+    return s
+
+
+def _claim_rows(claims: list[dict[str, Any]], with_experiment: bool) -> str:
+    rows = []
+    for c in claims:
+        formula = _e(c["formula"])
+        if c.get("lecture_formula"):
+            formula += f"<br><span class='meta'>lecture: {_e(c['lecture_formula'])}</span>"
+        exp = f"<td>{_e(c['experiment'])}</td>" if with_experiment else ""
+        note = f"<br><span class='meta'>{_e(c['note'])}</span>" if c.get("note") else ""
+        rows.append(
+            f"<tr class='claim-row {_vclass(c['verdict'])}' data-claim='{_e(c['id'])}'>"
+            f"{exp}<td><code>{_e(c['id'])}</code><br>{_e(c['statement'])}{note}</td>"
+            f"<td>{formula}</td><td class='num'>{_predicted(c)}</td>"
+            f"<td class='num'>{_pm(c)}</td><td class='num'>{_e(format_number(c['tolerance']))}</td>"
+            f"<td class='verdict'>{_e(c['verdict'])}</td></tr>"
+        )
+    return "\n".join(rows)
+
+
+def _claims_table(claims: list[dict[str, Any]], table_id: str, with_experiment: bool) -> str:
+    exp = "<th>experiment</th>" if with_experiment else ""
+    return (
+        f"<table id='{table_id}' class='claims'><thead><tr>{exp}<th>claim</th>"
+        "<th>formula checked</th><th>predicted</th><th>measured &plusmn; s.e.</th>"
+        "<th>tolerance</th><th>verdict</th></tr></thead><tbody>"
+        + _claim_rows(claims, with_experiment)
+        + "</tbody></table>"
+    )
+
+
+def _figure_html(expdir: Path, name: str, rec: dict[str, Any], mod: Any) -> str:
+    path = expdir / name
+    if not path.is_file():
+        mod.plot(rec["measurements"], expdir)
+    if not path.is_file():
+        return f"<p class='meta'>figure {_e(name)} could not be drawn</p>"
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (
+        f"<figure><img class='fig' alt='{_e(name)}' src='data:image/png;base64,{data}'>"
+        f"<figcaption class='meta'>{_e(name)}</figcaption></figure>"
+    )
+
+
+def build_report(out: str | os.PathLike[str]) -> Path:
+    """Write ``out/index.html`` from the saved results under ``out``; return its path."""
+    out = Path(out)
+    summary = collect(out)
+    claims = summary["claims"]
+    counts = {v: sum(c["verdict"] == v for c in claims) for v in
+              ("agrees", "lecture corrected", "disagrees")}
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        "<title>sgdlab: the lecture measured</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>SGD lecture, every claim measured against its closed form</h1>",
+        "<p>Each row compares a claim of the lecture (TTIC 31230, <i>Stochastic Gradient "
+        "Descent</i>) or its corrected form (REFERENCE.md) with a measurement. Verdict: "
+        "<b>agrees</b> when |measured &minus; predicted| &le; tolerance (4 standard errors plus "
+        "any stated model error of a first-order formula); <b>lecture corrected</b> when the "
+        "claim is one of the lecture's errata and the measurement agrees with the corrected "
+        "value; <b>disagrees</b> otherwise.</p>",
+        "<p class='summary'>"
+        + "".join(f"<span>{_e(k)}: <b>{v}</b></span>" for k, v in counts.items())
+        + f"<span>experiments: <b>{len(summary['experiments'])}</b></span></p>",
+        "<h2 id='claims'>Claims</h2>",
+        _claims_table(claims, "claims-table", with_experiment=True),
+    ]
+    for name in registry.names():
+        expdir = out / name
+        if not (expdir / "results.json").is_file():
+            continue
+        rec = read_json(expdir / "results.json")
+        mod = registry.get(name)
+        meta = rec["meta"]
+        parts.append(f"<h2 id='exp-{_e(name)}'>{_e(rec['title'])}</h2>")
+        parts.append(f"<p>{_e(rec['description'])}</p>")
+        parts.extend(_figure_html(expdir, f, rec, mod) for f in rec["figures"])
+        own = [{"experiment": name, **c} for c in rec["claims"]]
+        parts.append(_claims_table(own, f"claims-{name}", with_experiment=False))
+        parts.append(
+            f"<p class='meta'>preset {_e(meta['preset'])}, seed {_e(meta['seed'])}, device "
+            f"{_e(meta['device'])}, wall time {meta['wall_time_s']:.1f} s, sgdlab "
+            f"{_e(meta['sgdlab'])}, torch {_e(meta['torch'])}, numpy {_e(meta['numpy'])}, "
+            f"commit {_e(meta.get('git_commit') or 'n/a')}. Config: "
+            f"<code>{_e(rec['config'])}</code></p>"
+        )
+    by_id = {c["id"]: c for c in claims}
+    parts.append("<h2 id='errata'>Errata of the lecture</h2>")
+    parts.append(
+        "<table id='errata-table'><thead><tr><th>#</th><th>slide</th><th>as written</th>"
+        "<th>correct</th><th>settled by (measured vs predicted)</th></tr></thead><tbody>"
+    )
+    for e in summary["errata"]:
+        settled = []
+        for cid in e["settled_by"]:
+            c = by_id[cid]
+            settled.append(
+                f"<code>{_e(cid)}</code>: predicted {_predicted(c)}, measured {_pm(c)} "
+                f"&rarr; <b>{_e(c['verdict'])}</b>"
+            )
+        for cid in e["missing"]:
+            settled.append(f"<code>{_e(cid)}</code>: not run in this directory")
+        parts.append(
+            f"<tr class='erratum-row'><td>{e['number']}</td><td>{_e(e['slide'])}</td>"
+            f"<td>{_e(e['as_written'])}</td><td>{_e(e['correct'])}</td>"
+            f"<td>{'<br>'.join(settled)}</td></tr>"
+        )
+    parts.append("</tbody></table>")
+    parts.append(
+        f"<p class='meta'>Built {summary['created_at']} from {_e(out / 'results.json')}; "
+        f"sgdlab {_e(summary['meta']['sgdlab'])}, torch {_e(summary['meta']['torch'])}.</p>"
+    )
+    parts.append("</body></html>\n")
+    path = out / "index.html"
+    atomic_write_text(path, "\n".join(parts))
+    return path

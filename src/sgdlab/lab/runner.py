@@ -1,0 +1,275 @@
+"""Run experiments into a results directory, resumably, and collect their claims.
+
+Layout of a results directory ``DIR``::
+
+    DIR/<experiment>/config.json     the typed config of the run
+    DIR/<experiment>/results.json    measurements, claims, figures, metadata (written last)
+    DIR/<experiment>/*.png           figures, drawn from the saved measurements
+    DIR/results.json                 every claim of every finished experiment + errata
+    DIR/index.html                   the report
+
+An experiment is *finished* when its ``results.json`` exists and records the same config as the
+one requested; :func:`run_experiment` skips finished experiments unless ``force``. Every file is
+written atomically (:mod:`sgdlab.lab.atomic`), so a run killed at any moment leaves finished
+experiments intact and no half-written file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from . import registry
+from .atomic import atomic_write_json, read_json, remove_stale_temporaries, to_jsonable
+from .config import build_config, config_to_dict
+from .errata import ERRATA
+from .progress import bar
+
+__all__ = [
+    "collect",
+    "is_finished",
+    "make_config",
+    "reproduce",
+    "run_experiment",
+    "run_metadata",
+]
+
+
+def make_config(
+    name: str,
+    preset: str = "quick",
+    overrides: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+) -> Any:
+    """The typed config of experiment ``name`` (preset, then ``--set`` overrides, seed, device)."""
+    mod = registry.get(name)
+    merged = dict(overrides or {})
+    if seed is not None:
+        merged["seed"] = seed
+    if device is not None:
+        merged["device"] = device
+    return build_config(mod.Config, mod.PRESETS, preset, merged)
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def run_metadata(device: str) -> dict[str, Any]:
+    """Versions, platform and git commit recorded with every run."""
+    import numpy
+    import torch
+
+    import sgdlab
+
+    meta: dict[str, Any] = {
+        "sgdlab": sgdlab.__version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+        "git_commit": _git_commit(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        meta["cuda_device"] = torch.cuda.get_device_name(0)
+    for extra in ("scipy", "matplotlib", "sklearn"):
+        try:
+            meta[extra] = __import__(extra).__version__
+        except ImportError:
+            pass
+    return meta
+
+
+def is_finished(expdir: str | os.PathLike[str], config: Any) -> bool:
+    """True when ``expdir/results.json`` exists and records exactly ``config``."""
+    path = Path(expdir) / "results.json"
+    if not path.is_file():
+        return False
+    try:
+        saved = read_json(path)
+    except (OSError, json.JSONDecodeError):
+        return False
+    return saved.get("config") == to_jsonable(config_to_dict(config))
+
+
+def run_experiment(
+    name: str,
+    out: str | os.PathLike[str],
+    preset: str = "quick",
+    overrides: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    force: bool = False,
+    collect_after: bool = True,
+) -> dict[str, Any]:
+    """Run one experiment into ``out/<name>`` unless finished; return a short summary."""
+    mod = registry.get(name)
+    config = make_config(name, preset, overrides, seed, device)
+    expdir = Path(out) / name
+    expdir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(expdir)
+    if not force and is_finished(expdir, config):
+        saved = read_json(expdir / "results.json")
+        return {"name": name, "status": "skipped", "wall_time_s": saved["meta"]["wall_time_s"]}
+    old = expdir / "results.json"
+    if old.exists():
+        old.unlink()
+    cfg = to_jsonable(config_to_dict(config))
+    atomic_write_json(expdir / "config.json", {"experiment": name, "preset": preset, **cfg})
+    _seed_everything(config.seed)
+    started = _dt.datetime.now(_dt.timezone.utc)
+    t0 = time.perf_counter()
+    measurements = mod.run(config, expdir)
+    wall = time.perf_counter() - t0
+    # Round-trip through JSON: figures and claims see exactly what is saved.
+    saved_measurements = json.loads(json.dumps(to_jsonable(measurements)))
+    figures = mod.plot(saved_measurements, expdir)
+    claims = [c.to_dict() for c in mod.claims(saved_measurements)]
+    meta = run_metadata(config.device)
+    meta.update(
+        seed=config.seed,
+        preset=preset,
+        started_at=started.isoformat(timespec="seconds"),
+        wall_time_s=wall,
+    )
+    record = {
+        "experiment": name,
+        "title": mod.TITLE,
+        "description": mod.DESCRIPTION,
+        "config": cfg,
+        "measurements": saved_measurements,
+        "claims": claims,
+        "figures": figures,
+        "meta": meta,
+    }
+    atomic_write_json(expdir / "results.json", record)
+    if collect_after:
+        collect(out)
+    return {"name": name, "status": "finished", "wall_time_s": wall}
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def collect(out: str | os.PathLike[str]) -> dict[str, Any]:
+    """Gather every finished experiment's claims into ``out/results.json`` and return it."""
+    out = Path(out)
+    experiments: dict[str, Any] = {}
+    claims: list[dict[str, Any]] = []
+    for name in registry.names():
+        path = out / name / "results.json"
+        if not path.is_file():
+            continue
+        rec = read_json(path)
+        experiments[name] = {
+            "title": rec["title"],
+            "figures": rec["figures"],
+            "wall_time_s": rec["meta"]["wall_time_s"],
+            "seed": rec["meta"]["seed"],
+            "preset": rec["meta"]["preset"],
+            "device": rec["meta"]["device"],
+        }
+        for c in rec["claims"]:
+            claims.append({"experiment": name, **c})
+    by_id = {c["id"]: c for c in claims}
+    errata = []
+    for e in ERRATA:
+        ids = list(e.settled_by) + [
+            c["id"] for c in claims if c.get("erratum") == e.number and c["id"] not in e.settled_by
+        ]
+        errata.append(
+            {
+                "number": e.number,
+                "slide": e.slide,
+                "as_written": e.as_written,
+                "correct": e.correct,
+                "settled_by": [i for i in ids if i in by_id],
+                "missing": [i for i in ids if i not in by_id],
+            }
+        )
+    summary = {
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "experiments": experiments,
+        "claims": claims,
+        "errata": errata,
+        "meta": run_metadata(next(iter(experiments.values()))["device"] if experiments else "cpu"),
+    }
+    atomic_write_json(out / "results.json", summary)
+    return summary
+
+
+def _worker(name: str, out: str, preset: str, force: bool) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("SGDLAB_PROGRESS", "0")
+    return run_experiment(name, out, preset=preset, force=force, collect_after=False)
+
+
+def reproduce(
+    out: str | os.PathLike[str],
+    preset: str = "quick",
+    jobs: int = 1,
+    force: bool = False,
+    names: Sequence[str] | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Run every experiment (or ``names``), collect the claims and build the report.
+
+    With ``jobs > 1`` experiments run in separate processes (spawn context, one torch thread
+    each). Returns ``out/results.json`` as a dict plus ``"runs"``, the per-experiment summaries.
+    """
+    from .report import build_report
+
+    if jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+    todo = list(names) if names is not None else registry.names()
+    for n in todo:
+        registry.get(n)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, Any]] = []
+    if jobs == 1:
+        for n in bar(todo, desc="experiments"):
+            runs.append(
+                run_experiment(n, out, preset, device=device, force=force, collect_after=False)
+            )
+    else:
+        if device is not None and device != "cpu":
+            raise ValueError("--jobs > 1 runs on the CPU; use --jobs 1 with --device cuda")
+        ctx = get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(_worker, n, str(out), preset, force): n for n in todo}
+            for fut in bar(as_completed(futures), desc="experiments", total=len(futures)):
+                runs.append(fut.result())
+    summary = collect(out)
+    build_report(out)
+    summary["runs"] = runs
+    return summary
+
