@@ -1,0 +1,297 @@
+r"""The hyperparameter algebra: conjugate (per-example) units and batch-size scaling rules.
+
+The lecture ("Scaling eta and N_g with batch size", "Putting it together") argues that SGD is
+least perturbed by a change of batch size ``B`` when the hyperparameters are counted *per
+example* rather than per step:
+
+* ``eta_prime`` (eta'): the per-example learning rate. One step on a batch of ``B`` examples
+  moves the parameters by ``eta_eff = B * eta'`` per unit of *averaged* update direction
+  (the lecture's ``eta = B eta'``, from two steps at ``B = 1`` being one step at ``B = 2``).
+* ``n_g`` (N'_g): the momentum horizon counted in examples. A running average over ``N_g``
+  steps of batch ``B`` averages ``N_g B`` gradients, so ``N_g = N'_g / B``.
+* ``n_s`` (N'_s): the same for the second-moment average of RMSProp/Adam.
+
+Per-step hyperparameters are what torch optimizers take: ``lr``, a momentum coefficient
+``beta1`` (``momentum`` in SGD/RMSProp, ``betas[0]`` in Adam), ``beta2`` (``alpha`` in
+RMSProp, ``betas[1]`` in Adam) and ``eps``; a horizon N in steps is ``1 / (1 - beta)``.
+
+Two momentum forms relate ``lr`` to the step per unit of averaged direction ``eta_eff``:
+
+* ``"ema"``: the update uses the normalised average ``mu`` (Adam: ``Phi -= lr * m_hat``), so
+  ``eta_eff = lr``.
+* ``"heavy_ball"``: the update uses ``v = beta v + g`` (torch SGD and RMSprop momentum,
+  dampening 0), which is ``N_g mu``; so ``eta_eff = N_g * lr`` and ``lr = eta_eff / N_g`` (the
+  lecture's ``eta = eta' / N_g``).
+
+Scaling rules (``k = B / B0`` when moving a configuration from ``B0`` to ``B``):
+
+========== ======================= ======================================= =================
+rule       eta_eff(B)              horizon in steps N(B)                   eps(B)
+========== ======================= ======================================= =================
+lecture    B eta'                  max(1, N'/B)   (erratum 1: min -> max)   eps'
+exact      B eta'                  1 / (1 - (1 - 1/N')^B)  (beta_B=beta^B)  eps'
+sqrt       sqrt(B) eta'            max(1, N'/B)   (1 - beta scales by k)   eps' / sqrt(B)
+linear     B eta'                  N'             (betas unchanged)        eps'
+========== ======================= ======================================= =================
+
+``lecture`` is the lecture's "putting it together" with its ``min`` corrected to ``max``
+(REFERENCE.md erratum 1). ``exact`` keeps the per-example decay of the average exactly
+(Busbridge et al. 2023, "How to scale your EMA"). ``sqrt`` is the square-root rule for
+adaptive methods (Malladi et al. 2022, "On the SDEs and scaling rules for adaptive gradient
+algorithms"): it keeps RMSProp/Adam with the batch-mean second moment invariant. ``linear``
+is the linear scaling rule (Goyal et al. 2017). Conjugate units are defined at ``B = 1``:
+``to_per_step(c, 1, rule)`` gives ``lr = eta'`` (ema form), ``N = N'`` for every rule.
+
+A horizon of exactly 1 (no averaging, e.g. ``momentum = 0``) stays 1 at every batch size: a
+configuration without momentum never acquires momentum by rescaling. For ``lecture`` and
+``sqrt`` the map ``N' -> N(B)`` is clamped at 1, so ``to_conjugate`` returns the canonical
+``N' = N * B`` (``N > 1``), and conjugate -> per-step -> conjugate is the identity only where
+``N' >= B`` or ``N' = 1``. Per-step -> conjugate -> per-step is always the identity.
+
+Example
+-------
+>>> from sgdlab import hyper
+>>> c = hyper.Conjugate(eta_prime=1e-3, n_g=1000.0)
+>>> s = hyper.to_per_step(c, batch_size=100, rule="lecture", momentum_form="heavy_ball")
+>>> round(s.lr, 12), round(s.beta1, 12)
+(0.01, 0.9)
+>>> s256 = hyper.rescale(s, 100, 200, rule="lecture", momentum_form="heavy_ball")
+>>> round(s256.lr, 12), round(s256.beta1, 12)
+(0.04, 0.8)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from sgdlab._validation import (
+    check_batch_size,
+    check_choice,
+    check_horizon,
+    check_nonnegative,
+    check_positive,
+    check_unit_interval,
+)
+
+__all__ = [
+    "RULES",
+    "MOMENTUM_FORMS",
+    "Conjugate",
+    "PerStep",
+    "beta_to_horizon",
+    "horizon_to_beta",
+    "steps_horizon",
+    "examples_horizon",
+    "lr_multiplier",
+    "eps_multiplier",
+    "to_per_step",
+    "to_conjugate",
+    "rescale",
+]
+
+Rule = Literal["lecture", "exact", "sqrt", "linear"]
+MomentumForm = Literal["ema", "heavy_ball"]
+
+RULES: tuple[str, ...] = ("lecture", "exact", "sqrt", "linear")
+MOMENTUM_FORMS: tuple[str, ...] = ("ema", "heavy_ball")
+
+
+@dataclass(frozen=True)
+class Conjugate:
+    """Hyperparameters in the lecture's conjugate (per-example) units, defined at ``B = 1``.
+
+    Attributes:
+        eta_prime: per-example learning rate eta' (> 0): step per example per unit of
+            averaged update direction.
+        n_g: momentum horizon N'_g in examples (>= 1; 1 = no momentum).
+        n_s: second-moment horizon N'_s in examples (>= 1), for RMSProp/Adam.
+        eps: the denominator's epsilon at ``B = 1`` (>= 0); only the ``sqrt`` rule moves it.
+    """
+
+    eta_prime: float
+    n_g: float = 1.0
+    n_s: float = 1.0
+    eps: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_positive("eta_prime", self.eta_prime)
+        check_horizon("n_g", self.n_g)
+        check_horizon("n_s", self.n_s)
+        check_nonnegative("eps", self.eps)
+
+
+@dataclass(frozen=True)
+class PerStep:
+    """Per-step hyperparameters as torch optimizers take them.
+
+    Attributes:
+        lr: learning rate per step (> 0).
+        beta1: first-moment decay (SGD/RMSProp ``momentum``, Adam ``betas[0]``), 0 <= . < 1.
+        beta2: second-moment decay (RMSProp ``alpha``, Adam ``betas[1]``), 0 <= . < 1.
+        eps: denominator epsilon (>= 0).
+    """
+
+    lr: float
+    beta1: float = 0.0
+    beta2: float = 0.0
+    eps: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_positive("lr", self.lr)
+        check_unit_interval("beta1", self.beta1)
+        check_unit_interval("beta2", self.beta2)
+        check_nonnegative("eps", self.eps)
+
+
+def _rule(rule: str) -> str:
+    return check_choice("rule", rule, RULES)
+
+
+def _form(form: str) -> str:
+    return check_choice("momentum_form", form, MOMENTUM_FORMS)
+
+
+def beta_to_horizon(beta: float) -> float:
+    """Horizon ``N = 1 / (1 - beta)`` of an average with decay ``beta`` (0 <= beta < 1)."""
+    beta = check_unit_interval("beta", beta)
+    return 1.0 / (1.0 - beta)
+
+
+def horizon_to_beta(n: float) -> float:
+    """Decay ``beta = 1 - 1/N`` of an average with horizon ``N >= 1``."""
+    n = check_horizon("horizon", n)
+    return 1.0 - 1.0 / n
+
+
+def steps_horizon(n_examples: float, batch_size: int, rule: str) -> float:
+    """Horizon in steps ``N(B)`` of an average whose horizon in examples is ``N'``.
+
+    ``lecture``/``sqrt``: ``max(1, N'/B)``; ``exact``: ``1/(1 - (1 - 1/N')^B)``;
+    ``linear``: ``N'``. A horizon of 1 stays 1 under every rule.
+    """
+    n = check_horizon("n_examples", n_examples)
+    b = check_batch_size("batch_size", batch_size)
+    rule = _rule(rule)
+    if n == 1.0:
+        return 1.0
+    if rule in ("lecture", "sqrt"):
+        return max(1.0, n / b)
+    if rule == "exact":
+        # 1 - (1 - 1/N')^B computed without cancellation.
+        return 1.0 / -math.expm1(b * math.log1p(-1.0 / n))
+    return n
+
+
+def examples_horizon(n_steps: float, batch_size: int, rule: str) -> float:
+    """Inverse of :func:`steps_horizon`: the horizon in examples ``N'`` given ``N(B)``.
+
+    Where ``steps_horizon`` is clamped (``lecture``/``sqrt`` with ``N = 1``) the canonical
+    preimage ``N' = 1`` is returned; otherwise ``N' = N B`` (``lecture``/``sqrt``),
+    ``1 / (1 - beta_B^(1/B))`` (``exact``) or ``N`` (``linear``).
+    """
+    n = check_horizon("n_steps", n_steps)
+    b = check_batch_size("batch_size", batch_size)
+    rule = _rule(rule)
+    if n == 1.0:
+        return 1.0
+    if rule in ("lecture", "sqrt"):
+        return n * b
+    if rule == "exact":
+        # beta_1 = beta_B^(1/B); 1 - beta_1 = -expm1(log(beta_B)/B).
+        return 1.0 / -math.expm1(math.log1p(-1.0 / n) / b)
+    return n
+
+
+def lr_multiplier(batch_size: int, rule: str) -> float:
+    """``eta_eff(B) / eta'``: ``sqrt(B)`` for the ``sqrt`` rule, ``B`` for the others."""
+    b = check_batch_size("batch_size", batch_size)
+    return math.sqrt(b) if _rule(rule) == "sqrt" else float(b)
+
+
+def eps_multiplier(batch_size: int, rule: str) -> float:
+    """``eps(B) / eps'``: ``1/sqrt(B)`` for the ``sqrt`` rule, 1 for the others."""
+    b = check_batch_size("batch_size", batch_size)
+    return 1.0 / math.sqrt(b) if _rule(rule) == "sqrt" else 1.0
+
+
+def to_per_step(
+    conj: Conjugate,
+    batch_size: int,
+    rule: str = "lecture",
+    momentum_form: str = "ema",
+) -> PerStep:
+    """Per-step hyperparameters at batch size ``B`` from conjugate units, under ``rule``.
+
+    ``lr = eta_eff(B)`` in the ``ema`` form and ``eta_eff(B) / N_g(B)`` in the
+    ``heavy_ball`` form; ``beta = 1 - 1/N(B)`` with ``N(B) = steps_horizon(N', B, rule)``.
+    """
+    if not isinstance(conj, Conjugate):
+        raise TypeError(f"conj must be a hyper.Conjugate, got {type(conj).__name__}")
+    b = check_batch_size("batch_size", batch_size)
+    rule = _rule(rule)
+    form = _form(momentum_form)
+    n_g = steps_horizon(conj.n_g, b, rule)
+    n_s = steps_horizon(conj.n_s, b, rule)
+    eta_eff = lr_multiplier(b, rule) * conj.eta_prime
+    lr = eta_eff / n_g if form == "heavy_ball" else eta_eff
+    return PerStep(
+        lr=lr,
+        beta1=1.0 - 1.0 / n_g,
+        beta2=1.0 - 1.0 / n_s,
+        eps=conj.eps * eps_multiplier(b, rule),
+    )
+
+
+def to_conjugate(
+    step: PerStep,
+    batch_size: int,
+    rule: str = "lecture",
+    momentum_form: str = "ema",
+) -> Conjugate:
+    """Conjugate units from per-step hyperparameters used at batch size ``B``: the inverse
+    of :func:`to_per_step` (see the module docstring for the clamped case)."""
+    if not isinstance(step, PerStep):
+        raise TypeError(f"step must be a hyper.PerStep, got {type(step).__name__}")
+    b = check_batch_size("batch_size", batch_size)
+    rule = _rule(rule)
+    form = _form(momentum_form)
+    n_g_steps = 1.0 / (1.0 - step.beta1)
+    n_s_steps = 1.0 / (1.0 - step.beta2)
+    eta_eff = step.lr * n_g_steps if form == "heavy_ball" else step.lr
+    return Conjugate(
+        eta_prime=eta_eff / lr_multiplier(b, rule),
+        n_g=examples_horizon(n_g_steps, b, rule),
+        n_s=examples_horizon(n_s_steps, b, rule),
+        eps=step.eps / eps_multiplier(b, rule),
+    )
+
+
+def rescale(
+    step: PerStep,
+    from_batch_size: int,
+    to_batch_size: int,
+    rule: str = "lecture",
+    momentum_form: str = "ema",
+) -> PerStep:
+    """Move per-step hyperparameters tuned at ``from_batch_size`` (B0) to ``to_batch_size``.
+
+    Equivalent to ``to_per_step(to_conjugate(step, B0), B)``; returns ``step`` unchanged
+    (bit for bit) when ``B == B0``. With ``k = B / B0``: ``linear`` multiplies ``lr`` by ``k``
+    (ema form); ``sqrt`` multiplies ``lr`` by ``sqrt(k)``, ``1 - beta`` by ``k`` (clamped at
+    beta = 0) and ``eps`` by ``1/sqrt(k)``; ``exact`` maps ``beta -> beta^k``.
+
+    Example:
+        >>> from sgdlab.hyper import PerStep, rescale
+        >>> s = rescale(PerStep(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8), 32, 128, "sqrt")
+        >>> round(s.lr, 12), round(s.beta1, 12), round(s.beta2, 12)
+        (0.002, 0.6, 0.996)
+    """
+    b0 = check_batch_size("from_batch_size", from_batch_size)
+    b = check_batch_size("to_batch_size", to_batch_size)
+    _rule(rule)
+    _form(momentum_form)
+    if b == b0:
+        return replace(step)
+    return to_per_step(to_conjugate(step, b0, rule, momentum_form), b, rule, momentum_form)

@@ -1,0 +1,259 @@
+"""The thin adapter shared by sgdlab's optimizers: batch size, scaling rule, validation,
+non-finite gradients, and the choice between the reference and the foreach path.
+
+Each concrete optimizer supplies ``_hyper_of(group)`` / ``_with_hyper(group, step)`` (how its
+per-step hyperparameters map to :class:`sgdlab.hyper.PerStep`), ``_momentum_form`` and
+``_update_group(group, hyper, foreach)`` (the pure update rule applied to one param group).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from sgdlab import hyper as _hyper
+from sgdlab._validation import check_batch_size, check_choice
+
+__all__ = [
+    "BatchScaledOptimizer",
+    "NonFiniteGradientError",
+    "NONFINITE_POLICIES",
+    "group_indices",
+    "scalar_dtype",
+]
+
+NONFINITE_POLICIES = ("raise", "skip", "ignore")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient (or per-example second moment) holds NaN or inf; raised before any update,
+    so parameters and optimizer state are untouched."""
+
+
+def scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim uses for ``state['step']`` (float64 under a float64 default)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def group_indices(params: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``params`` grouped by (device, dtype), for the foreach kernels."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.device, p.dtype), []).append(i)
+    return list(groups.values())
+
+
+class BatchScaledOptimizer(Optimizer):
+    """Base class: a torch optimizer whose per-step hyperparameters were tuned at
+    ``ref_batch_size`` (B0) and are moved to the current ``batch_size`` (B) by ``scaling``.
+
+    Every param group carries ``batch_size``, ``ref_batch_size`` and ``scaling`` (so they are
+    saved in ``state_dict``). When ``B == B0`` (the default: both unset) the group's own
+    hyperparameters are used unchanged and the optimizer reproduces its torch.optim namesake.
+    LR schedulers act on ``group['lr']``, the value at B0, and the scaling applies on top.
+    """
+
+    _momentum_form: str = "ema"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        batch_size: int | None,
+        ref_batch_size: int | None,
+        scaling: str | None,
+        default_scaling: str,
+        foreach: bool | None,
+        nonfinite: str,
+    ) -> None:
+        if batch_size is not None:
+            batch_size = check_batch_size("batch_size", batch_size)
+        if ref_batch_size is not None:
+            ref_batch_size = check_batch_size("ref_batch_size", ref_batch_size)
+        if batch_size is None:
+            batch_size = ref_batch_size
+        if ref_batch_size is None:
+            ref_batch_size = batch_size
+        if scaling is None:
+            scaling = default_scaling
+        check_choice("scaling", scaling, _hyper.RULES)
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        if foreach not in (None, True, False):
+            raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
+        defaults = dict(defaults)
+        defaults.update(
+            batch_size=batch_size,
+            ref_batch_size=ref_batch_size,
+            scaling=scaling,
+            foreach=foreach,
+        )
+        self.nonfinite = nonfinite
+        #: number of steps skipped because of non-finite gradients (``nonfinite="skip"``)
+        self.skipped_steps = 0
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Check a param group's hyperparameters (called for every group, also those added
+        later with ``add_param_group``); must only read the group."""
+        raise NotImplementedError
+
+    def _hyper_of(self, group: dict[str, Any]) -> _hyper.PerStep:
+        raise NotImplementedError
+
+    def _with_hyper(self, group: dict[str, Any], step: _hyper.PerStep) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _update_group(self, group: dict[str, Any], hp: dict[str, Any], foreach: bool) -> None:
+        raise NotImplementedError
+
+    def _extra_tensors(self, group: dict[str, Any], p: torch.Tensor) -> list[torch.Tensor]:
+        """Tensors besides ``p.grad`` that must be finite for a step (second moments)."""
+        return []
+
+    # ------------------------------------------------------------------ torch plumbing
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for key in ("batch_size", "ref_batch_size"):
+            if group[key] is not None:
+                group[key] = check_batch_size(key, group[key])
+        check_choice("scaling", group["scaling"], _hyper.RULES)
+        self._validate_group(group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("nonfinite", "raise")
+        self.__dict__.setdefault("skipped_steps", 0)
+
+    # ------------------------------------------------------------------ batch size
+    def set_batch_size(self, batch_size: int) -> None:
+        """Set the batch size ``B`` of the coming steps (all param groups)."""
+        b = check_batch_size("batch_size", batch_size)
+        for group in self.param_groups:
+            group["batch_size"] = b
+            if group["ref_batch_size"] is None:
+                group["ref_batch_size"] = b
+
+    @property
+    def batch_size(self) -> int | None:
+        """The current batch size of the first param group."""
+        return self.param_groups[0]["batch_size"]
+
+    def effective_hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The hyperparameters a step of ``group`` uses now: the group's values moved from
+        ``ref_batch_size`` to ``batch_size`` by its scaling rule (unchanged when equal)."""
+        hp = dict(group)
+        b, b0 = group["batch_size"], group["ref_batch_size"]
+        if b is None or b0 is None or b == b0:
+            return hp
+        base = self._hyper_of(group)
+        if base.lr == 0.0:
+            # lr = 0 is a no-op at any batch size; move the betas with a unit lr.
+            scaled = _hyper.rescale(
+                _hyper.PerStep(1.0, base.beta1, base.beta2, base.eps),
+                b0, b, group["scaling"], self._momentum_form,
+            )
+            hp.update(self._with_hyper(group, scaled))
+            hp["lr"] = 0.0
+            return hp
+        scaled = _hyper.rescale(base, b0, b, group["scaling"], self._momentum_form)
+        hp.update(self._with_hyper(group, scaled))
+        return hp
+
+    def _carry_momentum(self, group: dict[str, Any], new: float) -> None:
+        """Carry heavy-ball buffers across a change of the momentum coefficient.
+
+        A heavy-ball buffer ``b = m b + g`` is ``N mu`` with ``mu`` the running average of the
+        gradient and ``N = 1/(1-m)``. When a batch-size change moves ``m_old -> m_new``, the
+        average ``mu`` carries over, so ``b`` is multiplied by ``(1 - m_old) / (1 - m_new)``.
+        A buffer is dropped when either coefficient is 0 (no average to carry).
+        """
+        prev = group.get("momentum_in_use")
+        if prev is not None and prev != new:
+            for p in group["params"]:
+                buf = self.state[p].get("momentum_buffer") if p in self.state else None
+                if buf is None:
+                    continue
+                if new == 0.0 or prev == 0.0:
+                    del self.state[p]["momentum_buffer"]
+                else:
+                    buf.mul_((1.0 - prev) / (1.0 - new))
+        group["momentum_in_use"] = new
+
+    # ------------------------------------------------------------------ step
+    def _use_foreach(self, group: dict[str, Any], params: list[torch.Tensor]) -> bool:
+        if group["foreach"] is not None:
+            return bool(group["foreach"])
+        # As torch.optim: the foreach path by default only where it pays (accelerators).
+        return bool(params) and all(p.device.type != "cpu" for p in params)
+
+    def _find_nonfinite(self) -> str | None:
+        """Describe the first parameter whose gradient (or extra statistic) is not finite."""
+        tensors: list[torch.Tensor] = []
+        where: list[str] = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                named = [("grad", p.grad)] + [
+                    ("grad_second_moment", t) for t in self._extra_tensors(group, p)
+                ]
+                for what, t in named:
+                    if t.is_sparse:
+                        t = t.coalesce().values()
+                    tensors.append(t)
+                    where.append(
+                        f"param group {gi}, parameter {pi} (shape {tuple(p.shape)}): {what}"
+                    )
+        if not tensors:
+            return None
+        maxima = torch._foreach_norm(tensors, float("inf"))
+        device = maxima[0].device
+        finite = torch.stack([m.float().to(device) for m in maxima]).isfinite()
+        if bool(finite.all()):
+            return None
+        return where[int((~finite).nonzero()[0, 0])]
+
+    @torch.no_grad()
+    def step(
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        batch_size: int | None = None,
+    ) -> Any:
+        """Perform one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (as in torch.optim).
+            batch_size: the batch size ``B`` of this step; it stays in force for later steps
+                (same as :meth:`set_batch_size`).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if batch_size is not None:
+            self.set_batch_size(batch_size)
+        if self.nonfinite != "ignore":
+            bad = self._find_nonfinite()
+            if bad is not None:
+                if self.nonfinite == "raise":
+                    raise NonFiniteGradientError(
+                        f"non-finite values in {bad}; no parameter or state was changed. "
+                        "Pass nonfinite='skip' to skip such steps, or use torch.amp.GradScaler "
+                        "for mixed precision."
+                    )
+                self.skipped_steps += 1
+                return loss
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            hp = self.effective_hyperparameters(group)
+            self._update_group(group, hp, self._use_foreach(group, params))
+        return loss
