@@ -38,6 +38,22 @@ code{font-family:ui-monospace,monospace;font-size:.95em}
 """
 
 
+# Marks each figure with its decoded width once the page has loaded, so a headless browser's
+# DOM dump shows whether every figure rendered (data-natural-width > 0).
+_IMG_CHECK = """<script>
+window.addEventListener('load', function () {
+  var imgs = document.querySelectorAll('img');
+  var bad = 0;
+  imgs.forEach(function (im) {
+    im.setAttribute('data-natural-width', String(im.naturalWidth));
+    if (!(im.complete && im.naturalWidth > 0)) { bad += 1; }
+  });
+  document.body.setAttribute('data-images', String(imgs.length));
+  document.body.setAttribute('data-images-broken', String(bad));
+});
+</script>"""
+
+
 def format_number(x: Any) -> str:
     """Compact numeric formatting (4 significant digits; strings pass through)."""
     if x is None:
@@ -188,6 +204,7 @@ def build_report(out: str | os.PathLike[str]) -> Path:
         f"<p class='meta'>Built {summary['created_at']} from {_e(out / 'results.json')}; "
         f"sgdlab {_e(summary['meta']['sgdlab'])}, torch {_e(summary['meta']['torch'])}.</p>"
     )
+    parts.append(_IMG_CHECK)
     parts.append("</body></html>\n")
     path = out / "index.html"
     atomic_write_text(path, "\n".join(parts))

@@ -1,0 +1,77 @@
+"""The command line: listing, error paths (exit code 2 with the valid choices), run and report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sgdlab.lab import registry
+from sgdlab.lab.cli import main
+
+
+def test_list_names_every_experiment(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in registry.names():
+        assert name in out
+    assert "draws: int" in out  # config keys and types are listed
+
+
+def test_unknown_experiment_exits_2_and_lists_valid(capsys, tmp_path: Path) -> None:
+    assert main(["run", "no_such_experiment", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_experiment" in err
+    for name in registry.names():
+        assert name in err
+
+
+def test_unknown_key_exits_2_and_lists_keys(capsys, tmp_path: Path) -> None:
+    assert main(["run", "one_d", "--set", "bogus=3", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "bogus" in err and "draws: int" in err and "batch_sizes" in err
+    assert not (tmp_path / "one_d").exists()
+
+
+@pytest.mark.parametrize("item", ["draws=abc", "draws=1.5", "batch_sizes=1,x", "draws"])
+def test_wrong_type_exits_2(capsys, tmp_path: Path, item: str) -> None:
+    assert main(["run", "one_d", "--set", item, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err
+    assert not (tmp_path / "one_d").exists()
+
+
+def test_bad_preset_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "one_d", "--preset", "huge", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+
+
+def test_report_of_empty_dir_exits_2(capsys, tmp_path: Path) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no finished experiment" in capsys.readouterr().err
+
+
+def test_run_with_overrides_records_config_seed_and_versions(capsys, tmp_path: Path) -> None:
+    args = ["run", "one_d", "--preset", "tiny", "--set", "batch_sizes=2,8", "--set",
+            "draws=4000", "--seed", "7", "--out", str(tmp_path)]
+    assert main(args) == 0
+    rec = json.loads((tmp_path / "one_d" / "results.json").read_text())
+    assert rec["config"]["batch_sizes"] == [2, 8]
+    assert rec["config"]["draws"] == 4000
+    assert rec["meta"]["seed"] == 7 and rec["config"]["seed"] == 7
+    for key in ("sgdlab", "torch", "numpy", "device", "wall_time_s", "git_commit"):
+        assert key in rec["meta"]
+    assert json.loads((tmp_path / "one_d" / "config.json").read_text())["draws"] == 4000
+    top = json.loads((tmp_path / "results.json").read_text())
+    fields = {"id", "statement", "formula", "predicted", "measured", "stderr", "tolerance",
+              "verdict"}
+    assert top["claims"] and all(fields <= set(c) for c in top["claims"])
+    assert (tmp_path / "index.html").is_file()
+    # `sgdlab report DIR` rebuilds the page from the saved results, redrawing a lost figure.
+    (tmp_path / "one_d" / "variance.png").unlink()
+    (tmp_path / "index.html").unlink()
+    assert main(["report", str(tmp_path)]) == 0
+    assert (tmp_path / "index.html").is_file()
+    assert (tmp_path / "one_d" / "variance.png").is_file()
