@@ -1,0 +1,118 @@
+"""Shared types of the augmented backward: one module call seen by a layer rule.
+
+A *rule* turns the saved inputs of one module call and the gradient of the loss with respect to
+that call's outputs into per-example statistics of the module's parameters. For an example b
+let ``v_b`` be the part of the parameter gradient that flows through example b's slice of the
+output gradient (so ``p.grad`` receives ``sum_b v_b`` from this call). A rule returns, for each
+parameter, either
+
+* ``moment = sum_b v_b * v_b`` (and optionally ``sq_norms[b] = ||v_b||^2``), the cheap form,
+  valid when this call is the parameter's only use in the backward pass; or
+* ``per_example = stack_b v_b`` (shape ``[B, *p.shape]``), needed when the parameter is used
+  several times (weight tying, a module called twice), because per-example gradients must be
+  summed over uses before they are squared.
+
+The tracker turns ``v_b`` into the gradient ``g_b`` of example b's loss (``g_b = N v_b`` for a
+mean-reduced loss over N examples, ``g_b = v_b`` for a summed loss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Call", "Contribution", "chunk_size", "reduce_per_example"]
+
+
+@dataclass
+class Call:
+    """One call of a tracked module, ready for its rule.
+
+    ``grads`` holds the gradient of the loss for each differentiable output of the call, in the
+    order of ``torch.utils._pytree.tree_leaves(output)`` restricted to tensors requiring grad;
+    ``None`` where an output received no gradient.
+    """
+
+    module: nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    grads: tuple[Tensor | None, ...]
+    batch_size: int
+    param_names: tuple[str, ...]
+    materialize: frozenset[str]
+    norms: bool
+    memory_budget: int
+    out_spec: Any = None
+    out_positions: tuple[int, ...] = ()
+    suspend: Callable[[], Any] | None = None
+
+
+@dataclass
+class Contribution:
+    """Per-example statistic of one parameter from one call (see the module docstring)."""
+
+    moment: Tensor | None = None
+    per_example: Tensor | None = None
+    sq_norms: Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def chunk_size(batch_size: int, bytes_per_example: int, memory_budget: int) -> int:
+    """Examples per chunk so that one chunk of per-example tensors fits ``memory_budget``."""
+    per = max(1, int(bytes_per_example))
+    return max(1, min(batch_size, memory_budget // per))
+
+
+def reduce_per_example(
+    name: str,
+    call: Call,
+    shape: torch.Size,
+    like: Tensor,
+    make: Callable[[slice], Tensor],
+) -> Contribution:
+    """Build per-example gradients ``v_b`` in batch chunks and reduce them.
+
+    ``make(slice)`` returns ``v_b`` for the examples of the slice, shape ``[n, *shape]``. When the
+    parameter must be materialised (``name in call.materialize``) the chunks are concatenated;
+    otherwise each chunk is squared and summed at once, so at most one chunk of per-example
+    gradients exists at a time (its size set by ``call.memory_budget``).
+    """
+    B = call.batch_size
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    n = chunk_size(B, numel * like.element_size(), call.memory_budget)
+    if name in call.materialize:
+        parts = [make(slice(i, min(B, i + n))) for i in range(0, B, n)]
+        return Contribution(per_example=torch.cat(parts) if len(parts) > 1 else parts[0])
+    moment = torch.zeros(shape, dtype=like.dtype, device=like.device)
+    norms = [] if call.norms else None
+    for i in range(0, B, n):
+        v = make(slice(i, min(B, i + n)))
+        sq = v * v
+        moment += sq.sum(0)
+        if norms is not None:
+            norms.append(sq.reshape(sq.shape[0], -1).sum(1))
+    return Contribution(moment=moment, sq_norms=torch.cat(norms) if norms is not None else None)
+
+
+def small_per_example(name: str, call: Call, v: Tensor) -> Contribution:
+    """Reduce per-example gradients ``v`` ([B, *shape]) that are cheap to hold whole."""
+    if name in call.materialize:
+        return Contribution(per_example=v)
+    sq = v * v
+    norms = sq.reshape(sq.shape[0], -1).sum(1) if call.norms else None
+    return Contribution(moment=sq.sum(0), sq_norms=norms)
+
+
+def require_batched(module: nn.Module, x: Tensor, min_dim: int, what: str) -> None:
+    """Raise when a module input lacks the leading batch dimension."""
+    if x.dim() < min_dim:
+        raise ValueError(
+            f"{type(module).__name__} got an input of shape {tuple(x.shape)}; per-example "
+            f"statistics need a batch dimension first ({what})"
+        )

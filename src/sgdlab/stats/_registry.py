@@ -1,0 +1,95 @@
+"""Which rule computes the per-example statistics of which module.
+
+A module gets a dedicated rule when it is an instance of a supported layer type *and* keeps that
+type's ``forward`` (a subclass that overrides ``forward`` may compute something else, so it takes
+the fallback). Every other module that owns parameters takes the ``torch.func`` fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ._base import Call, Contribution
+from .conv import conv_rule
+from .embedding import check_embedding, embedding_rule
+from .fallback import check_fallback, fallback_batch_size, fallback_params, fallback_rule
+from .linear import linear_rule
+from .norm import check_batchnorm, norm_rule
+from .recurrent import check_rnn, rnn_batch_size, rnn_rule
+
+__all__ = ["Rule", "rule_for"]
+
+
+def _first_dim(module: nn.Module, args: tuple, kwargs: dict) -> int:
+    x = args[0] if args else next(iter(kwargs.values()))
+    if not isinstance(x, Tensor) or x.dim() == 0:
+        raise ValueError(
+            f"{type(module).__name__} needs a batched tensor input with the batch first, "
+            f"got {type(x).__name__}"
+        )
+    return int(x.shape[0])
+
+
+def _direct(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+
+def _no_check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A layer rule: how to read the batch size, what to refuse, how to compute."""
+
+    name: str
+    compute: Callable[[Call], dict[str, Contribution]]
+    batch_size: Callable[[nn.Module, tuple, dict], int] = _first_dim
+    check: Callable[[nn.Module, tuple, dict], None] = _no_check
+    params: Callable[[nn.Module], list[tuple[str, nn.Parameter]]] = _direct
+    is_fallback: bool = False
+
+
+_TABLE: list[tuple[type, Rule]] = [
+    (nn.Linear, Rule("linear", linear_rule)),
+    (nn.Conv1d, Rule("conv", conv_rule)),
+    (nn.Conv2d, Rule("conv", conv_rule)),
+    (nn.Conv3d, Rule("conv", conv_rule)),
+    (nn.Embedding, Rule("embedding", embedding_rule, check=check_embedding)),
+    (nn.LayerNorm, Rule("norm", norm_rule)),
+    (nn.GroupNorm, Rule("norm", norm_rule)),
+    (nn.RMSNorm, Rule("norm", norm_rule)),
+    (_BatchNorm, Rule("norm", norm_rule, check=check_batchnorm)),
+    (nn.RNN, Rule("recurrent", rnn_rule, batch_size=rnn_batch_size, check=check_rnn)),
+    (nn.LSTM, Rule("recurrent", rnn_rule, batch_size=rnn_batch_size, check=check_rnn)),
+    (nn.GRU, Rule("recurrent", rnn_rule, batch_size=rnn_batch_size, check=check_rnn)),
+]
+
+FALLBACK = Rule(
+    "fallback",
+    fallback_rule,
+    batch_size=fallback_batch_size,
+    check=check_fallback,
+    params=fallback_params,
+    is_fallback=True,
+)
+
+
+def _base_forward(cls: type) -> Any:
+    for klass in cls.__mro__:
+        if "forward" in vars(klass):
+            return vars(klass)["forward"]
+    return None
+
+
+def rule_for(module: nn.Module) -> Rule:
+    """The dedicated rule of ``module``'s layer type, else the fallback."""
+    for cls, rule in _TABLE:
+        if isinstance(module, cls) and _base_forward(type(module)) is _base_forward(cls):
+            return rule
+    return FALLBACK

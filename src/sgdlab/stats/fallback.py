@@ -1,0 +1,169 @@
+"""Fallback rule for any other module with parameters: ``torch.func``.
+
+For a module f with parameters theta, input x and output gradient d, example b's gradient is the
+vector-Jacobian product ``v_b = grad_theta <f(theta, x_b), d_b>``. The fallback evaluates it
+with ``torch.func.functional_call`` and ``vmap(grad(...))`` over chunks of examples (each
+example keeps a batch axis of size one, so modules that require batched inputs work). It reruns
+the module's forward and backward once per chunk, so it is exact for every module whose output
+for example b depends only on example b's inputs, and slower than the dedicated rules; the
+tracker warns which modules take it.
+
+Tensors among the call's arguments whose leading dimension equals the batch size are split per
+example; others (masks shared by all examples, flags) are passed whole. ``nn.MultiheadAttention``
+with ``batch_first=False`` takes its batch from dimension 1 of ``query``, ``key``, ``value``.
+Randomness inside the module (dropout in training mode) cannot be reproduced and is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_flatten
+
+from ._base import Call, Contribution, chunk_size
+
+__all__ = ["fallback_rule", "check_fallback", "fallback_batch_size", "fallback_params"]
+
+
+def fallback_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Parameters a fallback module is responsible for.
+
+    Its direct parameters; for ``nn.MultiheadAttention`` also those of ``out_proj``, which the
+    attention uses without calling the submodule.
+    """
+    recurse = isinstance(module, nn.MultiheadAttention)
+    return [(n, p) for n, p in module.named_parameters(recurse=recurse) if p.requires_grad]
+
+
+def check_fallback(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Refuse modules with active dropout: the masks cannot be reproduced per example."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.training and sub.p > 0:
+            raise ValueError(
+                f"{type(module).__name__} takes the torch.func fallback but contains active "
+                f"dropout ({name or 'itself'}, p={sub.p}); its random mask cannot be reproduced "
+                "per example: put the dropout in eval mode or outside the module"
+            )
+    if isinstance(module, nn.MultiheadAttention) and module.dropout > 0 and module.training:
+        raise ValueError(
+            f"MultiheadAttention has dropout={module.dropout} in training mode; its random "
+            "attention mask cannot be reproduced per example: use dropout=0 or eval mode"
+        )
+
+
+def _batch_dims(module: nn.Module, args: tuple, kwargs: dict, B: int) -> tuple[Any, Any]:
+    mha_seq_first = isinstance(module, nn.MultiheadAttention) and not module.batch_first
+
+    def dim_of(name: str | int, t: Any) -> int | None:
+        if not isinstance(t, Tensor) or t.dim() == 0:
+            return None
+        if mha_seq_first and name in (0, 1, 2, "query", "key", "value"):
+            return 1
+        if isinstance(module, nn.MultiheadAttention) and name == "attn_mask":
+            if t.dim() == 3:
+                raise ValueError(
+                    "MultiheadAttention with a per-example 3-D attn_mask is not supported by "
+                    "the per-example fallback; pass a 2-D mask or key_padding_mask"
+                )
+            return None
+        return 0 if t.shape[0] == B else None
+
+    arg_dims = tuple(dim_of(i, a) for i, a in enumerate(args))
+    kw_dims = {k: dim_of(k, v) for k, v in kwargs.items()}
+    return arg_dims, kw_dims
+
+
+def fallback_batch_size(module: nn.Module, args: tuple, kwargs: dict) -> int:
+    x = args[0] if args else next(iter(kwargs.values()))
+    if not isinstance(x, Tensor) or x.dim() == 0:
+        raise ValueError(
+            f"{type(module).__name__}: the per-example fallback needs a batched tensor as the "
+            f"first argument, got {type(x).__name__}"
+        )
+    if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
+        return int(x.shape[1])
+    return int(x.shape[0])
+
+
+def fallback_rule(call: Call) -> dict[str, Contribution]:
+    """Per-example statistics of a module's parameters by ``vmap(grad(functional_call))``."""
+    module = call.module
+    B = call.batch_size
+    names = call.param_names
+    params = dict(module.named_parameters(recurse=isinstance(module, nn.MultiheadAttention)))
+    theta = tuple(params[n].detach() for n in names)
+    arg_dims, kw_dims = _batch_dims(module, call.args, call.kwargs, B)
+    positions = call.out_positions
+    live = [i for i, g in enumerate(call.grads) if g is not None]
+    if not live or not names:
+        return {}
+    seq_first = isinstance(module, nn.MultiheadAttention) and not module.batch_first
+    out_dims = tuple(1 if seq_first and positions[j] == 0 else 0 for j in live)
+
+    def one(theta_: tuple[Tensor, ...], args_: tuple, kwargs_: dict, cot_: tuple) -> Tensor:
+        a = tuple(
+            x.unsqueeze(d) if d is not None else x for x, d in zip(args_, arg_dims, strict=True)
+        )
+        k = {
+            n: (v.unsqueeze(kw_dims[n]) if kw_dims[n] is not None else v)
+            for n, v in kwargs_.items()
+        }
+        out = functional_call(module, dict(zip(names, theta_, strict=True)), a, k)
+        leaves, _ = tree_flatten(out)
+        total = theta_[0].new_zeros(())
+        for j, c, d in zip(live, cot_, out_dims, strict=True):
+            total = total + (leaves[positions[j]] * c.unsqueeze(d)).sum()
+        return total
+
+    per_example = vmap(
+        grad(one), in_dims=(None, arg_dims, kw_dims, out_dims), randomness="error"
+    )
+    numel = sum(t.numel() for t in theta)
+    n = chunk_size(B, 4 * numel * theta[0].element_size(), call.memory_budget)
+
+    def cut(x: Any, d: int | None, s: slice) -> Any:
+        if d is None:
+            return x
+        return x.narrow(d, s.start, s.stop - s.start)
+
+    kept: dict[str, list[Tensor]] = {nm: [] for nm in names}
+    moments = {nm: torch.zeros_like(t) for nm, t in zip(names, theta, strict=True)}
+    norms: list[Tensor] = []
+    with torch.enable_grad():
+        for i in range(0, B, n):
+            s = slice(i, min(B, i + n))
+            a = tuple(cut(x, d, s) for x, d in zip(call.args, arg_dims, strict=True))
+            k = {nm: cut(v, kw_dims[nm], s) for nm, v in call.kwargs.items()}
+            c = tuple(cut(call.grads[j], d, s) for j, d in zip(live, out_dims, strict=True))
+            vs = per_example(theta, a, k, c)
+            chunk_norm = None
+            for nm, v in zip(names, vs, strict=True):
+                if nm in call.materialize:
+                    kept[nm].append(v)
+                    continue
+                sq = v * v
+                moments[nm] += sq.sum(0)
+                if call.norms:
+                    part = sq.reshape(sq.shape[0], -1).sum(1)
+                    chunk_norm = part if chunk_norm is None else chunk_norm + part
+            if chunk_norm is not None:
+                norms.append(chunk_norm)
+    out: dict[str, Contribution] = {}
+    total_norms = torch.cat(norms) if norms else None
+    first = True
+    for nm in names:
+        if nm in call.materialize:
+            out[nm] = Contribution(per_example=torch.cat(kept[nm]))
+        else:
+            # the summed per-example norm of all non-materialised parameters rides on the first
+            out[nm] = Contribution(
+                moment=moments[nm],
+                sq_norms=(total_norms if first else torch.zeros_like(total_norms))
+                if total_norms is not None
+                else None,
+            )
+            first = False
+    return out

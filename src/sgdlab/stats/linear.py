@@ -1,0 +1,64 @@
+"""Rule for ``nn.Linear``: exact per-example second moments.
+
+Input ``a`` of shape ``[B, in]`` and output gradient ``d`` of shape ``[B, out]``: example b's
+weight gradient is the outer product ``d_b a_b^T``, so
+
+    sum_b (d_b a_b^T)^2 = (d * d)^T (a * a)        (entrywise squares; one extra matmul)
+
+and ``||d_b a_b^T||^2 = ||d_b||^2 ||a_b||^2``. No per-example tensor is formed.
+
+Input ``[B, T..., in]`` (a linear map applied at many positions: sequences, attention
+projections, transformer MLPs): example b's gradient is ``D_b^T A_b = sum_t d_bt a_bt^T``, a sum
+over positions *before* squaring. Squaring per position (``sum_t (d_bt)^2 (a_bt)^2``) is wrong
+whenever positions are correlated, so the per-example gradient is materialised with one batched
+matmul per chunk of examples under the tracker's memory budget.
+
+Reference: Goodfellow (2015) "Efficient per-example gradient computations"; Dangel, Kunstner &
+Hennig (2020) "BackPACK", SumGradSquared.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._base import Call, Contribution, reduce_per_example, require_batched, small_per_example
+
+__all__ = ["linear_rule"]
+
+
+def linear_rule(call: Call) -> dict[str, Contribution]:
+    """Per-example statistics of ``weight`` and ``bias`` of one ``nn.Linear`` call."""
+    module: nn.Linear = call.module  # type: ignore[assignment]
+    (d,) = call.grads
+    if d is None:
+        return {}
+    a = call.args[0]
+    require_batched(module, a, 2, "inputs [B, in] or [B, T, ..., in]")
+    B = call.batch_size
+    out: dict[str, Contribution] = {}
+    names = set(call.param_names)
+    if a.dim() == 2:
+        if "weight" in names:
+            if "weight" in call.materialize:
+                out["weight"] = Contribution(per_example=d[:, :, None] * a[:, None, :])
+            else:
+                d2, a2 = d * d, a * a
+                norms = d2.sum(1) * a2.sum(1) if call.norms else None
+                out["weight"] = Contribution(moment=d2.T @ a2, sq_norms=norms)
+        if "bias" in names:
+            out["bias"] = small_per_example("bias", call, d)
+        return out
+    a3 = a.reshape(B, -1, a.shape[-1])
+    d3 = d.reshape(B, -1, d.shape[-1])
+    if "weight" in names:
+        out["weight"] = reduce_per_example(
+            "weight",
+            call,
+            module.weight.shape,
+            d3,
+            lambda s: torch.bmm(d3[s].transpose(1, 2), a3[s]),
+        )
+    if "bias" in names:
+        out["bias"] = small_per_example("bias", call, d3.sum(1))
+    return out

@@ -1,0 +1,249 @@
+"""Gradient-noise meter: noise scale, per-group variance and SGD temperature.
+
+From one batch of B examples drawn with replacement, with ``ghat = p.grad`` the batch mean of
+per-example gradients g_b and ``m = p.grad_second_moment`` the batch mean of g_b * g_b:
+
+    tr Sigma_hat = B/(B-1) * sum_i (m_i - ghat_i^2)        unbiased for tr Sigma
+    |G|^2_hat    = |ghat|^2 - tr Sigma_hat / B              unbiased for |G|^2
+
+since E m_i = G_i^2 + Sigma_ii and E ghat_i^2 = G_i^2 + Sigma_ii/B. The simple gradient noise
+scale is B_simple = tr Sigma / |G|^2 (McCandlish, Kaplan, Amodei et al. 2018, "An empirical
+model of large-batch training", appendix A). The ratio of two unbiased estimates is biased and
+noisy, so, as in that paper, numerator and denominator are smoothed separately (exponential
+moving averages with Adam's bias correction) before dividing. The SGD temperature of a group
+trained at learning rate eta is ``eta tr Sigma / (2B)`` (lecture, 1-D Langevin, erratum 2:
+T = eta sigma^2/(2B)).
+
+Example::
+
+    >>> import torch, sgdlab.stats
+    >>> model = torch.nn.Linear(3, 1)
+    >>> tracker = sgdlab.stats.track(model)
+    >>> meter = sgdlab.stats.NoiseMeter(model, batch_size=16, lr=0.1)
+    >>> x = torch.randn(16, 3)
+    >>> model(x).pow(2).mean().backward()
+    >>> reading = meter.update()
+    >>> sorted(reading.tr_sigma_groups)
+    ['bias', 'weight']
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .._validation import check_batch_size, check_positive, check_unit_interval
+
+__all__ = ["NoiseMeter", "NoiseReading", "noise_statistics"]
+
+
+def noise_statistics(
+    grads: Sequence[Tensor],
+    second_moments: Sequence[Tensor],
+    batch_size: int,
+    dim: int | tuple[int, ...] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Unbiased ``(tr Sigma, |G|^2)`` from batch means of g_b and of g_b * g_b.
+
+    ``grads[k]`` and ``second_moments[k]`` are the batch mean of per-example gradients and of
+    their squares for tensor k. Sums run over ``dim`` of every tensor (all dims if None), so
+    leading dims can index independent batches.
+    """
+    B = check_batch_size("batch_size", batch_size)
+    if B < 2:
+        raise ValueError(
+            f"batch_size must be >= 2 to estimate a variance from one batch, got {batch_size!r}"
+        )
+    if len(grads) != len(second_moments) or not grads:
+        raise ValueError(
+            f"grads and second_moments must be non-empty and of equal length, got "
+            f"{len(grads)} and {len(second_moments)}"
+        )
+    tr = None
+    sq = None
+    for g, m in zip(grads, second_moments, strict=True):
+        if g.shape != m.shape:
+            raise ValueError(
+                f"grad of shape {tuple(g.shape)} does not match second moment of shape "
+                f"{tuple(m.shape)}"
+            )
+        g2 = g * g
+        d = dim if dim is not None else tuple(range(g.dim()))
+        t = (m - g2).sum(d) if g.dim() else m - g2
+        s = g2.sum(d) if g.dim() else g2
+        tr = t if tr is None else tr + t
+        sq = s if sq is None else sq + s
+    tr = tr * (B / (B - 1))
+    return tr, sq - tr / B
+
+
+class ScalarWriter(Protocol):
+    """What :class:`NoiseMeter` writes to: ``torch.utils.tensorboard.SummaryWriter`` fits."""
+
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int | None = None) -> Any:
+        ...
+
+
+@dataclass
+class NoiseReading:
+    """One step's noise statistics (``*_smoothed``: bias-corrected moving averages)."""
+
+    step: int
+    batch_size: int
+    tr_sigma: float
+    grad_sq_norm: float
+    b_simple: float
+    tr_sigma_smoothed: float
+    grad_sq_norm_smoothed: float
+    b_simple_smoothed: float
+    temperature: float | None
+    tr_sigma_groups: dict[str, float] = field(default_factory=dict)
+    grad_sq_norm_groups: dict[str, float] = field(default_factory=dict)
+    temperature_groups: dict[str, float] = field(default_factory=dict)
+
+
+def _groups(source: Any) -> tuple[dict[str, list[nn.Parameter]], list[dict] | None]:
+    if isinstance(source, nn.Module):
+        named = [(n, p) for n, p in source.named_parameters() if p.requires_grad]
+        return {n: [p] for n, p in named}, None
+    if isinstance(source, torch.optim.Optimizer):
+        groups = {
+            str(g.get("name", f"group{i}")): list(g["params"])
+            for i, g in enumerate(source.param_groups)
+        }
+        return groups, source.param_groups
+    if isinstance(source, Mapping):
+        return {str(k): list(v) for k, v in source.items()}, None
+    if isinstance(source, Iterable):
+        return {"all": list(source)}, None
+    raise TypeError(
+        "groups must be a Module, an Optimizer, a mapping name -> parameters or an iterable of "
+        f"parameters, got {type(source).__name__}"
+    )
+
+
+class NoiseMeter:
+    """Per-step and smoothed gradient-noise statistics; call after each backward pass.
+
+    Args:
+        groups: a model (one group per named parameter), an optimizer (its parameter groups,
+            learning rates read at every update), a mapping ``name -> parameters``, or an
+            iterable of parameters (one group).
+        batch_size: B, the number of examples ``p.grad`` and ``p.grad_second_moment`` average
+            over; or an object with ``num_examples`` (a :class:`~sgdlab.stats.Tracker`).
+        lr: learning rate for the temperature (default: the optimizer's per group; without
+            either the temperature is ``None``).
+        beta: smoothing factor of the moving averages, ``0 <= beta < 1``.
+        writer: optional object with ``add_scalar`` (a TensorBoard ``SummaryWriter``).
+        prefix: tag prefix for the writer.
+    """
+
+    def __init__(
+        self,
+        groups: Any,
+        *,
+        batch_size: int | Any,
+        lr: float | None = None,
+        beta: float = 0.99,
+        writer: ScalarWriter | None = None,
+        prefix: str = "noise/",
+    ) -> None:
+        self.groups, self._param_groups = _groups(groups)
+        if not self.groups or not all(self.groups.values()):
+            raise ValueError("groups must contain at least one parameter per group")
+        if not isinstance(batch_size, int) and not hasattr(batch_size, "num_examples"):
+            raise ValueError(
+                "batch_size must be an integer >= 2 or a Tracker (has num_examples), got "
+                f"{batch_size!r}"
+            )
+        if isinstance(batch_size, int):
+            check_batch_size("batch_size", batch_size)
+        self._batch = batch_size
+        self.lr = None if lr is None else check_positive("lr", lr)
+        self.beta = check_unit_interval("beta", beta)
+        if writer is not None and not callable(getattr(writer, "add_scalar", None)):
+            raise TypeError(f"writer must have an add_scalar method, got {type(writer).__name__}")
+        self.writer = writer
+        self.prefix = prefix
+        self.step = 0
+        self._ema_tr = 0.0
+        self._ema_sq = 0.0
+        self.history: list[NoiseReading] = []
+
+    def _batch_size(self) -> int:
+        b = self._batch if isinstance(self._batch, int) else int(self._batch.num_examples)
+        if b < 2:
+            raise ValueError(f"batch_size must be >= 2 to estimate a variance, got {b}")
+        return b
+
+    def _group_lr(self, i: int) -> float | None:
+        if self.lr is not None:
+            return self.lr
+        if self._param_groups is not None:
+            return float(self._param_groups[i]["lr"])
+        return None
+
+    @torch.no_grad()
+    def update(self, step: int | None = None) -> NoiseReading:
+        """Read the statistics of the last backward pass; returns and records a reading."""
+        B = self._batch_size()
+        tr_g: dict[str, float] = {}
+        sq_g: dict[str, float] = {}
+        temp_g: dict[str, float] = {}
+        for i, (name, params) in enumerate(self.groups.items()):
+            grads, moments = [], []
+            for p in params:
+                m = getattr(p, "grad_second_moment", None)
+                if p.grad is None or m is None:
+                    raise ValueError(
+                        f"parameter of group {name!r} lacks grad or grad_second_moment; attach "
+                        "sgdlab.stats.track(model) before the backward pass"
+                    )
+                grads.append(p.grad.detach().double())
+                moments.append(m.detach().double())
+            tr, sq = noise_statistics(grads, moments, B)
+            tr_g[name], sq_g[name] = float(tr), float(sq)
+            lr = self._group_lr(i)
+            if lr is not None:
+                temp_g[name] = lr * tr_g[name] / (2 * B)
+        tr_total, sq_total = sum(tr_g.values()), sum(sq_g.values())
+        self._ema_tr = self.beta * self._ema_tr + (1 - self.beta) * tr_total
+        self._ema_sq = self.beta * self._ema_sq + (1 - self.beta) * sq_total
+        self.step = self.step + 1 if step is None else int(step) + 1
+        debias = 1 - self.beta ** (len(self.history) + 1)
+        tr_s, sq_s = self._ema_tr / debias, self._ema_sq / debias
+        reading = NoiseReading(
+            step=self.step - 1,
+            batch_size=B,
+            tr_sigma=tr_total,
+            grad_sq_norm=sq_total,
+            b_simple=tr_total / sq_total if sq_total != 0 else math.inf,
+            tr_sigma_smoothed=tr_s,
+            grad_sq_norm_smoothed=sq_s,
+            b_simple_smoothed=tr_s / sq_s if sq_s != 0 else math.inf,
+            temperature=sum(temp_g.values()) if temp_g else None,
+            tr_sigma_groups=tr_g,
+            grad_sq_norm_groups=sq_g,
+            temperature_groups=temp_g,
+        )
+        self.history.append(reading)
+        if self.writer is not None:
+            self._write(reading)
+        return reading
+
+    __call__ = update
+
+    def _write(self, r: NoiseReading) -> None:
+        w, pre, s = self.writer, self.prefix, r.step
+        assert w is not None
+        for tag in ("tr_sigma", "grad_sq_norm", "b_simple", "b_simple_smoothed"):
+            w.add_scalar(pre + tag, float(getattr(r, tag)), s)
+        if r.temperature is not None:
+            w.add_scalar(pre + "temperature", r.temperature, s)
+        for name, v in r.tr_sigma_groups.items():
+            w.add_scalar(f"{pre}tr_sigma/{name}", v, s)

@@ -1,0 +1,78 @@
+"""Rules for the affine parameters of ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm`` and
+``nn.BatchNorm*d`` in evaluation mode.
+
+Each normalises per example, ``y = xhat * weight + bias``, so example b's gradients are
+``sum_p d_bp * xhat_bp`` (weight) and ``sum_p d_bp`` (bias), summed over the positions p that
+share an affine entry. ``xhat`` is recomputed from the saved input with the module's own
+normalisation and no affine part. These per-example gradients are small (``B`` times the
+normalised width), so they are formed directly.
+
+BatchNorm in training mode normalises with the statistics of the whole batch: the loss of
+example b then depends on every other example, per-example gradients are not defined, and the
+tracker refuses the module (see :func:`check_batchnorm`).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._base import Call, Contribution, require_batched, small_per_example
+
+__all__ = ["norm_rule", "check_batchnorm"]
+
+
+def check_batchnorm(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Refuse BatchNorm when it uses batch statistics (training mode or no running stats)."""
+    uses_batch = module.training or not module.track_running_stats
+    if uses_batch:
+        raise ValueError(
+            f"{type(module).__name__} normalises with the mean and variance of the whole batch "
+            f"(training={module.training}, track_running_stats={module.track_running_stats}), "
+            "so each example's loss depends on the other examples and per-example gradients "
+            "are not defined. To proceed: replace it by GroupNorm or LayerNorm (per-example "
+            "normalisation), or put it in eval mode (module.eval(), using running statistics), "
+            "or freeze its affine parameters and compute statistics for the others with "
+            "BatchNorm in eval mode"
+        )
+
+
+def _xhat(module: nn.Module, x: Tensor) -> Tensor:
+    """Normalised input without the affine part."""
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    if isinstance(module, nn.RMSNorm):
+        return F.rms_norm(x, module.normalized_shape, None, module.eps)
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
+    # BatchNorm in eval mode: fixed per-channel statistics.
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean = module.running_mean.view(shape)
+    var = module.running_var.view(shape)
+    return (x - mean) / (var + module.eps).sqrt()
+
+
+def norm_rule(call: Call) -> dict[str, Contribution]:
+    """Per-example statistics of ``weight`` and ``bias`` of one normalisation call."""
+    module = call.module
+    (d,) = call.grads
+    if d is None:
+        return {}
+    x = call.args[0]
+    require_batched(module, x, 2, "inputs [B, ...]")
+    B = call.batch_size
+    names = set(call.param_names)
+    xhat = _xhat(module, x) if "weight" in names else None
+
+    def per_example(t: Tensor) -> Tensor:
+        if isinstance(module, nn.LayerNorm | nn.RMSNorm):
+            shape = tuple(module.normalized_shape)
+            return t.reshape(B, -1, *shape).sum(1)
+        return t.reshape(B, t.shape[1], -1).sum(2)  # channel-wise affine
+
+    out: dict[str, Contribution] = {}
+    if "weight" in names:
+        out["weight"] = small_per_example("weight", call, per_example(d * xhat))
+    if "bias" in names:
+        out["bias"] = small_per_example("bias", call, per_example(d))
+    return out

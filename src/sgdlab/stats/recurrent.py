@@ -1,0 +1,170 @@
+"""Rule for ``nn.RNN``, ``nn.LSTM`` (with ``proj_size``) and ``nn.GRU``: multi-layer,
+bidirectional, ``batch_first`` or not.
+
+Every weight is applied at every time step, so example b's gradient is a sum over steps,
+``G_b = sum_t dz_bt u_bt^T`` with ``z = W u + b`` a pre-activation and ``u`` what it multiplies
+(the layer input for ``weight_ih``, the previous hidden state for ``weight_hh``, the cell output
+for ``weight_hr``). The fused kernel does not expose ``dz``, so the rule reruns the recurrence in
+plain tensor operations from the saved inputs and the module's weights, asks autograd for the
+gradients of the pre-activations given the output gradients, and materialises ``G_b`` in
+chunks of examples. The cost is one extra forward and backward of the recurrence.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from ._base import Call, Contribution, reduce_per_example, small_per_example
+
+__all__ = ["rnn_rule", "check_rnn", "rnn_batch_size"]
+
+
+def check_rnn(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Refuse what the rerun cannot reproduce: packed sequences, inter-layer dropout."""
+    x = args[0] if args else kwargs.get("input")
+    if isinstance(x, PackedSequence):
+        raise ValueError(
+            f"{type(module).__name__} got a PackedSequence; per-example statistics need padded "
+            "inputs of shape [B, T, in] (batch_first) or [T, B, in]: pad the sequences and mask "
+            "the loss instead of packing"
+        )
+    if x.dim() != 3:
+        raise ValueError(
+            f"{type(module).__name__} got an input of shape {tuple(x.shape)}; per-example "
+            "statistics need a batched input with 3 dimensions"
+        )
+    if module.training and module.dropout > 0 and module.num_layers > 1:
+        raise ValueError(
+            f"{type(module).__name__} has dropout={module.dropout} between layers in training "
+            "mode; the random masks cannot be reproduced for per-example gradients: set "
+            "dropout=0 and apply nn.Dropout between single-layer modules instead"
+        )
+
+
+def rnn_batch_size(module: nn.Module, args: tuple, kwargs: dict) -> int:
+    x = args[0] if args else kwargs["input"]
+    return int(x.shape[0] if module.batch_first else x.shape[1])
+
+
+def _cell(
+    mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    if mode == "LSTM":
+        i, f, g, o = (gi + gh).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if mode == "GRU":
+        ir, iz, in_ = gi.chunk(3, 1)
+        hr, hz, hn = gh.chunk(3, 1)
+        r = torch.sigmoid(ir + hr)
+        z = torch.sigmoid(iz + hz)
+        n = torch.tanh(in_ + r * hn)
+        return (1 - z) * n + z * h, None
+    pre = gi + gh
+    return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
+
+
+def rnn_rule(call: Call) -> dict[str, Contribution]:
+    """Per-example statistics of every weight and bias of one recurrent-module call."""
+    m = call.module
+    args, kwargs = call.args, call.kwargs
+    x = args[0] if args else kwargs["input"]
+    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    if m.batch_first:
+        x = x.transpose(0, 1)
+    T, B = x.shape[0], x.shape[1]
+    D = 2 if m.bidirectional else 1
+    L = m.num_layers
+    H = m.hidden_size
+    P = getattr(m, "proj_size", 0) or 0
+    H_out = P if P > 0 else H
+    lstm = m.mode == "LSTM"
+    if hx is None:
+        h0 = x.new_zeros(L * D, B, H_out)
+        c0 = x.new_zeros(L * D, B, H) if lstm else None
+    elif lstm:
+        h0, c0 = hx[0].detach(), hx[1].detach()
+    else:
+        h0, c0 = hx.detach(), None
+
+    grads = list(call.grads)
+    # pre-activations (gi per layer/direction over all steps, gh per step), what they multiply
+    record: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
+    with torch.enable_grad():
+        layer_in = x.detach()
+        h_last, c_last = [], []
+        for layer in range(L):
+            outs = []
+            for direction in range(D):
+                sfx = f"_l{layer}" + ("_reverse" if direction else "")
+                w_ih = getattr(m, "weight_ih" + sfx).detach()
+                w_hh = getattr(m, "weight_hh" + sfx).detach()
+                b_ih = getattr(m, "bias_ih" + sfx).detach() if m.bias else None
+                b_hh = getattr(m, "bias_hh" + sfx).detach() if m.bias else None
+                w_hr = getattr(m, "weight_hr" + sfx).detach() if P > 0 else None
+                gi_all = layer_in @ w_ih.T
+                if b_ih is not None:
+                    gi_all = gi_all + b_ih
+                if not gi_all.requires_grad:
+                    gi_all.requires_grad_()
+                k = layer * D + direction
+                h = h0[k].detach().requires_grad_()
+                c = c0[k].detach() if lstm else None
+                steps = range(T - 1, -1, -1) if direction else range(T)
+                ghs, hprev, raws, projs = [], [], [], []
+                seq: list[Tensor] = [None] * T  # type: ignore[list-item]
+                for t in steps:
+                    gh = h @ w_hh.T
+                    if b_hh is not None:
+                        gh = gh + b_hh
+                    ghs.append(gh)
+                    hprev.append(h.detach())
+                    h, c = _cell(m.mode, gi_all[t], gh, h, c)
+                    if w_hr is not None:
+                        raws.append(h.detach())
+                        h = h @ w_hr.T
+                        projs.append(h)
+                    seq[t] = h
+                outs.append(torch.stack(seq))
+                h_last.append(h)
+                c_last.append(c)
+                record["ih" + sfx] = ([gi_all], [layer_in.detach()])
+                record["hh" + sfx] = (ghs, hprev)
+                if w_hr is not None:
+                    record["hr" + sfx] = (projs, raws)
+            layer_in = torch.cat(outs, -1) if D > 1 else outs[0]
+        outputs = [layer_in.transpose(0, 1) if m.batch_first else layer_in, torch.stack(h_last)]
+        if lstm:
+            outputs.append(torch.stack(c_last))
+        pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if g is not None]
+        keys = list(record)
+        targets = [z for k in keys for z in record[k][0]]
+        dz = torch.autograd.grad(
+            [o for o, _ in pairs], targets, [g for _, g in pairs], allow_unused=True
+        )
+    out: dict[str, Contribution] = {}
+    pos = 0
+    names = set(call.param_names)
+    for key in keys:
+        zs, us = record[key]
+        n = len(zs)
+        parts = [g if g is not None else torch.zeros_like(z) for g, z in zip(dz[pos : pos + n], zs)]
+        pos += n
+        dzs = parts[0] if n == 1 else torch.stack(parts)  # [T, B, rows]
+        u = us[0] if n == 1 else torch.stack(us)  # [T, B, cols]
+        kind, sfx = key[:2], key[2:]
+        wname = f"weight_{kind}{sfx}"
+        if wname in names:
+            out[wname] = reduce_per_example(
+                wname,
+                call,
+                getattr(m, wname).shape,
+                dzs,
+                lambda s, dzs=dzs, u=u: torch.einsum("tbr,tbc->brc", dzs[:, s], u[:, s]),
+            )
+        bname = f"bias_{kind}{sfx}"
+        if bname in names:
+            out[bname] = small_per_example(bname, call, dzs.sum(0))
+    return out

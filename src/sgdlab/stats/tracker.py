@@ -1,0 +1,452 @@
+"""The augmented backward: per-example second moments during ``loss.backward()``.
+
+Attach with :func:`track`. Each tracked module records its inputs when called (a forward hook)
+and, when the gradient with respect to its outputs arrives during backward (a tensor hook on the
+outputs), its layer rule turns both into per-example statistics of the module's parameters. At
+the end of each backward pass every tracked parameter ``p`` holds
+
+    p.grad_second_moment = (1/N) sum_b g_b * g_b        (same shape as p)
+
+where ``g_b`` is the gradient of example b's loss ``l_b`` and N the batch size.
+
+Loss reduction. ``reduction="mean"`` (default) assumes ``loss = (1/N) sum_b l_b``;
+``reduction="sum"`` assumes ``loss = sum_b l_b``. N is the batch dimension of the module inputs
+unless ``batch_size`` is given (see accumulation).
+
+Accumulation over micro-batches. ``grad_second_moment`` accumulates like ``p.grad``: each
+backward pass *adds* ``(1/N) sum_{b in micro-batch} g_b^2``. Hence
+
+* k backward calls on mean-reduced micro-batches of equal size, without ``batch_size``: ``p.grad``
+  is the sum of k means and ``p.grad_second_moment`` the sum of the k micro-batch second moments;
+  dividing both by k gives the statistics of the concatenated batch.
+* the usual ``loss = loss_j / k`` pattern: pass ``batch_size=N`` (total examples, or set
+  ``tracker.batch_size``); then the mean is over all N examples and ``p.grad`` and
+  ``p.grad_second_moment`` after the k calls are exactly those of the concatenated batch.
+
+Lifetime. A backward pass starts from zero instead of adding when ``p.grad`` is ``None`` (the
+default ``optimizer.zero_grad()``) or was zeroed in place (``zero_grad(set_to_none=False)``)
+since the last backward; :meth:`Tracker.zero` clears explicitly. So the second moment never
+outlives the gradient it belongs to.
+
+Exactness. Layer rules are exact (no position-wise shortcut). A parameter used several times in
+one backward pass (weight tying, a module called twice) is handled by materialising per-example
+gradients of each use and summing them before squaring; all calls between two backward passes
+are taken to act on the same batch (example b of each call is the same example). Inputs must put
+the batch first (``batch_first=True`` for recurrent layers and attention, where it applies).
+Loss terms that use a parameter outside its module's call (an explicit L2 penalty) are not part
+of per-example gradients; use the optimizer's weight decay.
+
+Example::
+
+    >>> import torch, sgdlab.stats
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    >>> tracker = sgdlab.stats.track(model)
+    >>> x, y = torch.randn(32, 4), torch.randn(32, 1)
+    >>> torch.nn.functional.mse_loss(model(x), y).backward()
+    >>> model[0].weight.grad_second_moment.shape
+    torch.Size([8, 4])
+    >>> tracker.detach()
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd import Variable
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .._validation import check_batch_size, check_choice, check_positive
+from ._base import Call, Contribution
+from ._registry import Rule, rule_for
+
+__all__ = ["Tracker", "track", "ATTRIBUTE"]
+
+ATTRIBUTE = "grad_second_moment"
+
+
+@dataclass
+class _Entry:
+    module: nn.Module
+    name: str
+    rule: Rule
+    names: tuple[str, ...]
+    params: tuple[nn.Parameter, ...]
+
+
+@dataclass
+class _Record:
+    entry: _Entry
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    versions: tuple[int, ...]
+    inputs: tuple[Tensor, ...]
+    batch_size: int
+    uses: Counter
+    out_spec: Any
+    positions: tuple[int, ...]
+
+
+@dataclass
+class _Pass:
+    """State of one backward pass."""
+
+    batch_size: int | None = None
+    moments: dict[int, Tensor] = field(default_factory=dict)
+    pending: dict[int, Tensor] = field(default_factory=dict)
+    kind: dict[int, str] = field(default_factory=dict)
+    norms: Tensor | None = None
+    got_grad: set[int] = field(default_factory=set)
+    contributed: set[int] = field(default_factory=set)
+    first_module: str = ""
+
+
+class Tracker:
+    """Augmented backward attached to a model (see the module docstring for the maths).
+
+    Args:
+        model: the model; every submodule owning trainable parameters is tracked.
+        reduction: ``"mean"`` if the loss is the mean of per-example losses, ``"sum"`` if it is
+            their sum.
+        batch_size: number of examples N the loss is averaged over (mean) or that the second
+            moment averages over; default: the batch dimension of each backward pass.
+        per_example_norms: also record ``||g_b||^2`` summed over tracked parameters, read with
+            :meth:`per_example_sq_norms`.
+        memory_budget: bytes for one chunk of materialised per-example gradients.
+        warn_fallback: warn which modules take the ``torch.func`` fallback.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        reduction: str = "mean",
+        batch_size: int | None = None,
+        per_example_norms: bool = False,
+        memory_budget: int = 2**28,
+        warn_fallback: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.reduction = check_choice("reduction", reduction, ("mean", "sum"))
+        self.batch_size = batch_size
+        self.per_example_norms = bool(per_example_norms)
+        self.memory_budget = int(check_positive("memory_budget", memory_budget))
+        self._entries: dict[nn.Module, _Entry] = {}
+        self._handles: list[Any] = []
+        self._uses: Counter = Counter()
+        self._pass: _Pass | None = None
+        self._suspended = 0
+        self._grad_versions: dict[int, int] = {}
+        self._norms: list[Tensor] = []
+        self._examples = 0
+        self._params: dict[int, tuple[str, nn.Parameter]] = {}
+        covered: set[nn.Module] = set()
+        fallbacks: list[str] = []
+        for name, module in model.named_modules():
+            if module in covered:
+                continue
+            rule = rule_for(module)
+            owned = rule.params(module)
+            if not owned:
+                continue
+            if torch.nn.utils.parametrize.is_parametrized(module):
+                raise ValueError(
+                    f"module {name or type(module).__name__!r} is parametrized "
+                    "(torch.nn.utils.parametrize); per-example statistics of its underlying "
+                    "parameters are not supported: remove the parametrization to track it"
+                )
+            if rule.is_fallback:
+                fallbacks.append(f"{name or '<root>'} ({type(module).__name__})")
+                if isinstance(module, nn.MultiheadAttention):
+                    covered.update(module.modules())
+            entry = _Entry(
+                module, name, rule, tuple(n for n, _ in owned), tuple(p for _, p in owned)
+            )
+            self._entries[module] = entry
+            for n, p in owned:
+                self._params.setdefault(id(p), (f"{name}.{n}" if name else n, p))
+            self._handles.append(
+                module.register_forward_hook(self._forward_hook, with_kwargs=True)
+            )
+        if not self._entries:
+            raise ValueError("model has no trainable parameters to track")
+        for _, p in self._params.values():
+            self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook))
+        if fallbacks and warn_fallback:
+            warnings.warn(
+                "sgdlab.stats: no dedicated rule for "
+                + ", ".join(fallbacks)
+                + "; these take the exact but slower torch.func fallback",
+                stacklevel=3,
+            )
+        self.fallback_modules = tuple(fallbacks)
+
+    # ----------------------------------------------------------------- public
+    @property
+    def batch_size(self) -> int | None:
+        """N of the mean: None means each backward pass's own batch dimension."""
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int | None) -> None:
+        self._batch_size = None if value is None else check_batch_size("batch_size", value)
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        """Tracked parameters (each once)."""
+        return [p for _, p in self._params.values()]
+
+    @property
+    def num_examples(self) -> int:
+        """Examples seen by backward passes since the statistics were last cleared."""
+        return self._examples
+
+    def per_example_sq_norms(self) -> Tensor:
+        """``||g_b||^2`` over all tracked parameters for each example since the last clear,
+        in the order of the backward passes (requires ``per_example_norms=True``)."""
+        if not self.per_example_norms:
+            raise ValueError(
+                "per_example_sq_norms needs track(model, per_example_norms=True), got "
+                "per_example_norms=False"
+            )
+        if not self._norms:
+            raise ValueError("no backward pass since the statistics were last cleared")
+        return torch.cat(self._norms)
+
+    def zero(self) -> None:
+        """Clear ``grad_second_moment`` of every tracked parameter and the recorded norms."""
+        for _, p in self._params.values():
+            if hasattr(p, ATTRIBUTE):
+                setattr(p, ATTRIBUTE, None)
+        self._norms = []
+        self._examples = 0
+        self._grad_versions.clear()
+
+    def detach(self, clear: bool = True) -> None:
+        """Remove all hooks; with ``clear`` also delete the ``grad_second_moment`` attributes."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if clear:
+            for _, p in self._params.values():
+                if hasattr(p, ATTRIBUTE):
+                    delattr(p, ATTRIBUTE)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    # ------------------------------------------------------------------ hooks
+    def _forward_hook(
+        self, module: nn.Module, args: tuple, kwargs: dict, output: Any
+    ) -> None:
+        if self._suspended or not torch.is_grad_enabled():
+            return
+        leaves, spec = tree_flatten(output)
+        positions = tuple(
+            i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad
+        )
+        if not positions:
+            return
+        entry = self._entries[module]
+        entry.rule.check(module, args, kwargs)
+        B = entry.rule.batch_size(module, args, kwargs)
+        for p in entry.params:
+            self._uses[id(p)] += 1
+        flat_in = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        record = _Record(
+            entry=entry,
+            args=tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, args),
+            kwargs=tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, kwargs),
+            versions=tuple(t._version for t in flat_in),
+            inputs=tuple(flat_in),
+            batch_size=B,
+            uses=self._uses,
+            out_spec=spec,
+            positions=positions,
+        )
+        outs = [leaves[i] for i in positions]
+        if len(outs) == 1:
+            outs[0].register_hook(lambda g: self._on_grads(record, (g,)))
+        else:
+            torch.autograd.graph.register_multi_grad_hook(
+                outs, lambda gs: self._on_grads(record, tuple(gs)), mode="all"
+            )
+
+    def _grad_hook(self, p: Tensor) -> None:
+        self._begin()
+        self._pass.got_grad.add(id(p))  # type: ignore[union-attr]
+
+    def _begin(self) -> None:
+        if self._pass is not None:
+            return
+        self._pass = _Pass()
+        Variable._execution_engine.queue_callback(self._finish)
+        stale = False
+        for pid, (_, p) in self._params.items():
+            g = p.grad
+            if g is None:
+                fresh = True
+            elif pid in self._grad_versions and g._version != self._grad_versions[pid]:
+                fresh = not bool(g.any())
+            else:
+                fresh = False
+            if fresh and getattr(p, ATTRIBUTE, None) is not None:
+                setattr(p, ATTRIBUTE, None)
+                stale = True
+            elif fresh:
+                stale = True
+        if stale:
+            self._norms = []
+            self._examples = 0
+
+    def _on_grads(self, record: _Record, grads: tuple[Tensor | None, ...]) -> None:
+        self._begin()
+        state = self._pass
+        assert state is not None
+        entry = record.entry
+        label = entry.name or type(entry.module).__name__
+        for t, v in zip(record.inputs, record.versions, strict=True):
+            if t._version != v:
+                raise RuntimeError(
+                    f"an input of module {label!r} was modified in place after its forward "
+                    "call; per-example statistics need the input as it was used"
+                )
+        B = record.batch_size
+        if state.batch_size is None:
+            state.batch_size = B
+            state.first_module = label
+        elif state.batch_size != B:
+            raise ValueError(
+                f"inconsistent batch sizes in one backward pass: module {label!r} has batch "
+                f"dimension {B}, module {state.first_module!r} has {state.batch_size}. Inputs "
+                "must put the batch first (batch_first=True for recurrent layers and attention)"
+            )
+        materialize = frozenset(
+            n for n, p in zip(entry.names, entry.params, strict=True) if record.uses[id(p)] > 1
+        )
+        call = Call(
+            module=entry.module,
+            args=record.args,
+            kwargs=record.kwargs,
+            grads=grads,
+            batch_size=B,
+            param_names=entry.names,
+            materialize=materialize,
+            norms=self.per_example_norms,
+            memory_budget=self.memory_budget,
+            out_spec=record.out_spec,
+            out_positions=record.positions,
+        )
+        self._suspended += 1
+        try:
+            contributions = entry.rule.compute(call)
+        finally:
+            self._suspended -= 1
+        for n, p in zip(entry.names, entry.params, strict=True):
+            c = contributions.get(n)
+            if c is not None:
+                self._add(state, p, c, label)
+
+    def _add(self, state: _Pass, p: nn.Parameter, c: Contribution, label: str) -> None:
+        pid = id(p)
+        kind = "per_example" if c.per_example is not None else "moment"
+        if pid in state.kind and (state.kind[pid] == "moment" or kind == "moment"):
+            raise RuntimeError(
+                f"parameter {self._params[pid][0]!r} received gradients from several module "
+                "calls in one backward pass, but was used only once in the forward pass that "
+                "recorded one of them. Run forward and backward in pairs, or call all uses in "
+                "the same forward pass"
+            )
+        state.kind[pid] = kind
+        state.contributed.add(pid)
+        if c.per_example is not None:
+            prev = state.pending.get(pid)
+            state.pending[pid] = c.per_example if prev is None else prev + c.per_example
+            return
+        prev = state.moments.get(pid)
+        state.moments[pid] = c.moment if prev is None else prev + c.moment
+        if c.sq_norms is not None:
+            state.norms = c.sq_norms if state.norms is None else state.norms + c.sq_norms
+
+    def _finish(self) -> None:
+        state, self._pass = self._pass, None
+        self._uses = Counter()
+        if state is None:
+            return
+        missing = state.got_grad - state.contributed
+        if missing:
+            names = sorted(self._params[pid][0] for pid in missing)
+            raise RuntimeError(
+                f"parameters {names} received gradients that did not pass through a call of "
+                "their module (used directly in the forward of another module?); their "
+                "per-example statistics are unknown. Wrap the computation that uses them in a "
+                "module that owns them"
+            )
+        if state.batch_size is None:
+            return
+        B = state.batch_size
+        N = self._batch_size or B
+        if self.reduction == "mean":
+            scale, nscale = float(N), float(N) ** 2
+        else:
+            scale, nscale = 1.0 / N, 1.0
+        for pid, pe in state.pending.items():
+            sq = pe * pe
+            m = sq.sum(0)
+            prev = state.moments.get(pid)
+            state.moments[pid] = m if prev is None else prev + m
+            if self.per_example_norms:
+                nb = sq.reshape(B, -1).sum(1)
+                state.norms = nb if state.norms is None else state.norms + nb
+        for pid, m in state.moments.items():
+            _, p = self._params[pid]
+            m = m * scale
+            old = getattr(p, ATTRIBUTE, None)
+            setattr(p, ATTRIBUTE, m if old is None else old + m)
+            if p.grad is not None:
+                self._grad_versions[pid] = p.grad._version
+        if self.per_example_norms and state.norms is not None:
+            self._norms.append(state.norms * nscale)
+        self._examples += B
+
+
+def track(
+    model: nn.Module,
+    *,
+    reduction: str = "mean",
+    batch_size: int | None = None,
+    per_example_norms: bool = False,
+    memory_budget: int = 2**28,
+    warn_fallback: bool = True,
+) -> Tracker:
+    """Attach the augmented backward to ``model``; returns the :class:`Tracker`.
+
+    After ``loss.backward()`` each tracked parameter holds ``p.grad_second_moment``
+    = (1/N) sum_b g_b * g_b. See :mod:`sgdlab.stats.tracker` for reduction, accumulation and
+    lifetime. Use as a context manager or call ``tracker.detach()`` to remove it.
+
+    Example::
+
+        >>> import torch, sgdlab.stats
+        >>> model = torch.nn.Linear(3, 2)
+        >>> with sgdlab.stats.track(model) as tracker:
+        ...     model(torch.randn(5, 3)).pow(2).mean().backward()
+        ...     model.weight.grad_second_moment.shape
+        torch.Size([2, 3])
+    """
+    return Tracker(
+        model,
+        reduction=reduction,
+        batch_size=batch_size,
+        per_example_norms=per_example_norms,
+        memory_budget=memory_budget,
+        warn_fallback=warn_fallback,
+    )
