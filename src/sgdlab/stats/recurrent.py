@@ -91,7 +91,7 @@ def rnn_rule(call: Call) -> dict[str, Contribution]:
 
     grads = list(call.grads)
     # pre-activations (gi per layer/direction over all steps, gh per step), what they multiply
-    record: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
+    record: dict[str, tuple[list[Tensor], list[Tensor], bool]] = {}
     with torch.enable_grad():
         layer_in = x.detach()
         h_last, c_last = [], []
@@ -130,10 +130,10 @@ def rnn_rule(call: Call) -> dict[str, Contribution]:
                 outs.append(torch.stack(seq))
                 h_last.append(h)
                 c_last.append(c)
-                record["ih" + sfx] = ([gi_all], [layer_in.detach()])
-                record["hh" + sfx] = (ghs, hprev)
+                record["ih" + sfx] = ([gi_all], [layer_in.detach()], True)
+                record["hh" + sfx] = (ghs, hprev, False)
                 if w_hr is not None:
-                    record["hr" + sfx] = (projs, raws)
+                    record["hr" + sfx] = (projs, raws, False)
             layer_in = torch.cat(outs, -1) if D > 1 else outs[0]
         outputs = [layer_in.transpose(0, 1) if m.batch_first else layer_in, torch.stack(h_last)]
         if lstm:
@@ -148,12 +148,12 @@ def rnn_rule(call: Call) -> dict[str, Contribution]:
     pos = 0
     names = set(call.param_names)
     for key in keys:
-        zs, us = record[key]
+        zs, us, stacked = record[key]
         n = len(zs)
         parts = [g if g is not None else torch.zeros_like(z) for g, z in zip(dz[pos : pos + n], zs)]
         pos += n
-        dzs = parts[0] if n == 1 else torch.stack(parts)  # [T, B, rows]
-        u = us[0] if n == 1 else torch.stack(us)  # [T, B, cols]
+        dzs = parts[0] if stacked else torch.stack(parts)  # [T, B, rows]
+        u = us[0] if stacked else torch.stack(us)  # [T, B, cols]
         kind, sfx = key[:2], key[2:]
         wname = f"weight_{kind}{sfx}"
         if wname in names:

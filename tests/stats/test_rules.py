@@ -1,0 +1,218 @@
+"""Every layer rule against a brute-force per-example autograd loop (float64, rel. err 1e-10),
+for mean- and sum-reduced losses, with awkward shapes."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from stats_brute import per_example_grads, rel_err
+from torch import nn
+
+import sgdlab.stats as stats
+
+B = 5
+
+
+def sq_loss(out, y):
+    if isinstance(out, tuple):
+        out = out[0]
+    return 0.5 * ((out - y) ** 2).sum()
+
+
+def lstm_loss(out, y):
+    seq, (h, c) = out
+    return 0.5 * ((seq - y) ** 2).sum() + (h**2).sum() + 0.3 * c.sum()
+
+
+def rnn_loss(out, y):
+    seq, h = out
+    return 0.5 * ((seq - y) ** 2).sum() + (h**3).sum()
+
+
+class Scale(nn.Module):
+    """A module with direct parameters and no dedicated rule (takes the fallback)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(n))
+        self.c = nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        return torch.tanh(x * self.w) + self.c * x.pow(2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(d, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+class SeqFirstAttention(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(d, 2)
+
+    def forward(self, x):  # x: [B, T, d], attention runs sequence-first
+        out, w = self.mha(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1))
+        return out.transpose(0, 1) + w.sum(-1, keepdim=True)
+
+
+# (id, model factory, input factory, loss, batch dim)
+CASES = [
+    ("linear-2d", lambda: nn.Linear(4, 3), lambda: torch.randn(B, 4), sq_loss, 0),
+    ("linear-nobias", lambda: nn.Linear(4, 3, bias=False), lambda: torch.randn(B, 4), sq_loss, 0),
+    ("linear-seq", lambda: nn.Linear(4, 3), lambda: torch.randn(B, 6, 4), sq_loss, 0),
+    ("linear-seq1", lambda: nn.Linear(4, 3), lambda: torch.randn(B, 1, 4), sq_loss, 0),
+    ("linear-4d", lambda: nn.Linear(4, 3), lambda: torch.randn(B, 2, 3, 4), sq_loss, 0),
+    (
+        "conv1d-stride-dil-pad",
+        lambda: nn.Conv1d(3, 4, 3, stride=2, padding=2, dilation=2),
+        lambda: torch.randn(B, 3, 11),
+        sq_loss,
+        0,
+    ),
+    (
+        "conv2d-groups",
+        lambda: nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=1, groups=2),
+        lambda: torch.randn(B, 4, 7, 6),
+        sq_loss,
+        0,
+    ),
+    (
+        "conv2d-depthwise-circular",
+        lambda: nn.Conv2d(3, 6, 3, padding=1, groups=3, padding_mode="circular"),
+        lambda: torch.randn(B, 3, 5, 5),
+        sq_loss,
+        0,
+    ),
+    (
+        "conv2d-same-dilated",
+        lambda: nn.Conv2d(2, 3, 4, padding="same", dilation=2, bias=False),
+        lambda: torch.randn(B, 2, 8, 7),
+        sq_loss,
+        0,
+    ),
+    (
+        "conv3d-groups-stride",
+        lambda: nn.Conv3d(4, 4, 2, stride=(1, 2, 1), groups=2, padding=(0, 1, 1)),
+        lambda: torch.randn(B, 4, 3, 5, 4),
+        sq_loss,
+        0,
+    ),
+    (
+        "embedding-padding-idx",
+        lambda: nn.Embedding(7, 3, padding_idx=2),
+        lambda: torch.tensor([[2, 1, 1, 4], [0, 2, 2, 2], [6, 6, 6, 6], [3, 1, 0, 5], [2, 2, 2, 2]]),
+        sq_loss,
+        0,
+    ),
+    ("embedding-seq1", lambda: nn.Embedding(4, 2), lambda: torch.randint(0, 4, (B, 1)), sq_loss, 0),
+    ("layernorm-2d", lambda: nn.LayerNorm((3, 4)), lambda: torch.randn(B, 2, 3, 4), sq_loss, 0),
+    ("layernorm-seq1", lambda: nn.LayerNorm(4), lambda: torch.randn(B, 1, 4), sq_loss, 0),
+    ("groupnorm", lambda: nn.GroupNorm(2, 4), lambda: torch.randn(B, 4, 3, 2), sq_loss, 0),
+    ("rmsnorm", lambda: nn.RMSNorm(4, eps=1e-6), lambda: torch.randn(B, 3, 4), sq_loss, 0),
+    (
+        "batchnorm-eval",
+        lambda: _eval_bn(),
+        lambda: torch.randn(B, 3, 4, 2),
+        sq_loss,
+        0,
+    ),
+    (
+        "rnn-tanh-2layer-bidir",
+        lambda: nn.RNN(3, 4, num_layers=2, bidirectional=True, batch_first=True),
+        lambda: torch.randn(B, 5, 3),
+        rnn_loss,
+        0,
+    ),
+    (
+        "rnn-relu-seqfirst-len1",
+        lambda: nn.RNN(3, 4, nonlinearity="relu"),
+        lambda: torch.randn(1, B, 3),
+        rnn_loss,
+        1,
+    ),
+    (
+        "lstm-proj-bidir",
+        lambda: nn.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2, batch_first=True),
+        lambda: torch.randn(B, 4, 3),
+        lstm_loss,
+        0,
+    ),
+    ("gru-seqfirst", lambda: nn.GRU(3, 4, num_layers=2), lambda: torch.randn(6, B, 3), rnn_loss, 1),
+    ("fallback-custom", lambda: Scale(4), lambda: torch.randn(B, 3, 4), sq_loss, 0),
+    (
+        "fallback-convtranspose",
+        lambda: nn.ConvTranspose2d(2, 3, 3, stride=2),
+        lambda: torch.randn(B, 2, 3, 3),
+        sq_loss,
+        0,
+    ),
+    ("fallback-mha", lambda: SelfAttention(4), lambda: torch.randn(B, 3, 4), sq_loss, 0),
+    ("fallback-mha-seqfirst", lambda: SeqFirstAttention(4), lambda: torch.randn(B, 3, 4), sq_loss, 0),
+]
+
+
+def _eval_bn() -> nn.Module:
+    bn = nn.BatchNorm2d(3)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+    return bn.eval()
+
+
+def _target(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(x)
+    out = out[0] if isinstance(out, tuple) else out
+    return torch.randn_like(out)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_rule_matches_per_example_loop(case, reduction):
+    name, make_model, make_x, loss, bdim = case
+    torch.manual_seed(hash(name) % 1000)
+    with torch.random.fork_rng():
+        torch.set_default_dtype(torch.float64)
+        try:
+            model = make_model()
+            x = make_x()
+        finally:
+            torch.set_default_dtype(torch.float32)
+    y = _target(model, x)
+    per = per_example_grads(model, loss, x, y, batch_dim=bdim)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracker = stats.track(model, reduction=reduction, per_example_norms=True)
+    n = x.shape[bdim]
+    total = loss(model(x), y)
+    (total / n if reduction == "mean" else total).backward()
+    for p, g in zip(model.parameters(), per, strict=True):
+        assert rel_err(p.grad, g.sum(0) / (n if reduction == "mean" else 1)) < 1e-10
+        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10, p.shape
+    norms = sum(g.pow(2).flatten(1).sum(1) for g in per)
+    assert rel_err(tracker.per_example_sq_norms(), norms) < 1e-10
+    tracker.detach()
+    assert not hasattr(model.parameters().__next__(), "grad_second_moment")
+
+
+def test_position_wise_shortcut_would_be_wrong():
+    """The rule sums over positions before squaring; squaring per position differs a lot on a
+    convolution, so the test above can tell the two apart."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    x = torch.randn(4, 2, 8, 8, dtype=torch.float64)
+    y = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    per = per_example_grads(conv, sq_loss, x, y)
+    exact = (per[0] ** 2).mean(0)
+    xs = torch.nn.functional.unfold(x, 3, padding=1)  # [B, 18, 64]
+    d = (conv(x) - y).detach().reshape(4, 3, 64)
+    shortcut = torch.einsum("bol,bil->oi", d**2, xs**2).reshape(exact.shape) / 4
+    assert rel_err(shortcut, exact) > 0.1
