@@ -111,6 +111,10 @@ class BatchScaledOptimizer(Optimizer):
     def _update_group(self, group: dict[str, Any], hp: dict[str, Any], foreach: bool) -> None:
         raise NotImplementedError
 
+    def _precheck(self, group: dict[str, Any]) -> None:
+        """Raise before any parameter changes if ``group`` cannot be stepped (e.g. missing
+        per-example statistics); every group is checked before the first one is updated."""
+
     def _extra_tensors(self, group: dict[str, Any], p: torch.Tensor) -> list[torch.Tensor]:
         """Tensors besides ``p.grad`` that must be finite for a step (second moments)."""
         return []
@@ -126,9 +130,14 @@ class BatchScaledOptimizer(Optimizer):
         self._validate_group(group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # Also reached by load_state_dict: a checkpoint of the torch.optim namesake lacks
+        # sgdlab's keys, which take this optimizer's defaults.
         super().__setstate__(state)
         self.__dict__.setdefault("nonfinite", "raise")
         self.__dict__.setdefault("skipped_steps", 0)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
 
     # ------------------------------------------------------------------ batch size
     def set_batch_size(self, batch_size: int) -> None:
@@ -151,16 +160,14 @@ class BatchScaledOptimizer(Optimizer):
         b, b0 = group["batch_size"], group["ref_batch_size"]
         if b is None or b0 is None or b == b0:
             return hp
-        base = self._hyper_of(group)
-        if base.lr == 0.0:
-            # lr = 0 is a no-op at any batch size; move the betas with a unit lr.
-            scaled = _hyper.rescale(
-                _hyper.PerStep(1.0, base.beta1, base.beta2, base.eps),
-                b0, b, group["scaling"], self._momentum_form,
-            )
+        if group["lr"] == 0.0:
+            # lr = 0 is a no-op at any batch size; the betas move as with any lr.
+            base = self._hyper_of({**group, "lr": 1.0})
+            scaled = _hyper.rescale(base, b0, b, group["scaling"], self._momentum_form)
             hp.update(self._with_hyper(group, scaled))
             hp["lr"] = 0.0
             return hp
+        base = self._hyper_of(group)
         scaled = _hyper.rescale(base, b0, b, group["scaling"], self._momentum_form)
         hp.update(self._with_hyper(group, scaled))
         return hp
@@ -250,6 +257,8 @@ class BatchScaledOptimizer(Optimizer):
                     )
                 self.skipped_steps += 1
                 return loss
+        for group in self.param_groups:
+            self._precheck(group)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:

@@ -31,6 +31,7 @@ __all__ = [
     "SECOND_MOMENTS",
     "missing_second_moment_error",
     "second_moment_tensors",
+    "check_second_moments",
     "per_example_second_moment",
     "denominator",
     "denominators_foreach",
@@ -59,6 +60,24 @@ def second_moment_tensors(group: dict, p: torch.Tensor) -> list[torch.Tensor]:
     return [m2] if m2 is not None else []
 
 
+def check_second_moments(group: dict) -> None:
+    """With ``second_moment="per_example"``, every parameter with a gradient must carry a
+    ``grad_second_moment`` of its own shape (checked before any parameter changes)."""
+    if group.get("second_moment") != "per_example":
+        return
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        m2 = getattr(p, "grad_second_moment", None)
+        if m2 is None:
+            raise missing_second_moment_error(p)
+        if m2.shape != p.shape:
+            raise ValueError(
+                f"p.grad_second_moment has shape {tuple(m2.shape)}, expected the parameter's "
+                f"shape {tuple(p.shape)}"
+            )
+
+
 def per_example_second_moment(
     p: torch.Tensor, grad: torch.Tensor, weight_decay: float, maximize: bool
 ) -> torch.Tensor:
@@ -66,11 +85,6 @@ def per_example_second_moment(
     m2 = getattr(p, "grad_second_moment", None)
     if m2 is None:
         raise missing_second_moment_error(p)
-    if m2.shape != p.shape:
-        raise ValueError(
-            f"p.grad_second_moment has shape {tuple(m2.shape)}, expected the parameter's shape "
-            f"{tuple(p.shape)}"
-        )
     if weight_decay == 0:
         return m2
     sign = -1.0 if maximize else 1.0

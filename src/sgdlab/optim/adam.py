@@ -41,6 +41,7 @@ from sgdlab.optim._moments import (
     denominator,
     denominators_foreach,
     per_example_second_moment,
+    check_second_moments,
     second_moment_tensors,
 )
 from sgdlab.optim.rmsprop import _check_power
@@ -328,6 +329,9 @@ class Adam(BatchScaledOptimizer):
 
     def _with_hyper(self, group: dict[str, Any], step: _hyper.PerStep) -> dict[str, Any]:
         return {"lr": step.lr, "betas": (step.beta1, step.beta2), "eps": step.eps}
+
+    def _precheck(self, group: dict[str, Any]) -> None:
+        check_second_moments(group)
 
     def _extra_tensors(self, group: dict[str, Any], p: torch.Tensor) -> list[torch.Tensor]:
         return second_moment_tensors(group, p)

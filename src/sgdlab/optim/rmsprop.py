@@ -37,6 +37,7 @@ from sgdlab.optim._moments import (
     denominator,
     denominators_foreach,
     per_example_second_moment,
+    check_second_moments,
     second_moment_tensors,
 )
 
@@ -282,6 +283,9 @@ class RMSProp(BatchScaledOptimizer):
 
     def _with_hyper(self, group: dict[str, Any], step: _hyper.PerStep) -> dict[str, Any]:
         return {"lr": step.lr, "momentum": step.beta1, "alpha": step.beta2, "eps": step.eps}
+
+    def _precheck(self, group: dict[str, Any]) -> None:
+        check_second_moments(group)
 
     def _extra_tensors(self, group: dict[str, Any], p: torch.Tensor) -> list[torch.Tensor]:
         return second_moment_tensors(group, p)
