@@ -1,0 +1,137 @@
+"""Refusals with messages that name the problem and the way out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import sgdlab.stats as stats
+
+
+def test_batchnorm_training_mode_is_refused_with_the_reason():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    stats.track(model)
+    with pytest.raises(ValueError, match="whole batch.*GroupNorm.*eval"):
+        model(torch.randn(4, 1, 5, 5))
+    model.eval()
+    model(torch.randn(4, 1, 5, 5)).sum().backward()
+    assert model[1].weight.grad_second_moment.shape == (2,)
+
+
+def test_batchnorm_without_running_stats_is_refused_in_eval():
+    model = nn.BatchNorm1d(3, track_running_stats=False).eval()
+    stats.track(model)
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        model(torch.randn(4, 3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"reduction": "avg"}, "reduction"),
+        ({"memory_budget": 0}, "memory_budget"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 2.5}, "batch_size"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        stats.track(nn.Linear(2, 2), **kwargs)
+
+
+def test_not_a_module_and_nothing_to_track():
+    with pytest.raises(TypeError, match="Module"):
+        stats.track([nn.Parameter(torch.ones(2))])
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        stats.track(frozen)
+
+
+def test_scale_grad_by_freq_is_refused():
+    emb = nn.Embedding(5, 2, scale_grad_by_freq=True)
+    stats.track(emb)
+    with pytest.raises(ValueError, match="scale_grad_by_freq"):
+        emb(torch.tensor([[1, 2]]))
+
+
+def test_parameter_used_outside_its_module_call():
+    class Leaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.head = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.head(x @ self.lin.weight.T)  # uses lin's weight without calling lin
+
+    model = Leaky()
+    stats.track(model)
+    with pytest.raises(RuntimeError, match="lin.weight.*did not pass through"):
+        model(torch.randn(4, 3)).sum().backward()
+
+
+def test_inconsistent_batch_dimension_names_batch_first():
+    model = nn.Sequential(nn.Linear(3, 4), nn.GRU(4, 2))  # GRU reads [T, B, in]
+    stats.track(model)
+    out, _ = model(torch.randn(5, 6, 3))
+    with pytest.raises(ValueError, match="batch first"):
+        out.sum().backward()
+
+
+def test_use_across_separate_forward_passes_in_one_backward():
+    lin, other = nn.Linear(3, 2), nn.Linear(3, 2)
+    tracker = stats.track(nn.ModuleList([lin, other]))
+    y1 = lin(torch.randn(4, 3))
+    other(torch.randn(4, 3)).sum().backward()  # closes the forward pass of y1
+    y2 = lin(torch.randn(4, 3))
+    with pytest.raises(RuntimeError, match="several module calls"):
+        (y1 + y2).sum().backward()
+    tracker.detach()
+
+
+def test_input_modified_in_place_is_detected():
+    lin = nn.Linear(3, 2)
+    lin.weight.requires_grad_(False)  # autograd then does not save the input itself
+    stats.track(lin)
+    x = torch.randn(4, 3)
+    out = lin(x)
+    x.mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()
+
+
+def test_unbatched_input():
+    lin = nn.Linear(3, 2)
+    stats.track(lin)
+    with pytest.raises(ValueError, match="batch dimension"):
+        lin(torch.randn(3)).sum().backward()
+
+
+def test_recurrent_refusals():
+    lstm = nn.LSTM(2, 3, num_layers=2, dropout=0.5, batch_first=True)
+    stats.track(lstm)
+    with pytest.raises(ValueError, match="dropout"):
+        lstm(torch.randn(2, 4, 2))
+    gru = nn.GRU(2, 3, batch_first=True)
+    stats.track(gru)
+    packed = pack_padded_sequence(torch.randn(2, 4, 2), [4, 2], batch_first=True)
+    with pytest.raises(ValueError, match="PackedSequence"):
+        gru(packed)
+
+
+def test_fallback_with_active_dropout_is_refused():
+    layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.1, batch_first=True)
+    with pytest.warns(UserWarning, match="fallback"):
+        stats.track(layer)
+    with pytest.raises(ValueError, match="dropout"):
+        layer(torch.randn(2, 3, 4))
+
+
+def test_norms_need_the_flag():
+    lin = nn.Linear(3, 2)
+    tracker = stats.track(lin)
+    lin(torch.randn(4, 3)).sum().backward()
+    with pytest.raises(ValueError, match="per_example_norms=True"):
+        tracker.per_example_sq_norms()

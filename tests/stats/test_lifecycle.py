@@ -1,0 +1,95 @@
+"""Accumulation over micro-batches, zeroing, detaching: ``grad_second_moment`` accumulates like
+``p.grad`` and never outlives it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from stats_brute import per_example_grads, rel_err
+from torch import nn
+
+import sgdlab.stats as stats
+
+
+def loss_sum(out, y):
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+def setup(seed: int = 0, n: int = 12):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(n, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,))
+    per = per_example_grads(model, loss_sum, x, y)
+    return model, x, y, per
+
+
+def test_micro_batches_with_total_batch_size_give_concatenated_batch():
+    model, x, y, per = setup()
+    tracker = stats.track(model, batch_size=12, per_example_norms=True)
+    for xs, ys in zip(x.split(4), y.split(4), strict=True):  # loss_j / k pattern
+        (loss_sum(model(xs), ys) / 12).backward()
+    for p, g in zip(model.parameters(), per, strict=True):
+        assert rel_err(p.grad, g.mean(0)) < 1e-12
+        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10
+    assert tracker.num_examples == 12
+    norms = sum(g.pow(2).flatten(1).sum(1) for g in per)
+    assert rel_err(tracker.per_example_sq_norms(), norms) < 1e-10
+
+
+def test_micro_batches_without_batch_size_accumulate_like_grad():
+    """k mean-reduced micro-batches: p.grad = sum of k means and grad_second_moment = sum of k
+    second moments, so dividing both by k gives the concatenated batch."""
+    model, x, y, per = setup()
+    stats.track(model)
+    for xs, ys in zip(x.split(4), y.split(4), strict=True):
+        (loss_sum(model(xs), ys) / 4).backward()
+    for p, g in zip(model.parameters(), per, strict=True):
+        assert rel_err(p.grad / 3, g.mean(0)) < 1e-12
+        assert rel_err(p.grad_second_moment / 3, (g * g).mean(0)) < 1e-10
+
+
+def test_retain_graph_second_backward_adds_like_grad():
+    model, x, y, per = setup()
+    stats.track(model)
+    loss = loss_sum(model(x), y) / 12
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for p, g in zip(model.parameters(), per, strict=True):
+        assert rel_err(p.grad_second_moment, 2 * (g * g).mean(0)) < 1e-10
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_starts_afresh(set_to_none):
+    model, x, y, per = setup()
+    stats.track(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    (loss_sum(model(x[:6]), y[:6]) / 6).backward()
+    opt.zero_grad(set_to_none=set_to_none)
+    (loss_sum(model(x), y) / 12).backward()
+    for p, g in zip(model.parameters(), per, strict=True):
+        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10
+
+
+def test_zero_and_detach():
+    model, x, y, _ = setup()
+    tracker = stats.track(model)
+    (loss_sum(model(x), y) / 12).backward()
+    tracker.zero()
+    assert all(p.grad_second_moment is None for p in model.parameters())
+    tracker.detach()
+    assert not any(hasattr(p, "grad_second_moment") for p in model.parameters())
+    (loss_sum(model(x), y) / 12).backward()
+    assert not any(hasattr(p, "grad_second_moment") for p in model.parameters())
+
+
+def test_context_manager_and_no_grad_forward():
+    model, x, y, per = setup()
+    with stats.track(model):
+        with torch.no_grad():
+            model(x)  # evaluation forward: not recorded, does not count as a second use
+        (loss_sum(model(x), y) / 12).backward()
+        for p, g in zip(model.parameters(), per, strict=True):
+            assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10
+    assert not any(hasattr(p, "grad_second_moment") for p in model.parameters())

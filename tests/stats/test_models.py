@@ -1,0 +1,141 @@
+"""Composite models against the brute-force per-example loop (float64): MLP, CNN, transformer
+blocks, embedding + LSTM, weight tying, a module called twice."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from stats_brute import per_example_grads, rel_err
+from torch import nn
+
+import sgdlab.stats as stats
+
+B = 4
+
+
+def ce_loss(out, y):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum")
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block written with Linear layers (every parameter has a rule)."""
+
+    def __init__(self, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, -1)
+        q, k, v = (z.reshape(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class TiedLM(nn.Module):
+    """Embedding + LSTM + output head tied to the embedding."""
+
+    def __init__(self, vocab: int = 11, d: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.lstm = nn.LSTM(d, d, batch_first=True)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.head(self.lstm(self.emb(idx))[0])
+
+
+class Twice(nn.Module):
+    """The same Linear applied twice in one forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.Tanh(),
+                         nn.Linear(8, 3))
+
+
+def cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, stride=2, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(6, 3),
+    )
+
+
+def torch_block():
+    return nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+
+def seq_target(v):
+    return lambda x: torch.randint(0, v, x.shape)
+
+
+MODELS = [
+    ("mlp", mlp, lambda: torch.randn(B, 6), lambda x: torch.randint(0, 3, (B,))),
+    ("cnn", cnn, lambda: torch.randn(B, 1, 8, 8), lambda x: torch.randint(0, 3, (B,))),
+    ("block", Block, lambda: torch.randn(B, 5, 8), lambda x: torch.randint(0, 8, (B, 5))),
+    ("block-seq1", Block, lambda: torch.randn(B, 1, 8), lambda x: torch.randint(0, 8, (B, 1))),
+    ("torch-encoder-layer", torch_block, lambda: torch.randn(B, 5, 8),
+     lambda x: torch.randint(0, 8, (B, 5))),
+    ("tied-embedding-lstm", TiedLM, lambda: torch.randint(0, 11, (B, 6)), seq_target(11)),
+    ("module-called-twice", Twice, lambda: torch.randn(B, 5), lambda x: torch.randint(0, 3, (B,))),
+]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", MODELS, ids=[c[0] for c in MODELS])
+def test_model_matches_per_example_loop(case, reduction):
+    name, make, make_x, make_y = case
+    torch.manual_seed(len(name))
+    model = make().double()
+    x = make_x()
+    x = x.double() if x.is_floating_point() else x
+    y = make_y(x)
+    per = per_example_grads(model, ce_loss, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracker = stats.track(model, reduction=reduction, per_example_norms=True)
+    total = ce_loss(model(x), y)
+    (total / B if reduction == "mean" else total).backward()
+    for (pname, p), g in zip(model.named_parameters(), per, strict=True):
+        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10, pname
+    norms = sum(g.pow(2).flatten(1).sum(1) for g in per)
+    assert rel_err(tracker.per_example_sq_norms(), norms) < 1e-10
+    tracker.detach()
+
+
+def test_fallback_warning_names_modules():
+    model = nn.Sequential(nn.Linear(4, 4), torch_block())
+    with pytest.warns(UserWarning, match=r"1 \(TransformerEncoderLayer\)|self_attn"):
+        tracker = stats.track(model)
+    assert any("self_attn" in m for m in tracker.fallback_modules)
+    assert not any(m.startswith("0 ") for m in tracker.fallback_modules)
+    tracker.detach()
+
+
+def test_chunking_under_small_memory_budget_is_exact():
+    torch.manual_seed(1)
+    model = Block().double()
+    x = torch.randn(6, 4, 8, dtype=torch.float64)
+    y = torch.randint(0, 8, (6, 4))
+    per = per_example_grads(model, ce_loss, x, y)
+    tracker = stats.track(model, memory_budget=1)  # one example per chunk
+    (ce_loss(model(x), y) / 6).backward()
+    for p, g in zip(model.parameters(), per, strict=True):
+        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10
+    tracker.detach()
