@@ -1,0 +1,191 @@
+"""What torch users rely on: bit-identical resume, closures, zero_grad, skipped parameters,
+non-finite gradients, and clear errors for bad hyperparameters."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import sgdlab
+from sgdlab.optim import NonFiniteGradientError
+
+from .cases import TORCH_TWINS, VARIANTS, make_params, param_groups, set_grads, state_tensors
+
+CASES = [(n, c, k) for n, c, _, k in TORCH_TWINS] + VARIANTS
+
+
+def _checkpoint(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("name,cls,kwargs", CASES, ids=[c[0] for c in CASES])
+def test_resume_is_bit_identical(name, cls, kwargs):
+    per_example = kwargs.get("second_moment") == "per_example"
+    scaled = "ref_batch_size" in kwargs
+    batches = [8, 32, 4, 16]
+
+    def run(opt, params, start, stop):
+        for t in range(start, stop):
+            set_grads(params, t, per_example)
+            opt.step(batch_size=batches[t // 9 % 4] if scaled else None)
+
+    params = make_params(11)
+    opt = cls(param_groups(params, cls), **kwargs)
+    run(opt, params, 0, 30)
+    saved = _checkpoint({"params": [p.detach().clone() for p in params],
+                         "opt": opt.state_dict()})
+    run(opt, params, 30, 60)
+
+    resumed = [p.clone().requires_grad_() for p in saved["params"]]
+    opt2 = cls(param_groups(resumed, cls), **kwargs)
+    opt2.load_state_dict(saved["opt"])
+    run(opt2, resumed, 30, 60)
+    for a, b in zip(params, resumed):
+        assert torch.equal(a, b)
+    s1, s2 = state_tensors(opt), state_tensors(opt2)
+    assert s1.keys() == s2.keys()
+    for key in s1:
+        same = torch.equal(s1[key], s2[key]) if isinstance(s1[key], torch.Tensor) else (
+            s1[key] == s2[key])
+        assert same, key
+
+
+def test_closure_is_evaluated_with_grad():
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    opt = sgdlab.Adam([w], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == pytest.approx(5.0)
+    assert torch.allclose(w.detach(), torch.tensor([0.9, 1.9]), atol=1e-6)
+
+
+@pytest.mark.parametrize("name,cls,kwargs", CASES, ids=[c[0] for c in CASES])
+def test_parameters_without_grad_are_skipped(name, cls, kwargs):
+    params = make_params(12)
+    opt = cls(params, **kwargs)
+    set_grads(params, 0, per_example=True)
+    params[2].grad = None
+    before = params[2].detach().clone()
+    opt.step(batch_size=8 if "ref_batch_size" in kwargs else None)
+    assert torch.equal(params[2].detach(), before)
+    assert len(opt.state[params[2]]) == 0
+    opt.zero_grad()
+    assert all(p.grad is None for p in params)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("name,cls,kwargs", CASES, ids=[c[0] for c in CASES])
+def test_nonfinite_gradient_raises_and_changes_nothing(name, cls, kwargs, bad):
+    per_example = kwargs.get("second_moment") == "per_example"
+    params = make_params(13)
+    opt = cls(param_groups(params, cls), **kwargs)
+    for t in range(3):
+        set_grads(params, t, per_example)
+        opt.step()
+    set_grads(params, 3, per_example)
+    params[3].grad[0] = bad
+    before = [p.detach().clone() for p in params]
+    state_before = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                    for k, v in state_tensors(opt).items()}
+    with pytest.raises(NonFiniteGradientError, match=r"param group 1, parameter 1 \(shape \(1,\)\)"):
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+    for k, v in state_tensors(opt).items():
+        assert torch.equal(v, state_before[k]) if isinstance(v, torch.Tensor) else (
+            v == state_before[k])
+
+
+@pytest.mark.parametrize("name,cls,kwargs", CASES, ids=[c[0] for c in CASES])
+def test_nonfinite_skip_leaves_everything_untouched(name, cls, kwargs):
+    per_example = kwargs.get("second_moment") == "per_example"
+    params = make_params(14)
+    opt = cls(params, nonfinite="skip", **kwargs)
+    set_grads(params, 0, per_example)
+    opt.step()
+    set_grads(params, 1, per_example)
+    params[0].grad[1, 1] = float("nan")
+    before = [p.detach().clone() for p in params]
+    state_before = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                    for k, v in state_tensors(opt).items()}
+    opt.step()
+    assert opt.skipped_steps == 1
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+    for k, v in state_tensors(opt).items():
+        assert torch.equal(v, state_before[k]) if isinstance(v, torch.Tensor) else (
+            v == state_before[k])
+
+
+def test_nonfinite_second_moment_is_caught():
+    params = make_params(15)
+    opt = sgdlab.Adam(params, second_moment="per_example")
+    set_grads(params, 0, per_example=True)
+    params[4].grad_second_moment[0, 0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteGradientError, match="grad_second_moment"):
+        opt.step()
+
+
+def test_missing_second_moment_is_a_clear_error_before_any_change():
+    params = make_params(16)
+    opt = sgdlab.RMSProp([{"params": params[:2]}, {"params": params[2:]}],
+                         second_moment="per_example")
+    set_grads(params, 0, per_example=True)
+    del params[3].grad_second_moment
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"grad_second_moment.*sgdlab\.stats\.track"):
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+
+
+BAD = [
+    (sgdlab.SGD, dict(lr=-0.1), r"lr must be finite and >= 0, got -0\.1"),
+    (sgdlab.SGD, dict(lr=float("nan")), r"lr must be a finite real number, got nan"),
+    (sgdlab.SGD, dict(momentum=1.0), r"momentum must satisfy 0 <= momentum < 1, got 1\.0"),
+    (sgdlab.SGD, dict(nesterov=True), r"nesterov=True requires momentum > 0"),
+    (sgdlab.SGD, dict(weight_decay=-1), r"weight_decay must be finite and >= 0, got -1"),
+    (sgdlab.SGD, dict(scaling="quadratic"), r"scaling must be one of .*'lecture'.*'quadratic'"),
+    (sgdlab.SGD, dict(batch_size=0), r"batch_size must be an integer >= 1, got 0"),
+    (sgdlab.SGD, dict(ref_batch_size=2.5), r"ref_batch_size must be an integer >= 1, got 2\.5"),
+    (sgdlab.SGD, dict(nonfinite="warn"), r"nonfinite must be one of .*'skip'.*got 'warn'"),
+    (sgdlab.RMSProp, dict(alpha=1.2), r"alpha must satisfy 0 <= alpha < 1, got 1\.2"),
+    (sgdlab.RMSProp, dict(eps=-1e-8), r"eps must be finite and >= 0"),
+    (sgdlab.RMSProp, dict(power=2), r"power must be a number in \(0, 1\].*got 2"),
+    (sgdlab.RMSProp, dict(eps_placement="middle"), r"eps_placement must be one of .*'middle'"),
+    (sgdlab.RMSProp, dict(second_moment="exact"), r"second_moment must be one of .*'exact'"),
+    (sgdlab.Adam, dict(betas=(0.9, 1.0)), r"betas\[1\] must satisfy 0 <= beta < 1, got 1\.0"),
+    (sgdlab.Adam, dict(betas=0.9), r"betas must be a pair"),
+    (sgdlab.Adam, dict(bias_correction="kingma"), r"bias_correction must be one of .*'kingma'"),
+    (sgdlab.Adam, dict(lr=float("inf")), r"lr must be a finite real number, got inf"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,pattern", BAD)
+def test_bad_hyperparameters_raise_at_construction(cls, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        cls([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+def test_bad_param_group_is_rejected():
+    opt = sgdlab.Adam([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(ValueError, match=r"betas\[0\] must satisfy"):
+        opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)],
+                             "betas": (-0.1, 0.9)})
+
+
+def test_set_batch_size_validates():
+    opt = sgdlab.SGD([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got -3"):
+        opt.set_batch_size(-3)
