@@ -98,7 +98,8 @@ def test_nonfinite_gradient_raises_and_changes_nothing(name, cls, kwargs, bad):
     before = [p.detach().clone() for p in params]
     state_before = {k: v.clone() if isinstance(v, torch.Tensor) else v
                     for k, v in state_tensors(opt).items()}
-    with pytest.raises(NonFiniteGradientError, match=r"param group 1, parameter 1 \(shape \(1,\)\)"):
+    where = r"param group 1, parameter 1 \(shape \(1,\)\)"
+    with pytest.raises(NonFiniteGradientError, match=where):
         opt.step()
     for p, b in zip(params, before):
         assert torch.equal(p.detach(), b)

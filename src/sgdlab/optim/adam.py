@@ -38,10 +38,10 @@ from sgdlab.optim._base import BatchScaledOptimizer, group_indices, scalar_dtype
 from sgdlab.optim._moments import (
     EPS_PLACEMENTS,
     SECOND_MOMENTS,
+    check_second_moments,
     denominator,
     denominators_foreach,
     per_example_second_moment,
-    check_second_moments,
     second_moment_tensors,
 )
 from sgdlab.optim.rmsprop import _check_power
