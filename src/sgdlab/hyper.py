@@ -84,6 +84,8 @@ __all__ = [
     "horizon_to_beta",
     "steps_horizon",
     "examples_horizon",
+    "steps_decay",
+    "examples_horizon_of_decay",
     "lr_multiplier",
     "eps_multiplier",
     "to_per_step",
@@ -204,6 +206,35 @@ def examples_horizon(n_steps: float, batch_size: int, rule: str) -> float:
     return n
 
 
+def steps_decay(n_examples: float, batch_size: int, rule: str) -> float:
+    """Per-step decay ``beta(B) = 1 - 1/N(B)`` for a horizon of ``N'`` examples.
+
+    Computed directly (``exact``: ``exp(B log(1 - 1/N'))``) so that a decay far below 1 keeps
+    its digits, which ``1 - 1/N(B)`` would lose.
+    """
+    n = check_horizon("n_examples", n_examples)
+    b = check_batch_size("batch_size", batch_size)
+    rule = _rule(rule)
+    if n == 1.0:
+        return 0.0
+    if rule == "exact":
+        return math.exp(b * math.log1p(-1.0 / n))
+    return 1.0 - 1.0 / steps_horizon(n, b, rule)
+
+
+def examples_horizon_of_decay(beta: float, batch_size: int, rule: str) -> float:
+    """Inverse of :func:`steps_decay`: the horizon in examples ``N'`` of a per-step decay
+    ``beta`` used at batch size ``B`` (``beta = 0`` maps to ``N' = 1``)."""
+    beta = check_unit_interval("beta", beta)
+    b = check_batch_size("batch_size", batch_size)
+    rule = _rule(rule)
+    if beta == 0.0:
+        return 1.0
+    if rule == "exact":
+        return 1.0 / -math.expm1(math.log(beta) / b)
+    return examples_horizon(1.0 / (1.0 - beta), b, rule)
+
+
 def lr_multiplier(batch_size: int, rule: str) -> float:
     """``eta_eff(B) / eta'``: ``sqrt(B)`` for the ``sqrt`` rule, ``B`` for the others."""
     b = check_batch_size("batch_size", batch_size)
@@ -225,21 +256,22 @@ def to_per_step(
     """Per-step hyperparameters at batch size ``B`` from conjugate units, under ``rule``.
 
     ``lr = eta_eff(B)`` in the ``ema`` form and ``eta_eff(B) / N_g(B)`` in the
-    ``heavy_ball`` form; ``beta = 1 - 1/N(B)`` with ``N(B) = steps_horizon(N', B, rule)``.
+    ``heavy_ball`` form; ``beta = 1 - 1/N(B)`` with ``N(B) = steps_horizon(N', B, rule)``
+    (computed by :func:`steps_decay`).
     """
     if not isinstance(conj, Conjugate):
         raise TypeError(f"conj must be a hyper.Conjugate, got {type(conj).__name__}")
     b = check_batch_size("batch_size", batch_size)
     rule = _rule(rule)
     form = _form(momentum_form)
-    n_g = steps_horizon(conj.n_g, b, rule)
-    n_s = steps_horizon(conj.n_s, b, rule)
+    beta1 = steps_decay(conj.n_g, b, rule)
+    beta2 = steps_decay(conj.n_s, b, rule)
     eta_eff = lr_multiplier(b, rule) * conj.eta_prime
-    lr = eta_eff / n_g if form == "heavy_ball" else eta_eff
+    lr = eta_eff * (1.0 - beta1) if form == "heavy_ball" else eta_eff
     return PerStep(
         lr=lr,
-        beta1=1.0 - 1.0 / n_g,
-        beta2=1.0 - 1.0 / n_s,
+        beta1=beta1,
+        beta2=beta2,
         eps=conj.eps * eps_multiplier(b, rule),
     )
 
@@ -257,13 +289,11 @@ def to_conjugate(
     b = check_batch_size("batch_size", batch_size)
     rule = _rule(rule)
     form = _form(momentum_form)
-    n_g_steps = 1.0 / (1.0 - step.beta1)
-    n_s_steps = 1.0 / (1.0 - step.beta2)
-    eta_eff = step.lr * n_g_steps if form == "heavy_ball" else step.lr
+    eta_eff = step.lr / (1.0 - step.beta1) if form == "heavy_ball" else step.lr
     return Conjugate(
         eta_prime=eta_eff / lr_multiplier(b, rule),
-        n_g=examples_horizon(n_g_steps, b, rule),
-        n_s=examples_horizon(n_s_steps, b, rule),
+        n_g=examples_horizon_of_decay(step.beta1, b, rule),
+        n_s=examples_horizon_of_decay(step.beta2, b, rule),
         eps=step.eps / eps_multiplier(b, rule),
     )
 
