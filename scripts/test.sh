@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up the test environment (test extras, Debian's chromium for the report's browser test)
+# and run the whole test suite on two workers. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh test
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "chromium is needed by tests/lab/test_report_browser.py: sudo apt-get install chromium" >&2
+    exit 1
+  fi
+fi
+exec .venv/bin/python -m pytest -n 2 -q "$@"
