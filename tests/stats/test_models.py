@@ -66,14 +66,21 @@ class Twice(nn.Module):
 
 
 def mlp():
-    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.Tanh(),
-                         nn.Linear(8, 3))
+    return nn.Sequential(
+        nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)
+    )
 
 
 def cnn():
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 6, 3, stride=2, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(6, 3),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, stride=2, groups=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6, 3),
     )
 
 
@@ -90,8 +97,12 @@ MODELS = [
     ("cnn", cnn, lambda: torch.randn(B, 1, 8, 8), lambda x: torch.randint(0, 3, (B,))),
     ("block", Block, lambda: torch.randn(B, 5, 8), lambda x: torch.randint(0, 8, (B, 5))),
     ("block-seq1", Block, lambda: torch.randn(B, 1, 8), lambda x: torch.randint(0, 8, (B, 1))),
-    ("torch-encoder-layer", torch_block, lambda: torch.randn(B, 5, 8),
-     lambda x: torch.randint(0, 8, (B, 5))),
+    (
+        "torch-encoder-layer",
+        torch_block,
+        lambda: torch.randn(B, 5, 8),
+        lambda x: torch.randint(0, 8, (B, 5)),
+    ),
     ("tied-embedding-lstm", TiedLM, lambda: torch.randint(0, 11, (B, 6)), seq_target(11)),
     ("module-called-twice", Twice, lambda: torch.randn(B, 5), lambda x: torch.randint(0, 3, (B,))),
 ]

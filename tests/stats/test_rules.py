@@ -107,7 +107,9 @@ CASES = [
     (
         "embedding-padding-idx",
         lambda: nn.Embedding(7, 3, padding_idx=2),
-        lambda: torch.tensor([[2, 1, 1, 4], [0, 2, 2, 2], [6, 6, 6, 6], [3, 1, 0, 5], [2, 2, 2, 2]]),
+        lambda: torch.tensor(
+            [[2, 1, 1, 4], [0, 2, 2, 2], [6, 6, 6, 6], [3, 1, 0, 5], [2, 2, 2, 2]]
+        ),
         sq_loss,
         0,
     ),
@@ -154,7 +156,13 @@ CASES = [
         0,
     ),
     ("fallback-mha", lambda: SelfAttention(4), lambda: torch.randn(B, 3, 4), sq_loss, 0),
-    ("fallback-mha-seqfirst", lambda: SeqFirstAttention(4), lambda: torch.randn(B, 3, 4), sq_loss, 0),
+    (
+        "fallback-mha-seqfirst",
+        lambda: SeqFirstAttention(4),
+        lambda: torch.randn(B, 3, 4),
+        sq_loss,
+        0,
+    ),
 ]
 
 

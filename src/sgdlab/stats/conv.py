@@ -45,9 +45,7 @@ def _padded_input(module: nn.Module, x: Tensor, nd: int) -> tuple[Tensor, list[i
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         return F.pad(x, pads, mode=mode), [0] * nd
     if module.padding_mode != "zeros":
-        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), [
-            0
-        ] * nd
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), [0] * nd
     return x, list(module.padding)
 
 

@@ -118,9 +118,7 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
             total = total + (leaves[positions[j]] * c.unsqueeze(d)).sum()
         return total
 
-    per_example = vmap(
-        grad(one), in_dims=(None, arg_dims, kw_dims, out_dims), randomness="error"
-    )
+    per_example = vmap(grad(one), in_dims=(None, arg_dims, kw_dims, out_dims), randomness="error")
     numel = sum(t.numel() for t in theta)
     n = chunk_size(B, 4 * numel * theta[0].element_size(), call.memory_budget)
 

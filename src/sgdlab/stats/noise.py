@@ -85,8 +85,7 @@ def noise_statistics(
 class ScalarWriter(Protocol):
     """What :class:`NoiseMeter` writes to: ``torch.utils.tensorboard.SummaryWriter`` fits."""
 
-    def add_scalar(self, tag: str, scalar_value: float, global_step: int | None = None) -> Any:
-        ...
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int | None = None) -> Any: ...
 
 
 @dataclass

@@ -170,9 +170,7 @@ class Tracker:
             self._entries[module] = entry
             for n, p in owned:
                 self._params.setdefault(id(p), (f"{name}.{n}" if name else n, p))
-            self._handles.append(
-                module.register_forward_hook(self._forward_hook, with_kwargs=True)
-            )
+            self._handles.append(module.register_forward_hook(self._forward_hook, with_kwargs=True))
         if not self._entries:
             raise ValueError("model has no trainable parameters to track")
         for _, p in self._params.values():
@@ -244,9 +242,7 @@ class Tracker:
         self.detach()
 
     # ------------------------------------------------------------------ hooks
-    def _forward_hook(
-        self, module: nn.Module, args: tuple, kwargs: dict, output: Any
-    ) -> None:
+    def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._suspended or not torch.is_grad_enabled():
             return
         leaves, spec = tree_flatten(output)

@@ -1,0 +1,114 @@
+"""Gradient-noise meter on problems where Sigma and G are known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import sgdlab.stats as stats
+
+G = torch.tensor([0.5, -1.0, 0.25, 2.0, 0.0], dtype=torch.float64)
+SD = torch.tensor([1.0, 2.0, 0.5, 1.5, 3.0], dtype=torch.float64)
+
+
+def test_estimators_are_unbiased():
+    """R independent batches of B per-example gradients g_b = G + SD * xi: mean estimates of
+    tr Sigma and |G|^2 against the truth, |z| < 4."""
+    R, B = 20000, 8
+    gen = torch.Generator().manual_seed(0)
+    g = G + SD * torch.randn(R, B, 5, generator=gen, dtype=torch.float64)
+    tr, sq = stats.noise_statistics([g.mean(1)], [(g * g).mean(1)], B, dim=-1)
+    for est, truth in ((tr, SD.pow(2).sum()), (sq, G.pow(2).sum())):
+        z = (est.mean() - truth) / (est.std() / math.sqrt(R))
+        assert abs(float(z)) < 4
+
+
+def test_trace_is_the_unbiased_sample_variance():
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(6, 3, 4, generator=gen, dtype=torch.float64)
+    tr, sq = stats.noise_statistics([g.mean(0)], [(g * g).mean(0)], 6)
+    assert torch.allclose(tr, g.var(0, unbiased=True).sum(), rtol=1e-12)
+    assert torch.allclose(sq, g.mean(0).pow(2).sum() - tr / 6, rtol=1e-12)
+
+
+class TwoHeads(nn.Module):
+    """out_k = w_k (a constant input 1); loss_b = |out - y_b|^2 / 2 gives g_b = w - y_b."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(1, 2, bias=False)
+        self.b = nn.Linear(1, 3, bias=False)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], -1)
+
+
+class Recorder:
+    """Collects ``add_scalar`` calls (the SummaryWriter protocol)."""
+
+    def __init__(self) -> None:
+        self.scalars: dict[str, list[tuple[int, float]]] = {}
+
+    def add_scalar(self, tag, value, global_step=None):
+        self.scalars.setdefault(tag, []).append((global_step, float(value)))
+
+
+def test_meter_through_the_tracker_recovers_sigma_g_and_temperature():
+    torch.manual_seed(2)
+    model = TwoHeads().double()
+    w = torch.cat([model.a.weight.detach().ravel(), model.b.weight.detach().ravel()])
+    mu = w - G  # y_b ~ N(mu, SD^2) so that E g_b = G and Cov g_b = diag SD^2
+    B, steps, lr = 16, 300, 0.05
+    tracker = stats.track(model)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    writer = Recorder()
+    meter = stats.NoiseMeter(opt, batch_size=tracker, writer=writer, beta=0.9)
+    readings = []
+    for _ in range(steps):
+        opt.zero_grad()
+        y = mu + SD * torch.randn(B, 5, dtype=torch.float64)
+        out = model(torch.ones(B, 1, dtype=torch.float64))
+        (0.5 * (out - y).pow(2).sum() / B).backward()
+        readings.append(meter())  # no optimizer step: G and Sigma stay fixed
+    tr = torch.tensor([r.tr_sigma for r in readings], dtype=torch.float64)
+    sq = torch.tensor([r.grad_sq_norm for r in readings], dtype=torch.float64)
+    for est, truth in ((tr, SD.pow(2).sum()), (sq, G.pow(2).sum())):
+        assert abs(float((est.mean() - truth) / (est.std() / math.sqrt(steps)))) < 4
+    # per-parameter-group variance: one optimizer group here; per module via a mapping
+    per_module = stats.NoiseMeter(
+        {"a": [model.a.weight], "b": [model.b.weight]}, batch_size=B, lr=lr
+    )
+    r = per_module.update()
+    assert r.tr_sigma_groups["a"] + r.tr_sigma_groups["b"] == pytest.approx(readings[-1].tr_sigma)
+    assert r.temperature == pytest.approx(lr * r.tr_sigma / (2 * B))
+    assert r.temperature_groups["a"] == pytest.approx(lr * r.tr_sigma_groups["a"] / (2 * B))
+    # smoothing: ratio of Adam-debiased moving averages of numerator and denominator
+    beta, n = 0.9, len(readings)
+    wts = torch.tensor([(1 - beta) * beta ** (n - 1 - i) for i in range(n)], dtype=torch.float64)
+    debias = 1 - beta**n
+    assert readings[-1].b_simple_smoothed == pytest.approx(
+        float((wts * tr).sum() / debias) / float((wts * sq).sum() / debias), rel=1e-10
+    )
+    assert readings[-1].temperature == pytest.approx(lr * readings[-1].tr_sigma / (2 * B))
+    assert [s for s, _ in writer.scalars["noise/b_simple"]] == list(range(steps))
+    assert writer.scalars["noise/tr_sigma/group0"][-1][1] == pytest.approx(readings[-1].tr_sigma)
+    tracker.detach()
+
+
+def test_meter_errors():
+    lin = nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="batch_size"):
+        stats.NoiseMeter(lin, batch_size="16")
+    with pytest.raises(ValueError, match="beta"):
+        stats.NoiseMeter(lin, batch_size=4, beta=1.0)
+    with pytest.raises(TypeError, match="add_scalar"):
+        stats.NoiseMeter(lin, batch_size=4, writer=object())
+    meter = stats.NoiseMeter(lin, batch_size=4)
+    lin(torch.randn(4, 2)).sum().backward()
+    with pytest.raises(ValueError, match="grad_second_moment"):
+        meter.update()
+    with pytest.raises(ValueError, match=">= 2"):
+        stats.noise_statistics([torch.ones(2)], [torch.ones(2)], 1)
