@@ -60,12 +60,27 @@ class FluctuationDissipationTest:
 
     def reset(self) -> None:
         """Forget all samples (call after changing the learning rate)."""
-        self._diff: list[torch.Tensor] = []
-        self._rhs: list[torch.Tensor] = []
+        self._n = 0
+        self._diff = np.empty((0, 0))
+        self._rhs = np.empty((0, 0))
 
     @property
     def steps(self) -> int:
-        return len(self._diff)
+        return self._n
+
+    def _append(self, diff: np.ndarray, rhs: np.ndarray) -> None:
+        if self._n == 0 or self._diff.shape[1] != diff.size:
+            if self._n:
+                raise ValueError(f"the number of chains changed from {self._diff.shape[1]} to "
+                                 f"{diff.size}; call reset() first")
+            self._diff = np.empty((64, diff.size))
+            self._rhs = np.empty((64, diff.size))
+        if self._n == self._diff.shape[0]:  # amortised doubling
+            self._diff = np.concatenate([self._diff, np.empty_like(self._diff)])
+            self._rhs = np.concatenate([self._rhs, np.empty_like(self._rhs)])
+        self._diff[self._n] = diff
+        self._rhs[self._n] = rhs
+        self._n += 1
 
     def update(self, params: Any, grad: Any, lr: float) -> None:
         """Record one step: parameters ``Phi_t`` (before the step), the minibatch gradient
@@ -79,8 +94,8 @@ class FluctuationDissipationTest:
         e = p if self.center is None else p - self.center.to(p.dtype)
         lhs = (e * g).sum(-1)
         rhs = 0.5 * eta * (g * g).sum(-1)
-        self._diff.append((lhs - rhs).detach().to(torch.float64).reshape(-1))
-        self._rhs.append(rhs.detach().to(torch.float64).reshape(-1))
+        self._append((lhs - rhs).to(torch.float64).reshape(-1).cpu().numpy(),
+                     rhs.to(torch.float64).reshape(-1).cpu().numpy())
 
     @staticmethod
     def _flat(x: Any) -> torch.Tensor:
@@ -95,8 +110,8 @@ class FluctuationDissipationTest:
         if n < 2 * self.batches:
             raise ValueError(f"need at least {2 * self.batches} steps, have {n}")
         start = n - max(2 * self.batches, int(math.ceil(self.keep * n)))
-        D = torch.stack(self._diff[start:]).numpy()  # (T, R)
-        Rh = torch.stack(self._rhs[start:]).numpy()
+        D = self._diff[start:n]  # (T, R)
+        Rh = self._rhs[start:n]
         mean_rhs = float(Rh.mean())
         per_chain = D.mean(axis=0)
         if per_chain.size >= 2:

@@ -67,21 +67,49 @@ class LogisticRegression(Problem):
         y = np.where(rng.random(n) < p, 1.0, -1.0)
         return cls(X, y, l2=l2)
 
-    def _newton(self, iters: int = 100) -> np.ndarray:
+    def _objective(self, w: np.ndarray) -> float:
+        m = self.labels * (self.inputs @ w)
+        return float(np.mean(np.logaddexp(0.0, -m)) + 0.5 * self.l2 * w @ w)
+
+    def _newton(self, iters: int = 200) -> np.ndarray:
+        """Damped Newton (backtracking on the loss) from 0, in float64."""
         X, y, n = self.inputs, self.labels, self.n
+        separable = ValueError("the data are linearly separable: the logistic optimum is at "
+                               "infinity; pass l2 > 0")
         w = np.zeros(self.dim)
+        f = self._objective(w)
         for _ in range(iters):
             m = y * (X @ w)
             s = 1.0 / (1.0 + np.exp(-m))
             g = -(X.T @ (y * (1 - s))) / n + self.l2 * w
             H = (X.T * (s * (1 - s))) @ X / n + self.l2 * np.eye(self.dim)
-            step = np.linalg.solve(H, g)
-            w = w - step
+            try:
+                step = np.linalg.solve(H, g)
+            except np.linalg.LinAlgError:
+                raise separable from None
+            t = 1.0
+            while t > 1e-12:
+                w_new = w - t * step
+                f_new = self._objective(w_new)
+                if f_new <= f - 1e-4 * t * (g @ step):
+                    break
+                t *= 0.5
+            converged = np.abs(w_new - w).max() < 1e-13 * max(1.0, np.abs(w_new).max())
+            w, f = w_new, f_new
             if not np.all(np.isfinite(w)) or np.abs(w).max() > 1e6:
-                raise ValueError("the data are linearly separable: the logistic optimum is at "
-                                 "infinity; pass l2 > 0")
-            if np.abs(step).max() < 1e-14 * max(1.0, np.abs(w).max()):
+                raise separable
+            if converged or np.abs(g).max() < 1e-15:
                 break
+        else:
+            raise separable
+        if self.l2 == 0.0:
+            # at a finite optimum the Hessian is positive definite; running off to infinity
+            # (separable data) drives it to zero
+            s = 1.0 / (1.0 + np.exp(-y * (X @ w)))
+            H = (X.T * (s * (1 - s))) @ X / n
+            scale = np.trace(X.T @ X / n) / self.dim
+            if np.linalg.eigvalsh(H).min() < 1e-8 * scale:
+                raise separable
         return w
 
     def loss(self, phi: torch.Tensor) -> torch.Tensor:
