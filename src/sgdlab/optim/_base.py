@@ -69,6 +69,7 @@ class BatchScaledOptimizer(Optimizer):
         default_scaling: str,
         foreach: bool | None,
         nonfinite: str,
+        fused: bool | None = None,
     ) -> None:
         if batch_size is not None:
             batch_size = check_batch_size("batch_size", batch_size)
@@ -84,12 +85,17 @@ class BatchScaledOptimizer(Optimizer):
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         if foreach not in (None, True, False):
             raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        if fused and foreach:
+            raise ValueError("fused=True and foreach=True cannot both be set; pass one of them")
         defaults = dict(defaults)
         defaults.update(
             batch_size=batch_size,
             ref_batch_size=ref_batch_size,
             scaling=scaling,
             foreach=foreach,
+            fused=fused,
         )
         self.nonfinite = nonfinite
         #: number of steps skipped because of non-finite gradients (``nonfinite="skip"``)
@@ -122,6 +128,7 @@ class BatchScaledOptimizer(Optimizer):
     # ------------------------------------------------------------------ torch plumbing
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        self.__dict__.pop("_fast_cache", None)
         group = self.param_groups[-1]
         for key in ("batch_size", "ref_batch_size"):
             if group[key] is not None:
@@ -133,6 +140,7 @@ class BatchScaledOptimizer(Optimizer):
         # Also reached by load_state_dict: a checkpoint of the torch.optim namesake lacks
         # sgdlab's keys, which take this optimizer's defaults.
         super().__setstate__(state)
+        self.__dict__.pop("_fast_cache", None)  # flat buffers are rebuilt from the new state
         self.__dict__.setdefault("nonfinite", "raise")
         self.__dict__.setdefault("skipped_steps", 0)
         for group in self.param_groups:
@@ -188,6 +196,7 @@ class BatchScaledOptimizer(Optimizer):
                     continue
                 if new == 0.0 or prev == 0.0:
                     del self.state[p]["momentum_buffer"]
+                    self.__dict__.pop("_fast_cache", None)
                 else:
                     buf.mul_((1.0 - prev) / (1.0 - new))
         group["momentum_in_use"] = new
@@ -198,6 +207,10 @@ class BatchScaledOptimizer(Optimizer):
             return bool(group["foreach"])
         # As torch.optim: the foreach path by default only where it pays (accelerators).
         return bool(params) and all(p.device.type != "cpu" for p in params)
+
+    def _use_fused(self, group: dict[str, Any], params: list[torch.Tensor]) -> bool:
+        """The fused path (:mod:`sgdlab.optim._fast`) is opt-in: ``fused=True``."""
+        return bool(params) and bool(group.get("fused"))
 
     def _find_nonfinite(self) -> str | None:
         """Describe the first parameter whose gradient (or extra statistic) is not finite."""

@@ -34,6 +34,7 @@ import torch
 from sgdlab import hyper as _hyper
 from sgdlab._validation import check_choice, check_horizon, check_nonnegative, check_positive
 from sgdlab.averages import lecture_count
+from sgdlab.optim import _fast
 from sgdlab.optim._base import BatchScaledOptimizer, group_indices, scalar_dtype
 from sgdlab.optim._moments import (
     EPS_PLACEMENTS,
@@ -242,6 +243,7 @@ class Adam(BatchScaledOptimizer):
         scaling: str | None = None,
         foreach: bool | None = None,
         nonfinite: str = "raise",
+        fused: bool | None = None,
     ) -> None:
         check_choice("second_moment", second_moment, SECOND_MOMENTS)
         defaults = dict(
@@ -266,6 +268,7 @@ class Adam(BatchScaledOptimizer):
             default_scaling="linear" if second_moment == "per_example" else "sqrt",
             foreach=foreach,
             nonfinite=nonfinite,
+            fused=fused,
         )
 
     @classmethod
@@ -341,6 +344,8 @@ class Adam(BatchScaledOptimizer):
         for p in params:
             if p.grad.is_sparse:
                 raise ValueError("Adam does not support sparse gradients")
+        if _fast.fused_update(self, "adam", group, hp, params, self._use_fused(group, params)):
+            return
         beta1, beta2 = hp["betas"]
         m2 = (
             [per_example_second_moment(p, p.grad, hp["weight_decay"], hp["maximize"])

@@ -30,6 +30,7 @@ import torch
 
 from sgdlab import hyper as _hyper
 from sgdlab._validation import check_choice, check_horizon, check_nonnegative, check_positive
+from sgdlab.optim import _fast
 from sgdlab.optim._base import BatchScaledOptimizer, group_indices, scalar_dtype
 from sgdlab.optim._moments import (
     EPS_PLACEMENTS,
@@ -200,6 +201,7 @@ class RMSProp(BatchScaledOptimizer):
         scaling: str | None = None,
         foreach: bool | None = None,
         nonfinite: str = "raise",
+        fused: bool | None = None,
     ) -> None:
         check_choice("second_moment", second_moment, SECOND_MOMENTS)
         defaults = dict(
@@ -223,6 +225,7 @@ class RMSProp(BatchScaledOptimizer):
             default_scaling="linear" if second_moment == "per_example" else "sqrt",
             foreach=foreach,
             nonfinite=nonfinite,
+            fused=fused,
         )
 
     @classmethod
@@ -297,6 +300,8 @@ class RMSProp(BatchScaledOptimizer):
         for p in params:
             if p.grad.is_sparse:
                 raise ValueError("RMSProp does not support sparse gradients")
+        if _fast.fused_update(self, "rmsprop", group, hp, params, self._use_fused(group, params)):
+            return
         per_example = group["second_moment"] == "per_example"
         m2 = (
             [per_example_second_moment(p, p.grad, hp["weight_decay"], hp["maximize"])

@@ -25,6 +25,7 @@ import torch
 
 from sgdlab import hyper as _hyper
 from sgdlab._validation import check_horizon, check_nonnegative, check_positive
+from sgdlab.optim import _fast
 from sgdlab.optim._base import BatchScaledOptimizer, group_indices
 
 __all__ = ["SGD", "sgd_reference", "sgd_foreach"]
@@ -149,6 +150,7 @@ class SGD(BatchScaledOptimizer):
         scaling: str | None = None,
         foreach: bool | None = None,
         nonfinite: str = "raise",
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -167,6 +169,7 @@ class SGD(BatchScaledOptimizer):
             default_scaling="linear",
             foreach=foreach,
             nonfinite=nonfinite,
+            fused=fused,
         )
 
     @classmethod
@@ -227,6 +230,8 @@ class SGD(BatchScaledOptimizer):
         momentum = hp["momentum"]
         self._carry_momentum(group, momentum)
         params = [p for p in group["params"] if p.grad is not None]
+        if _fast.fused_update(self, "sgd", group, hp, params, self._use_fused(group, params)):
+            return
         if any(p.grad.is_sparse for p in params):
             foreach = False
         bufs = [self.state[p].get("momentum_buffer") for p in params]

@@ -1,0 +1,231 @@
+"""The fused step of SGD, RMSProp and Adam: flat buffers per (param group, device, dtype), one
+kernel launch each, with the host-side bookkeeping (step counts, Adam's debiasing products)
+that keeps ``optimizer.state`` identical to the reference path's.
+
+:func:`fused_update` either performs the whole step of a param group and returns ``True``, or
+changes no value and returns ``False`` (the caller then takes the foreach/reference path on the
+same views). It declines when a parameter is not contiguous or not floating point, a gradient
+is sparse, SGD momentum buffers exist for some parameters only, or Adam's step counts differ
+between parameters (after a parameter missed steps): a rule with per-parameter scalars.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from sgdlab.optim._base import group_indices, scalar_dtype
+from sgdlab.optim._fast import _config
+from sgdlab.optim._fast.flat import FlatGroup
+from sgdlab.optim._fast.kernels import get_kernel, pack_scalars
+
+__all__ = ["fused_update", "forget", "run_kernel"]
+
+_ADAM_HOST_KEYS = ("beta1_prod", "beta2_prod", "lecture_count1", "lecture_count2")
+
+
+def forget(opt: Any, group: dict | None = None) -> None:
+    """Drop the flat-buffer bookkeeping of ``group`` (all groups when ``None``); the next fused
+    step rebuilds it from the parameters and state as they are then."""
+    cache = opt.__dict__.get("_fast_cache")
+    if not cache:
+        return
+    if group is None:
+        cache.clear()
+        return
+    for key in [k for k in cache if k[0] == id(group)]:
+        del cache[key]
+
+
+def run_kernel(algo: str, opts: tuple, args: tuple, device: torch.device,
+               dtype: torch.dtype) -> None:
+    """Run the kernel ``algo``/``opts`` on ``args``: compiled unless compilation is switched
+    off or failed (then the same function runs eagerly, after a one-time warning). The first
+    call of each variant records its time, compilation included, in
+    :data:`sgdlab.optim._fast.COMPILE_SECONDS`."""
+    if not _config.compile_enabled():
+        get_kernel(algo, opts, False)(*args)
+        return
+    variant = (algo, opts, device.type, dtype, tuple(a is None for a in args))
+    if variant in _config.COMPILE_SECONDS:
+        get_kernel(algo, opts, True)(*args)
+        return
+    t0 = time.perf_counter()
+    try:
+        get_kernel(algo, opts, True)(*args)
+    except Exception as exc:  # compilation failed (no C++ compiler, unsupported backend)
+        _config.disable_compile(f"{type(exc).__name__}: {exc}")
+        warnings.warn(
+            "sgdlab fused optimizers: torch.compile failed, the fused step runs its kernels "
+            f"eagerly on the flat buffers from now on ({type(exc).__name__}: "
+            f"{str(exc)[:300]}). On CPU, inductor needs a C++ compiler (gcc or clang).",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        get_kernel(algo, opts, False)(*args)
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    _config.COMPILE_SECONDS[variant] = time.perf_counter() - t0
+
+
+def _prepare(opt: Any, group: dict, params: list[torch.Tensor], keys: dict[str, str],
+             steps: bool) -> list[FlatGroup] | None:
+    cache = opt.__dict__.setdefault("_fast_cache", {})
+    out = []
+    for idx in group_indices(params):
+        ps = [params[i] for i in idx]
+        for p in ps:
+            g = p.grad
+            if (not p.is_floating_point() or not p.is_contiguous() or g.is_sparse
+                    or g.shape != p.shape or g.dtype != p.dtype):
+                return None
+        ck = (id(group), ps[0].device, ps[0].dtype)
+        fg = cache.get(ck)
+        if fg is None or not fg.matches(ps, keys, 0):
+            for key, init in keys.items():
+                if init == "kernel":
+                    have = {p in opt.state and key in opt.state[p] for p in ps}
+                    if len(have) > 1:
+                        return None
+            fg = FlatGroup(ps, opt.state, keys, 0)
+            if steps:
+                fg.adopt_steps(opt.state, scalar_dtype())
+            cache[ck] = fg
+        out.append(fg)
+    return out
+
+
+def _sgd(opt: Any, group: dict, hp: dict, params: list[torch.Tensor]) -> bool:
+    momentum = hp["momentum"]
+    keys = {"momentum_buffer": "kernel"} if momentum != 0 else {}
+    fgs = _prepare(opt, group, params, keys, steps=False)
+    if fgs is None:
+        return False
+    values = dict(wd=hp["weight_decay"], momentum=momentum,
+                  one_minus_dampening=1 - hp["dampening"], neg_lr=-hp["lr"])
+    for fg in fgs:
+        fg.gather_grads()
+        opts = (("maximize", bool(hp["maximize"])), ("weight_decay", hp["weight_decay"] != 0),
+                ("momentum", momentum != 0),
+                ("init_buffer", bool(fg.fresh.get("momentum_buffer", False))),
+                ("nesterov", bool(hp["nesterov"])))
+        sc = pack_scalars("sgd", values, fg.state_dtype, fg.device)
+        run_kernel("sgd", opts, (fg.flat_param, fg.flat_grad,
+                                 fg.flat_state.get("momentum_buffer"), fg.flat_master, sc),
+                   fg.device, fg.dtype)
+        fg.finish_fresh(opt.state)
+    return True
+
+
+def _power(power: float) -> str:
+    return "half" if power == 0.5 else "one" if power == 1.0 else "general"
+
+
+def _rmsprop(opt: Any, group: dict, hp: dict, params: list[torch.Tensor]) -> bool:
+    keys = {"square_avg": "zeros"}
+    if hp["momentum"] > 0:
+        keys["momentum_buffer"] = "zeros"
+    if hp["centered"]:
+        keys["grad_avg"] = "zeros"
+    fgs = _prepare(opt, group, params, keys, steps=True)
+    if fgs is None:
+        return False
+    wd = hp["weight_decay"]
+    sign = -1.0 if hp["maximize"] else 1.0
+    values = dict(wd=wd, alpha=hp["alpha"], one_minus_alpha=1 - hp["alpha"], eps=hp["eps"],
+                  power=hp["power"], momentum=hp["momentum"], neg_lr=-hp["lr"],
+                  two_sign_wd=2.0 * sign * wd, wd2=wd**2)
+    per_example = group["second_moment"] == "per_example"
+    for fg in fgs:
+        fg.gather_grads()
+        m2 = fg.gather(lambda p: p.grad_second_moment) if per_example else None
+        fg.steps.add_(1)
+        opts = (("maximize", bool(hp["maximize"])), ("weight_decay", wd != 0),
+                ("centered", bool(hp["centered"])), ("momentum", hp["momentum"] > 0),
+                ("power", _power(hp["power"])), ("eps_placement", hp["eps_placement"]))
+        sc = pack_scalars("rmsprop", values, fg.state_dtype, fg.device)
+        st = fg.flat_state
+        run_kernel("rmsprop", opts, (fg.flat_param, fg.flat_grad, st["square_avg"],
+                                     st.get("grad_avg"), st.get("momentum_buffer"), m2,
+                                     fg.flat_master, sc), fg.device, fg.dtype)
+    return True
+
+
+def _adam_mirror(opt: Any, fg: FlatGroup) -> dict | None:
+    """The host-side Adam state shared by all of ``fg``'s parameters, or ``None`` when their
+    step counts or debiasing products differ."""
+    sigs = set()
+    for p, t in zip(fg.params, fg.steps.tolist()):
+        st = opt.state[p]
+        sigs.add((t,) + tuple(st.get(k) for k in _ADAM_HOST_KEYS))
+        if len(sigs) > 1:
+            return None
+    (sig,) = sigs
+    mirror: dict[str, Any] = {"step": torch.tensor(sig[0], dtype=scalar_dtype())}
+    for k, v in zip(_ADAM_HOST_KEYS, sig[1:]):
+        if v is not None:
+            mirror[k] = v
+    return mirror
+
+
+def _adam(opt: Any, group: dict, hp: dict, params: list[torch.Tensor]) -> bool:
+    from sgdlab.optim.adam import adam_scalars
+
+    keys = {"exp_avg": "zeros", "exp_avg_sq": "zeros"}
+    if hp["amsgrad"]:
+        keys["max_exp_avg_sq"] = "zeros"
+    fgs = _prepare(opt, group, params, keys, steps=True)
+    if fgs is None:
+        return False
+    for fg in fgs:
+        if not hasattr(fg, "mirror"):
+            fg.mirror = _adam_mirror(opt, fg)
+        if fg.mirror is None:
+            return False
+    beta1, beta2 = hp["betas"]
+    wd, lr = hp["weight_decay"], hp["lr"]
+    sign = -1.0 if hp["maximize"] else 1.0
+    per_example = group["second_moment"] == "per_example"
+    for fg in fgs:
+        fg.gather_grads()
+        m2 = fg.gather(lambda p: p.grad_second_moment) if per_example else None
+        s = adam_scalars(fg.mirror, beta1, beta2, hp["bias_correction"])
+        fg.steps.add_(1)
+        for k in _ADAM_HOST_KEYS:
+            if k in fg.mirror:
+                v = fg.mirror[k]
+                for p in fg.params:
+                    opt.state[p][k] = v
+        values = dict(wd=wd, decay=1 - lr * wd, w1=s.w1, d2=s.d2, w2=s.w2, c2=s.c2,
+                      sqrt_c2=math.sqrt(s.c2), eps=hp["eps"], power=hp["power"],
+                      step_size=-(lr / s.c1), two_sign_wd=2.0 * sign * wd, wd2=wd**2)
+        opts = (("maximize", bool(hp["maximize"])), ("weight_decay", wd != 0),
+                ("decoupled", bool(hp["decoupled_weight_decay"])),
+                ("amsgrad", bool(hp["amsgrad"])), ("power", _power(hp["power"])),
+                ("eps_placement", hp["eps_placement"]),
+                ("corrected", hp["bias_correction"] == "published"))
+        sc = pack_scalars("adam", values, fg.state_dtype, fg.device)
+        st = fg.flat_state
+        run_kernel("adam", opts, (fg.flat_param, fg.flat_grad, st["exp_avg"], st["exp_avg_sq"],
+                                  st.get("max_exp_avg_sq"), m2, fg.flat_master, sc),
+                   fg.device, fg.dtype)
+    return True
+
+
+_RULES = {"sgd": _sgd, "rmsprop": _rmsprop, "adam": _adam}
+
+
+def fused_update(opt: Any, algo: str, group: dict, hp: dict, params: list[torch.Tensor],
+                 enabled: bool) -> bool:
+    """Perform ``group``'s step on flat buffers when ``enabled`` and possible (``True``), or
+    leave everything unchanged (``False``) and drop the group's flat bookkeeping, since the
+    caller's per-tensor path is about to update the state."""
+    if enabled and params and _RULES[algo](opt, group, hp, params):
+        return True
+    forget(opt, group)
+    return False
