@@ -213,9 +213,12 @@ class BatchScaledOptimizer(Optimizer):
         return bool(params) and bool(group.get("fused"))
 
     def _find_nonfinite(self) -> str | None:
-        """Describe the first parameter whose gradient (or extra statistic) is not finite."""
+        """Describe the first parameter whose gradient (or extra statistic) is not finite.
+
+        One max-abs reduction per tensor (NaN propagates) and one host sync for the step;
+        the description is only formatted when something is found."""
         tensors: list[torch.Tensor] = []
-        where: list[str] = []
+        where: list[tuple[int, int, torch.Tensor, str]] = []
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
@@ -227,9 +230,7 @@ class BatchScaledOptimizer(Optimizer):
                     if t.is_sparse:
                         t = t.coalesce().values()
                     tensors.append(t)
-                    where.append(
-                        f"param group {gi}, parameter {pi} (shape {tuple(p.shape)}): {what}"
-                    )
+                    where.append((gi, pi, p, what))
         if not tensors:
             return None
         maxima = torch._foreach_norm(tensors, float("inf"))
@@ -237,7 +238,8 @@ class BatchScaledOptimizer(Optimizer):
         finite = torch.stack([m.float().to(device) for m in maxima]).isfinite()
         if bool(finite.all()):
             return None
-        return where[int((~finite).nonzero()[0, 0])]
+        gi, pi, p, what = where[int((~finite).nonzero()[0, 0])]
+        return f"param group {gi}, parameter {pi} (shape {tuple(p.shape)}): {what}"
 
     @torch.no_grad()
     def step(
