@@ -51,6 +51,24 @@ def make_generator(seed: int | None, generator: torch.Generator | None = None) -
     return g
 
 
+def numpy_normal_source(generator: torch.Generator) -> np.random.Generator:
+    """A numpy generator seeded from ``generator`` (so a torch seed still fixes the run).
+
+    numpy's ziggurat normal sampler is about twice as fast as ``torch.randn`` on CPU; the
+    Langevin simulators draw their noise in blocks from it.
+    """
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return np.random.default_rng(seed)
+
+
+def normal_block(rng: np.random.Generator, shape: tuple[int, ...],
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal block as a torch tensor (zero-copy from numpy)."""
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    out = torch.from_numpy(rng.standard_normal(shape, dtype=np_dtype))
+    return out if out.dtype == dtype else out.to(dtype)
+
+
 def as_matrix(name: str, value: Any, dim: int | None = None, *, symmetric: bool = False,
               psd: bool = False) -> np.ndarray:
     """A finite float64 square matrix (a scalar or a vector of length d becomes a diagonal)."""

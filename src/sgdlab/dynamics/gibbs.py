@@ -95,8 +95,8 @@ class GibbsDensity:
         from scipy.integrate import quad
 
         val = quad(lambda x: f(x) * self._unnormalised(x), self.lower, self.upper,
-                   points=[0.5 * (self.lower + self.upper)], limit=500, epsabs=0,
-                   epsrel=1e-10)[0]
+                   points=[0.5 * (self.lower + self.upper)], limit=500,
+                   epsabs=1e-14 * self.normaliser, epsrel=1e-10)[0]
         return val / self.normaliser
 
     def variance(self) -> float:

@@ -12,6 +12,10 @@ preconditioner. Euler-Maruyama with step ``dt``:
 Gaussian noise SGD itself is this scheme with ``dt = eta``; a smaller ``dt`` approaches the
 SDE (weak order 1). 1-D stationary law: ``p ∝ exp(-2 L / (eta sigma^2 / B))``.
 
+Implementation: the noise is drawn in cache-sized blocks (numpy's ziggurat sampler, seeded
+from the torch generator) and pre-multiplied by ``L``; for affine gradients (quadratics) the
+drift and the noise fuse into one ``addmm``/``addcmul`` per step.
+
 Example
 -------
 >>> from sgdlab.dynamics import Quartic, simulate_langevin
@@ -33,6 +37,8 @@ from ._common import (
     check_init,
     finite_or_raise,
     make_generator,
+    normal_block,
+    numpy_normal_source,
     psd_sqrt,
     resolve_dtype,
 )
@@ -42,7 +48,11 @@ from .result import ChainResult, _Accumulator
 
 __all__ = ["first_passage_times", "simulate_langevin"]
 
-_CHUNK_ELEMENTS = 1 << 20  # noise is drawn in blocks of about this many numbers
+_CHUNK_ELEMENTS = 1 << 16  # noise is drawn in cache-sized blocks of about this many numbers
+
+
+def _is_diagonal(a: torch.Tensor) -> bool:
+    return bool(torch.count_nonzero(a - torch.diag(a.diagonal())) == 0)
 
 
 def _steps(time: float, dt: float) -> int:
@@ -124,11 +134,21 @@ def simulate_langevin(
                              dtype=dtype)
     phi = check_init(center if init is None else init, R, d, dtype)
     sqdt = dt**0.5
+    rng = numpy_normal_source(gen)
     if diffusion == "constant":
         Lt = (_diffusion_factor(problem, eta, B, pre, covariance, dtype) * sqdt).T.contiguous()
+        Lt_diag = Lt.diagonal().clone() if _is_diagonal(Lt) else None
     elif not hasattr(problem, "gradient_covariance"):
         raise ValueError(f"diffusion='state' needs {type(problem).__name__}.gradient_covariance")
     drift_scale = dt if pre is None else dt * pre
+    # affine gradient g = Phi M + c (quadratics): one step is Phi A + (noise - dt P c) with
+    # A = I - dt M diag(P); the constant is folded into each block of noise
+    affine = problem.affine_gradient(dtype) if diffusion == "constant" else None
+    if affine is not None:
+        M, c = affine
+        A = torch.eye(d, dtype=dtype) - M * drift_scale
+        A_diag = A.diagonal().clone() if _is_diagonal(A) else None
+        shift = -(c * drift_scale)
 
     acc = _Accumulator(problem, center, observables, with_grad=False) if statistics else None
     rec_steps, traj = [], []
@@ -143,13 +163,18 @@ def simulate_langevin(
         j = k % chunk
         if j == 0:
             n_here = min(chunk, steps - k)
-            noise = torch.randn(n_here, R, d, generator=gen, dtype=dtype)
+            noise = normal_block(rng, (n_here, R, d), dtype)
             if diffusion == "constant":
-                noise = noise @ Lt
-        g = problem.grad(phi)
-        if diffusion == "constant":
-            phi = phi - drift_scale * g + noise[j]
+                noise = noise.mul_(Lt_diag) if Lt_diag is not None else noise @ Lt
+                if affine is not None:
+                    noise += shift
+        if affine is not None:
+            phi = (torch.addcmul(noise[j], phi, A_diag) if A_diag is not None
+                   else torch.addmm(noise[j], phi, A))
+        elif diffusion == "constant":
+            phi = phi - drift_scale * problem.grad(phi) + noise[j]
         else:
+            g = problem.grad(phi)
             Sig = problem.gradient_covariance(phi)
             if pre is not None:
                 Sig = pre[:, None] * Sig * pre[None, :]
@@ -210,10 +235,11 @@ def first_passage_times(
     alive = torch.ones(R, dtype=torch.bool)
     steps = int(np.ceil(max_time / dt))
     chunk = max(1, min(steps, _CHUNK_ELEMENTS // R))
+    rng = numpy_normal_source(gen)
     for k in range(steps):
         j = k % chunk
         if j == 0:
-            noise = torch.randn(min(chunk, steps - k), R, generator=gen, dtype=dtype) * scale
+            noise = normal_block(rng, (min(chunk, steps - k), R), dtype).mul_(scale)
         x = x - dt * problem.grad(x.unsqueeze(-1))[:, 0] + noise[j]
         crossed = alive & (sign * (x - b) >= 0)
         if bool(crossed.any()):

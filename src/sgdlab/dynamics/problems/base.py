@@ -72,6 +72,12 @@ class Problem:
         """
         return self.sample_example_grads(phi, batch_size, generator).mean(dim=1)
 
+    def affine_gradient(self, dtype: torch.dtype = torch.float64
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(M, c)`` with ``g(Phi) = Phi @ M + c`` exactly when the full gradient is affine
+        (quadratic losses), else None. Simulators use it to fuse a step into one matmul."""
+        return None
+
     # -- helpers -----------------------------------------------------------------------------
     def excess_loss(self, phi: torch.Tensor) -> torch.Tensor:
         """``L(Phi) - L*`` per chain (needs ``min_loss``)."""

@@ -76,6 +76,10 @@ class MeanEstimation(Problem):
     def hessian_vector_product(self, phi: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return v.clone()
 
+    def affine_gradient(self, dtype: torch.dtype = torch.float64
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.eye(self.dim, dtype=dtype), -self._ybar.to(dtype)
+
     def example_grads(self, phi: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return phi.unsqueeze(1) - self._y.to(phi.dtype)[indices]
 

@@ -62,6 +62,11 @@ class Quadratic(Problem):
     def hessian_vector_product(self, phi: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return v @ self._H.to(phi.dtype)
 
+    def affine_gradient(self, dtype: torch.dtype = torch.float64
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        H = self._H.to(dtype)
+        return H, -(self._opt.to(dtype) @ H)
+
     def sample_example_grads(self, phi: torch.Tensor, batch_size: int,
                              generator: torch.Generator) -> torch.Tensor:
         z = torch.randn(phi.shape[0], batch_size, self.dim, generator=generator, dtype=phi.dtype)
