@@ -10,8 +10,8 @@ import torch
 
 from sgdlab.dynamics import (
     DoubleWell,
-    Problem,
     GaussianLeastSquares,
+    Problem,
     Quadratic,
     Quartic,
     estimate_gibbs_alpha,

@@ -16,6 +16,10 @@ of uniform noise) and walks through it in ``n // B`` batches (an incomplete last
 dropped); "full" uses the full gradient (deterministic gradient descent). The lecture's
 claims about stationary laws assume sampling with replacement.
 
+Implementation: for additive Gaussian noise (``problem.additive_noise_sqrt()``) the batch noise
+is drawn in cache-sized blocks, and for affine gradients (quadratics) ``g_hat`` is one fused
+``addmm``; other problems draw per-example gradients through the problem each step.
+
 Example
 -------
 >>> from sgdlab.dynamics import Quadratic, simulate_sgd, estimate_mean
@@ -39,6 +43,8 @@ from ._common import (
     check_init,
     finite_or_raise,
     make_generator,
+    normal_block,
+    numpy_normal_source,
     resolve_dtype,
     resolve_lr,
 )
@@ -47,6 +53,37 @@ from .problems.base import Problem
 from .result import ChainResult, _Accumulator
 
 __all__ = ["simulate_sgd"]
+
+_CHUNK_ELEMENTS = 1 << 16
+
+
+class _BlockNoise:
+    """Batch noise ``K^T z / sqrt(B)`` for additive-noise problems, drawn in cache-sized blocks
+    (numpy's ziggurat sampler seeded from the torch generator), plus a constant offset."""
+
+    def __init__(self, K: torch.Tensor, offset: torch.Tensor | None, batch_size: int, R: int,
+                 steps: int, gen: torch.Generator, dtype: torch.dtype) -> None:
+        d = K.shape[0]
+        self.shape = (R, d)
+        self.dtype = dtype
+        scaled = K / batch_size**0.5
+        off = scaled - torch.diag(scaled.diagonal())
+        self.diag = scaled.diagonal().clone() if bool(torch.count_nonzero(off) == 0) else None
+        self.K = scaled
+        self.offset = offset
+        self.chunk = max(1, min(steps, _CHUNK_ELEMENTS // max(1, R * d)))
+        self.rng = numpy_normal_source(gen)
+        self.block = None
+
+    def __call__(self, t: int, steps: int) -> torch.Tensor:
+        j = t % self.chunk
+        if j == 0:
+            z = normal_block(self.rng, (min(self.chunk, steps - t), *self.shape), self.dtype)
+            z = z.mul_(self.diag) if self.diag is not None else z @ self.K
+            if self.offset is not None:
+                z += self.offset
+            self.block = z
+        return self.block[j]
 
 
 def simulate_sgd(
@@ -136,6 +173,14 @@ def simulate_sgd(
               else check_init(init_momentum, R, d, dtype))
     s = torch.zeros(R, d, dtype=dtype) if rms is not None else None
 
+    # additive Gaussian noise: draw it in blocks; affine gradient: g_hat = Phi M + (c + xi)
+    K = problem.additive_noise_sqrt(dtype) if sampling == "replacement" and not per_example_q \
+        else None
+    affine = problem.affine_gradient(dtype) if K is not None else None
+    block = None
+    if K is not None:
+        block = _BlockNoise(K, None if affine is None else affine[1], B, R, steps, gen, dtype)
+
     acc = _Accumulator(problem, center, observables, with_grad=True) if statistics else None
     rec_steps: list[int] = []
     traj: list[torch.Tensor] = []
@@ -164,6 +209,10 @@ def simulate_sgd(
         elif sampling == "full":
             per_ex = None
             g_hat = problem.grad(phi)
+        elif block is not None:
+            per_ex = None
+            g_hat = (torch.addmm(block(t, steps), phi, affine[0]) if affine is not None
+                     else problem.grad(phi) + block(t, steps))
         else:
             per_ex = None
             g_hat = problem.sample_grad(phi, B, gen)
@@ -184,7 +233,7 @@ def simulate_sgd(
             direction = direction * rms.weight(s)
         elif fixed is not None:
             direction = direction * fixed
-        phi = phi - scale * direction
+        phi = torch.add(phi, direction, alpha=-scale)
         elapsed += eta
         if t % 256 == 255 or t == steps - 1:
             finite_or_raise("the SGD iterate", phi, t)

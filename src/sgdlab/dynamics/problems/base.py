@@ -78,6 +78,12 @@ class Problem:
         (quadratic losses), else None. Simulators use it to fuse a step into one matmul."""
         return None
 
+    def additive_noise_sqrt(self, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+        """``K`` (d x d) when per-example gradients are ``grad L + K^T z``, z standard normal,
+        independent of the state (additive Gaussian noise: ``C = K^T K``), else None. The SGD
+        simulator then draws the batch noise ``K^T z / sqrt(B)`` in blocks."""
+        return None
+
     # -- helpers -----------------------------------------------------------------------------
     def excess_loss(self, phi: torch.Tensor) -> torch.Tensor:
         """``L(Phi) - L*`` per chain (needs ``min_loss``)."""

@@ -69,6 +69,9 @@ class Separable(Problem):
     def hessian_vector_product(self, phi: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return (self._a.to(phi.dtype) + 3 * self._b.to(phi.dtype) * phi**2) * v
 
+    def additive_noise_sqrt(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return torch.diag(self._s.to(dtype))
+
     def sample_example_grads(self, phi: torch.Tensor, batch_size: int,
                              generator: torch.Generator) -> torch.Tensor:
         z = torch.randn(phi.shape[0], batch_size, self.dim, generator=generator, dtype=phi.dtype)
@@ -118,6 +121,9 @@ class DoubleWell(Problem):
 
     def hessian_vector_product(self, phi: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return (3 * phi**2 - 1.0) * v
+
+    def additive_noise_sqrt(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return torch.tensor([[self.sigma_value]], dtype=dtype)
 
     def sample_example_grads(self, phi: torch.Tensor, batch_size: int,
                              generator: torch.Generator) -> torch.Tensor:

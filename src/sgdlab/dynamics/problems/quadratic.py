@@ -67,6 +67,9 @@ class Quadratic(Problem):
         H = self._H.to(dtype)
         return H, -(self._opt.to(dtype) @ H)
 
+    def additive_noise_sqrt(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return self._C_half.to(dtype)
+
     def sample_example_grads(self, phi: torch.Tensor, batch_size: int,
                              generator: torch.Generator) -> torch.Tensor:
         z = torch.randn(phi.shape[0], batch_size, self.dim, generator=generator, dtype=phi.dtype)
