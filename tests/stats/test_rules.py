@@ -224,3 +224,21 @@ def test_position_wise_shortcut_would_be_wrong():
     d = (conv(x) - y).detach().reshape(4, 3, 64)
     shortcut = torch.einsum("bol,bil->oi", d**2, xs**2).reshape(exact.shape) / 4
     assert rel_err(shortcut, exact) > 0.1
+
+
+CONV_CASES = [c for c in CASES if c[0].startswith("conv")]
+
+
+@pytest.mark.parametrize("strategy", ["unfold", "grouped"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=[c[0] for c in CONV_CASES])
+def test_conv_strategies_agree_with_per_example_loop(case, strategy):
+    name, make_model, make_x, loss, _ = case
+    torch.manual_seed(7)
+    model, x = make_model().double(), make_x().double()
+    y = _target(model, x)
+    per = per_example_grads(model, loss, x, y)
+    tracker = stats.track(model, conv_strategy=strategy, memory_budget=2000)  # several chunks
+    (loss(model(x), y) / x.shape[0]).backward()
+    for p, g in zip(model.parameters(), per, strict=True):
+        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10
+    tracker.detach()

@@ -25,7 +25,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Call", "Contribution", "chunk_size", "reduce_per_example"]
+__all__ = [
+    "Call",
+    "Contribution",
+    "chunk_size",
+    "reduce_per_example",
+    "require_batched",
+    "small_per_example",
+]
 
 
 @dataclass
@@ -46,6 +53,8 @@ class Call:
     materialize: frozenset[str]
     norms: bool
     memory_budget: int
+    conv_strategy: str = "auto"
+    scale: float = 1.0
     out_spec: Any = None
     out_positions: tuple[int, ...] = ()
     suspend: Callable[[], Any] | None = None
@@ -53,7 +62,12 @@ class Call:
 
 @dataclass
 class Contribution:
-    """Per-example statistic of one parameter from one call (see the module docstring)."""
+    """Per-example statistic of one parameter from one call (see the module docstring).
+
+    ``moment`` is already multiplied by ``Call.scale`` (the factor that turns sum_b v_b^2 into
+    this call's share of the second moment, set by the tracker from the loss reduction), so
+    rules can fold it into a kernel they launch anyway; ``per_example`` and ``sq_norms`` are
+    not scaled."""
 
     moment: Tensor | None = None
     per_example: Tensor | None = None
@@ -73,19 +87,21 @@ def reduce_per_example(
     shape: torch.Size,
     like: Tensor,
     make: Callable[[slice], Tensor],
+    extra_bytes_per_example: int = 0,
 ) -> Contribution:
     """Build per-example gradients ``v_b`` in batch chunks and reduce them.
 
     ``make(slice)`` returns ``v_b`` for the examples of the slice, shape ``[n, *shape]``. When the
     parameter must be materialised (``name in call.materialize``) the chunks are concatenated;
     otherwise each chunk is squared and summed at once, so at most one chunk of per-example
-    gradients exists at a time (its size set by ``call.memory_budget``).
+    gradients exists at a time (its size set by ``call.memory_budget``;
+    ``extra_bytes_per_example`` counts temporaries that ``make`` allocates per example).
     """
     B = call.batch_size
     numel = 1
     for s in shape:
         numel *= int(s)
-    n = chunk_size(B, numel * like.element_size(), call.memory_budget)
+    n = chunk_size(B, numel * like.element_size() + extra_bytes_per_example, call.memory_budget)
     if name in call.materialize:
         parts = [make(slice(i, min(B, i + n))) for i in range(0, B, n)]
         return Contribution(per_example=torch.cat(parts) if len(parts) > 1 else parts[0])
@@ -93,8 +109,8 @@ def reduce_per_example(
     norms = [] if call.norms else None
     for i in range(0, B, n):
         v = make(slice(i, min(B, i + n)))
-        sq = v * v
-        moment += sq.sum(0)
+        sq = v.mul_(v)  # v is a fresh buffer: square in place
+        moment.add_(sq.sum(0), alpha=call.scale)
         if norms is not None:
             norms.append(sq.reshape(sq.shape[0], -1).sum(1))
     return Contribution(moment=moment, sq_norms=torch.cat(norms) if norms is not None else None)
@@ -106,7 +122,10 @@ def small_per_example(name: str, call: Call, v: Tensor) -> Contribution:
         return Contribution(per_example=v)
     sq = v * v
     norms = sq.reshape(sq.shape[0], -1).sum(1) if call.norms else None
-    return Contribution(moment=sq.sum(0), sq_norms=norms)
+    moment = sq.sum(0)
+    return Contribution(
+        moment=moment.mul_(call.scale) if call.scale != 1.0 else moment, sq_norms=norms
+    )
 
 
 def require_batched(module: nn.Module, x: Tensor, min_dim: int, what: str) -> None:

@@ -6,16 +6,24 @@ sum over positions, ``G_b = sum_p d_bp a_bp^T`` (``a_bp`` the input patch), and 
 moment ``sum_b G_b^2`` needs ``G_b`` itself: squaring per position underestimates or
 overestimates it by tens of percent on natural images.
 
-``G_b`` for a chunk of n examples is one weight-gradient convolution in which the batch is folded
-into the channel axis: input ``[1, n*C_in, ...]``, output gradient ``[1, n*C_out, ...]`` and
-``groups = n * groups``. Its cost is that of the ordinary weight gradient of the chunk. Bias:
-``sum_p d_bp``.
+Two exact ways to form ``G_b`` for a chunk of n examples (``conv_strategy``):
+
+* ``"grouped"``: one weight-gradient convolution with the batch folded into the channel axis
+  (input ``[1, n*C_in, ...]``, output gradient ``[1, n*C_out, ...]``, ``groups = n * groups``);
+  no im2col buffer, but backends run very many small groups slowly.
+* ``"unfold"``: im2col of the input, ``[n, C_in*k, P]`` (one strided view and one copy), and
+  one batched matmul with the output gradient ``[n, C_out, P]`` per group; fast, at the price
+  of the im2col buffer (counted against the memory budget).
+
+``"auto"`` is ``"unfold"``. Bias: ``sum_p d_bp``.
 
 Reference: Rochette, Manoel & Tramel (2019) "Efficient per-example gradient computations in
 convolutional neural networks".
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -58,13 +66,19 @@ def conv_rule(call: Call) -> dict[str, Contribution]:
     nd = len(module.kernel_size)
     x = call.args[0]
     require_batched(module, x, nd + 2, f"inputs [B, C, {nd} spatial dims]")
-    B = call.batch_size
     out: dict[str, Contribution] = {}
     names = set(call.param_names)
     if "weight" in names:
         xp, padding = _padded_input(module, x, nd)
         w = module.weight
         c_in, c_out, groups = xp.shape[1], d.shape[1], module.groups
+
+        strategy = call.conv_strategy
+        if strategy in ("auto", "unfold"):
+            return {
+                **_unfold_weight(call, module, xp, padding, d, nd),
+                **({"bias": _bias(call, d)} if "bias" in names else {}),
+            }
 
         def make(s: slice) -> Tensor:
             xs, ds = xp[s], d[s]
@@ -88,5 +102,64 @@ def conv_rule(call: Call) -> dict[str, Contribution]:
 
         out["weight"] = reduce_per_example("weight", call, w.shape, d, make)
     if "bias" in names:
-        out["bias"] = small_per_example("bias", call, d.reshape(B, d.shape[1], -1).sum(2))
+        out["bias"] = _bias(call, d)
     return out
+
+
+def _bias(call: Call, d: Tensor) -> Contribution:
+    return small_per_example("bias", call, d.reshape(d.shape[0], d.shape[1], -1).sum(2))
+
+
+def _im2col(
+    xp: Tensor,
+    kernel: list[int],
+    stride: list[int],
+    dilation: list[int],
+    padding: list[int],
+    out_sizes: tuple[int, ...],
+) -> Tensor:
+    """Input patches ``[n, C * prod(kernel), prod(out_sizes)]`` (channel-major, then kernel
+    offsets, as the weight is laid out), for any number of spatial dims: one strided view and
+    one copy."""
+    if any(padding):
+        pads: list[int] = []
+        for p in reversed(padding):
+            pads += [p, p]
+        xp = F.pad(xp, pads)
+    xp = xp.contiguous()
+    nd = len(kernel)
+    st = xp.stride()
+    sizes = (*xp.shape[:2], *out_sizes, *kernel)
+    strides = (
+        st[0],
+        st[1],
+        *(st[2 + i] * stride[i] for i in range(nd)),
+        *(st[2 + i] * dilation[i] for i in range(nd)),
+    )
+    patches = xp.as_strided(sizes, strides, xp.storage_offset())
+    order = (0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
+    n, c = xp.shape[:2]
+    return patches.permute(order).reshape(n, c * math.prod(kernel), math.prod(out_sizes))
+
+
+def _unfold_weight(
+    call: Call, module: nn.Module, xp: Tensor, padding: list[int], d: Tensor, nd: int
+) -> dict[str, Contribution]:
+    """``G_b`` by im2col and one batched matmul per chunk."""
+    w = module.weight
+    kernel, stride, dilation = list(module.kernel_size), list(module.stride), list(module.dilation)
+    groups = module.groups
+    c_out = d.shape[1]
+    out_sizes = tuple(d.shape[2:])
+    P = math.prod(out_sizes)
+    cols = xp.shape[1] * math.prod(kernel)
+    extra = (cols * P + c_out * P) * xp.element_size()
+
+    def make(s: slice) -> Tensor:
+        xs = _im2col(xp[s], kernel, stride, dilation, padding, out_sizes)
+        n = xs.shape[0]
+        xs = xs.view(n * groups, cols // groups, P)
+        ds = d[s].reshape(n * groups, c_out // groups, P)
+        return torch.bmm(ds, xs.transpose(1, 2)).view(n, *w.shape)
+
+    return {"weight": reduce_per_example("weight", call, w.shape, d, make, extra)}

@@ -55,7 +55,7 @@ def embedding_rule(call: Call) -> dict[str, Contribution]:
         per.view(B * V, dim).index_add_(0, uniq, agg)
         return {"weight": Contribution(per_example=per)}
     sq = agg * agg
-    moment = d.new_zeros(V, dim).index_add_(0, uniq % V, sq)
+    moment = d.new_zeros(V, dim).index_add_(0, uniq % V, sq, alpha=call.scale)
     norms = None
     if call.norms:
         norms = d.new_zeros(B).index_add_(0, torch.div(uniq, V, rounding_mode="floor"), sq.sum(1))

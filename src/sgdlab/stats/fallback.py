@@ -143,7 +143,7 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
                     kept[nm].append(v)
                     continue
                 sq = v * v
-                moments[nm] += sq.sum(0)
+                moments[nm].add_(sq.sum(0), alpha=call.scale)
                 if call.norms:
                     part = sq.reshape(sq.shape[0], -1).sum(1)
                     chunk_norm = part if chunk_norm is None else chunk_norm + part

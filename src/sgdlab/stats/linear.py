@@ -39,15 +39,23 @@ def linear_rule(call: Call) -> dict[str, Contribution]:
     out: dict[str, Contribution] = {}
     names = set(call.param_names)
     if a.dim() == 2:
-        if "weight" in names:
-            if "weight" in call.materialize:
+        if call.materialize:  # shared parameter: hand over per-example gradients
+            if "weight" in names:
                 out["weight"] = Contribution(per_example=d[:, :, None] * a[:, None, :])
-            else:
-                d2, a2 = d * d, a * a
-                norms = d2.sum(1) * a2.sum(1) if call.norms else None
-                out["weight"] = Contribution(moment=d2.T @ a2, sq_norms=norms)
+            if "bias" in names:
+                out["bias"] = small_per_example("bias", call, d)
+            return out
+        d2 = d * d
+        if "weight" in names:
+            a2 = a * a
+            norms = d2.sum(1) * a2.sum(1) if call.norms else None
+            # scale * d2^T a2 in one kernel (beta=0: the first argument is not read)
+            moment = torch.addmm(d2.new_empty(()), d2.T, a2, beta=0, alpha=call.scale)
+            out["weight"] = Contribution(moment=moment, sq_norms=norms)
         if "bias" in names:
-            out["bias"] = small_per_example("bias", call, d)
+            out["bias"] = Contribution(
+                moment=d2.sum(0).mul_(call.scale), sq_norms=d2.sum(1) if call.norms else None
+            )
         return out
     a3 = a.reshape(B, -1, a.shape[-1])
     d3 = d.reshape(B, -1, d.shape[-1])

@@ -51,7 +51,6 @@ Example::
 from __future__ import annotations
 
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +75,7 @@ class _Entry:
     rule: Rule
     names: tuple[str, ...]
     params: tuple[nn.Parameter, ...]
+    ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -86,7 +86,7 @@ class _Record:
     versions: tuple[int, ...]
     inputs: tuple[Tensor, ...]
     batch_size: int
-    uses: Counter
+    uses: dict[int, int]
     out_spec: Any
     positions: tuple[int, ...]
 
@@ -117,6 +117,8 @@ class Tracker:
         per_example_norms: also record ``||g_b||^2`` summed over tracked parameters, read with
             :meth:`per_example_sq_norms`.
         memory_budget: bytes for one chunk of materialised per-example gradients.
+        conv_strategy: how convolutions form per-example gradients, ``"auto"``, ``"unfold"``
+            or ``"grouped"`` (see :mod:`sgdlab.stats.conv`); all are exact.
         warn_fallback: warn which modules take the ``torch.func`` fallback.
     """
 
@@ -127,7 +129,8 @@ class Tracker:
         reduction: str = "mean",
         batch_size: int | None = None,
         per_example_norms: bool = False,
-        memory_budget: int = 2**28,
+        memory_budget: int = 2**24,
+        conv_strategy: str = "auto",
         warn_fallback: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -136,9 +139,12 @@ class Tracker:
         self.batch_size = batch_size
         self.per_example_norms = bool(per_example_norms)
         self.memory_budget = int(check_positive("memory_budget", memory_budget))
+        self.conv_strategy = check_choice(
+            "conv_strategy", conv_strategy, ("auto", "unfold", "grouped")
+        )
         self._entries: dict[nn.Module, _Entry] = {}
         self._handles: list[Any] = []
-        self._uses: Counter = Counter()
+        self._uses: dict[int, int] = {}
         self._pass: _Pass | None = None
         self._suspended = 0
         self._grad_versions: dict[int, int] = {}
@@ -165,7 +171,12 @@ class Tracker:
                 if isinstance(module, nn.MultiheadAttention):
                     covered.update(module.modules())
             entry = _Entry(
-                module, name, rule, tuple(n for n, _ in owned), tuple(p for _, p in owned)
+                module,
+                name,
+                rule,
+                tuple(n for n, _ in owned),
+                tuple(p for _, p in owned),
+                tuple(id(p) for _, p in owned),
             )
             self._entries[module] = entry
             for n, p in owned:
@@ -245,30 +256,43 @@ class Tracker:
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._suspended or not torch.is_grad_enabled():
             return
-        leaves, spec = tree_flatten(output)
-        positions = tuple(
-            i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad
-        )
-        if not positions:
-            return
+        if isinstance(output, Tensor):  # the common case, without pytree overhead
+            if not output.requires_grad:
+                return
+            outs, positions, spec = [output], (0,), None
+        else:
+            leaves, spec = tree_flatten(output)
+            positions = tuple(
+                i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad
+            )
+            if not positions:
+                return
+            outs = [leaves[i] for i in positions]
         entry = self._entries[module]
         entry.rule.check(module, args, kwargs)
         B = entry.rule.batch_size(module, args, kwargs)
-        for p in entry.params:
-            self._uses[id(p)] += 1
-        flat_in = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        uses = self._uses
+        for pid in entry.ids:
+            uses[pid] = uses.get(pid, 0) + 1
+        if not kwargs and all(isinstance(a, Tensor) for a in args):
+            flat_in = args
+            sargs = tuple(a.detach() for a in args)
+            skwargs = kwargs
+        else:
+            flat_in = tuple(t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor))
+            sargs = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, args)
+            skwargs = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, kwargs)
         record = _Record(
             entry=entry,
-            args=tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, args),
-            kwargs=tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, kwargs),
+            args=sargs,
+            kwargs=skwargs,
             versions=tuple(t._version for t in flat_in),
             inputs=tuple(flat_in),
             batch_size=B,
-            uses=self._uses,
+            uses=uses,
             out_spec=spec,
             positions=positions,
         )
-        outs = [leaves[i] for i in positions]
         if len(outs) == 1:
             outs[0].register_hook(lambda g: self._on_grads(record, (g,)))
         else:
@@ -316,6 +340,8 @@ class Tracker:
                     "call; per-example statistics need the input as it was used"
                 )
         B = record.batch_size
+        N = self._batch_size or B
+        scale = float(N) if self.reduction == "mean" else 1.0 / N
         if state.batch_size is None:
             state.batch_size = B
             state.first_module = label
@@ -325,9 +351,13 @@ class Tracker:
                 f"dimension {B}, module {state.first_module!r} has {state.batch_size}. Inputs "
                 "must put the batch first (batch_first=True for recurrent layers and attention)"
             )
-        materialize = frozenset(
-            n for n, p in zip(entry.names, entry.params, strict=True) if record.uses[id(p)] > 1
-        )
+        uses = record.uses
+        if any(uses[pid] > 1 for pid in entry.ids):
+            materialize = frozenset(
+                n for n, pid in zip(entry.names, entry.ids, strict=True) if uses[pid] > 1
+            )
+        else:
+            materialize = frozenset()
         call = Call(
             module=entry.module,
             args=record.args,
@@ -338,6 +368,8 @@ class Tracker:
             materialize=materialize,
             norms=self.per_example_norms,
             memory_budget=self.memory_budget,
+            conv_strategy=self.conv_strategy,
+            scale=scale,
             out_spec=record.out_spec,
             out_positions=record.positions,
         )
@@ -374,7 +406,7 @@ class Tracker:
 
     def _finish(self) -> None:
         state, self._pass = self._pass, None
-        self._uses = Counter()
+        self._uses = {}
         if state is None:
             return
         missing = state.got_grad - state.contributed
@@ -396,7 +428,7 @@ class Tracker:
             scale, nscale = 1.0 / N, 1.0
         for pid, pe in state.pending.items():
             sq = pe * pe
-            m = sq.sum(0)
+            m = sq.sum(0).mul_(scale)
             prev = state.moments.get(pid)
             state.moments[pid] = m if prev is None else prev + m
             if self.per_example_norms:
@@ -404,9 +436,11 @@ class Tracker:
                 state.norms = nb if state.norms is None else state.norms + nb
         for pid, m in state.moments.items():
             _, p = self._params[pid]
-            m = m * scale
             old = getattr(p, ATTRIBUTE, None)
-            setattr(p, ATTRIBUTE, m if old is None else old + m)
+            if old is None:
+                setattr(p, ATTRIBUTE, m)
+            else:
+                old.add_(m)
             if p.grad is not None:
                 self._grad_versions[pid] = p.grad._version
         if self.per_example_norms and state.norms is not None:
@@ -420,7 +454,8 @@ def track(
     reduction: str = "mean",
     batch_size: int | None = None,
     per_example_norms: bool = False,
-    memory_budget: int = 2**28,
+    memory_budget: int = 2**24,
+    conv_strategy: str = "auto",
     warn_fallback: bool = True,
 ) -> Tracker:
     """Attach the augmented backward to ``model``; returns the :class:`Tracker`.
@@ -444,5 +479,6 @@ def track(
         batch_size=batch_size,
         per_example_norms=per_example_norms,
         memory_budget=memory_budget,
+        conv_strategy=conv_strategy,
         warn_fallback=warn_fallback,
     )
