@@ -16,13 +16,14 @@ experiments intact and no half-written file.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import platform
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -137,7 +138,8 @@ def run_experiment(
     _seed_everything(config.seed)
     started = _dt.datetime.now(_dt.timezone.utc)
     t0 = time.perf_counter()
-    measurements = mod.run(config, expdir)
+    with _torch_threads():
+        measurements = mod.run(config, expdir)
     wall = time.perf_counter() - t0
     # Round-trip through JSON: figures and claims see exactly what is saved.
     saved_measurements = json.loads(json.dumps(to_jsonable(measurements)))
@@ -164,6 +166,23 @@ def run_experiment(
     if collect_after:
         collect(out)
     return {"name": name, "status": "finished", "wall_time_s": wall}
+
+
+@contextlib.contextmanager
+def _torch_threads() -> Iterator[None]:
+    """Run with ``SGDLAB_THREADS`` torch threads (default 1).
+
+    The experiments work on many small tensors, where one thread per process is fastest and
+    several processes (``--jobs``) do not oversubscribe the cores.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(os.environ.get("SGDLAB_THREADS", "1"))))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _seed_everything(seed: int) -> None:
@@ -225,9 +244,6 @@ def collect(out: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _worker(name: str, out: str, preset: str, force: bool) -> dict[str, Any]:
-    import torch
-
-    torch.set_num_threads(1)
     os.environ.setdefault("SGDLAB_PROGRESS", "0")
     return run_experiment(name, out, preset=preset, force=force, collect_after=False)
 
