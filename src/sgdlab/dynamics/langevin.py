@@ -12,8 +12,8 @@ preconditioner. Euler-Maruyama with step ``dt``:
 Gaussian noise SGD itself is this scheme with ``dt = eta``; a smaller ``dt`` approaches the
 SDE (weak order 1). 1-D stationary law: ``p ∝ exp(-2 L / (eta sigma^2 / B))``.
 
-Implementation: the noise is drawn in cache-sized blocks (numpy's ziggurat sampler, seeded
-from the torch generator) and pre-multiplied by ``L``; for affine gradients (quadratics) the
+Implementation: the noise is drawn in cache-sized blocks (numpy's ziggurat sampler on SFC64,
+seeded from the torch generator) and pre-multiplied by ``L``; for affine gradients (quadratics) the
 drift and the noise fuse into one ``addmm``/``addcmul`` per step.
 
 Example
@@ -34,21 +34,19 @@ import torch
 
 from .._validation import check_batch_size, check_choice, check_positive
 from ._common import (
+    NormalBlocks,
     check_init,
     finite_or_raise,
     make_generator,
-    normal_block,
-    numpy_normal_source,
     psd_sqrt,
     resolve_dtype,
+    scale_transform,
 )
 from .preconditioning import resolve_fixed_preconditioner
 from .problems.base import Problem
 from .result import ChainResult, _Accumulator
 
 __all__ = ["first_passage_times", "simulate_langevin"]
-
-_CHUNK_ELEMENTS = 1 << 16  # noise is drawn in cache-sized blocks of about this many numbers
 
 
 def _is_diagonal(a: torch.Tensor) -> bool:
@@ -134,10 +132,8 @@ def simulate_langevin(
                              dtype=dtype)
     phi = check_init(center if init is None else init, R, d, dtype)
     sqdt = dt**0.5
-    rng = numpy_normal_source(gen)
     if diffusion == "constant":
         Lt = (_diffusion_factor(problem, eta, B, pre, covariance, dtype) * sqdt).T.contiguous()
-        Lt_diag = Lt.diagonal().clone() if _is_diagonal(Lt) else None
     elif not hasattr(problem, "gradient_covariance"):
         raise ValueError(f"diffusion='state' needs {type(problem).__name__}.gradient_covariance")
     drift_scale = dt if pre is None else dt * pre
@@ -148,31 +144,25 @@ def simulate_langevin(
         M, c = affine
         A = torch.eye(d, dtype=dtype) - M * drift_scale
         A_diag = A.diagonal().clone() if _is_diagonal(A) else None
-        shift = -(c * drift_scale)
+    transform = None
+    if diffusion == "constant":
+        transform = scale_transform(Lt, None if affine is None else -(affine[1] * drift_scale))
+    noise = NormalBlocks(gen, (R, d), steps, dtype, transform)
 
     acc = _Accumulator(problem, center, observables, with_grad=False) if statistics else None
     rec_steps, traj = [], []
-    chunk = max(1, min(steps, _CHUNK_ELEMENTS // max(1, R * d)))
-    noise = None
     for k in range(steps):
         if record_every is not None and k % record_every == 0:
             rec_steps.append(k)
             traj.append(phi.clone())
         if acc is not None and k >= burn_in:
             acc.add(phi, None)
-        j = k % chunk
-        if j == 0:
-            n_here = min(chunk, steps - k)
-            noise = normal_block(rng, (n_here, R, d), dtype)
-            if diffusion == "constant":
-                noise = noise.mul_(Lt_diag) if Lt_diag is not None else noise @ Lt
-                if affine is not None:
-                    noise += shift
+        z = noise(k)
         if affine is not None:
-            phi = (torch.addcmul(noise[j], phi, A_diag) if A_diag is not None
-                   else torch.addmm(noise[j], phi, A))
+            phi = (torch.addcmul(z, phi, A_diag) if A_diag is not None
+                   else torch.addmm(z, phi, A))
         elif diffusion == "constant":
-            phi = phi - drift_scale * problem.grad(phi) + noise[j]
+            phi = phi - drift_scale * problem.grad(phi) + z
         else:
             g = problem.grad(phi)
             Sig = problem.gradient_covariance(phi)
@@ -180,7 +170,7 @@ def simulate_langevin(
                 Sig = pre[:, None] * Sig * pre[None, :]
             w, v = torch.linalg.eigh(Sig * (eta / B))
             L = v * w.clamp_min(0).sqrt().unsqueeze(-2)
-            phi = phi - drift_scale * g + sqdt * (L @ noise[j].unsqueeze(-1)).squeeze(-1)
+            phi = phi - drift_scale * g + sqdt * (L @ z.unsqueeze(-1)).squeeze(-1)
         if k % 256 == 255 or k == steps - 1:
             finite_or_raise("the Langevin state", phi, k)
 
@@ -234,13 +224,9 @@ def first_passage_times(
     hit = torch.full((R,), float("inf"), dtype=dtype)
     alive = torch.ones(R, dtype=torch.bool)
     steps = int(np.ceil(max_time / dt))
-    chunk = max(1, min(steps, _CHUNK_ELEMENTS // R))
-    rng = numpy_normal_source(gen)
+    noise = NormalBlocks(gen, (R,), steps, dtype, lambda z: z.mul_(scale))
     for k in range(steps):
-        j = k % chunk
-        if j == 0:
-            noise = normal_block(rng, (min(chunk, steps - k), R), dtype).mul_(scale)
-        x = x - dt * problem.grad(x.unsqueeze(-1))[:, 0] + noise[j]
+        x = x - dt * problem.grad(x.unsqueeze(-1))[:, 0] + noise(k)
         crossed = alive & (sign * (x - b) >= 0)
         if bool(crossed.any()):
             hit[crossed] = (k + 1) * dt

@@ -40,51 +40,19 @@ import torch
 from .._validation import check_batch_size, check_choice, check_horizon
 from ._common import (
     LearningRate,
+    NormalBlocks,
     check_init,
     finite_or_raise,
     make_generator,
-    normal_block,
-    numpy_normal_source,
     resolve_dtype,
     resolve_lr,
+    scale_transform,
 )
 from .preconditioning import RMSPropPreconditioner, resolve_fixed_preconditioner
 from .problems.base import Problem
 from .result import ChainResult, _Accumulator
 
 __all__ = ["simulate_sgd"]
-
-_CHUNK_ELEMENTS = 1 << 16
-
-
-class _BlockNoise:
-    """Batch noise ``K^T z / sqrt(B)`` for additive-noise problems, drawn in cache-sized blocks
-    (numpy's ziggurat sampler seeded from the torch generator), plus a constant offset."""
-
-    def __init__(self, K: torch.Tensor, offset: torch.Tensor | None, batch_size: int, R: int,
-                 steps: int, gen: torch.Generator, dtype: torch.dtype) -> None:
-        d = K.shape[0]
-        self.shape = (R, d)
-        self.dtype = dtype
-        scaled = K / batch_size**0.5
-        off = scaled - torch.diag(scaled.diagonal())
-        self.diag = scaled.diagonal().clone() if bool(torch.count_nonzero(off) == 0) else None
-        self.K = scaled
-        self.offset = offset
-        self.chunk = max(1, min(steps, _CHUNK_ELEMENTS // max(1, R * d)))
-        self.rng = numpy_normal_source(gen)
-        self.block = None
-
-    def __call__(self, t: int, steps: int) -> torch.Tensor:
-        j = t % self.chunk
-        if j == 0:
-            z = normal_block(self.rng, (min(self.chunk, steps - t), *self.shape), self.dtype)
-            z = z.mul_(self.diag) if self.diag is not None else z @ self.K
-            if self.offset is not None:
-                z += self.offset
-            self.block = z
-        return self.block[j]
-
 
 def simulate_sgd(
     problem: Problem,
@@ -179,7 +147,8 @@ def simulate_sgd(
     affine = problem.affine_gradient(dtype) if K is not None else None
     block = None
     if K is not None:
-        block = _BlockNoise(K, None if affine is None else affine[1], B, R, steps, gen, dtype)
+        block = NormalBlocks(gen, (R, d), steps, dtype, scale_transform(
+            K / B**0.5, None if affine is None else affine[1]))
 
     acc = _Accumulator(problem, center, observables, with_grad=True) if statistics else None
     rec_steps: list[int] = []
@@ -211,8 +180,8 @@ def simulate_sgd(
             g_hat = problem.grad(phi)
         elif block is not None:
             per_ex = None
-            g_hat = (torch.addmm(block(t, steps), phi, affine[0]) if affine is not None
-                     else problem.grad(phi) + block(t, steps))
+            g_hat = (torch.addmm(block(t), phi, affine[0]) if affine is not None
+                     else problem.grad(phi) + block(t))
         else:
             per_ex = None
             g_hat = problem.sample_grad(phi, B, gen)
