@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--save-every", type=int, default=10)
+    p.add_argument("--float64", action="store_true", help="train in double precision")
     p.add_argument("--out", default=None, help="JSON file for rank 0's log")
     return p
 
@@ -69,8 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--batch must be >= world size x --accumulation = {world * args.accumulation}, "
             f"got {args.batch}"
         )
+    dtype = torch.float64 if args.float64 else torch.float32
     torch.manual_seed(args.seed)
-    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1)).to(device)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1)).to(device, dtype)
     opt = RMSProp(
         model.parameters(), lr=args.lr, second_moment="per_example",
         ref_batch_size=args.ref_batch, scaling="linear",
@@ -83,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = sum(share[:rank])
     log = []
     while dp.steps < args.steps:
-        x, y = _data(dp.steps, args.batch, args.seed, torch.get_default_dtype())
+        x, y = _data(dp.steps, args.batch, args.seed, dtype)
         x = x[start : start + share[rank]].to(device)
         y = y[start : start + share[rank]].to(device)
         loss, reading = dp.train_step(x, y, nn.functional.mse_loss)
