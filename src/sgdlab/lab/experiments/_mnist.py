@@ -1,0 +1,106 @@
+"""Training loops on MNIST-1D shared by the real-data experiments.
+
+A small MLP (40 -> hidden -> hidden -> 10, ReLU) trained with mean cross-entropy over the
+batch, batches drawn with replacement from a torch.Generator, so that runs are reproducible
+and independent of the batch size's divisibility into the data set.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._common import mnist1d
+
+__all__ = ["Data", "evaluate", "load", "mlp", "train"]
+
+
+class Data:
+    """MNIST-1D tensors on a device: ``x``, ``y`` (train) and ``x_test``, ``y_test``."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], device: str) -> None:
+        self.device = torch.device(device)
+        self.x = torch.as_tensor(arrays["x"], device=self.device)
+        self.y = torch.as_tensor(arrays["y"], device=self.device)
+        self.x_test = torch.as_tensor(arrays["x_test"], device=self.device)
+        self.y_test = torch.as_tensor(arrays["y_test"], device=self.device)
+
+
+def load(outdir: str | os.PathLike[str], device: str = "cpu", num_samples: int = 5000) -> Data:
+    """MNIST-1D (generated locally, cached beside the results) on ``device``."""
+    return Data(mnist1d(outdir, num_samples=num_samples), device)
+
+
+def mlp(hidden: int = 128, seed: int = 0, device: str = "cpu") -> torch.nn.Module:
+    """The MLP 40 -> hidden -> hidden -> 10 with torch's default init under ``seed``."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(40, hidden), torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+        torch.nn.Linear(hidden, 10),
+    ).to(device)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``."""
+    logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits, y).item()
+    acc = (logits.argmax(1) == y).float().mean().item()
+    return loss, acc
+
+
+def train(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    data: Data,
+    batch_size: int,
+    examples: int,
+    *,
+    seed: int = 0,
+    lr_at: Callable[[int], float] | None = None,
+    evals: int = 20,
+    before_step: Callable[[torch.nn.Module], None] | None = None,
+    on_eval: Callable[[int, torch.nn.Module], None] | None = None,
+) -> dict[str, Any]:
+    """Train for ``examples // batch_size`` steps; return the training-loss curve.
+
+    ``lr_at(step)`` (optional) sets every group's lr before each step. The full training loss is
+    evaluated at ``evals`` points evenly spaced in examples seen (and at the end). A non-finite
+    loss ends the run early and is recorded as ``inf`` (a diverged configuration).
+    """
+    steps = max(1, examples // batch_size)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    n = data.x.shape[0]
+    marks = sorted({max(1, round(steps * k / evals)) for k in range(1, evals + 1)})
+    curve: list[dict[str, float]] = []
+    diverged = False
+    for step in range(1, steps + 1):
+        if lr_at is not None:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step - 1)
+        idx = torch.randint(0, n, (batch_size,), generator=gen).to(data.device)
+        opt.zero_grad(set_to_none=True)
+        if before_step is not None:
+            before_step(model)
+        loss = torch.nn.functional.cross_entropy(model(data.x[idx]), data.y[idx])
+        if not torch.isfinite(loss):
+            diverged = True
+            break
+        loss.backward()
+        opt.step()
+        if step in marks:
+            tl, _ = evaluate(model, data.x, data.y)
+            if not math.isfinite(tl):
+                diverged = True
+                break
+            curve.append({"step": step, "examples": step * batch_size, "loss": tl})
+            if on_eval is not None:
+                on_eval(step, model)
+    final = curve[-1]["loss"] if curve and not diverged else float("inf")
+    return {"curve": curve, "final_loss": final, "diverged": diverged, "steps": steps}
