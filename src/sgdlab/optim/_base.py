@@ -147,6 +147,13 @@ class BatchScaledOptimizer(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # float32 state of low-precision parameters (fused path) stays float32
+        from sgdlab.optim._fast.flat import restore_float32_state
+
+        restore_float32_state(self, state_dict)
+
     # ------------------------------------------------------------------ batch size
     def set_batch_size(self, batch_size: int) -> None:
         """Set the batch size ``B`` of the coming steps (all param groups)."""

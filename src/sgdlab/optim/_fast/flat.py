@@ -172,3 +172,18 @@ class FlatGroup:
         with torch.no_grad():
             torch._foreach_copy_(self.m2_views, [get(p) for p in self.params])
         return self.flat_m2
+
+
+def restore_float32_state(opt, state_dict: dict) -> None:
+    """Undo ``Optimizer.load_state_dict``'s cast of float32 state to the dtype of a
+    bfloat16/float16 parameter (the fused path keeps such state, and the master copy, in
+    float32), so a resume continues bit-identically."""
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for pid, p in zip(saved_ids, params):
+        if p.dtype not in LOW_PRECISION:
+            continue
+        for key, value in state_dict["state"].get(pid, {}).items():
+            if (key != "step" and isinstance(value, torch.Tensor)
+                    and value.dtype == torch.float32 and value.shape == p.shape):
+                opt.state[p][key] = value.to(device=p.device, copy=True)

@@ -42,7 +42,7 @@ SGD_SCALARS = ("wd", "momentum", "one_minus_dampening", "neg_lr")
 RMSPROP_SCALARS = ("wd", "alpha", "one_minus_alpha", "eps", "power", "momentum", "neg_lr",
                    "two_sign_wd", "wd2")
 ADAM_SCALARS = ("wd", "decay", "w1", "d2", "w2", "c2", "sqrt_c2", "eps", "power", "step_size",
-                "two_sign_wd", "wd2")
+                "two_sign_wd", "wd2", "eps_sqrt_c2", "step_size_sqrt_c2")
 
 _LAYOUTS = {"sgd": SGD_SCALARS, "rmsprop": RMSPROP_SCALARS, "adam": ADAM_SCALARS}
 
@@ -177,9 +177,16 @@ def make_kernel(algo: str, opts: tuple[tuple[str, Any], ...]) -> Callable[..., N
             if o["amsgrad"]:
                 v = torch.maximum(max_exp_avg_sq, v)
                 max_exp_avg_sq.copy_(v)
-            denom = _denominator(v, sc, ix, power=o["power"], placement=o["eps_placement"],
-                                 corrected=o["corrected"])
-            _write_param(p, master, x + sc[ix["step_size"]] * (m / denom))
+            if o["power"] == "half" and o["eps_placement"] == "outside":
+                # lr/c1 * m / (sqrt(v)/sqrt(c2) + eps) with one division per element:
+                # (lr sqrt(c2)/c1) * m / (sqrt(v) + eps sqrt(c2)); equal up to rounding.
+                denom = v.sqrt() + sc[ix["eps_sqrt_c2"]]
+                step = sc[ix["step_size_sqrt_c2"]]
+            else:
+                denom = _denominator(v, sc, ix, power=o["power"],
+                                     placement=o["eps_placement"], corrected=o["corrected"])
+                step = sc[ix["step_size"]]
+            _write_param(p, master, x + step * (m / denom))
 
         fn = adam
     else:

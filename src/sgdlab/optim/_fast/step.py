@@ -203,7 +203,9 @@ def _adam(opt: Any, group: dict, hp: dict, params: list[torch.Tensor]) -> bool:
                     opt.state[p][k] = v
         values = dict(wd=wd, decay=1 - lr * wd, w1=s.w1, d2=s.d2, w2=s.w2, c2=s.c2,
                       sqrt_c2=math.sqrt(s.c2), eps=hp["eps"], power=hp["power"],
-                      step_size=-(lr / s.c1), two_sign_wd=2.0 * sign * wd, wd2=wd**2)
+                      step_size=-(lr / s.c1), two_sign_wd=2.0 * sign * wd, wd2=wd**2,
+                      eps_sqrt_c2=hp["eps"] * math.sqrt(s.c2),
+                      step_size_sqrt_c2=-(lr / s.c1) * math.sqrt(s.c2))
         opts = (("maximize", bool(hp["maximize"])), ("weight_decay", wd != 0),
                 ("decoupled", bool(hp["decoupled_weight_decay"])),
                 ("amsgrad", bool(hp["amsgrad"])), ("power", _power(hp["power"])),
@@ -220,11 +222,16 @@ def _adam(opt: Any, group: dict, hp: dict, params: list[torch.Tensor]) -> bool:
 _RULES = {"sgd": _sgd, "rmsprop": _rmsprop, "adam": _adam}
 
 
+@torch._dynamo.disable
 def fused_update(opt: Any, algo: str, group: dict, hp: dict, params: list[torch.Tensor],
                  enabled: bool) -> bool:
     """Perform ``group``'s step on flat buffers when ``enabled`` and possible (``True``), or
     leave everything unchanged (``False``) and drop the group's flat bookkeeping, since the
-    caller's per-tensor path is about to update the state."""
+    caller's per-tensor path is about to update the state.
+
+    Under ``torch.compile`` of a whole training step this runs outside the traced graph (its
+    host-side bookkeeping would recompile at every step), and its kernel runs compiled.
+    """
     if enabled and params and _RULES[algo](opt, group, hp, params):
         return True
     forget(opt, group)

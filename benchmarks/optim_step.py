@@ -1,0 +1,274 @@
+"""Optimizer step time: sgdlab's fused path against torch.optim and the memory-bandwidth bound.
+
+An optimizer step is memory-bound, so the reference time is the bound: the bytes the update
+must read and write (Adam: parameter, gradient, two moments read, three written, 28 bytes per
+float32 parameter; SGD with momentum 20; RMSProp 20) divided by the copy bandwidth measured in
+the same run (``torch.add(a, b, out=c)`` on buffers larger than the caches, 12 bytes per
+element). For each algorithm and parameter layout every implementation runs in the same
+process on its own copy of the parameters; rounds interleave the implementations (rotating
+order) so machine load affects all alike, and the table gives medians over the rounds.
+
+Implementations: torch.optim for-loop (``foreach=False``), foreach, fused (where torch has
+one); sgdlab ``fused=True`` with gradients left as views of its flat buffer (a training loop
+with ``zero_grad(set_to_none=False)``), with gradients copied in each step (torch's default
+``set_to_none=True``), and with the default non-finite check (``nonfinite="raise"``, one more
+read of the gradients); sgdlab ``foreach=True``. All sgdlab rows but the last use
+``nonfinite="ignore"`` (torch checks nothing). The first sgdlab step (flat buffers built and
+kernel compiled) is timed separately and reported.
+
+Usage::
+
+    python benchmarks/optim_step.py                      # CPU: 10M in 40 tensors + transformer
+    python benchmarks/optim_step.py --device cuda         # GPU: 100M, 1B + GPT-2 small shapes
+    python benchmarks/optim_step.py --algos adam --rounds 20 --layouts flat10m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import sgdlab
+from sgdlab.optim import _fast
+
+BYTES_PER_PARAM = {"adam": 28, "sgd": 20, "rmsprop": 20}
+
+
+# ---------------------------------------------------------------- parameter layouts
+def flat_layout(total: int, n: int) -> list[tuple[int, ...]]:
+    """``n`` tensors of about ``total / n`` elements (alternating matrix and vector shapes)."""
+    per = total // n
+    shapes = []
+    for i in range(n):
+        if i % 2 == 0 and per >= 1024:
+            shapes.append((1024, per // 1024))
+        else:
+            shapes.append((per,))
+    return shapes
+
+
+def transformer_layout(vocab: int, ctx: int, d: int, layers: int) -> list[tuple[int, ...]]:
+    """A GPT-2-style parameter list: embeddings, per block LN, qkv, proj, LN, MLP, final LN."""
+    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,),
+                   (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    shapes += [(d,), (d,)]
+    return shapes
+
+
+LAYOUTS = {
+    "flat10m": ("10M in 40 tensors", lambda: flat_layout(10_000_000, 40)),
+    "flat100m": ("100M in 40 tensors", lambda: flat_layout(100_000_000, 40)),
+    "flat1b": ("1B in 40 tensors", lambda: flat_layout(1_000_000_000, 40)),
+    "tiny-gpt": ("transformer d=256, 6 layers, vocab 8192 (7.0M in 76 tensors)",
+                 lambda: transformer_layout(8192, 512, 256, 6)),
+    "gpt2-small": ("GPT-2 small shapes (124M in 148 tensors)",
+                   lambda: transformer_layout(50257, 1024, 768, 12)),
+}
+
+
+# ---------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def copy_bandwidth(device: torch.device, numel: int, rounds: int) -> float:
+    """Bytes per second of ``torch.add(a, b, out=c)`` (two reads and one write)."""
+    a = torch.rand(numel, device=device)
+    b = torch.rand(numel, device=device)
+    c = torch.empty_like(a)
+    for _ in range(3):
+        torch.add(a, b, out=c)
+    times = [timed(lambda: torch.add(a, b, out=c), device) for _ in range(rounds)]
+    return 12 * numel / statistics.median(times)
+
+
+# ---------------------------------------------------------------- implementations
+def torch_optimizer(algo: str, params, mode: str):
+    kw = {mode: True} if mode != "forloop" else {"foreach": False}
+    if algo == "adam":
+        return torch.optim.Adam(params, lr=1e-3, **kw)
+    if algo == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, **kw)
+    return torch.optim.RMSprop(params, lr=1e-3, **kw)
+
+
+def sgdlab_optimizer(algo: str, params, **kw):
+    if algo == "adam":
+        return sgdlab.Adam(params, lr=1e-3, **kw)
+    if algo == "sgd":
+        return sgdlab.SGD(params, lr=1e-3, momentum=0.9, **kw)
+    return sgdlab.RMSProp(params, lr=1e-3, **kw)
+
+
+def torch_has_fused(algo: str, device: torch.device) -> bool:
+    if algo == "rmsprop":
+        return False
+    try:
+        p = torch.zeros(4, device=device, requires_grad=True)
+        p.grad = torch.zeros_like(p)
+        torch_optimizer(algo, [p], "fused").step()
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+class Impl:
+    """One implementation: its parameters, gradients, optimizer and how a step is prepared."""
+
+    def __init__(self, name: str, shapes, grads, device, make_opt, copy_grads: bool = False):
+        self.name = name
+        self.params = [torch.zeros(s, device=device).requires_grad_() for s in shapes]
+        with torch.no_grad():
+            for p, g in zip(self.params, grads):
+                p.copy_(g).mul_(0.5)
+        self.grads = grads
+        self.copy_grads = copy_grads
+        for p, g in zip(self.params, grads):
+            p.grad = g.clone()
+        self.opt = make_opt(self.params)
+        self.times: list[float] = []
+        self.first: float | None = None
+
+    def prepare(self) -> None:
+        if self.copy_grads:  # a fresh gradient tensor each step, as after set_to_none=True
+            for p, g in zip(self.params, self.grads):
+                p.grad = g
+
+    def step(self) -> None:
+        self.opt.step()
+
+
+def bench(algo: str, layout: str, device: torch.device, rounds: int, full: bool,
+          bandwidth: float) -> dict:
+    title, make_shapes = LAYOUTS[layout]
+    shapes = make_shapes()
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    gen = torch.Generator(device=device).manual_seed(0)
+    grads = [torch.randn(s, device=device, generator=gen) * 1e-2 for s in shapes]
+
+    impls: list[Impl] = []
+    if full:
+        impls.append(Impl("torch for-loop", shapes, grads, device,
+                          lambda ps: torch_optimizer(algo, ps, "forloop")))
+        impls.append(Impl("torch foreach", shapes, grads, device,
+                          lambda ps: torch_optimizer(algo, ps, "foreach")))
+    if torch_has_fused(algo, device):
+        impls.append(Impl("torch fused", shapes, grads, device,
+                          lambda ps: torch_optimizer(algo, ps, "fused")))
+    elif not full:
+        impls.append(Impl("torch foreach", shapes, grads, device,
+                          lambda ps: torch_optimizer(algo, ps, "foreach")))
+    impls.append(Impl("sgdlab fused, grads as views", shapes, grads, device,
+                      lambda ps: sgdlab_optimizer(algo, ps, fused=True, nonfinite="ignore")))
+    impls.append(Impl("sgdlab fused, grads copied", shapes, grads, device,
+                      lambda ps: sgdlab_optimizer(algo, ps, fused=True, nonfinite="ignore"),
+                      copy_grads=True))
+    if full:
+        impls.append(Impl("sgdlab fused, nonfinite check", shapes, grads, device,
+                          lambda ps: sgdlab_optimizer(algo, ps, fused=True)))
+        impls.append(Impl("sgdlab foreach", shapes, grads, device,
+                          lambda ps: sgdlab_optimizer(algo, ps, foreach=True,
+                                                      nonfinite="ignore")))
+
+    for im in impls:  # first step: state allocation, and for sgdlab buffers + compilation
+        im.prepare()
+        im.first = timed(im.step, device)
+        for _ in range(2):
+            im.prepare()
+            im.step()
+    for r in range(rounds):
+        order = impls[r % len(impls):] + impls[:r % len(impls)]
+        for im in order:
+            im.prepare()
+            im.times.append(timed(im.step, device))
+
+    bound = BYTES_PER_PARAM[algo] * numel / bandwidth
+    med = {im.name: statistics.median(im.times) for im in impls}
+    anchor = med.get("torch fused") or med.get("torch foreach")
+    rows = []
+    for im in impls:
+        q = statistics.quantiles(im.times, n=4) if len(im.times) >= 4 else [med[im.name]] * 3
+        rows.append(dict(name=im.name, median_ms=1e3 * med[im.name],
+                         iqr_ms=1e3 * (q[2] - q[0]), first_ms=1e3 * im.first,
+                         vs_anchor=med[im.name] / anchor, vs_bound=med[im.name] / bound))
+    del impls
+    return dict(algo=algo, layout=layout, title=title, numel=numel, tensors=len(shapes),
+                bound_ms=1e3 * bound, rows=rows)
+
+
+def table(res: dict) -> str:
+    anchor = "torch fused" if any(r["name"] == "torch fused" for r in res["rows"]) else (
+        "torch foreach")
+    lines = [
+        f"**{res['algo']}**, {res['title']}: bound {res['bound_ms']:.2f} ms "
+        f"({BYTES_PER_PARAM[res['algo']]} B/param)",
+        "",
+        f"| implementation | median ms | IQR ms | x {anchor} | x bound | first step ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in res["rows"]:
+        lines.append(f"| {r['name']} | {r['median_ms']:.2f} | {r['iqr_ms']:.2f} | "
+                     f"{r['vs_anchor']:.2f} | {r['vs_bound']:.2f} | {r['first_ms']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--algos", default="adam,sgd,rmsprop")
+    ap.add_argument("--layouts", default=None,
+                    help="comma list of " + ", ".join(LAYOUTS) + " (default per device)")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = device.type == "cuda"
+    layouts = (args.layouts.split(",") if args.layouts else
+               ["flat100m", "gpt2-small", "flat1b"] if cuda else ["flat10m", "tiny-gpt"])
+    rounds = args.rounds or (50 if cuda else 30)
+    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
+    print(f"# optimizer step benchmark: device {device} ({name}), torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, rounds {rounds}")
+    bw = copy_bandwidth(device, 50_000_000 if cuda else 25_000_000, rounds)
+    print(f"copy bandwidth (torch.add out=, 12 B/elem): {bw / 1e9:.1f} GB/s\n")
+    results = []
+    for layout in layouts:
+        full = layout != "flat1b"
+        for algo in args.algos.split(","):
+            res = bench(algo, layout, device, rounds if full else max(10, rounds // 3), full,
+                        bw)
+            results.append(res)
+            print(table(res) + "\n", flush=True)
+            if cuda:
+                torch.cuda.empty_cache()
+    print("first-call (compile) seconds per kernel variant:")
+    for key, sec in _fast.COMPILE_SECONDS.items():
+        print(f"  {key[0]} {key[2]} {key[3]}: {sec:.1f} s")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(device=str(device), name=name, bandwidth=bw, results=results), fh,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The fused path with mixed precision, GradScaler, gradients kept as flat-buffer views, the
+fallbacks, and its arguments.
+
+Mixed precision semantics under test: bfloat16/float16 parameters get float32 state and a
+float32 master copy; the master follows the float32 reference run fed the same (upcast)
+gradients, and the parameter is always the master rounded to its dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sgdlab
+from sgdlab.optim import _fast
+
+from .cases import set_grads, state_tensors
+
+
+@pytest.fixture(autouse=True)
+def eager_kernels():
+    previous = _fast.set_compile(False)
+    yield
+    _fast.set_compile(previous)
+
+
+def _params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(dtype).requires_grad_()
+            for s in [(6, 5), (7,), (3, 2, 2)]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [(sgdlab.Adam, dict(lr=1e-3, weight_decay=0.01, decoupled_weight_decay=True)),
+     (sgdlab.SGD, dict(lr=1e-2, momentum=0.9)),
+     (sgdlab.RMSProp, dict(lr=1e-3, centered=True))],
+    ids=["adamw", "sgd", "rmsprop"],
+)
+def test_low_precision_params_follow_a_float32_master(dtype, cls, kwargs):
+    low = _params(dtype)
+    ref = [p.detach().float().requires_grad_() for p in low]
+    opt = cls(low, fused=True, **kwargs)
+    opt_ref = cls(ref, foreach=False, **kwargs)
+    for t in range(40):
+        g = torch.Generator().manual_seed(t)
+        for p, q in zip(low, ref):
+            grad = (torch.sin(q.detach() * 3) + 0.3 * torch.randn(q.shape, generator=g))
+            p.grad = grad.to(dtype)
+            q.grad = p.grad.float()
+        opt.step()
+        opt_ref.step()
+    for p, q in zip(low, ref):
+        master = opt.state[p]["master_param"]
+        assert master.dtype == torch.float32 and p.dtype == dtype
+        assert torch.max(torch.abs(master - q)).item() <= 1e-5
+        assert torch.equal(p.detach(), master.to(dtype))
+        for key, value in opt_ref.state[q].items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                assert opt.state[p][key].dtype == torch.float32
+                assert torch.max(torch.abs(opt.state[p][key] - value)).item() <= 1e-5, key
+    # The master keeps updates below the parameter's resolution: far from the bf16 grid.
+    m = opt.state[low[0]]["master_param"]
+    assert not torch.equal(m, m.to(dtype).float())
+
+
+def test_grad_scaler_skips_inf_steps_and_unscales_exactly():
+    """``torch.amp.GradScaler("cpu")``: a finite step equals the unscaled float32 step (the
+    scale is a power of two); a step with an inf leaves parameters and state untouched and
+    halves the scale."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    twin = torch.nn.Linear(5, 3)
+    twin.load_state_dict(model.state_dict())
+    opt = sgdlab.Adam(model.parameters(), lr=0.01, fused=True)
+    ref = sgdlab.Adam(twin.parameters(), lr=0.01, foreach=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    g = torch.Generator().manual_seed(1)
+    for t in range(8):
+        x, y = torch.randn(16, 5, generator=g), torch.randn(16, 3, generator=g)
+        opt.zero_grad()
+        scaler.scale((model(x) - y).pow(2).mean()).backward()
+        poisoned = t in (3, 6)
+        if poisoned:
+            model.weight.grad[1, 2] = float("inf")
+            before = [p.detach().clone() for p in model.parameters()]
+            state_before = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                            for k, v in state_tensors(opt).items()}
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        if poisoned:
+            assert scaler.get_scale() == scale / 2
+            for p, b in zip(model.parameters(), before):
+                assert torch.equal(p.detach(), b)
+            for k, v in state_tensors(opt).items():
+                same = torch.equal(v, state_before[k]) if isinstance(v, torch.Tensor) else (
+                    v == state_before[k])
+                assert same, k
+            continue
+        ref.zero_grad()
+        (twin(x) - y).pow(2).mean().backward()
+        ref.step()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.max(torch.abs(p - q)).item() <= 1e-6
+    assert opt.skipped_steps == 0  # GradScaler skipped: the optimizer never saw the inf
+
+
+def test_gradients_stay_views_of_the_flat_buffer():
+    """After a step, ``p.grad`` is a view of the flat gradient buffer; with
+    ``zero_grad(set_to_none=False)`` the backward accumulates into it and no copy is needed;
+    the trajectory equals the reference's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    model = model.double()
+    twin = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    twin = twin.double()
+    twin.load_state_dict(model.state_dict())
+    opt = sgdlab.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    ref = sgdlab.SGD(twin.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(10):
+        x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+        for net, o in ((model, opt), (twin, ref)):
+            o.zero_grad(set_to_none=False)
+            net(x).pow(2).mean().backward()
+            o.step()
+        fg = next(iter(opt._fast_cache.values()))
+        ptr = fg.flat_grad.untyped_storage().data_ptr()
+        assert all(p.grad.untyped_storage().data_ptr() == ptr for p in model.parameters())
+        assert all(p.grad is v for p, v in zip(model.parameters(), fg.grad_views))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.max(torch.abs(p - q)).item() <= 1e-12
+
+
+def test_non_contiguous_parameter_falls_back_to_foreach():
+    base = torch.randn(4, 3, dtype=torch.float64)
+    ps = [base.t().requires_grad_(),  # a transposed (non-contiguous) leaf
+          torch.randn(5, dtype=torch.float64, requires_grad=True)]
+    assert not ps[0].is_contiguous()
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    opt = sgdlab.Adam(ps, lr=0.05, fused=True)
+    ref = sgdlab.Adam(qs, lr=0.05, foreach=False)
+    for t in range(5):
+        set_grads(ps, t)
+        set_grads(qs, t)
+        opt.step()
+        ref.step()
+    assert not opt.__dict__.get("_fast_cache")
+    for p, q in zip(ps, qs):
+        assert torch.max(torch.abs(p - q)).item() <= 1e-12
+
+
+def test_param_group_added_later_and_lr_changes():
+    ps = [torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    opt = sgdlab.RMSProp(ps[:2], lr=0.01, momentum=0.5, fused=True)
+    ref = sgdlab.RMSProp(qs[:2], lr=0.01, momentum=0.5, foreach=False)
+    for t in range(12):
+        if t == 4:
+            opt.add_param_group({"params": [ps[2]], "lr": 0.03})
+            ref.add_param_group({"params": [qs[2]], "lr": 0.03})
+        if t == 8:
+            for o in (opt, ref):
+                o.param_groups[0]["lr"] = 0.002
+        set_grads(ps, t)
+        set_grads(qs, t)
+        opt.step()
+        ref.step()
+    for p, q in zip(ps, qs):
+        assert torch.max(torch.abs(p - q)).item() <= 1e-12
+    assert len(opt._fast_cache) == 2
+
+
+def test_bad_fused_arguments():
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError, match=r"fused=True and foreach=True cannot both be set"):
+        sgdlab.Adam(p, fused=True, foreach=True)
+    with pytest.raises(ValueError, match=r"fused must be None, True or False, got 'yes'"):
+        sgdlab.SGD(p, fused="yes")
+
+
+def test_low_precision_resume_is_bit_identical():
+    """float32 state and master survive ``state_dict``/``load_state_dict`` (which would cast
+    them to the parameters' bfloat16)."""
+    import io
+
+    def run(opt, params, start, stop):
+        for t in range(start, stop):
+            g = torch.Generator().manual_seed(t)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            opt.step()
+
+    params = _params(torch.bfloat16, seed=3)
+    opt = sgdlab.Adam(params, lr=1e-3, fused=True)
+    run(opt, params, 0, 10)
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()},
+               buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    run(opt, params, 10, 20)
+    resumed = [p.clone().requires_grad_() for p in saved["params"]]
+    opt2 = sgdlab.Adam(resumed, lr=1e-3, fused=True)
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.state[resumed[0]]["exp_avg"].dtype == torch.float32
+    run(opt2, resumed, 10, 20)
+    for a, b in zip(params, resumed):
+        assert torch.equal(a, b)
+        for key in ("exp_avg", "exp_avg_sq", "master_param"):
+            assert torch.equal(opt.state[a][key], opt2.state[b][key]), key
