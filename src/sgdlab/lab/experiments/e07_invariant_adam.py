@@ -1,0 +1,211 @@
+"""Experiment 7 (the headline): batch-size-invariant RMSProp/Adam.
+
+Quadratic part. RMSProp divides by the root of a running average of q_t, where q_t = g_hat^2
+(the batch mean's square: torch) or q_t = (1/B) sum_b g_b^2 (per-example second moments: the
+lecture). In the noise-dominated regime E g_hat^2 ≈ sigma^2/B, so with torch's q the per-example
+dynamics are invariant under the square-root rule eta_B = sqrt(B) eta_1 (Malladi et al. 2022;
+1 - beta scaled by B, eps by 1/sqrt(B)), while with per-example q (E q = sigma^2, independent of
+B) they are invariant under the linear rule eta_B = B eta_1. The stationary variance at B = 16
+over that at B = 1 is therefore 1 (batch + sqrt), 4 (batch + linear), 1 (per-example + linear),
+1/4 (per-example + sqrt); REFERENCE.md's simulation gives 1.006, 4.08, 1.003, 0.249. Simulated
+with :func:`sgdlab.dynamics.simulate_sgd` and :class:`sgdlab.dynamics.RMSPropPreconditioner`.
+
+MNIST-1D part. An MLP trained at batch sizes 8..1024 for the same number of examples by
+torch.optim.Adam with the linear rule, torch.optim.Adam with the square-root rule, and
+sgdlab.Adam with per-example second moments (from :func:`sgdlab.stats.track`) and the linear
+rule, each rescaled from one reference configuration at B0 by :func:`sgdlab.hyper.rescale`
+(linear: the lecture's eta = B eta', N = N'/B). We report the spread of the loss across B at
+equal examples for each.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ... import hyper, stats
+from ...dynamics import RMSPropPreconditioner, Separable, estimate_mean, simulate_sgd
+from ...optim import Adam as SgdlabAdam
+from ..claims import Claim, tolerance
+from ..config import ExperimentConfig
+from ..plotting import figure, save
+from ..progress import bar
+from . import _mnist
+from ._common import ratio_stderr
+
+NAME = "invariant_adam"
+TITLE = "7. Batch-size-invariant RMSProp/Adam (the headline)"
+DESCRIPTION = (
+    "Left: the stationary variance of RMSProp on a noisy quadratic at B = 16 relative to B = 1, "
+    "for the batch-mean second moment (torch) and the per-example one (the lecture, via the "
+    "augmented backward), each under the linear and the square-root rule: only batch+sqrt and "
+    "per-example+linear keep it at 1. Right: training loss of an MLP on MNIST-1D against "
+    "examples seen for batch sizes from 8 up, with torch.optim.Adam (linear rule), "
+    "torch.optim.Adam (square-root rule) and sgdlab.Adam with per-example second moments "
+    "(linear rule); the table reports how far apart the batch sizes end at equal examples."
+)
+
+COMBOS = {
+    ("batch", "sqrt"): 1.0,
+    ("batch", "linear"): 4.0,
+    ("per_example", "linear"): 1.0,
+    ("per_example", "sqrt"): 0.25,
+}
+METHODS = ("torch_linear", "torch_sqrt", "sgdlab_per_example_linear")
+
+
+@dataclass(frozen=True)
+class Config(ExperimentConfig):
+    quad_lr: float = 0.0025
+    quad_horizon: float = 100.0
+    quad_batch: int = 16
+    quad_steps: int = 6000
+    quad_chains: int = 1000
+    batch_sizes: tuple[int, ...] = (8, 32, 128, 512)
+    ref_batch: int = 32
+    ref_lr: float = 3e-3
+    examples: int = 16384
+    hidden: int = 64
+    evals: int = 16
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"quad_steps": 3000, "quad_chains": 500, "batch_sizes": (8, 64, 512),
+             "examples": 8192, "evals": 8},
+    "full": {"quad_steps": 20000, "quad_chains": 4000, "batch_sizes": (8, 16, 32, 64, 128, 256,
+                                                                       512, 1024),
+             "examples": 262144, "hidden": 128, "evals": 32},
+}
+
+
+def _quadratic(config: Config) -> list[dict[str, Any]]:
+    problem = Separable([1.0], [1.0])
+    rows = []
+    for k, ((moment, rule), pred) in enumerate(COMBOS.items()):
+        var = {}
+        eff = {}
+        for b in (1, config.quad_batch):
+            mult = math.sqrt(b) if rule == "sqrt" else float(b)
+            pre = RMSPropPreconditioner(horizon=max(1.0, config.quad_horizon / b), eps=0.0,
+                                        second_moment=moment)
+            lr = config.quad_lr * mult
+            # Effective per-step rate lr/sqrt(E q): E q = sigma^2 (per-example), sigma^2/B (batch).
+            eff[b] = lr * (1.0 if moment == "per_example" else math.sqrt(b))
+            init = np.random.default_rng(config.seed + k).normal(
+                0.0, math.sqrt(eff[b] / (2 * b)), (config.quad_chains, 1))
+            res = simulate_sgd(problem, lr, b, config.quad_steps, config.quad_chains, init=init,
+                               preconditioner=pre, burn_in=config.quad_steps // 4,
+                               seed=config.seed + 10 * k + b)
+            var[b] = estimate_mean(res.variance.numpy()[:, 0])
+        r, se = ratio_stderr(var[config.quad_batch][0], var[config.quad_batch][1], var[1][0],
+                             var[1][1])
+        rows.append({"second_moment": moment, "rule": rule, "ratio": r, "ratio_se": se,
+                     "predicted": pred, "var_1": var[1][0], "var_B": var[config.quad_batch][0],
+                     "model_error": pred * max(eff.values()) / 2})
+    return rows
+
+
+def _optimizer(method: str, params: Any, b: int, config: Config) -> torch.optim.Optimizer:
+    ref = hyper.PerStep(lr=config.ref_lr, beta1=0.9, beta2=0.999, eps=1e-8)
+    if method == "sgdlab_per_example_linear":
+        # Per-example second moments are ~B0 times larger than the batch mean's square in the
+        # noise-dominated regime; match the reference step at B0 with lr * sqrt(B0).
+        ref = hyper.PerStep(lr=config.ref_lr * math.sqrt(config.ref_batch), beta1=0.9,
+                            beta2=0.999, eps=1e-8)
+    rule = "sqrt" if method == "torch_sqrt" else "lecture"
+    s = hyper.rescale(ref, config.ref_batch, b, rule=rule)
+    kw = {"lr": s.lr, "betas": (s.beta1, s.beta2), "eps": s.eps}
+    if method.startswith("torch"):
+        return torch.optim.Adam(params, **kw)
+    return SgdlabAdam(params, second_moment="per_example", **kw)
+
+
+def _mnist_part(config: Config, outdir: Path) -> dict[str, Any]:
+    data = _mnist.load(outdir, config.device)
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    jobs = [(m, b) for m in METHODS for b in config.batch_sizes]
+    for method, b in bar(jobs, desc=f"{NAME} mnist1d"):
+        model = _mnist.mlp(config.hidden, config.seed, config.device)
+        tracker = stats.track(model) if method.startswith("sgdlab") else None
+        opt = _optimizer(method, model.parameters(), b, config)
+        res = _mnist.train(model, opt, data, b, config.examples, seed=config.seed + b,
+                           evals=config.evals)
+        if tracker is not None:
+            tracker.detach()
+        runs[method].append({"B": b, **res})
+    spread = {}
+    for method, rs in runs.items():
+        finals = np.array([r["final_loss"] for r in rs], float)
+        logs = np.log(finals)
+        spread[method] = {"final_losses": finals, "log_spread": float(logs.max() - logs.min()),
+                          "log_std": float(logs.std(ddof=1)) if len(logs) > 1 else 0.0}
+    return {"runs": runs, "spread": spread}
+
+
+def run(config: Config, outdir: Path) -> dict[str, Any]:
+    return {"quadratic": _quadratic(config), "mnist1d": _mnist_part(config, outdir),
+            "quad_batch": config.quad_batch, "batch_sizes": list(config.batch_sizes),
+            "examples": config.examples}
+
+
+def claims(results: dict[str, Any]) -> list[Claim]:
+    out = []
+    bq = results["quad_batch"]
+    for r in results["quadratic"]:
+        out.append(Claim(
+            f"invariant_adam.var_ratio_{r['second_moment']}_{r['rule']}",
+            f"RMSProp, {r['second_moment']} second moment, {r['rule']} rule: "
+            f"Var(B={bq})/Var(B=1)", "1 if the rule matches the second moment; sqrt(B)^+-1 "
+            "otherwise", r["predicted"], r["ratio"], r["ratio_se"],
+            tolerance(r["ratio_se"], model_error=r["model_error"]), exact=False,
+            note=f"first-order (noise-dominated) prediction; O(eta h) model error "
+            f"{r['model_error']:.3g} allowed"))
+    sp = results["mnist1d"]["spread"]
+    bs = results["batch_sizes"]
+    base = sp["torch_linear"]["log_spread"]
+    out.append(Claim(
+        "invariant_adam.mnist1d_spread", f"MNIST-1D: per-example second moments + linear rule "
+        f"keep the loss at {results['examples']} examples closer across B={bs[0]}..{bs[-1]} "
+        "than torch.optim.Adam + linear rule", "max_B log L - min_B log L (per-example) <= "
+        "that of torch Adam (linear)", base, sp["sgdlab_per_example_linear"]["log_spread"], 0.0,
+        0.0, kind="at_most", exact=False,
+        note="spreads: " + ", ".join(f"{m} {s['log_spread']:.3f}" for m, s in sp.items())))
+    out.append(Claim(
+        "invariant_adam.mnist1d_sqrt", "MNIST-1D: torch.optim.Adam + square-root rule keeps the "
+        "loss closer across B than torch.optim.Adam + linear rule", "log-spread (sqrt) <= "
+        "log-spread (linear)", base, sp["torch_sqrt"]["log_spread"], 0.0, 0.0, kind="at_most",
+        exact=False))
+    return out
+
+
+def plot(results: dict[str, Any], outdir: Path) -> list[str]:
+    fig, ax = figure(4, 1, width=3.8)
+    q = results["quadratic"]
+    a = ax[0, 0]
+    xs = np.arange(len(q))
+    a.errorbar(xs, [r["ratio"] for r in q], [2 * r["ratio_se"] for r in q], fmt="o",
+               label="measured")
+    a.plot(xs, [r["predicted"] for r in q], "_", ms=20, color="k", label="predicted")
+    a.set_xticks(xs, [f"{r['second_moment']}\n{r['rule']}" for r in q], fontsize=7)
+    a.set(yscale="log", ylabel=f"Var(B={results['quad_batch']})/Var(1)", title="RMSProp")
+    a.legend(fontsize=7)
+    cmap = matplotlib_colors(len(results["batch_sizes"]))
+    for a, method in zip(ax[0, 1:], METHODS):
+        for color, r in zip(cmap, results["mnist1d"]["runs"][method]):
+            a.plot([p["examples"] for p in r["curve"]], [p["loss"] for p in r["curve"]],
+                   color=color, label=f"B={r['B']}")
+        a.set(xlabel="examples seen", ylabel="training loss", yscale="log",
+              title=method.replace("_", " "))
+        a.legend(fontsize=6)
+    return [save(fig, outdir, "invariant_adam.png")]
+
+
+def matplotlib_colors(n: int) -> list[Any]:
+    import matplotlib.pyplot as plt
+
+    return [plt.cm.viridis(i / max(1, n - 1)) for i in range(n)]
