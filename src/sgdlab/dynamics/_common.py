@@ -91,17 +91,40 @@ class NormalBlocks:
 
 def scale_transform(K: torch.Tensor, shift: torch.Tensor | None = None
                     ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``z -> z @ K + shift`` (in place when K is diagonal)."""
+    """``z -> z @ K + shift`` for blocks ``z`` of shape ``(n, R, d)`` (in place when K is
+    diagonal; the per-coordinate factors are expanded to ``(R, d)`` once, because broadcasting
+    a short trailing dimension is several times slower in torch's CPU kernels)."""
     off = K - torch.diag(K.diagonal())
     diag = K.diagonal().clone() if bool(torch.count_nonzero(off) == 0) else None
+    if shift is not None and not bool(torch.count_nonzero(shift)):
+        shift = None
+    cache: dict[str, torch.Tensor] = {}
 
     def transform(z: torch.Tensor) -> torch.Tensor:
-        z = z.mul_(diag) if diag is not None else z @ K
+        if diag is not None:
+            if "diag" not in cache:
+                cache["diag"] = expand_full(diag, z.shape[1:])
+            z = z.mul_(cache["diag"])
+        else:
+            z = z @ K
         if shift is not None:
-            z += shift
+            if "shift" not in cache:
+                cache["shift"] = expand_full(shift, z.shape[1:])
+            z += cache["shift"]
         return z
 
     return transform
+
+
+def expand_full(v: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """``v`` (trailing dims) materialised to ``shape`` as a contiguous tensor."""
+    return v.expand(*shape).contiguous()
+
+
+def diagonal_or_none(a: torch.Tensor) -> torch.Tensor | None:
+    """The diagonal of ``a`` if ``a`` is diagonal, else None."""
+    off = a - torch.diag(a.diagonal())
+    return a.diagonal().clone() if not bool(torch.count_nonzero(off)) else None
 
 
 def as_matrix(name: str, value: Any, dim: int | None = None, *, symmetric: bool = False,

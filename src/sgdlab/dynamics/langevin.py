@@ -36,6 +36,8 @@ from .._validation import check_batch_size, check_choice, check_positive
 from ._common import (
     NormalBlocks,
     check_init,
+    diagonal_or_none,
+    expand_full,
     finite_or_raise,
     make_generator,
     psd_sqrt,
@@ -47,10 +49,6 @@ from .problems.base import Problem
 from .result import ChainResult, _Accumulator
 
 __all__ = ["first_passage_times", "simulate_langevin"]
-
-
-def _is_diagonal(a: torch.Tensor) -> bool:
-    return bool(torch.count_nonzero(a - torch.diag(a.diagonal())) == 0)
 
 
 def _steps(time: float, dt: float) -> int:
@@ -143,7 +141,9 @@ def simulate_langevin(
     if affine is not None:
         M, c = affine
         A = torch.eye(d, dtype=dtype) - M * drift_scale
-        A_diag = A.diagonal().clone() if _is_diagonal(A) else None
+        A_diag = diagonal_or_none(A)
+        if A_diag is not None:
+            A_diag = expand_full(A_diag, (R, d))
     transform = None
     if diffusion == "constant":
         transform = scale_transform(Lt, None if affine is None else -(affine[1] * drift_scale))

@@ -42,6 +42,8 @@ from ._common import (
     LearningRate,
     NormalBlocks,
     check_init,
+    diagonal_or_none,
+    expand_full,
     finite_or_raise,
     make_generator,
     resolve_dtype,
@@ -146,6 +148,10 @@ def simulate_sgd(
         else None
     affine = problem.affine_gradient(dtype) if K is not None else None
     block = None
+    M_full = None
+    if affine is not None:
+        M_diag = diagonal_or_none(affine[0])
+        M_full = None if M_diag is None else expand_full(M_diag, (R, d))
     if K is not None:
         block = NormalBlocks(gen, (R, d), steps, dtype, scale_transform(
             K / B**0.5, None if affine is None else affine[1]))
@@ -180,8 +186,12 @@ def simulate_sgd(
             g_hat = problem.grad(phi)
         elif block is not None:
             per_ex = None
-            g_hat = (torch.addmm(block(t), phi, affine[0]) if affine is not None
-                     else problem.grad(phi) + block(t))
+            if M_full is not None:
+                g_hat = torch.addcmul(block(t), phi, M_full)
+            elif affine is not None:
+                g_hat = torch.addmm(block(t), phi, affine[0])
+            else:
+                g_hat = problem.grad(phi) + block(t)
         else:
             per_ex = None
             g_hat = problem.sample_grad(phi, B, gen)
