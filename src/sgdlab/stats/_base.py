@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """One call of a tracked module, ready for its rule.
 
@@ -60,7 +60,7 @@ class Call:
     suspend: Callable[[], Any] | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Contribution:
     """Per-example statistic of one parameter from one call (see the module docstring).
 

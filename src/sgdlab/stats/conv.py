@@ -115,18 +115,11 @@ def _im2col(
     kernel: list[int],
     stride: list[int],
     dilation: list[int],
-    padding: list[int],
     out_sizes: tuple[int, ...],
 ) -> Tensor:
     """Input patches ``[n, C * prod(kernel), prod(out_sizes)]`` (channel-major, then kernel
     offsets, as the weight is laid out), for any number of spatial dims: one strided view and
-    one copy."""
-    if any(padding):
-        pads: list[int] = []
-        for p in reversed(padding):
-            pads += [p, p]
-        xp = F.pad(xp, pads)
-    xp = xp.contiguous()
+    one copy. ``xp`` is the padded input, contiguous except for a batch slice."""
     nd = len(kernel)
     st = xp.stride()
     sizes = (*xp.shape[:2], *out_sizes, *kernel)
@@ -154,9 +147,15 @@ def _unfold_weight(
     P = math.prod(out_sizes)
     cols = xp.shape[1] * math.prod(kernel)
     extra = (cols * P + c_out * P) * xp.element_size()
+    if any(padding):  # pad the whole batch once
+        pads: list[int] = []
+        for p in reversed(padding):
+            pads += [p, p]
+        xp = F.pad(xp, pads)
+    xp = xp.contiguous()
 
     def make(s: slice) -> Tensor:
-        xs = _im2col(xp[s], kernel, stride, dilation, padding, out_sizes)
+        xs = _im2col(xp[s], kernel, stride, dilation, out_sizes)
         n = xs.shape[0]
         xs = xs.view(n * groups, cols // groups, P)
         ds = d[s].reshape(n * groups, c_out // groups, P)

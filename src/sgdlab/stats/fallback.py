@@ -124,8 +124,8 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
 
     def cut(x: Any, d: int | None, s: slice) -> Any:
         if d is None:
-            return x
-        return x.narrow(d, s.start, s.stop - s.start)
+            return x.detach() if isinstance(x, Tensor) else x
+        return x.detach().narrow(d, s.start, s.stop - s.start)
 
     kept: dict[str, list[Tensor]] = {nm: [] for nm in names}
     moments = {nm: torch.zeros_like(t) for nm, t in zip(names, theta, strict=True)}

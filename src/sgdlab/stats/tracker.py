@@ -68,7 +68,7 @@ __all__ = ["Tracker", "track", "ATTRIBUTE"]
 ATTRIBUTE = "grad_second_moment"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     module: nn.Module
     name: str
@@ -78,7 +78,7 @@ class _Entry:
     ids: tuple[int, ...] = ()
 
 
-@dataclass
+@dataclass(slots=True)
 class _Record:
     entry: _Entry
     args: tuple[Any, ...]
@@ -91,7 +91,7 @@ class _Record:
     positions: tuple[int, ...]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pass:
     """State of one backward pass."""
 
@@ -129,7 +129,7 @@ class Tracker:
         reduction: str = "mean",
         batch_size: int | None = None,
         per_example_norms: bool = False,
-        memory_budget: int = 2**24,
+        memory_budget: int = 2**25,
         conv_strategy: str = "auto",
         warn_fallback: bool = True,
     ) -> None:
@@ -144,6 +144,7 @@ class Tracker:
         )
         self._entries: dict[nn.Module, _Entry] = {}
         self._handles: list[Any] = []
+        self._coverage_handles: list[Any] = []
         self._uses: dict[int, int] = {}
         self._pass: _Pass | None = None
         self._suspended = 0
@@ -184,8 +185,11 @@ class Tracker:
             self._handles.append(module.register_forward_hook(self._forward_hook, with_kwargs=True))
         if not self._entries:
             raise ValueError("model has no trainable parameters to track")
-        for _, p in self._params.values():
-            self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook))
+        # coverage check (a parameter whose gradient bypasses its module's call) on the first
+        # backward pass; the hooks are removed after it, so later steps pay nothing for them
+        self._coverage_handles = [
+            p.register_post_accumulate_grad_hook(self._grad_hook) for _, p in self._params.values()
+        ]
         if fallbacks and warn_fallback:
             warnings.warn(
                 "sgdlab.stats: no dedicated rule for "
@@ -238,9 +242,10 @@ class Tracker:
 
     def detach(self, clear: bool = True) -> None:
         """Remove all hooks; with ``clear`` also delete the ``grad_second_moment`` attributes."""
-        for h in self._handles:
+        for h in self._handles + self._coverage_handles:
             h.remove()
         self._handles = []
+        self._coverage_handles = []
         if clear:
             for _, p in self._params.values():
                 if hasattr(p, ATTRIBUTE):
@@ -275,8 +280,7 @@ class Tracker:
         for pid in entry.ids:
             uses[pid] = uses.get(pid, 0) + 1
         if not kwargs and all(isinstance(a, Tensor) for a in args):
-            flat_in = args
-            sargs = tuple(a.detach() for a in args)
+            flat_in = sargs = args  # rules run without grad mode (or detach themselves)
             skwargs = kwargs
         else:
             flat_in = tuple(t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor))
@@ -294,7 +298,14 @@ class Tracker:
             positions=positions,
         )
         if len(outs) == 1:
-            outs[0].register_hook(lambda g: self._on_grads(record, (g,)))
+            out = outs[0]
+            node, nr = out.grad_fn, out.output_nr
+            if node is None:  # the module returned a leaf tensor
+                out.register_hook(lambda g: self._on_grads(record, (g,)))
+            else:
+                # a pre-hook on the node that produced the output sees the gradient of the
+                # output as returned (also when the output is later modified in place)
+                node.register_prehook(lambda gs: self._on_grads(record, (gs[nr],)))
         else:
             torch.autograd.graph.register_multi_grad_hook(
                 outs, lambda gs: self._on_grads(record, tuple(gs)), mode="all"
@@ -375,7 +386,8 @@ class Tracker:
         )
         self._suspended += 1
         try:
-            contributions = entry.rule.compute(call)
+            with torch.no_grad():
+                contributions = entry.rule.compute(call)
         finally:
             self._suspended -= 1
         for n, p in zip(entry.names, entry.params, strict=True):
@@ -409,6 +421,10 @@ class Tracker:
         self._uses = {}
         if state is None:
             return
+        if self._coverage_handles and (state.got_grad or state.contributed):
+            for h in self._coverage_handles:
+                h.remove()
+            self._coverage_handles = []
         missing = state.got_grad - state.contributed
         if missing:
             names = sorted(self._params[pid][0] for pid in missing)
@@ -454,7 +470,7 @@ def track(
     reduction: str = "mean",
     batch_size: int | None = None,
     per_example_norms: bool = False,
-    memory_budget: int = 2**24,
+    memory_budget: int = 2**25,
     conv_strategy: str = "auto",
     warn_fallback: bool = True,
 ) -> Tracker:
