@@ -1,0 +1,141 @@
+"""Experiment 5: conjugacy of SGD hyperparameters on real data (MNIST-1D).
+
+The lecture's reparameterisation: with momentum horizon N_g (beta = 1 - 1/N_g, heavy ball
+v = beta v + eta g_hat, Phi -= v) the per-step rate eta = eta'/N_g keeps the update per unit of
+averaged gradient at eta', so the best eta' should not move with N_g (conjugacy:
+d^2 f/(d eta' d N_g) = 0; REFERENCE.md erratum 5 fixes the slide's wording), while the best
+per-step eta moves like 1/N_g. Likewise with eta = B eta'_ex (eta'_ex per example) the best
+eta'_ex should not move with the batch size B. An MLP on MNIST-1D is trained over three grids,
+(eta', N_g), (eta, N_g) and (eta'_ex, B), for the same number of examples; heatmaps show the
+final training loss and the claims how far (in octaves) the best value moves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..claims import Claim
+from ..config import ExperimentConfig
+from ..plotting import figure, save
+from ..progress import bar
+from . import _mnist
+
+NAME = "conjugacy"
+TITLE = "5. Conjugacy on real data: (eta', N_g), (eta, N_g) and (eta', B) on MNIST-1D"
+DESCRIPTION = (
+    "Final training loss of an MLP on MNIST-1D over three grids: the lecture's conjugate "
+    "learning rate eta' against the momentum horizon N_g (per-step lr = eta'/N_g), the plain "
+    "per-step lr eta against N_g, and the per-example rate eta' against the batch size B "
+    "(lr = B eta'). In conjugate units the valley of good learning rates is a vertical band: "
+    "the best eta' stays put as N_g or B change, while the best per-step eta moves like 1/N_g."
+)
+
+
+@dataclass(frozen=True)
+class Config(ExperimentConfig):
+    n_g: tuple[float, ...] = (1.0, 8.0)
+    octaves: tuple[int, ...] = (-2, -1, 0, 1, 2)
+    eta_octaves: tuple[int, ...] = (-5, -4, -3, -2, -1, 0, 1)
+    base_lr: float = 0.4
+    batch_size: int = 32
+    batch_sizes: tuple[int, ...] = (8, 32, 128)
+    examples: int = 16384
+    hidden: int = 64
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"octaves": (-1, 0, 1), "eta_octaves": (-4, -3, -2, -1, 0, 1),
+             "batch_sizes": (16, 64), "examples": 4096},
+    "full": {"n_g": (1.0, 2.0, 4.0, 8.0, 16.0), "octaves": (-3, -2, -1, 0, 1, 2, 3),
+             "eta_octaves": tuple(range(-7, 4)), "batch_sizes": (8, 16, 32, 64, 128, 256),
+             "examples": 131072, "hidden": 128},
+}
+
+
+def _train(lr: float, momentum: float, b: int, data: _mnist.Data, config: Config) -> float:
+    model = _mnist.mlp(config.hidden, config.seed, config.device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    res = _mnist.train(model, opt, data, b, config.examples, seed=config.seed, evals=2)
+    return float(res["final_loss"])
+
+
+def run(config: Config, outdir: Path) -> dict[str, Any]:
+    data = _mnist.load(outdir, config.device)
+    base = config.base_lr
+    jobs = []
+    for n_g in config.n_g:
+        for k in config.octaves:
+            jobs.append(("eta_prime_ng", n_g, k, base * 2.0**k / n_g, 1 - 1 / n_g,
+                         config.batch_size))
+        for k in config.eta_octaves:
+            jobs.append(("eta_ng", n_g, k, base * 2.0**k, 1 - 1 / n_g, config.batch_size))
+    for b in config.batch_sizes:
+        for k in config.octaves:
+            jobs.append(("eta_prime_b", b, k, base * 2.0**k * b / config.batch_size, 0.0, b))
+    grids: dict[str, list[dict[str, float]]] = {"eta_prime_ng": [], "eta_ng": [],
+                                                 "eta_prime_b": []}
+    for grid, row, k, lr, mom, b in bar(jobs, desc=NAME):
+        grids[grid].append({"row": row, "octave": k, "lr": lr,
+                            "loss": _train(lr, mom, b, data, config)})
+    return {"grids": grids, "base_lr": base, "n_g": list(config.n_g),
+            "batch_sizes": list(config.batch_sizes), "ref_batch": config.batch_size}
+
+
+def _best_octave(cells: list[dict[str, float]], row: float) -> float:
+    mine = [c for c in cells if c["row"] == row and math.isfinite(c["loss"])]
+    return float(min(mine, key=lambda c: c["loss"])["octave"]) if mine else float("nan")
+
+
+def claims(results: dict[str, Any]) -> list[Claim]:
+    g = results["grids"]
+    ng = results["n_g"]
+    lo, hi = ng[0], ng[-1]
+    shift_p = _best_octave(g["eta_prime_ng"], hi) - _best_octave(g["eta_prime_ng"], lo)
+    shift_e = _best_octave(g["eta_ng"], hi) - _best_octave(g["eta_ng"], lo)
+    bs = results["batch_sizes"]
+    shift_b = _best_octave(g["eta_prime_b"], bs[-1]) - _best_octave(g["eta_prime_b"], bs[0])
+    pred_e = -math.log2(hi / lo)
+    return [
+        Claim("conjugacy.best_eta_prime_shift_Ng", f"the best eta' does not move from N_g={lo:g} "
+              f"to N_g={hi:g} (eta = eta'/N_g): eta' and N_g are conjugate",
+              "d^2 f/(d eta' d N_g) = 0: shift = 0 octaves", 0.0, shift_p, 0.5, 1.0,
+              exact=False, note="grid spacing 1 octave; one octave allowed"),
+        Claim("conjugacy.best_eta_shift_Ng", f"the best per-step eta moves like 1/N_g from "
+              f"N_g={lo:g} to {hi:g}", "shift = -log2(N_g ratio) octaves", pred_e, shift_e, 0.5,
+              1.0, exact=False, note="grid spacing 1 octave; one octave allowed"),
+        Claim("conjugacy.best_eta_prime_shift_B", f"the best per-example eta' does not move from "
+              f"B={bs[0]} to B={bs[-1]} (eta = B eta')", "shift = 0 octaves", 0.0, shift_b, 0.5,
+              1.0, exact=False, note="grid spacing 1 octave; one octave allowed"),
+    ]
+
+
+def plot(results: dict[str, Any], outdir: Path) -> list[str]:
+    fig, ax = figure(3, 1, width=4.2)
+    titles = {"eta_prime_ng": ("eta' (octaves from base)", "N_g"),
+              "eta_ng": ("per-step eta (octaves from base)", "N_g"),
+              "eta_prime_b": ("eta' per example (octaves)", "B")}
+    for a, (name, cells) in zip(ax[0], results["grids"].items()):
+        rows = sorted({c["row"] for c in cells})
+        cols = sorted({c["octave"] for c in cells})
+        z = np.full((len(rows), len(cols)), np.nan)
+        for c in cells:
+            v = c["loss"]
+            z[rows.index(c["row"]), cols.index(c["octave"])] = np.log10(v) if np.isfinite(v) \
+                else np.nan
+        im = a.imshow(z, aspect="auto", origin="lower", cmap="viridis_r",
+                      extent=(cols[0] - 0.5, cols[-1] + 0.5, -0.5, len(rows) - 0.5))
+        a.set_yticks(range(len(rows)), [f"{r:g}" for r in rows])
+        for i, r in enumerate(rows):
+            best = _best_octave(cells, r)
+            if np.isfinite(best):
+                a.plot(best, i, "r*", ms=10)
+        xl, yl = titles[name]
+        a.set(xlabel=xl, ylabel=yl, title="log10 final loss (star: best)")
+        fig.colorbar(im, ax=a, shrink=0.8)
+    return [save(fig, outdir, "conjugacy.png")]
