@@ -77,6 +77,9 @@ def test_ou_covariance_understates_discrete_by_order_eta():
         ou = 0.5 * np.trace(H4 @ S_ou)
         assert ou < exact
         ratios.append((exact - ou) / exact)
+        # identity: tr(H S) = tr(H S + S H)/2 = eta tr C / 2, so the OU excess is exactly the
+        # first-order term eta tr C / (4B) for every H
+        assert ou == pytest.approx(eta * excess_loss_slope(C4), rel=1e-12)
     # relative gap is O(eta): halves with eta
     np.testing.assert_allclose(np.array(ratios[:-1]) / np.array(ratios[1:]), 2.0, rtol=0.1)
 

@@ -12,6 +12,7 @@ from sgdlab.dynamics import (
     MeanEstimation,
     Quadratic,
     Separable,
+    estimate_excess_from_fdr,
     estimate_mean,
     estimate_temperatures,
     excess_loss,
@@ -66,6 +67,7 @@ def test_two_dimensional_quadratic_covariance_and_fdr_with_batches():
         _assert_z(m[k], se[k], S.reshape(-1)[k])
     _assert_z(*estimate_mean(r.excess_loss), excess_loss(H, C, eta, B))
     _assert_z(*estimate_mean(2 * r.excess_loss - r.fdr_lhs), 0.0)
+    _assert_z(*estimate_excess_from_fdr(r.grad_sq, eta), excess_loss(H, C, eta, B))
     _assert_z(*estimate_mean(r.fdr_lhs - eta / 2 * r.grad_sq), 0.0)
 
 

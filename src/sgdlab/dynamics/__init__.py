@@ -27,7 +27,13 @@ from .closed_forms import (
     quadratic_excess_loss,
     quadratic_variance,
 )
-from .estimators import estimate_mean, fit_excess_slope, ks_distance, z_score
+from .estimators import (
+    estimate_excess_from_fdr,
+    estimate_mean,
+    fit_excess_slope,
+    ks_distance,
+    z_score,
+)
 from .flow import convergence_order, flow_errors, gradient_flow
 from .gibbs import GibbsDensity, estimate_gibbs_alpha, langevin_stationary_density
 from .langevin import first_passage_times, simulate_langevin
@@ -72,6 +78,7 @@ __all__ = [
     "batch_gradient_variance",
     "convergence_order",
     "coordinate_temperatures",
+    "estimate_excess_from_fdr",
     "estimate_gibbs_alpha",
     "estimate_mean",
     "estimate_temperatures",

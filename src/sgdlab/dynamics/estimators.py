@@ -21,7 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["estimate_mean", "fit_excess_slope", "ks_distance", "z_score"]
+__all__ = [
+    "estimate_excess_from_fdr",
+    "estimate_mean",
+    "fit_excess_slope",
+    "ks_distance",
+    "z_score",
+]
 
 
 def _as_numpy(samples: Any) -> np.ndarray:
@@ -45,6 +51,21 @@ def estimate_mean(samples: Any) -> tuple[Any, Any]:
     if x.ndim == 1:
         return float(m), float(se)
     return m, se
+
+
+def estimate_excess_from_fdr(grad_sq: Any, lr: float) -> tuple[float, float]:
+    """Excess loss from the fluctuation-dissipation relation, ``(eta/4) E ||g_hat||^2``.
+
+    Exact at stationarity for constant-lr SGD on quadratic per-example losses (Yaida 2018;
+    the lecture's proof, step 3), whatever H and C; needs only the gradients SGD already
+    computes, not L*. ``grad_sq``: per-chain time averages of ``||g_hat||^2``
+    (``ChainResult.grad_sq``). Returns ``(estimate, stderr)``.
+    """
+    from .._validation import check_positive
+
+    eta = check_positive("lr", lr)
+    m, se = estimate_mean(grad_sq)
+    return 0.25 * eta * m, 0.25 * eta * se
 
 
 def z_score(estimate: Any, stderr: Any, reference: Any) -> Any:
