@@ -17,7 +17,7 @@ import torch
 
 from ._common import mnist1d
 
-__all__ = ["Data", "evaluate", "load", "mlp", "train"]
+__all__ = ["Data", "evaluate", "examples_to_reach", "load", "mlp", "train"]
 
 
 class Data:
@@ -66,13 +66,17 @@ def train(
     lr_at: Callable[[int], float] | None = None,
     evals: int = 20,
     before_step: Callable[[torch.nn.Module], None] | None = None,
+    after_backward: Callable[[int], None] | None = None,
     on_eval: Callable[[int, torch.nn.Module], None] | None = None,
+    stop_below: float | None = None,
 ) -> dict[str, Any]:
     """Train for ``examples // batch_size`` steps; return the training-loss curve.
 
     ``lr_at(step)`` (optional) sets every group's lr before each step. The full training loss is
     evaluated at ``evals`` points evenly spaced in examples seen (and at the end). A non-finite
     loss ends the run early and is recorded as ``inf`` (a diverged configuration).
+    ``after_backward(step)`` runs between backward and the optimizer step (e.g. a noise meter);
+    ``stop_below`` ends the run at the first evaluation whose loss is at or below it.
     """
     steps = max(1, examples // batch_size)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -93,6 +97,8 @@ def train(
             diverged = True
             break
         loss.backward()
+        if after_backward is not None:
+            after_backward(step)
         opt.step()
         if step in marks:
             tl, _ = evaluate(model, data.x, data.y)
@@ -102,5 +108,22 @@ def train(
             curve.append({"step": step, "examples": step * batch_size, "loss": tl})
             if on_eval is not None:
                 on_eval(step, model)
+            if stop_below is not None and tl <= stop_below:
+                break
     final = curve[-1]["loss"] if curve and not diverged else float("inf")
     return {"curve": curve, "final_loss": final, "diverged": diverged, "steps": steps}
+
+
+def examples_to_reach(curve: list[dict[str, float]], target: float) -> float:
+    """Examples seen when the loss curve first reaches ``target`` (log-linear interpolation
+    between evaluations); ``nan`` if it never does."""
+    prev = None
+    for p in curve:
+        if p["loss"] <= target:
+            if prev is None or prev["loss"] <= target:
+                return float(p["examples"])
+            f = (math.log(prev["loss"]) - math.log(target)) / (
+                math.log(prev["loss"]) - math.log(p["loss"]))
+            return float(prev["examples"] + f * (p["examples"] - prev["examples"]))
+        prev = p
+    return float("nan")
