@@ -59,7 +59,8 @@ def chain_variances(B: int, rule: str, second_moment: str, seed: int) -> torch.T
     opt.state[x]["step"] = torch.zeros((), dtype=torch.float64)
     opt.state[x]["square_avg"] = torch.full_like(x, s0)
     steps = STEPS_B1 // B
-    burn = max(1, 400 // B, 100 if rule == "linear" and B > 1 else 0)  # s relaxes in 1/(1-alpha) steps
+    # burn-in: x relaxes in 1/eta_eff steps, s in 1/(1 - alpha) steps (alpha kept by "linear")
+    burn = max(1, 400 // B, 100 if rule == "linear" and B > 1 else 0)
     acc = torch.zeros(R, dtype=torch.float64)
     for t in range(burn + steps):
         g = x.detach() - SIGMA * torch.randn(B, R, generator=gen, dtype=torch.float64)
