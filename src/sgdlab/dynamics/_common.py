@@ -10,14 +10,13 @@ Conventions used throughout :mod:`sgdlab.dynamics`:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from .._validation import check_batch_size, check_finite, check_nonnegative
+from .._validation import check_nonnegative
 
 DEFAULT_DTYPE = torch.float64
 
@@ -193,16 +192,8 @@ def resolve_lr(lr: LearningRate, name: str = "lr") -> Callable[[int], float]:
     return lambda t: value
 
 
-def constant_lr(lr: LearningRate) -> float | None:
-    """The value of a constant learning rate, or None for a schedule."""
-    if callable(lr):
-        return None
-    return float(lr)
 
 
-def check_steps(name: str, value: Any) -> int:
-    """A number of steps: an integer >= 1."""
-    return check_batch_size(name, value)
 
 
 def check_init(init: Any, chains: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -223,12 +214,8 @@ def check_init(init: Any, chains: int, dim: int, dtype: torch.dtype) -> torch.Te
     return x.clone()
 
 
-def check_real(name: str, value: Any) -> float:
-    return check_finite(name, value)
 
 
-def is_integer(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def finite_or_raise(name: str, x: torch.Tensor, step: int) -> None:
@@ -237,7 +224,3 @@ def finite_or_raise(name: str, x: torch.Tensor, step: int) -> None:
         raise FloatingPointError(
             f"{name} became non-finite at step {step}: the learning rate is probably above the "
             "stability limit (for a quadratic, eta * h_max < 2)")
-
-
-def log_spaced(lo: float, hi: float, n: int) -> list[float]:
-    return [math.exp(v) for v in np.linspace(math.log(lo), math.log(hi), n)]

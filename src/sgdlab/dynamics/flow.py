@@ -107,7 +107,7 @@ def flow_errors(problem: Problem, lrs: Sequence[float], time: float, init: Any, 
     f = observable if observable is not None else problem.loss
     rows = {k: [] for k in ("rms_error", "rms_stderr", "weak_error", "weak_stderr", "steps")}
     for i, eta in enumerate(lrs):
-        eta = check_positive("lrs[i]", eta)
+        eta = check_positive(f"lrs[{i}]", eta)
         K = int(round(time / eta))
         if abs(K * eta - time) > 1e-9 * time:
             raise ValueError(f"time / lr must be an integer, got time={time}, lr={eta}")

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .._validation import check_batch_size, check_nonnegative, check_positive
+from .._validation import check_batch_size, check_positive
 
 __all__ = ["GibbsDensity", "estimate_gibbs_alpha", "langevin_stationary_density"]
 
@@ -115,10 +115,9 @@ def langevin_stationary_density(loss: Callable[[np.ndarray], np.ndarray], lr: fl
 
 
 def estimate_gibbs_alpha(loss_means: Any, loss: Callable[[np.ndarray], np.ndarray], lr: float,
-                         sigma2: float, batch_size: int = 1, min_loss: float = 0.0
-                         ) -> tuple[float, float]:
-    """Estimate alpha in ``p ∝ exp(-(L - L*)/(alpha eta sigma^2 / B))`` from per-chain time
-    averages of ``L`` (an ``(R,)`` array, chains independent).
+                         sigma2: float, batch_size: int = 1) -> tuple[float, float]:
+    """Estimate alpha in ``p ∝ exp(-L/(alpha eta sigma^2 / B))`` from per-chain time averages
+    of ``L`` (an ``(R,)`` array, chains independent; ``loss`` is the same L for numpy arrays).
 
     Solves ``E_T[L] = mean`` for T (``E_T[L]`` increases with T: ``dE/dT = Var_T(L)/T^2``),
     then ``alpha = T B / (eta sigma^2)``. The standard error follows by the delta method from
@@ -131,7 +130,6 @@ def estimate_gibbs_alpha(loss_means: Any, loss: Callable[[np.ndarray], np.ndarra
         raise ValueError("loss_means must hold >= 2 finite per-chain averages")
     eta, s2 = check_positive("lr", lr), check_positive("sigma2", sigma2)
     B = check_batch_size("batch_size", batch_size)
-    check_nonnegative("mean excess", 0.0)
     m = float(m_arr.mean())
     se = float(m_arr.std(ddof=1) / np.sqrt(m_arr.size))
     scale = eta * s2 / B
@@ -139,9 +137,11 @@ def estimate_gibbs_alpha(loss_means: Any, loss: Callable[[np.ndarray], np.ndarra
     def mean_loss(T: float) -> float:
         return GibbsDensity(loss, T).expect(loss)
 
-    if not m > min_loss:
-        raise ValueError(f"the mean loss {m} must exceed min_loss {min_loss}")
     lo, hi = 1e-3 * scale, 1e3 * scale
+    f_lo, f_hi = mean_loss(lo) - m, mean_loss(hi) - m
+    if not f_lo < 0 < f_hi:
+        raise ValueError(f"the mean loss {m} is not E_T[L] for any T in [{lo:.3g}, {hi:.3g}] "
+                         "(alpha outside [1e-3, 1e3]); check loss, lr, sigma2 and batch_size")
     T = brentq(lambda T: mean_loss(T) - m, lo, hi, xtol=1e-14 * scale, rtol=1e-12)
     dens = GibbsDensity(loss, T)
     mL = dens.expect(loss)

@@ -37,6 +37,8 @@ class ChainResult:
     times : (K,) "time" ``t = sum of learning rates`` (SGD) or ``k dt`` (Langevin) there.
     steps, burn_in : the run's length and the number of initial states left out of averages.
     center : (d,) the point ``c`` used for second moments (the optimum when known, else 0).
+    momentum : (R, d) the final momentum average ``mu`` (SGD with momentum_horizon > 1), e.g. to
+        continue a run with ``init=final, init_momentum=momentum``.
     """
 
     final: torch.Tensor
