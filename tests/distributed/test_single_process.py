@@ -145,10 +145,14 @@ def test_step_protocol_errors():
     with pytest.raises(ValueError, match="one-element tensor"):
         with dp.accumulate(2):
             dp.backward((dp(x[:2]) - y[:2]).pow(2))
+    dp.begin_step(4)  # an error inside accumulate abandoned the step
+    with pytest.raises(RuntimeError, match="already called"):
+        with dp.accumulate(2):
+            dp.backward(ddp_jobs.loss_fn(dp(x[:2]), y[:2]))
+            dp.backward(ddp_jobs.loss_fn(dp(x[:2]), y[:2]))
+    dp.begin_step(4)
     with dp.accumulate(2):
         dp.backward(ddp_jobs.loss_fn(dp(x[:2]), y[:2]))
-        with pytest.raises(RuntimeError, match="already called"):
-            dp.backward(ddp_jobs.loss_fn(dp(x[:2]), y[:2]))
     with pytest.raises(RuntimeError, match="1 of accumulation_steps=2"):
         dp.step()
     with dp.accumulate(1):
@@ -164,6 +168,23 @@ def test_step_protocol_errors():
         DataParallel(model, torch.optim.SGD(model.parameters(), lr=0.1)).train_step(
             x, y[:3], ddp_jobs.loss_fn
         )
+
+
+def test_a_failed_micro_batch_abandons_the_step():
+    """An exception inside accumulate closes the step; the next begin_step starts cleanly and
+    the following step equals a fresh single-process step."""
+    dp, model = _dp()
+    ref, _ = _dp()
+    x, y = ddp_jobs.global_batch(0, 4)
+    dp.begin_step(4)
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        with dp.accumulate(4):
+            dp.backward(ddp_jobs.loss_fn(dp(x[:, :3]), y))
+    dp.train_step(x, y, ddp_jobs.loss_fn)
+    ref.train_step(x, y, ddp_jobs.loss_fn)
+    for p, q in zip(model.parameters(), ref.module.parameters()):
+        assert torch.equal(p, q)
+    assert dp.steps == 1
 
 
 def test_construction_errors():
@@ -189,6 +210,9 @@ def test_construction_errors():
     with sgdlab.stats.track(other) as tr:
         with pytest.raises(ValueError, match="attached to the model"):
             DataParallel(model, adam, tracker=tr)
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        DataParallel(frozen, torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1))
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="noise_meter needs second moments"):
         DataParallel(model, sgd, second_moments=False, noise_meter=True)

@@ -103,6 +103,9 @@ class DataParallel:
             (``beta``, ``lr``, ``writer``, ``prefix``): read global noise statistics in
             :meth:`step`, over the optimizer's parameter groups.
         equal_local: require equal local batch sizes on every rank.
+        overlap: launch the second-moment all-reduce inside the last backward pass, before
+            DDP waits for its gradient buckets (default); ``False`` launches it after
+            ``loss.backward()`` returns (for comparison; same result).
         process_group: process group (default group).
         **ddp_kwargs: passed to ``DistributedDataParallel`` (``device_ids`` defaults to the
             model's CUDA device).
@@ -124,6 +127,7 @@ class DataParallel:
         tracker: Tracker | None = None,
         noise_meter: bool | dict[str, Any] = False,
         equal_local: bool = False,
+        overlap: bool = True,
         process_group: Any = None,
         **ddp_kwargs: Any,
     ) -> None:
@@ -149,6 +153,8 @@ class DataParallel:
         self.group = process_group
         self.module = model
         self.optimizer = optimizer
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("model has no trainable parameters")
         self.rank, self.world_size = rank_and_size(process_group)
         if is_distributed(process_group):
             device = next(model.parameters()).device
@@ -213,7 +219,8 @@ class DataParallel:
         self._examples_before = 0
         self._synced = False
         self._handles = []
-        if tracker is not None:
+        self.overlap = bool(overlap)
+        if tracker is not None and self.overlap:
             # Registered after the tracker's own hooks, so the callback queued here runs after
             # the tracker's end-of-pass callback (and before DDP's, queued when the last bucket
             # is ready).
@@ -265,6 +272,8 @@ class DataParallel:
             raise RuntimeError(
                 "begin_step called twice without step(); finish the step with dp.step()"
             )
+        if self.reducer is not None and self.reducer.pending:
+            self.reducer.wait()  # left by an abandoned step: a collective must complete
         batch = gather_batch(
             local_size, self.accumulation_steps, group=self.group, equal_local=self.equal_local
         )
@@ -307,6 +316,9 @@ class DataParallel:
         try:
             with self.ddp.no_sync() if skip else contextlib.nullcontext():  # type: ignore[union-attr]
                 yield
+        except BaseException:
+            self._open = False  # the step is abandoned; begin_step starts a new one
+            raise
         finally:
             self._in_micro = False
             self._armed = False
@@ -380,10 +392,12 @@ class DataParallel:
         """Finish the step: wait for the communication, read the noise meter (if any), take
         the optimizer step. Returns the meter's reading, else None."""
         self.synchronize()
-        reading = self.meter.update(self.steps) if self.meter is not None else None
-        self.optimizer.step()
+        try:
+            reading = self.meter.update(self.steps) if self.meter is not None else None
+            self.optimizer.step()
+        finally:
+            self._open = False
         self.steps += 1
-        self._open = False
         return reading
 
     def train_step(
