@@ -298,6 +298,7 @@ def test_learning_rate_zero_is_a_no_op_and_seeds_reproduce():
     (dict(sampling="shuffle"), "sampling"),
     (dict(sampling="reshuffle"), "finite data set"),
     (dict(momentum_horizon=0.5), "momentum_horizon"),
+    (dict(init_momentum=[0.0, 0.0]), "init_momentum"),
     (dict(preconditioner=[1.0, -1.0]), "preconditioner"),
     (dict(preconditioner="adam"), "preconditioner"),
     (dict(burn_in=10), "burn_in"),

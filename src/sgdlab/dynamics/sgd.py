@@ -138,6 +138,9 @@ def simulate_sgd(
                              else torch.zeros(d), dtype=dtype)
     phi = check_init(center if init is None else init, R, d, dtype)
     mu = None
+    if init_momentum is not None and Ng == 1.0:
+        raise ValueError("init_momentum needs momentum_horizon > 1 (with momentum_horizon=1 "
+                         "there is no momentum state)")
     if Ng > 1.0:
         mu = (torch.zeros(R, d, dtype=dtype) if init_momentum is None
               else check_init(init_momentum, R, d, dtype))
