@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from sgdlab.optim import RMSProp
 
@@ -56,8 +57,10 @@ def _data(step: int, batch: int, seed: int, dtype: torch.dtype) -> tuple[torch.T
     return x, y
 
 
+@record
 def main(argv: Sequence[str] | None = None) -> int:
-    """Train; returns the exit code."""
+    """Train; returns the exit code. (``@record`` hands a rank's traceback to torchrun, which
+    prints it when it stops the job.)"""
     args = _parser().parse_args(argv)
     for name in ("steps", "batch", "accumulation", "ref_batch", "save_every"):
         if getattr(args, name) < 1:
