@@ -211,3 +211,35 @@ def test_low_precision_resume_is_bit_identical():
         assert torch.equal(a, b)
         for key in ("exp_avg", "exp_avg_sq", "master_param"):
             assert torch.equal(opt.state[a][key], opt2.state[b][key]), key
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_nonfinite_policies_with_flat_buffers(nonfinite):
+    """Once the flat buffers exist the finite check is one reduction over the flat gradient
+    buffer; a NaN is still caught before any change and named, and skipped steps change
+    nothing."""
+    params = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in [(3, 4), (5,)]]
+    opt = sgdlab.Adam([{"params": params[:1]}, {"params": params[1:]}], lr=0.1, fused=True,
+                      nonfinite=nonfinite)
+    for t in range(3):
+        set_grads(params, t)
+        opt.step()
+    assert _fast.grads_all_finite(opt)
+    set_grads(params, 3)
+    params[1].grad[2] = float("nan")
+    assert not _fast.grads_all_finite(opt)
+    before = [p.detach().clone() for p in params]
+    state_before = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                    for k, v in state_tensors(opt).items()}
+    if nonfinite == "raise":
+        with pytest.raises(sgdlab.optim.NonFiniteGradientError,
+                           match=r"param group 1, parameter 0 \(shape \(5,\)\): grad"):
+            opt.step()
+    else:
+        opt.step()
+        assert opt.skipped_steps == 1
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+    for k, v in state_tensors(opt).items():
+        assert torch.equal(v, state_before[k]) if isinstance(v, torch.Tensor) else (
+            v == state_before[k])

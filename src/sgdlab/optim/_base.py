@@ -224,6 +224,11 @@ class BatchScaledOptimizer(Optimizer):
 
         One max-abs reduction per tensor (NaN propagates) and one host sync for the step;
         the description is only formatted when something is found."""
+        if any(group.get("fused") for group in self.param_groups):
+            from sgdlab.optim._fast import grads_all_finite
+
+            if grads_all_finite(self):  # one reduction over each flat gradient buffer
+                return None
         tensors: list[torch.Tensor] = []
         where: list[tuple[int, int, torch.Tensor, str]] = []
         for gi, group in enumerate(self.param_groups):

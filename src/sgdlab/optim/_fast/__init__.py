@@ -37,7 +37,7 @@ from __future__ import annotations
 from sgdlab.optim._fast._config import COMPILE_SECONDS, compile_enabled, set_compile
 from sgdlab.optim._fast.flat import FlatGroup
 from sgdlab.optim._fast.kernels import get_kernel, make_kernel
-from sgdlab.optim._fast.step import forget, fused_update
+from sgdlab.optim._fast.step import forget, fused_update, grads_all_finite
 
 __all__ = [
     "COMPILE_SECONDS",
@@ -46,6 +46,7 @@ __all__ = [
     "forget",
     "fused_update",
     "get_kernel",
+    "grads_all_finite",
     "make_kernel",
     "set_compile",
 ]

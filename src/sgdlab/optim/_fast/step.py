@@ -23,7 +23,7 @@ from sgdlab.optim._fast import _config
 from sgdlab.optim._fast.flat import FlatGroup
 from sgdlab.optim._fast.kernels import get_kernel, pack_scalars
 
-__all__ = ["fused_update", "forget", "run_kernel"]
+__all__ = ["fused_update", "forget", "run_kernel", "grads_all_finite"]
 
 _ADAM_HOST_KEYS = ("beta1_prod", "beta2_prod", "lecture_count1", "lecture_count2")
 
@@ -236,3 +236,45 @@ def fused_update(opt: Any, algo: str, group: dict, hp: dict, params: list[torch.
         return True
     forget(opt, group)
     return False
+
+
+def _all_finite(g: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(g).all()
+
+
+_all_finite_compiled = torch.compile(_all_finite, dynamic=True, fullgraph=True)
+
+
+@torch._dynamo.disable
+def grads_all_finite(opt: Any) -> bool:
+    """One reduction per flat gradient buffer: ``True`` when every gradient is finite and the
+    flat buffers of all param groups already exist (gradients are gathered into them, which
+    the step does anyway); ``False`` when a gradient is not finite or the quick check does not
+    apply (the caller then runs its per-tensor check, which also names the offender)."""
+    cache = opt.__dict__.get("_fast_cache")
+    if not cache:
+        return False
+    fgs = []
+    for group in opt.param_groups:
+        if not group.get("fused") or group.get("second_moment") == "per_example":
+            return False
+        params = [p for p in group["params"] if p.grad is not None]
+        for idx in group_indices(params):
+            ps = [params[i] for i in idx]
+            fg = cache.get((id(group), ps[0].device, ps[0].dtype))
+            if fg is None or len(ps) != len(fg.params) or any(
+                    p is not q or p.data_ptr() != ptr
+                    for p, q, ptr in zip(ps, fg.params, fg.data_ptrs)):
+                return False
+            if any(p.grad.is_sparse or p.grad.shape != p.shape or p.grad.dtype != p.dtype
+                   for p in ps):
+                return False
+            fgs.append(fg)
+    for fg in fgs:
+        fg.gather_grads()
+    check = _all_finite_compiled if _config.compile_enabled() else _all_finite
+    try:
+        flags = [check(fg.flat_grad) for fg in fgs]
+    except Exception:  # compilation unavailable: the eager reduction
+        flags = [_all_finite(fg.flat_grad) for fg in fgs]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else False
