@@ -93,3 +93,32 @@ def test_context_manager_and_no_grad_forward():
         for p, g in zip(model.parameters(), per, strict=True):
             assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10
     assert not any(hasattr(p, "grad_second_moment") for p in model.parameters())
+
+
+def test_paused_block_is_not_recorded():
+    model, x, y, per = setup()
+    tracker = stats.track(model)
+    with tracker.paused():
+        penalty = model(x).pow(2).sum()
+        torch.autograd.grad(penalty, list(model.parameters()))  # e.g. a gradient penalty
+    (loss_sum(model(x), y) / 12).backward()
+    for p, g in zip(model.parameters(), per, strict=True):
+        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10
+
+
+def test_mixed_precision_autocast_accumulates_in_parameter_dtype():
+    """Under bfloat16 autocast the statistics stay float32 and agree with the float32
+    brute-force loop to bfloat16 accuracy."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv1d(2, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)
+    )
+    x, y = torch.randn(8, 2, 6), torch.randint(0, 3, (8,))
+    per = per_example_grads(model, loss_sum, x, y)
+    stats.track(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_sum(model(x).float(), y) / 8
+    loss.backward()
+    for p, g in zip(model.parameters(), per, strict=True):
+        assert p.grad_second_moment.dtype == torch.float32
+        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 0.1

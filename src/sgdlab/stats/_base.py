@@ -32,6 +32,7 @@ __all__ = [
     "reduce_per_example",
     "require_batched",
     "small_per_example",
+    "in_dtype",
 ]
 
 
@@ -126,6 +127,12 @@ def small_per_example(name: str, call: Call, v: Tensor) -> Contribution:
     return Contribution(
         moment=moment.mul_(call.scale) if call.scale != 1.0 else moment, sq_norms=norms
     )
+
+
+def in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in the parameter's dtype (mixed precision: activations and output gradients in
+    half precision, statistics accumulated in the parameter's precision)."""
+    return t if t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
 
 
 def require_batched(module: nn.Module, x: Tensor, min_dim: int, what: str) -> None:

@@ -29,7 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import Call, Contribution, reduce_per_example, require_batched, small_per_example
+from ._base import (
+    Call,
+    Contribution,
+    in_dtype,
+    reduce_per_example,
+    require_batched,
+    small_per_example,
+)
 
 __all__ = ["conv_rule"]
 
@@ -64,7 +71,8 @@ def conv_rule(call: Call) -> dict[str, Contribution]:
     if d is None:
         return {}
     nd = len(module.kernel_size)
-    x = call.args[0]
+    x = in_dtype(call.args[0], module.weight.dtype)
+    d = in_dtype(d, module.weight.dtype)
     require_batched(module, x, nd + 2, f"inputs [B, C, {nd} spatial dims]")
     out: dict[str, Contribution] = {}
     names = set(call.param_names)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._base import Call, Contribution, require_batched
+from ._base import Call, Contribution, in_dtype, require_batched
 
 __all__ = ["embedding_rule", "check_embedding"]
 
@@ -37,6 +37,7 @@ def embedding_rule(call: Call) -> dict[str, Contribution]:
     if d is None or "weight" not in call.param_names:
         return {}
     idx = call.args[0]
+    d = in_dtype(d, module.weight.dtype)
     require_batched(module, idx, 1, "indices [B, ...]")
     B = call.batch_size
     V, dim = module.weight.shape

@@ -22,7 +22,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._base import Call, Contribution, reduce_per_example, require_batched, small_per_example
+from ._base import (
+    Call,
+    Contribution,
+    in_dtype,
+    reduce_per_example,
+    require_batched,
+    small_per_example,
+)
 
 __all__ = ["linear_rule"]
 
@@ -33,7 +40,8 @@ def linear_rule(call: Call) -> dict[str, Contribution]:
     (d,) = call.grads
     if d is None:
         return {}
-    a = call.args[0]
+    a = in_dtype(call.args[0], module.weight.dtype)
+    d = in_dtype(d, module.weight.dtype)
     require_batched(module, a, 2, "inputs [B, in] or [B, T, ..., in]")
     B = call.batch_size
     out: dict[str, Contribution] = {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import Call, Contribution, require_batched, small_per_example
+from ._base import Call, Contribution, in_dtype, require_batched, small_per_example
 
 __all__ = ["norm_rule", "check_batchnorm"]
 
@@ -58,7 +58,8 @@ def norm_rule(call: Call) -> dict[str, Contribution]:
     (d,) = call.grads
     if d is None:
         return {}
-    x = call.args[0]
+    x = in_dtype(call.args[0], module.weight.dtype)
+    d = in_dtype(d, module.weight.dtype)
     require_batched(module, x, 2, "inputs [B, ...]")
     B = call.batch_size
     names = set(call.param_names)

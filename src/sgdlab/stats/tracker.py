@@ -50,7 +50,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -250,6 +252,17 @@ class Tracker:
             for _, p in self._params.values():
                 if hasattr(p, ATTRIBUTE):
                     delattr(p, ATTRIBUTE)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forward passes inside this block are not recorded (evaluation with grad enabled,
+        gradient penalties through ``torch.autograd.grad``): their backward passes leave the
+        statistics untouched."""
+        self._suspended += 1
+        try:
+            yield
+        finally:
+            self._suspended -= 1
 
     def __enter__(self) -> Tracker:
         return self
