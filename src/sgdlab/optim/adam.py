@@ -210,7 +210,8 @@ class Adam(BatchScaledOptimizer):
         bias_correction: ``"published"`` (``1/(1 - beta^t)``), ``"lecture"``
             (``1/min(t, N)`` average weights) or ``"none"``.
         eps_placement, power, second_moment: as :class:`sgdlab.RMSProp`.
-        batch_size, ref_batch_size, scaling, foreach, nonfinite: as :class:`sgdlab.SGD`;
+        batch_size, ref_batch_size, scaling, foreach, nonfinite, fused: as
+            :class:`sgdlab.SGD`;
             ``scaling`` defaults to ``"sqrt"`` (batch) or ``"linear"`` (per-example).
 
     Example:

@@ -169,7 +169,8 @@ class RMSProp(BatchScaledOptimizer):
         power: 0.5 (divide by sigma) or 1 (divide by sigma^2); any value in (0, 1].
         second_moment: ``"batch"`` (square of the batch-mean gradient) or ``"per_example"``
             (``p.grad_second_moment`` from :func:`sgdlab.stats.track`).
-        batch_size, ref_batch_size, scaling, foreach, nonfinite: as :class:`sgdlab.SGD`;
+        batch_size, ref_batch_size, scaling, foreach, nonfinite, fused: as
+            :class:`sgdlab.SGD`;
             ``scaling`` defaults to ``"sqrt"`` (batch) or ``"linear"`` (per-example).
 
     Example:

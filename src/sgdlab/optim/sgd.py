@@ -124,6 +124,10 @@ class SGD(BatchScaledOptimizer):
             ``None`` to choose (foreach on accelerators, as torch).
         nonfinite: ``"raise"`` (default) on NaN/inf gradients naming the parameter,
             ``"skip"`` to skip the step leaving parameters and state untouched, ``"ignore"``.
+        fused: ``True`` for the fused path (:mod:`sgdlab.optim._fast`): parameters, gradients
+            and state in flat buffers per (group, device, dtype), one compiled kernel each,
+            float32 state and master weights for bfloat16/float16 parameters. Opt-in
+            (``None``/``False``: the foreach or reference path).
 
     Example:
         >>> import torch, sgdlab

@@ -29,7 +29,22 @@ back to the foreach path for that param group, on the same views.
 Mixed precision: bfloat16/float16 parameters get float32 state and a float32 master copy
 (``state[p]["master_param"]``); the step is computed in float32 and the parameter is the master
 rounded to its dtype. ``torch.amp.GradScaler`` works unchanged: it unscales the gradients and
-skips ``optimizer.step`` when it found an inf or NaN.
+skips ``optimizer.step`` when it found an inf or NaN. With ``nonfinite="raise"``/``"skip"`` the
+optimizer's own check is one reduction over each flat gradient buffer.
+
+Not covered: CUDA-graph capture of ``optimizer.step`` (the step keeps its counters and the
+debiasing products on the host, as the reference path does, and sends the step's scalars to
+the device each step); under ``torch.compile`` of a whole training step the optimizer step
+runs outside the traced graph with its compiled kernel. State entries replaced by hand in
+``optimizer.state`` are not noticed until the next ``load_state_dict`` or ``add_param_group``.
+
+Example:
+    >>> import torch, sgdlab
+    >>> model = torch.nn.Linear(64, 8)
+    >>> opt = sgdlab.Adam(model.parameters(), lr=1e-3, fused=True)
+    >>> model(torch.randn(32, 64)).pow(2).mean().backward()
+    >>> opt.step()  # first step: flat buffers built, kernel compiled (seconds on CPU)
+    >>> opt.zero_grad(set_to_none=False)  # keep gradients as views: no copy next step
 """
 
 from __future__ import annotations
