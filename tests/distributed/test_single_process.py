@@ -214,6 +214,8 @@ def test_construction_errors():
     with pytest.raises(ValueError, match="no trainable parameters"):
         DataParallel(frozen, torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1))
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="beta must satisfy"):
+        DataParallel(model, sgd, noise_meter={"beta": 1.5})
     with pytest.raises(ValueError, match="noise_meter needs second moments"):
         DataParallel(model, sgd, second_moments=False, noise_meter=True)
 

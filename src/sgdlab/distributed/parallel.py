@@ -148,61 +148,64 @@ class DataParallel:
                 f"{type(noise_meter).__name__}"
             )
         self.accumulation_steps = check_batch_size("accumulation_steps", accumulation_steps)
-        self.no_sync = bool(no_sync)
-        self.equal_local = bool(equal_local)
-        self.group = process_group
-        self.module = model
-        self.optimizer = optimizer
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("model has no trainable parameters")
-        self.rank, self.world_size = rank_and_size(process_group)
-        if is_distributed(process_group):
-            device = next(model.parameters()).device
-            if device.type == "cuda":
-                ddp_kwargs.setdefault("device_ids", [device.index])
-            self.ddp: DistributedDataParallel | None = DistributedDataParallel(
-                model, process_group=process_group, **ddp_kwargs
+        distributed = is_distributed(process_group)
+        if ddp_kwargs and not distributed:
+            raise ValueError(
+                "DistributedDataParallel options were given "
+                f"({', '.join(sorted(ddp_kwargs))}) but torch.distributed is not "
+                "initialised; call sgdlab.distributed.init_from_env() (under torchrun) or "
+                "torch.distributed.init_process_group first"
             )
-        else:
-            if ddp_kwargs:
-                raise ValueError(
-                    "DistributedDataParallel options were given "
-                    f"({', '.join(sorted(ddp_kwargs))}) but torch.distributed is not "
-                    "initialised; call sgdlab.distributed.init_from_env() (under torchrun) or "
-                    "torch.distributed.init_process_group first"
-                )
-            self.ddp = None
         if second_moments is None:
             second_moments = (
                 tracker is not None or bool(noise_meter) or _wants_second_moments(optimizer)
             )
-        self._own_tracker = False
-        if second_moments:
-            if tracker is None:
-                tracker = track(model)
-                self._own_tracker = True
+        if not second_moments:
+            if tracker is not None:
+                raise ValueError("second_moments=False contradicts the tracker that was given")
+            if _wants_second_moments(optimizer):
+                raise ValueError(
+                    "second_moments=False, but the optimizer reads per-example second moments "
+                    "(second_moment='per_example')"
+                )
+            if noise_meter:
+                raise ValueError("noise_meter needs second moments; pass second_moments=True")
+        if tracker is not None:
             self._check_tracker(tracker, model)
-        elif tracker is not None:
-            raise ValueError("second_moments=False contradicts the tracker that was given")
-        elif _wants_second_moments(optimizer):
-            raise ValueError(
-                "second_moments=False, but the optimizer reads per-example second moments "
-                "(second_moment='per_example')"
-            )
+        #: the global batch of the current (or last) step
+        self.batch: GlobalBatch | None = None
+        self.meter: NoiseMeter | None = None
+        if noise_meter:  # validates the meter's arguments
+            kwargs = dict(noise_meter) if isinstance(noise_meter, dict) else {}
+            self.meter = NoiseMeter(optimizer, batch_size=self, **kwargs)
+        # All checks are done: nothing below raises for a bad configuration, so no rank enters
+        # DDP's construction (a collective) when another would not.
+        self.no_sync = bool(no_sync)
+        self.equal_local = bool(equal_local)
+        self.overlap = bool(overlap)
+        self.group = process_group
+        self.module = model
+        self.optimizer = optimizer
+        self.rank, self.world_size = rank_and_size(process_group)
+        self._own_tracker = False
+        if second_moments and tracker is None:
+            # Attached before DDP and before this object's hooks (see _on_grad).
+            tracker = track(model)
+            self._own_tracker = True
         self.tracker: Tracker | None = tracker
+        self.ddp: DistributedDataParallel | None = None
+        if distributed:
+            device = next(model.parameters()).device
+            if device.type == "cuda":
+                ddp_kwargs.setdefault("device_ids", [device.index])
+            self.ddp = DistributedDataParallel(model, process_group=process_group, **ddp_kwargs)
         self.reducer = (
             SecondMomentReducer(tracker.parameters, group=process_group)
             if tracker is not None
             else None
         )
-        #: the global batch of the current (or last) step
-        self.batch: GlobalBatch | None = None
-        self.meter: NoiseMeter | None = None
-        if noise_meter:
-            if tracker is None:
-                raise ValueError("noise_meter needs second moments; pass second_moments=True")
-            kwargs = dict(noise_meter) if isinstance(noise_meter, dict) else {}
-            self.meter = NoiseMeter(optimizer, batch_size=self, **kwargs)
         #: optimizer steps taken (restored from checkpoints)
         self.steps = 0
         #: steps whose second-moment all-reduce started inside the backward pass, before DDP's
@@ -218,8 +221,7 @@ class DataParallel:
         self._queued = False
         self._examples_before = 0
         self._synced = False
-        self._handles = []
-        self.overlap = bool(overlap)
+        self._handles: list[Any] = []
         if tracker is not None and self.overlap:
             # Registered after the tracker's own hooks, so the callback queued here runs after
             # the tracker's end-of-pass callback (and before DDP's, queued when the last bucket
