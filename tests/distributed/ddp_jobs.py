@@ -146,16 +146,21 @@ def run_case(name: str, rank: int, world: int, *, seed: int | None = None) -> di
         model, opt, accumulation_steps=case["k"], no_sync=case["no_sync"],
         noise_meter=case["meter"],
     )
-    readings, batch_sizes = [], []
+    readings, batch_sizes, trajectory = [], [], []
     for t in range(case["steps"]):
         x, y = local_batch(t, sizes, rank)
         _, reading = dp.train_step(x, y, loss_fn)
         batch_sizes.append(dp.num_examples)
+        flat = [p.detach().reshape(-1) for p in model.parameters()]
+        flat += [v.reshape(-1) for st in opt.state.values() for v in st.values()
+                 if torch.is_tensor(v)]
+        trajectory.append(torch.cat(flat).clone())
         if reading is not None:
             readings.append(reading_numbers(reading))
     out = snapshot(model, opt)
     out["readings"] = readings
     out["batch_sizes"] = batch_sizes
+    out["trajectory"] = trajectory
     out["opt_batch_size"] = opt.param_groups[0]["batch_size"]
     out["overlapped"] = dp.overlapped_launches
     dp.close()

@@ -101,9 +101,13 @@ def test_four_micro_batches_equal_one_large_batch(name, two_ranks, references):
 
 @pytest.mark.parametrize("name", list(ddp_jobs.CASES))
 def test_ranks_stay_bit_identical(name, two_ranks):
-    """Parameters, optimizer state and second moments equal bit for bit on both ranks (rank 1
-    was initialised differently: DDP's broadcast and identical updates make them equal)."""
+    """Parameters and optimizer state equal bit for bit on both ranks after every step, and the
+    final second moments too (rank 1 was initialised differently: DDP's broadcast and identical
+    updates make them equal)."""
     a, b = two_ranks[0][name], two_ranks[1][name]
+    assert len(a["trajectory"]) == ddp_jobs.CASES[name]["steps"]
+    for x, y in zip(a["trajectory"], b["trajectory"], strict=True):  # after every step
+        assert torch.equal(x, y)
     for x, y in zip(a["params"] + _state_tensors(a["state"]),
                     b["params"] + _state_tensors(b["state"]), strict=True):
         assert torch.equal(x, y)
