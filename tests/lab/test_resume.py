@@ -73,3 +73,46 @@ def test_stale_temporary_from_a_hard_kill_is_removed(tmp_path: Path) -> None:
     run_experiment("one_d", tmp_path, preset="tiny")
     assert not stale.exists()
     assert (expdir / "results.json").is_file()
+
+
+def test_hard_kill_leaves_no_half_written_results(tmp_path: Path) -> None:
+    """SIGKILL a real `sgdlab run` mid-experiment: nothing half-written, and a rerun finishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-c", "from sgdlab.lab.cli import main; main()", "run",
+           "convergence", "--preset", "tiny", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "SGDLAB_PROGRESS": "0"})
+    expdir = tmp_path / "convergence"
+    deadline = time.time() + 60
+    while not (expdir / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # inside the experiment now
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (expdir / "config.json").is_file()
+    json.loads((expdir / "config.json").read_text())  # complete, valid JSON
+    assert not (expdir / "results.json").exists()
+    for p in expdir.iterdir():  # every file is either complete or a marked temporary
+        assert p.name.startswith(TMP_PREFIX) or p.name == "config.json", p.name
+    res = run_experiment("convergence", tmp_path, preset="tiny")
+    assert res["status"] == "finished"
+    assert not any(p.name.startswith(TMP_PREFIX) for p in expdir.iterdir())
+
+
+def test_parallel_jobs_match_serial(tmp_path: Path) -> None:
+    """--jobs 2 (spawned processes) gives the same measurements as one process."""
+    from sgdlab.lab import reproduce
+
+    names = ["one_d", "running_averages"]
+    reproduce(tmp_path / "serial", preset="tiny", jobs=1, names=names)
+    reproduce(tmp_path / "parallel", preset="tiny", jobs=2, names=names)
+    for n in names:
+        a = json.loads((tmp_path / "serial" / n / "results.json").read_text())
+        b = json.loads((tmp_path / "parallel" / n / "results.json").read_text())
+        assert a["measurements"] == b["measurements"]
+        assert a["claims"] == b["claims"]
+    assert (tmp_path / "parallel" / "index.html").is_file()

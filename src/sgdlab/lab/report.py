@@ -168,6 +168,15 @@ def build_report(out: str | os.PathLike[str]) -> Path:
         meta = rec["meta"]
         parts.append(f"<h2 id='exp-{_e(name)}'>{_e(rec['title'])}</h2>")
         parts.append(f"<p>{_e(rec['description'])}</p>")
+        tally = {v: sum(c["verdict"] == v for c in rec["claims"]) for v in
+                 ("agrees", "lecture corrected", "disagrees")}
+        parts.append(
+            "<p class='summary'>Measured here: "
+            + ", ".join(f"<b>{n}</b> {_e(v)}" for v, n in tally.items() if n)
+            + (" &mdash; see the rows marked <i>disagrees</i> below." if tally["disagrees"]
+               else ".")
+            + "</p>"
+        )
         parts.extend(_figure_html(expdir, f, rec, mod) for f in rec["figures"])
         own = [{"experiment": name, **c} for c in rec["claims"]]
         parts.append(_claims_table(own, f"claims-{name}", with_experiment=False))

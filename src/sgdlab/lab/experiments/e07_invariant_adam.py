@@ -66,7 +66,7 @@ class Config(ExperimentConfig):
     quad_batch: int = 16
     quad_steps: int = 6000
     quad_chains: int = 1000
-    batch_sizes: tuple[int, ...] = (8, 32, 128, 512)
+    batch_sizes: tuple[int, ...] = (16, 64, 256, 1024)
     ref_batch: int = 32
     ref_lr: float = 3e-3
     examples: int = 16384
