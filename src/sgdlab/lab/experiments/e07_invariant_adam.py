@@ -194,7 +194,7 @@ def plot(results: dict[str, Any], outdir: Path) -> list[str]:
     a.set_xticks(xs, [f"{r['second_moment']}\n{r['rule']}" for r in q], fontsize=7)
     a.set(yscale="log", ylabel=f"Var(B={results['quad_batch']})/Var(1)", title="RMSProp")
     a.legend(fontsize=7)
-    cmap = matplotlib_colors(len(results["batch_sizes"]))
+    cmap = _colors(len(results["batch_sizes"]))
     for a, method in zip(ax[0, 1:], METHODS):
         for color, r in zip(cmap, results["mnist1d"]["runs"][method]):
             a.plot([p["examples"] for p in r["curve"]], [p["loss"] for p in r["curve"]],
@@ -205,7 +205,7 @@ def plot(results: dict[str, Any], outdir: Path) -> list[str]:
     return [save(fig, outdir, "invariant_adam.png")]
 
 
-def matplotlib_colors(n: int) -> list[Any]:
+def _colors(n: int) -> list[Any]:
     import matplotlib.pyplot as plt
 
     return [plt.cm.viridis(i / max(1, n - 1)) for i in range(n)]

@@ -78,8 +78,8 @@ PRESETS: dict[str, dict[str, Any]] = {
              "logistic_chains": 100, "logistic_steps": 1200, "logistic_examples": 150},
     "full": {"lrs": (0.01, 0.02, 0.05, 0.1, 0.2, 0.4), "steps": 20000, "chains": 4000,
              "reshuffle_steps": 40000, "reshuffle_lrs": (0.005, 0.01, 0.02, 0.05, 0.1),
-             "logistic_lrs": (0.0025, 0.005, 0.01, 0.02, 0.04), "logistic_chains": 1000,
-             "logistic_steps": 20000, "logistic_examples": 1797},
+             "logistic_lrs": (0.0025, 0.005, 0.01, 0.02, 0.04), "logistic_chains": 200,
+             "logistic_steps": 10000, "logistic_examples": 600},
 }
 
 

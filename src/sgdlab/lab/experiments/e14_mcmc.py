@@ -82,7 +82,7 @@ PRESETS: dict[str, dict[str, Any]] = {
              "snapshot_examples": 60000, "snapshot_cycles": 3},
     "full": {"temperatures": (0.08, 0.1, 0.125, 0.15, 0.2, 0.25), "escape_chains": 4000,
              "escape_lr": 0.005, "drop_chains": 10000, "logistic_steps": 6000,
-             "logistic_chains": 400, "logistic_examples": 1797, "snapshot_examples": 1200000,
+             "logistic_chains": 200, "logistic_examples": 600, "snapshot_examples": 1200000,
              "snapshot_cycles": 5},
 }
 
@@ -148,8 +148,7 @@ def _drop_logistic(config: Config) -> dict[str, Any]:
     return out
 
 
-def _snapshots(config: Config) -> dict[str, Any]:
-    outdir = config._outdir  # type: ignore[attr-defined]
+def _snapshots(config: Config, outdir: Path) -> dict[str, Any]:
     data = _mnist.load(outdir, config.device)
     steps = config.snapshot_examples // config.batch_size
     cycle = steps / config.snapshot_cycles
@@ -198,9 +197,8 @@ def _snapshots(config: Config) -> dict[str, Any]:
 
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     rng = np.random.default_rng(config.seed)
-    object.__setattr__(config, "_outdir", outdir)
     return {"escape": _escape(config, rng), "drop_quadratic": _drop_quadratic(config),
-            "drop_logistic": _drop_logistic(config), "snapshots": _snapshots(config),
+            "drop_logistic": _drop_logistic(config), "snapshots": _snapshots(config, outdir),
             "escape_lr": config.escape_lr, "drop_factor": config.drop_factor}
 
 
