@@ -33,6 +33,8 @@ __all__ = [
     "require_batched",
     "small_per_example",
     "in_dtype",
+    "scaled_ones",
+    "unread",
 ]
 
 
@@ -127,6 +129,30 @@ def small_per_example(name: str, call: Call, v: Tensor) -> Contribution:
     return Contribution(
         moment=moment.mul_(call.scale) if call.scale != 1.0 else moment, sq_norms=norms
     )
+
+
+_CACHE: dict[tuple, Tensor] = {}
+
+
+def scaled_ones(n: int, scale: float, like: Tensor) -> Tensor:
+    """A cached vector of ``n`` entries equal to ``scale`` (turns a column sum and a scaling
+    into one matrix-vector product)."""
+    key = (n, scale, like.dtype, like.device)
+    v = _CACHE.get(key)
+    if v is None:
+        if len(_CACHE) > 64:
+            _CACHE.clear()
+        v = _CACHE[key] = torch.full((n,), scale, dtype=like.dtype, device=like.device)
+    return v
+
+
+def unread(like: Tensor) -> Tensor:
+    """A cached 0-dim tensor for the ``input`` of ``addmm(..., beta=0)``, which is never read."""
+    key = ("unread", like.dtype, like.device)
+    v = _CACHE.get(key)
+    if v is None:
+        v = _CACHE[key] = torch.empty((), dtype=like.dtype, device=like.device)
+    return v
 
 
 def in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:

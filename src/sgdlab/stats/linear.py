@@ -28,7 +28,9 @@ from ._base import (
     in_dtype,
     reduce_per_example,
     require_batched,
+    scaled_ones,
     small_per_example,
+    unread,
 )
 
 __all__ = ["linear_rule"]
@@ -58,12 +60,12 @@ def linear_rule(call: Call) -> dict[str, Contribution]:
             a2 = a * a
             norms = d2.sum(1) * a2.sum(1) if call.norms else None
             # scale * d2^T a2 in one kernel (beta=0: the first argument is not read)
-            moment = torch.addmm(d2.new_empty(()), d2.T, a2, beta=0, alpha=call.scale)
+            moment = torch.addmm(unread(d2), d2.T, a2, beta=0, alpha=call.scale)
             out["weight"] = Contribution(moment=moment, sq_norms=norms)
         if "bias" in names:
-            out["bias"] = Contribution(
-                moment=d2.sum(0).mul_(call.scale), sq_norms=d2.sum(1) if call.norms else None
-            )
+            # scale * sum_b d_b^2 as one matrix-vector product
+            moment = torch.mv(d2.T, scaled_ones(d2.shape[0], call.scale, d2))
+            out["bias"] = Contribution(moment=moment, sq_norms=d2.sum(1) if call.norms else None)
         return out
     a3 = a.reshape(B, -1, a.shape[-1])
     d3 = d.reshape(B, -1, d.shape[-1])
