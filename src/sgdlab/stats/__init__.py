@@ -7,6 +7,20 @@ for RMSProp"). Exact rules per layer type (Linear, Conv1d/2d/3d, Embedding, Laye
 GroupNorm, RMSNorm, BatchNorm in eval mode, RNN/LSTM/GRU) and a ``torch.func`` fallback for any
 other module. :class:`NoiseMeter` turns the same statistics into the gradient noise scale
 (McCandlish et al. 2018), per-group variances and the SGD temperature.
+
+Example (batch-size-invariant RMSProp with the lecture's per-example second moment)::
+
+    >>> import torch, sgdlab, sgdlab.stats
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    >>> tracker = sgdlab.stats.track(model)            # loss must be the batch mean
+    >>> opt = sgdlab.RMSProp(model.parameters(), lr=1e-3, second_moment="per_example")
+    >>> meter = sgdlab.stats.NoiseMeter(opt, batch_size=32)
+    >>> x, y = torch.randn(32, 4), torch.randn(32, 1)
+    >>> opt.zero_grad()
+    >>> torch.nn.functional.mse_loss(model(x), y).backward()
+    >>> reading = meter.update()                       # B_simple, tr Sigma, temperature
+    >>> opt.step()
+    >>> tracker.detach()
 """
 
 from __future__ import annotations
