@@ -242,3 +242,23 @@ def test_conv_strategies_agree_with_per_example_loop(case, strategy):
     for p, g in zip(model.parameters(), per, strict=True):
         assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10
     tracker.detach()
+
+
+def test_position_wise_shortcut_fails_on_correlated_sequences():
+    """A linear map over a sequence whose positions repeat one vector: the exact per-example
+    gradient is T d a^T, squared T^2 (d a)^2; squaring per position gives T (d a)^2, 99% low
+    for T = 100. The tracker's value matches the brute-force loop."""
+    torch.manual_seed(3)
+    T = 100
+    lin = nn.Linear(3, 2).double()
+    x = torch.randn(4, 1, 3, dtype=torch.float64).expand(4, T, 3).contiguous()
+    y = torch.randn(4, 1, 2, dtype=torch.float64).expand(4, T, 2).contiguous()
+    per = per_example_grads(lin, sq_loss, x, y)
+    exact = (per[0] ** 2).mean(0)
+    d = (lin(x) - y).detach()
+    shortcut = torch.einsum("bto,bti->oi", d**2, x**2) / 4
+    assert rel_err(shortcut, exact) > 0.98
+    tracker = stats.track(lin)
+    (sq_loss(lin(x), y) / 4).backward()
+    assert rel_err(lin.weight.grad_second_moment, exact) < 1e-10
+    tracker.detach()
