@@ -243,3 +243,25 @@ def test_nonfinite_policies_with_flat_buffers(nonfinite):
     for k, v in state_tensors(opt).items():
         assert torch.equal(v, state_before[k]) if isinstance(v, torch.Tensor) else (
             v == state_before[k])
+
+
+def test_gradient_views_of_other_buffers_are_left_in_place():
+    """A gradient that is a view of someone else's buffer (DDP's bucket views) is copied from,
+    never replaced; a plain gradient is replaced by the flat buffer's view."""
+    bucket = torch.zeros(12, dtype=torch.float64)
+    ps = [torch.randn(3, 2, dtype=torch.float64, requires_grad=True),
+          torch.randn(6, dtype=torch.float64, requires_grad=True)]
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    opt = sgdlab.SGD(ps, lr=0.1, momentum=0.5, fused=True)
+    ref = sgdlab.SGD(qs, lr=0.1, momentum=0.5, foreach=False)
+    for t in range(4):
+        bucket.copy_(torch.linspace(-1, 1, 12, dtype=torch.float64) * (t + 1))
+        ps[0].grad = bucket[:6].view(3, 2)
+        ps[1].grad = bucket[6:].clone()
+        qs[0].grad, qs[1].grad = bucket[:6].view(3, 2).clone(), bucket[6:].clone()
+        opt.step()
+        ref.step()
+        assert ps[0].grad._base is bucket
+        assert ps[1].grad._base is not None and ps[1].grad._base is not bucket
+    for p, q in zip(ps, qs):
+        assert torch.max(torch.abs(p - q)).item() <= 1e-12

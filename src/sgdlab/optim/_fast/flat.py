@@ -164,7 +164,10 @@ class FlatGroup:
                 torch._foreach_copy_([self.grad_views[i] for i in stale],
                                      [self.params[i].grad for i in stale])
         for i in stale:
-            self.params[i].grad = self.grad_views[i]
+            # A gradient that is itself a view of another buffer (DDP's gradient buckets with
+            # gradient_as_bucket_view=True) stays where its owner expects it.
+            if self.params[i].grad._base is None:
+                self.params[i].grad = self.grad_views[i]
 
     def gather(self, get: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Copy ``get(p)`` of every parameter (e.g. ``p.grad_second_moment``) into a flat
