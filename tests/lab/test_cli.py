@@ -75,3 +75,10 @@ def test_run_with_overrides_records_config_seed_and_versions(capsys, tmp_path: P
     assert main(["report", str(tmp_path)]) == 0
     assert (tmp_path / "index.html").is_file()
     assert (tmp_path / "one_d" / "variance.png").is_file()
+
+
+@pytest.mark.parametrize("item", ["device=tpu", "seed=-1"])
+def test_invalid_values_exit_2(capsys, tmp_path: Path, item: str) -> None:
+    assert main(["run", "one_d", "--set", item, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert item.split("=")[0] in err and "draws: int" in err

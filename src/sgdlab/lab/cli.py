@@ -64,9 +64,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_list(verbose: bool = True) -> int:
-    for i, name in enumerate(registry.names(), 1):
+    for name in registry.names():
         mod = registry.get(name)
-        print(f"{i:2d}. {name:18s} {mod.TITLE}")
+        print(f"{name:18s} {mod.TITLE}")
         if verbose:
             print(describe_fields(mod.Config))
     return 0

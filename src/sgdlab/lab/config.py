@@ -49,6 +49,14 @@ class ExperimentConfig:
     seed: int = 0
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        dev = self.device
+        if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:")
+                                                   and dev[5:].isdigit())):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {dev!r}")
+
 
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
@@ -147,7 +155,10 @@ def build_config(
                 f"bad value for {key!r}: {exc}; expected {_type_name(types[key])}. "
                 f"Valid keys:\n{describe_fields(cls)}"
             ) from None
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}. Valid keys:\n{describe_fields(cls)}") from None
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
