@@ -107,11 +107,15 @@ def claims(results: dict[str, Any]) -> list[Claim]:
     for s in results["schedules"]:
         last = s["rows"][-1]
         lab = _label(s["gamma"])
+        c = s["conditions"]
+        met = "; ".join(f"{k} {'yes' if v else 'no'}" for k, v in (
+            ("eta_t -> 0:", c["eta_to_0"]), ("sum eta_t = inf:", c["sum_eta_inf"]),
+            ("sum eta_t^2 < inf:", c["sum_eta2_finite"])))
         out.append(Claim(
             f"convergence.mse_{lab}",
             f"MSE at t={last['t']} follows the exact recursion ({lab})",
             "m_{t+1} = (1-eta_t h)^2 m_t + eta_t^2 sigma^2", last["mse_exact"], last["mse"],
-            last["mse_se"], tolerance(last["mse_se"])))
+            last["mse_se"], tolerance(last["mse_se"]), note=f"conditions: {met}"))
         if s["gamma"] == 1.5 or (s["gamma"] is not None and s["gamma"] > 1):
             out.append(Claim(
                 "convergence.stall",
