@@ -135,3 +135,17 @@ def test_norms_need_the_flag():
     lin(torch.randn(4, 3)).sum().backward()
     with pytest.raises(ValueError, match="per_example_norms=True"):
         tracker.per_example_sq_norms()
+
+
+def test_tracker_recovers_after_a_failed_backward():
+    model = nn.Sequential(nn.Linear(3, 4), nn.GRU(4, 2))
+    stats.track(model)
+    out, _ = model(torch.randn(5, 6, 3))  # seq-first GRU: refused during backward
+    with pytest.raises(ValueError, match="batch first"):
+        out.sum().backward()
+    model[1].batch_first = True
+    x = torch.randn(6, 5, 3)
+    out, _ = model(x)
+    out.sum().backward()
+    assert model[0].weight.grad_second_moment.shape == (4, 3)
+    assert model[1].weight_hh_l0.grad_second_moment.shape == (6, 2)

@@ -352,6 +352,16 @@ class Tracker:
             self._examples = 0
 
     def _on_grads(self, record: _Record, grads: tuple[Tensor | None, ...]) -> None:
+        try:
+            self._on_grads_inner(record, grads)
+        except BaseException:
+            # the failed backward pass never reaches its end-of-pass callback: forget it, so
+            # that the next backward pass starts clean
+            self._pass = None
+            self._uses = {}
+            raise
+
+    def _on_grads_inner(self, record: _Record, grads: tuple[Tensor | None, ...]) -> None:
         self._begin()
         state = self._pass
         assert state is not None
