@@ -232,15 +232,20 @@ def bench(algo: str, layout: str, device: torch.device, rounds: int, full: bool,
     anchor = next(im for im in impls if im.name == "torch fused") if any(
         im.name == "torch fused" for im in impls) else next(
         im for im in impls if im.name == "torch foreach")
+    ref_params = anchor.params
     rows = []
     for im in impls:
+        # every implementation made the same steps from the same start with the same
+        # gradients: the parameters must agree (a check that the timed code is correct)
+        diff = float("nan") if isinstance(im, Probe) else max(
+            (a.float() - b.float()).abs().max().item() for a, b in zip(im.params, ref_params))
         paired = statistics.median(a / b for a, b in zip(im.times, anchor.times))
         rows.append(dict(name=im.name, median_ms=1e3 * med[im.name],
                          min_ms=1e3 * min(im.times), first_ms=1e3 * im.first,
                          vs_anchor=paired,
                          vs_probe=statistics.median(a / b for a, b in
                                                     zip(im.times, probe.times)),
-                         min_vs_bound=min(im.times) / bound))
+                         min_vs_bound=min(im.times) / bound, max_diff=diff))
     del impls
     return dict(algo=algo, layout=layout, title=title, numel=numel, tensors=len(shapes),
                 bound_ms=1e3 * bound, rows=rows)
@@ -254,13 +259,13 @@ def table(res: dict) -> str:
         f"({BYTES_PER_PARAM[res['algo']]} B/param at the best bandwidth seen)",
         "",
         f"| implementation | median ms | min ms | x {anchor} (paired) | x probe (paired) "
-        "| min x bound | first step ms |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| min x bound | first step ms | max abs diff of params |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
         lines.append(f"| {r['name']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | "
                      f"{r['vs_anchor']:.2f} | {r['vs_probe']:.2f} | {r['min_vs_bound']:.2f} | "
-                     f"{r['first_ms']:.0f} |")
+                     f"{r['first_ms']:.0f} | {r['max_diff']:.1e} |")
     return "\n".join(lines)
 
 

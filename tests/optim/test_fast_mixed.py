@@ -126,7 +126,7 @@ def test_gradients_stay_views_of_the_flat_buffer():
             o.zero_grad(set_to_none=False)
             net(x).pow(2).mean().backward()
             o.step()
-        fg = next(iter(opt._fast_cache.values()))
+        (fg,) = next(iter(opt._fast_cache.values())).fgs
         ptr = fg.flat_grad.untyped_storage().data_ptr()
         assert all(p.grad.untyped_storage().data_ptr() == ptr for p in model.parameters())
         assert all(p.grad is v for p, v in zip(model.parameters(), fg.grad_views))

@@ -54,7 +54,6 @@ class FlatGroup:
             or ``"kernel"`` (written in full by the first step, e.g. SGD's momentum buffer,
             which starts as the first gradient; an entry is then either present for all
             parameters or for none).
-        epoch: the optimizer's invalidation counter at build time.
     """
 
     def __init__(
@@ -62,14 +61,12 @@ class FlatGroup:
         params: list[torch.Tensor],
         state: dict,
         keys: dict[str, str],
-        epoch: int,
     ) -> None:
         self.params = list(params)
         p0 = self.params[0]
         self.device, self.dtype = p0.device, p0.dtype
         self.state_dtype = state_dtype_for(self.dtype)
         self.numel = sum(p.numel() for p in self.params)
-        self.epoch = epoch
         self.keys = dict(keys)
         with torch.no_grad():
             self.flat_param = torch.empty(self.numel, dtype=self.dtype, device=self.device)
@@ -89,6 +86,8 @@ class FlatGroup:
             self.flat_master: torch.Tensor | None = None
             if self.dtype in LOW_PRECISION:
                 self._adopt_master(state)
+        #: the parameters' state dicts, for per-step host-side entries without hashing
+        self.state_dicts = [state[p] for p in self.params]
         self.flat_m2: torch.Tensor | None = None
         self.m2_views: list[torch.Tensor] = []
 
@@ -140,14 +139,21 @@ class FlatGroup:
                     state[p][key] = v
                 self.fresh[key] = False
 
-    def matches(self, params: list[torch.Tensor], keys: dict[str, str], epoch: int) -> bool:
-        """Whether these buffers still back exactly ``params`` with entries ``keys``."""
-        if epoch != self.epoch or keys.keys() != self.keys.keys():
-            return False
-        if len(params) != len(self.params):
-            return False
-        for p, q, ptr in zip(params, self.params, self.data_ptrs):
-            if p is not q or p.data_ptr() != ptr:
+    def intact(self) -> bool:
+        """Whether every parameter still lives in the flat buffer (``p.data`` was not
+        re-pointed from outside, e.g. by ``module.to``)."""
+        for p, ptr in zip(self.params, self.data_ptrs):
+            if p.data_ptr() != ptr:
+                return False
+        return True
+
+    def grads_usable(self) -> bool:
+        """Whether every gradient that is not already a view of the flat buffer can be copied
+        into it (dense, of the parameter's shape and dtype)."""
+        for p, v in zip(self.params, self.grad_views):
+            g = p.grad
+            if g is not v and (g is None or g.is_sparse or g.shape != p.shape
+                               or g.dtype != p.dtype):
                 return False
         return True
 

@@ -36,9 +36,8 @@ def forget(opt: Any, group: dict | None = None) -> None:
         return
     if group is None:
         cache.clear()
-        return
-    for key in [k for k in cache if k[0] == id(group)]:
-        del cache[key]
+    else:
+        cache.pop(id(group), None)
 
 
 def run_kernel(algo: str, opts: tuple, args: tuple, device: torch.device,
@@ -73,31 +72,68 @@ def run_kernel(algo: str, opts: tuple, args: tuple, device: torch.device,
     _config.COMPILE_SECONDS[variant] = time.perf_counter() - t0
 
 
-def _prepare(opt: Any, group: dict, params: list[torch.Tensor], keys: dict[str, str],
-             steps: bool) -> list[FlatGroup] | None:
-    cache = opt.__dict__.setdefault("_fast_cache", {})
-    out = []
+class _Entry:
+    """A param group's flat buffers and the parameter list / state entries they were built
+    for (a step with the same ones reuses them without per-parameter checks)."""
+
+    __slots__ = ("params", "keys", "fgs")
+
+    def __init__(self, params: list[torch.Tensor], keys: tuple, fgs: list[FlatGroup]) -> None:
+        self.params, self.keys, self.fgs = params, keys, fgs
+
+    def holds(self, params: list[torch.Tensor], keys: tuple) -> bool:
+        if keys != self.keys or len(params) != len(self.params):
+            return False
+        for p, q in zip(params, self.params):
+            if p is not q:
+                return False
+        return all(fg.intact() for fg in self.fgs)
+
+
+def _build(opt: Any, params: list[torch.Tensor], keys: dict[str, str],
+           steps: bool) -> list[FlatGroup] | None:
+    fgs = []
     for idx in group_indices(params):
         ps = [params[i] for i in idx]
         for p in ps:
-            g = p.grad
-            if (not p.is_floating_point() or not p.is_contiguous() or g.is_sparse
-                    or g.shape != p.shape or g.dtype != p.dtype):
+            if not p.is_floating_point() or not p.is_contiguous():
                 return None
-        ck = (id(group), ps[0].device, ps[0].dtype)
-        fg = cache.get(ck)
-        if fg is None or not fg.matches(ps, keys, 0):
-            for key, init in keys.items():
-                if init == "kernel":
-                    have = {p in opt.state and key in opt.state[p] for p in ps}
-                    if len(have) > 1:
-                        return None
-            fg = FlatGroup(ps, opt.state, keys, 0)
-            if steps:
-                fg.adopt_steps(opt.state, scalar_dtype())
-            cache[ck] = fg
-        out.append(fg)
-    return out
+        for key, init in keys.items():
+            if init == "kernel":
+                have = {p in opt.state and key in opt.state[p] for p in ps}
+                if len(have) > 1:
+                    return None
+        fg = FlatGroup(ps, opt.state, keys)
+        if steps:
+            fg.adopt_steps(opt.state, scalar_dtype())
+        fgs.append(fg)
+    return fgs
+
+
+def _prepare(opt: Any, group: dict, params: list[torch.Tensor], keys: dict[str, str],
+             steps: bool) -> list[FlatGroup] | None:
+    """The group's flat buffers (reused, or built from the current parameters and state) with
+    the gradients gathered into them; ``None`` (nothing changed) when the fused step does not
+    apply."""
+    cache = opt.__dict__.setdefault("_fast_cache", {})
+    key_names = tuple(keys)
+    entry = cache.get(id(group))
+    if entry is None or not entry.holds(params, key_names):
+        for p in params:
+            g = p.grad
+            if g.is_sparse or g.shape != p.shape or g.dtype != p.dtype:
+                return None
+        fgs = _build(opt, params, keys, steps)
+        if fgs is None:
+            return None
+        entry = _Entry(list(params), key_names, fgs)
+        cache[id(group)] = entry
+    for fg in entry.fgs:
+        if not fg.grads_usable():
+            return None
+    for fg in entry.fgs:
+        fg.gather_grads()
+    return entry.fgs
 
 
 def _sgd(opt: Any, group: dict, hp: dict, params: list[torch.Tensor]) -> bool:
@@ -109,7 +145,6 @@ def _sgd(opt: Any, group: dict, hp: dict, params: list[torch.Tensor]) -> bool:
     values = dict(wd=hp["weight_decay"], momentum=momentum,
                   one_minus_dampening=1 - hp["dampening"], neg_lr=-hp["lr"])
     for fg in fgs:
-        fg.gather_grads()
         opts = (("maximize", bool(hp["maximize"])), ("weight_decay", hp["weight_decay"] != 0),
                 ("momentum", momentum != 0),
                 ("init_buffer", bool(fg.fresh.get("momentum_buffer", False))),
@@ -142,7 +177,6 @@ def _rmsprop(opt: Any, group: dict, hp: dict, params: list[torch.Tensor]) -> boo
                   two_sign_wd=2.0 * sign * wd, wd2=wd**2)
     per_example = group["second_moment"] == "per_example"
     for fg in fgs:
-        fg.gather_grads()
         m2 = fg.gather(lambda p: p.grad_second_moment) if per_example else None
         fg.steps.add_(1)
         opts = (("maximize", bool(hp["maximize"])), ("weight_decay", wd != 0),
@@ -160,8 +194,7 @@ def _adam_mirror(opt: Any, fg: FlatGroup) -> dict | None:
     """The host-side Adam state shared by all of ``fg``'s parameters, or ``None`` when their
     step counts or debiasing products differ."""
     sigs = set()
-    for p, t in zip(fg.params, fg.steps.tolist()):
-        st = opt.state[p]
+    for st, t in zip(fg.state_dicts, fg.steps.tolist()):
         sigs.add((t,) + tuple(st.get(k) for k in _ADAM_HOST_KEYS))
         if len(sigs) > 1:
             return None
@@ -192,15 +225,14 @@ def _adam(opt: Any, group: dict, hp: dict, params: list[torch.Tensor]) -> bool:
     sign = -1.0 if hp["maximize"] else 1.0
     per_example = group["second_moment"] == "per_example"
     for fg in fgs:
-        fg.gather_grads()
         m2 = fg.gather(lambda p: p.grad_second_moment) if per_example else None
         s = adam_scalars(fg.mirror, beta1, beta2, hp["bias_correction"])
         fg.steps.add_(1)
         for k in _ADAM_HOST_KEYS:
             if k in fg.mirror:
                 v = fg.mirror[k]
-                for p in fg.params:
-                    opt.state[p][k] = v
+                for st in fg.state_dicts:
+                    st[k] = v
         values = dict(wd=wd, decay=1 - lr * wd, w1=s.w1, d2=s.d2, w2=s.w2, c2=s.c2,
                       sqrt_c2=math.sqrt(s.c2), eps=hp["eps"], power=hp["power"],
                       step_size=-(lr / s.c1), two_sign_wd=2.0 * sign * wd, wd2=wd**2,
@@ -259,17 +291,15 @@ def grads_all_finite(opt: Any) -> bool:
         if not group.get("fused") or group.get("second_moment") == "per_example":
             return False
         params = [p for p in group["params"] if p.grad is not None]
-        for idx in group_indices(params):
-            ps = [params[i] for i in idx]
-            fg = cache.get((id(group), ps[0].device, ps[0].dtype))
-            if fg is None or len(ps) != len(fg.params) or any(
-                    p is not q or p.data_ptr() != ptr
-                    for p, q, ptr in zip(ps, fg.params, fg.data_ptrs)):
+        if not params:
+            continue
+        entry = cache.get(id(group))
+        if entry is None or not entry.holds(params, entry.keys):
+            return False
+        for fg in entry.fgs:
+            if not fg.grads_usable():
                 return False
-            if any(p.grad.is_sparse or p.grad.shape != p.shape or p.grad.dtype != p.dtype
-                   for p in ps):
-                return False
-            fgs.append(fg)
+        fgs.extend(entry.fgs)
     for fg in fgs:
         fg.gather_grads()
     check = _all_finite_compiled if _config.compile_enabled() else _all_finite
