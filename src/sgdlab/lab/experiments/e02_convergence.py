@@ -54,7 +54,7 @@ class Config(ExperimentConfig):
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"steps": 3000, "chains": 1000, "checkpoints": 12},
-    "full": {"steps": 200000, "chains": 10000, "checkpoints": 40},
+    "full": {"steps": 100000, "chains": 5000, "checkpoints": 40},
 }
 
 
