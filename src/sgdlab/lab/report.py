@@ -82,7 +82,10 @@ def _vclass(verdict: str) -> str:
 
 
 def _pm(c: dict[str, Any]) -> str:
-    return f"{format_number(c['measured'])} &plusmn; {format_number(c['stderr'])}"
+    se = c["stderr"]
+    if isinstance(se, str) or se is None or not math.isfinite(float(se)):
+        return f"{_e(format_number(c['measured']))} <span class='meta'>(one run, no s.e.)</span>"
+    return f"{_e(format_number(c['measured']))} &plusmn; {_e(format_number(se))}"
 
 
 def _predicted(c: dict[str, Any]) -> str:
@@ -115,7 +118,8 @@ def _claims_table(claims: list[dict[str, Any]], table_id: str, with_experiment: 
     exp = "<th>experiment</th>" if with_experiment else ""
     return (
         f"<table id='{table_id}' class='claims'><thead><tr>{exp}<th>claim</th>"
-        "<th>formula checked</th><th>predicted</th><th>measured &plusmn; s.e.</th>"
+        "<th>formula (the lecture's, corrected where it errs)</th><th>predicted</th>"
+        "<th>measured &plusmn; s.e.</th>"
         "<th>tolerance</th><th>verdict</th></tr></thead><tbody>"
         + _claim_rows(claims, with_experiment)
         + "</tbody></table>"

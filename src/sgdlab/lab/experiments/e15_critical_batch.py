@@ -120,7 +120,7 @@ def claims(results: dict[str, Any]) -> list[Claim]:
         Claim("critical_batch.b_simple_predicts_b_crit", "the noise meter's B_simple predicts "
               "the critical batch B_crit = E_min/S_min of the steps/examples trade-off (same "
               "order of magnitude)", "log10(B_crit/B_simple) = 0 (within a decade)", 0.0, ratio,
-              0.0, 1.0, exact=False,
+              float("nan"), 1.0, exact=False,
               note=f"B_crit = {bc:.3g} (fit), B_simple = {bs:.3g} (meter near the target loss "
               f"{results['target_loss']:g})"),
     ]
