@@ -121,11 +121,24 @@ def test_recurrent_refusals():
         gru(packed)
 
 
-def test_fallback_with_active_dropout_is_refused():
-    layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.1, batch_first=True)
+def test_active_dropout_inside_a_recomputed_module_is_refused():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4))
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.drop(x * self.w)
+
+    model = Noisy()
     with pytest.warns(UserWarning, match="fallback"):
-        stats.track(layer)
+        stats.track(model)
     with pytest.raises(ValueError, match="dropout"):
+        model(torch.randn(2, 4))
+    layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.1, batch_first=True)
+    stats.track(layer)
+    with pytest.raises(ValueError, match="dropout"):  # attention dropout
         layer(torch.randn(2, 3, 4))
 
 

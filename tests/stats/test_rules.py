@@ -62,6 +62,38 @@ class SeqFirstAttention(nn.Module):
         return out.transpose(0, 1) + w.sum(-1, keepdim=True)
 
 
+class MaskedAttention(nn.Module):
+    """Cross-attention with separate key/value widths, a causal float mask, a boolean key
+    padding mask (built from the input, so it is per example) and per-head weights in the
+    loss."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(4, 2, batch_first=True, kdim=3, vdim=5, **kw)
+
+    def forward(self, x):  # x: [B, T, 12] = query 4 | key 3 | value 5
+        q, k, v = x[..., :4], x[..., 4:7], x[..., 7:]
+        t = x.shape[1]
+        causal = torch.triu(torch.full((t, t), float("-inf"), dtype=x.dtype), 1)
+        pad = x[..., 0] > 1.0  # per-example padding pattern
+        pad[:, 0] = False
+        out, w = self.mha(
+            q, k, v, key_padding_mask=pad, attn_mask=causal, average_attn_weights=False
+        )
+        return out + w.sum((1, 3)).unsqueeze(-1) ** 2
+
+
+class BoolMaskAttention(nn.Module):
+    def __init__(self, **kw) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(4, 1, batch_first=True, **kw)
+
+    def forward(self, x):
+        t = x.shape[1]
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+        return self.mha(x, x, x, attn_mask=mask, need_weights=False)[0]
+
+
 # (id, model factory, input factory, loss, batch dim)
 CASES = [
     ("linear-2d", lambda: nn.Linear(4, 3), lambda: torch.randn(B, 4), sq_loss, 0),
@@ -155,10 +187,19 @@ CASES = [
         sq_loss,
         0,
     ),
-    ("fallback-mha", lambda: SelfAttention(4), lambda: torch.randn(B, 3, 4), sq_loss, 0),
+    ("mha", lambda: SelfAttention(4), lambda: torch.randn(B, 3, 4), sq_loss, 0),
+    ("mha-seqfirst", lambda: SeqFirstAttention(4), lambda: torch.randn(B, 3, 4), sq_loss, 0),
+    ("mha-masks-kdim", lambda: MaskedAttention(), lambda: torch.randn(B, 4, 12), sq_loss, 0),
     (
-        "fallback-mha-seqfirst",
-        lambda: SeqFirstAttention(4),
+        "mha-bool-mask-nobias",
+        lambda: BoolMaskAttention(bias=False),
+        lambda: torch.randn(B, 3, 4),
+        sq_loss,
+        0,
+    ),
+    (
+        "mha-bias-kv-fallback",
+        lambda: BoolMaskAttention(add_bias_kv=True, add_zero_attn=True),
         lambda: torch.randn(B, 3, 4),
         sq_loss,
         0,

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._base import Call, Contribution
+from .attention import attention_rule
 from .conv import conv_rule
 from .embedding import check_embedding, embedding_rule
 from .fallback import check_fallback, fallback_batch_size, fallback_params, fallback_rule
@@ -65,6 +66,16 @@ _TABLE: list[tuple[type, Rule]] = [
     (nn.GroupNorm, Rule("norm", norm_rule)),
     (nn.RMSNorm, Rule("norm", norm_rule)),
     (_BatchNorm, Rule("norm", norm_rule, check=check_batchnorm)),
+    (
+        nn.MultiheadAttention,
+        Rule(
+            "attention",
+            attention_rule,
+            batch_size=fallback_batch_size,
+            check=check_fallback,
+            params=fallback_params,
+        ),
+    ),
     (nn.RNN, Rule("recurrent", rnn_rule, batch_size=rnn_batch_size, check=check_rnn)),
     (nn.LSTM, Rule("recurrent", rnn_rule, batch_size=rnn_batch_size, check=check_rnn)),
     (nn.GRU, Rule("recurrent", rnn_rule, batch_size=rnn_batch_size, check=check_rnn)),

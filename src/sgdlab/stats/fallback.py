@@ -10,7 +10,8 @@ tracker warns which modules take it.
 
 Tensors among the call's arguments whose leading dimension equals the batch size are split per
 example; others (masks shared by all examples, flags) are passed whole. ``nn.MultiheadAttention``
-with ``batch_first=False`` takes its batch from dimension 1 of ``query``, ``key``, ``value``.
+configurations without a dedicated rule (see :mod:`sgdlab.stats.attention`) come here; with
+``batch_first=False`` they take the batch from dimension 1 of ``query``, ``key``, ``value``.
 Randomness inside the module (dropout in training mode) cannot be reproduced and is refused.
 """
 

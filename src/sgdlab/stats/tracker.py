@@ -171,8 +171,8 @@ class Tracker:
                 )
             if rule.is_fallback:
                 fallbacks.append(f"{name or '<root>'} ({type(module).__name__})")
-                if isinstance(module, nn.MultiheadAttention):
-                    covered.update(module.modules())
+            if isinstance(module, nn.MultiheadAttention):  # owns out_proj's parameters
+                covered.update(module.modules())
             entry = _Entry(
                 module,
                 name,

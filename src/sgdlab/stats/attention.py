@@ -1,0 +1,164 @@
+"""Rule for ``nn.MultiheadAttention``: exact per-example gradients of the input and output
+projections.
+
+With projected queries, keys and values ``q = x_q W_q^T + b_q`` (likewise k, v) and the
+attention output ``o`` fed to ``out_proj``, example b's gradients are sums over positions,
+``dW_q = sum_t dq_bt x_q,bt^T`` and ``dW_o = sum_t dy_bt o_bt^T`` (biases: sums of ``dq``,
+``dy``). The rule reruns the attention from the saved inputs and the module's weights (masks
+merged as torch does: boolean entries ``True`` are masked out, float entries are added),
+asks autograd for ``dq, dk, dv, do`` given the output gradients (of the attention output and,
+when requested, of the returned attention weights), and forms the per-example gradients with
+batched matmuls in chunks of examples.
+
+Configurations outside this form (``add_bias_kv``, ``add_zero_attn``, a per-head 3-D
+``attn_mask``) take the ``torch.func`` fallback; active dropout is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._base import Call, Contribution, in_dtype, reduce_per_example, small_per_example
+from .fallback import fallback_rule
+
+__all__ = ["attention_rule"]
+
+_POS = (
+    "query",
+    "key",
+    "value",
+    "key_padding_mask",
+    "need_weights",
+    "attn_mask",
+    "average_attn_weights",
+    "is_causal",
+)
+
+
+def _arguments(call: Call) -> dict[str, Any]:
+    bound = dict(zip(_POS, call.args, strict=False))
+    bound.update(call.kwargs)
+    return bound
+
+
+def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            mask, float("-inf")
+        )
+    return mask.to(dtype)
+
+
+def _supported(m: nn.MultiheadAttention, a: dict[str, Any]) -> bool:
+    mask = a.get("attn_mask")
+    return m.bias_k is None and not m.add_zero_attn and (mask is None or mask.dim() == 2)
+
+
+def attention_rule(call: Call) -> dict[str, Contribution]:
+    """Per-example statistics of the parameters of one ``nn.MultiheadAttention`` call."""
+    m: nn.MultiheadAttention = call.module  # type: ignore[assignment]
+    a = _arguments(call)
+    if not _supported(m, a):
+        return fallback_rule(call)
+    dtype = m.out_proj.weight.dtype
+    xq, xk, xv = (in_dtype(a[k], dtype).detach() for k in ("query", "key", "value"))
+    if not m.batch_first:
+        xq, xk, xv = xq.transpose(0, 1), xk.transpose(0, 1), xv.transpose(0, 1)
+    B, L, E = xq.shape
+    S = xk.shape[1]
+    H = m.num_heads
+    Dh = E // H
+    if m._qkv_same_embed_dim:
+        wq, wk, wv = m.in_proj_weight.detach().chunk(3)
+    else:
+        wq, wk, wv = (w.detach() for w in (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight))
+    bq = bk = bv = None
+    if m.in_proj_bias is not None:
+        bq, bk, bv = m.in_proj_bias.detach().chunk(3)
+    wo = m.out_proj.weight.detach()
+
+    mask = _additive(a.get("attn_mask"), dtype)
+    kpm = _additive(a.get("key_padding_mask"), dtype)
+    need_weights = a.get("need_weights", True)
+    average = a.get("average_attn_weights", True)
+
+    g_y = g_w = None
+    for j, pos in enumerate(call.out_positions):  # leaves: (attn_output, attn_weights)
+        if pos == 0:
+            g_y = call.grads[j]
+        elif pos == 1:
+            g_w = call.grads[j]
+    if g_y is None:
+        dy = xq.new_zeros(B, L, E)
+    else:
+        dy = in_dtype(g_y, dtype) if m.batch_first else in_dtype(g_y, dtype).transpose(0, 1)
+    do = dy @ wo  # gradient of the attention output before out_proj
+    with torch.enable_grad():
+        qp = F.linear(xq, wq, bq).requires_grad_()
+        kp = F.linear(xk, wk, bk).requires_grad_()
+        vp = F.linear(xv, wv, bv).requires_grad_()
+        q = qp.view(B, L, H, Dh).transpose(1, 2)
+        k = kp.view(B, S, H, Dh).transpose(1, 2)
+        v = vp.view(B, S, H, Dh).transpose(1, 2)
+        scores = (q / math.sqrt(Dh)) @ k.transpose(-2, -1)
+        if mask is not None:
+            scores = scores + mask
+        if kpm is not None:
+            scores = scores + kpm.view(B, 1, 1, S)
+        attn = torch.softmax(scores, -1)
+        z = (attn @ v).transpose(1, 2).reshape(B, L, E)
+        targets, cotangents = [z], [do]
+        if g_w is not None and need_weights:
+            targets.append(attn.mean(1) if average else attn)
+            cotangents.append(in_dtype(g_w, dtype))
+        dq, dk, dv = torch.autograd.grad(targets, (qp, kp, vp), cotangents, allow_unused=True)
+    dq, dk, dv = (
+        torch.zeros_like(t) if g is None else g
+        for g, t in zip((dq, dk, dv), (qp, kp, vp), strict=True)
+    )
+    o = z.detach()
+
+    out: dict[str, Contribution] = {}
+    names = set(call.param_names)
+
+    def per_weight(name: str, dz: Tensor, u: Tensor, shape: torch.Size) -> None:
+        if name in names:
+            out[name] = reduce_per_example(
+                name, call, shape, dz, lambda s: torch.bmm(dz[s].transpose(1, 2), u[s])
+            )
+
+    if m._qkv_same_embed_dim:
+        if "in_proj_weight" in names:
+            out["in_proj_weight"] = reduce_per_example(
+                "in_proj_weight",
+                call,
+                m.in_proj_weight.shape,
+                dq,
+                lambda s: torch.cat(
+                    [
+                        torch.bmm(dq[s].transpose(1, 2), xq[s]),
+                        torch.bmm(dk[s].transpose(1, 2), xk[s]),
+                        torch.bmm(dv[s].transpose(1, 2), xv[s]),
+                    ],
+                    1,
+                ),
+            )
+    else:
+        per_weight("q_proj_weight", dq, xq, m.q_proj_weight.shape)
+        per_weight("k_proj_weight", dk, xk, m.k_proj_weight.shape)
+        per_weight("v_proj_weight", dv, xv, m.v_proj_weight.shape)
+    if "in_proj_bias" in names:
+        out["in_proj_bias"] = small_per_example(
+            "in_proj_bias", call, torch.cat([dq.sum(1), dk.sum(1), dv.sum(1)], 1)
+        )
+    per_weight("out_proj.weight", dy, o, m.out_proj.weight.shape)
+    if "out_proj.bias" in names:
+        out["out_proj.bias"] = small_per_example("out_proj.bias", call, dy.sum(1))
+    return out
