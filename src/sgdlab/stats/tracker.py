@@ -1,9 +1,10 @@
 """The augmented backward: per-example second moments during ``loss.backward()``.
 
 Attach with :func:`track`. Each tracked module records its inputs when called (a forward hook)
-and, when the gradient with respect to its outputs arrives during backward (a tensor hook on the
-outputs), its layer rule turns both into per-example statistics of the module's parameters. At
-the end of each backward pass every tracked parameter ``p`` holds
+and, when the gradient with respect to its output arrives during backward (a pre-hook on the
+autograd node that produced the output), its layer rule turns both into per-example statistics
+of the module's parameters. At the end of each backward pass (an autograd-engine callback)
+every tracked parameter ``p`` holds
 
     p.grad_second_moment = (1/N) sum_b g_b * g_b        (same shape as p)
 
@@ -31,10 +32,15 @@ outlives the gradient it belongs to.
 Exactness. Layer rules are exact (no position-wise shortcut). A parameter used several times in
 one backward pass (weight tying, a module called twice) is handled by materialising per-example
 gradients of each use and summing them before squaring; all calls between two backward passes
-are taken to act on the same batch (example b of each call is the same example). Inputs must put
-the batch first (``batch_first=True`` for recurrent layers and attention, where it applies).
-Loss terms that use a parameter outside its module's call (an explicit L2 penalty) are not part
-of per-example gradients; use the optimizer's weight decay.
+are taken to act on the same batch (example b of each call is the same example). Tensors must
+put the batch first where the layer cannot tell (``nn.Linear`` on ``[T, B, in]`` would take T
+for the batch; recurrent layers and attention read their own ``batch_first``); inconsistent
+batch sizes within one backward pass raise. On the first backward pass the tracker also checks
+that every parameter's gradient passed through a call of its module (a parameter used directly
+by another module raises). Loss terms that use a parameter outside its module's call (an
+explicit L2 penalty) are not part of per-example gradients; use the optimizer's weight decay.
+Backward passes through ``torch.autograd.grad`` also record; wrap forward passes that should
+not count (gradient penalties, evaluation with grad enabled) in :meth:`Tracker.paused`.
 
 Example::
 
