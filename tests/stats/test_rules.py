@@ -83,6 +83,17 @@ class MaskedAttention(nn.Module):
         return out + w.sum((1, 3)).unsqueeze(-1) ** 2
 
 
+class TwoInputs(nn.Module):
+    """nn.Bilinear applied to (x, tanh x): a fallback module with two batched inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bil = nn.Bilinear(3, 3, 2)
+
+    def forward(self, x):
+        return self.bil(x, torch.tanh(x))
+
+
 class BoolMaskAttention(nn.Module):
     def __init__(self, **kw) -> None:
         super().__init__()
@@ -187,6 +198,22 @@ CASES = [
         sq_loss,
         0,
     ),
+    (
+        "fallback-embeddingbag",
+        lambda: nn.EmbeddingBag(7, 3, mode="mean"),
+        lambda: torch.randint(0, 7, (B, 4)),
+        sq_loss,
+        0,
+    ),
+    ("fallback-prelu", lambda: nn.PReLU(3), lambda: torch.randn(B, 3, 5), sq_loss, 0),
+    (
+        "fallback-instancenorm",
+        lambda: nn.InstanceNorm1d(3, affine=True),
+        lambda: torch.randn(B, 3, 5),
+        sq_loss,
+        0,
+    ),
+    ("fallback-bilinear", TwoInputs, lambda: torch.randn(B, 3), sq_loss, 0),
     ("mha", lambda: SelfAttention(4), lambda: torch.randn(B, 3, 4), sq_loss, 0),
     ("mha-seqfirst", lambda: SeqFirstAttention(4), lambda: torch.randn(B, 3, 4), sq_loss, 0),
     ("mha-masks-kdim", lambda: MaskedAttention(), lambda: torch.randn(B, 4, 12), sq_loss, 0),
