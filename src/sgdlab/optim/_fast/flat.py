@@ -11,7 +11,7 @@ Gradients: a flat gradient buffer holds one view per parameter. When ``p.grad`` 
 (the optimizer re-points it after each copy, so a backward with
 ``zero_grad(set_to_none=False)`` accumulates straight into the buffer) nothing is copied;
 otherwise (``set_to_none=True``, torch's default, or a gradient set by hand) the gradients are
-copied in before the step, with one ``torch.cat(..., out=flat)`` when all are new.
+copied in before the step with one ``torch._foreach_copy_``.
 
 Low precision (bfloat16/float16 parameters): the state is float32 and a float32 master copy of
 the parameters is kept in ``state[p]["master_param"]``; the parameter is the master rounded to
@@ -164,11 +164,9 @@ class FlatGroup:
         if not stale:
             return
         with torch.no_grad():
-            if len(stale) == len(self.params):  # one concatenation: a single pass/launch
-                torch.cat([p.grad.reshape(-1) for p in self.params], out=self.flat_grad)
-            else:
-                torch._foreach_copy_([self.grad_views[i] for i in stale],
-                                     [self.params[i].grad for i in stale])
+            # one multi-tensor copy: reads the gradients once, writes the flat buffer once
+            torch._foreach_copy_([self.grad_views[i] for i in stale],
+                                 [self.params[i].grad for i in stale])
         for i in stale:
             # A gradient that is itself a view of another buffer (DDP's gradient buckets with
             # gradient_as_bucket_view=True) stays where its owner expects it.
@@ -182,8 +180,7 @@ class FlatGroup:
             self.flat_m2 = torch.empty(self.numel, dtype=self.state_dtype, device=self.device)
             self.m2_views = _views(self.flat_m2, self.params)
         with torch.no_grad():
-            torch.cat([get(p).reshape(-1).to(self.state_dtype) for p in self.params],
-                      out=self.flat_m2)
+            torch._foreach_copy_(self.m2_views, [get(p) for p in self.params])
         return self.flat_m2
 
 
