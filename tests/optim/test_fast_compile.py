@@ -93,3 +93,32 @@ def test_whole_training_step_under_torch_compile():
         assert torch.max(torch.abs(p - q)).item() <= 1e-12
     assert max((p - q).abs().max().item() for p, q in zip(model.parameters(), start)) > 1e-3
     assert any(k[0] == "adam" and k[3] == torch.float64 for k in _fast.COMPILE_SECONDS)
+
+
+def test_compilation_failure_falls_back_to_eager_kernels_with_one_warning():
+    """Without a usable C++ compiler inductor cannot build a CPU kernel: the fused step warns
+    once, runs the same kernel eagerly on the flat buffers, and still equals the reference."""
+    import torch._inductor.config as inductor_config
+
+    kwargs = dict(lr=0.01, maximize=True, eps=1e-3, eps_placement="inside", power=0.75)
+    ref_p, fu_p = make_params(5), make_params(5)
+    ref = sgdlab.RMSProp(ref_p, foreach=False, **kwargs)
+    fu = sgdlab.RMSProp(fu_p, fused=True, **kwargs)
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
+        with pytest.warns(RuntimeWarning, match="torch.compile failed.*C\\+\\+ compiler"):
+            for t in range(3):
+                set_grads(ref_p, t)
+                set_grads(fu_p, t)
+                ref.step()
+                fu.step()
+        assert not _fast.compile_enabled()
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning
+            set_grads(ref_p, 3)
+            set_grads(fu_p, 3)
+            ref.step()
+            fu.step()
+    for a, b in zip(ref_p, fu_p):
+        assert torch.max(torch.abs(a - b)).item() <= 1e-12
