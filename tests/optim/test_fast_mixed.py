@@ -265,3 +265,28 @@ def test_gradient_views_of_other_buffers_are_left_in_place():
         assert ps[1].grad._base is not None and ps[1].grad._base is not bucket
     for p, q in zip(ps, qs):
         assert torch.max(torch.abs(p - q)).item() <= 1e-12
+
+
+def test_adam_parameters_with_different_step_counts_take_the_foreach_path():
+    """After a parameter missed a step its bias corrections differ from its group's: that
+    group takes the foreach path on the same storage (no rebuild of flat buffers per step),
+    other groups stay fused, and everything equals the reference."""
+    ps = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in [(4, 3), (5,), (6,)]]
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    opt = sgdlab.Adam([{"params": ps[:2]}, {"params": ps[2:]}], lr=0.05, fused=True)
+    ref = sgdlab.Adam([{"params": qs[:2]}, {"params": qs[2:]}], lr=0.05, foreach=False)
+    ptrs = []
+    for t in range(10):
+        set_grads(ps, t)
+        set_grads(qs, t)
+        if t == 3:
+            ps[1].grad = None
+            qs[1].grad = None
+        opt.step()
+        ref.step()
+        ptrs.append(ps[0].data_ptr())
+    assert len(set(ptrs[4:])) == 1  # no rebuild after the desynchronisation
+    assert id(opt.param_groups[0]) not in opt._fast_cache
+    assert id(opt.param_groups[1]) in opt._fast_cache
+    for p, q in zip(ps, qs):
+        assert torch.max(torch.abs(p - q)).item() <= 1e-12

@@ -111,10 +111,10 @@ def _build(opt: Any, params: list[torch.Tensor], keys: dict[str, str],
 
 
 def _prepare(opt: Any, group: dict, params: list[torch.Tensor], keys: dict[str, str],
-             steps: bool) -> list[FlatGroup] | None:
+             steps: bool, precheck: Any = None) -> list[FlatGroup] | None:
     """The group's flat buffers (reused, or built from the current parameters and state) with
     the gradients gathered into them; ``None`` (nothing changed) when the fused step does not
-    apply."""
+    apply (``precheck(opt, params)``, run before building, can decline too)."""
     cache = opt.__dict__.setdefault("_fast_cache", {})
     key_names = tuple(keys)
     entry = cache.get(id(group))
@@ -123,6 +123,8 @@ def _prepare(opt: Any, group: dict, params: list[torch.Tensor], keys: dict[str, 
             g = p.grad
             if g.is_sparse or g.shape != p.shape or g.dtype != p.dtype:
                 return None
+        if precheck is not None and not precheck(opt, params):
+            return None
         fgs = _build(opt, params, keys, steps)
         if fgs is None:
             return None
@@ -206,13 +208,33 @@ def _adam_mirror(opt: Any, fg: FlatGroup) -> dict | None:
     return mirror
 
 
+def _adam_uniform(opt: Any, params: list[torch.Tensor]) -> bool:
+    """Whether all ``params`` share step count and debiasing products (checked before any
+    buffer is built, so a group whose parameters missed different steps goes straight to the
+    foreach path, step after step, without rebuilding)."""
+    first = None
+    for p in params:
+        st = opt.state[p] if p in opt.state else {}
+        if "exp_avg" not in st:
+            sig: tuple = (0.0,)
+        else:
+            t = st.get("step")
+            sig = (float(t.item()) if isinstance(t, torch.Tensor) else float(t or 0.0),) + tuple(
+                st.get(k) for k in _ADAM_HOST_KEYS)
+        if first is None:
+            first = sig
+        elif sig != first:
+            return False
+    return True
+
+
 def _adam(opt: Any, group: dict, hp: dict, params: list[torch.Tensor]) -> bool:
     from sgdlab.optim.adam import adam_scalars
 
     keys = {"exp_avg": "zeros", "exp_avg_sq": "zeros"}
     if hp["amsgrad"]:
         keys["max_exp_avg_sq"] = "zeros"
-    fgs = _prepare(opt, group, params, keys, steps=True)
+    fgs = _prepare(opt, group, params, keys, steps=True, precheck=_adam_uniform)
     if fgs is None:
         return False
     for fg in fgs:
