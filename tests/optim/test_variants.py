@@ -112,3 +112,21 @@ def test_per_example_moment_is_batch_size_invariant_where_batch_moment_is_not():
         for stat, want in ((batch, mean**2 + sigma**2 / b), (pex, mean**2 + sigma**2)):
             z = (stat.mean() - want) / (stat.std() / math.sqrt(reps))
             assert abs(z) < 4
+
+
+def test_adamw_per_example_moment_has_no_decay_terms():
+    """Decoupled (AdamW) decay is not part of the per-example gradients: the second moment is
+    mean_b g_b^2 alone, while coupled L2 decay adds 2 wd p g_hat + wd^2 p^2."""
+    gen = torch.Generator().manual_seed(3)
+    p0 = torch.randn(4, generator=gen, dtype=torch.float64)
+    per = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    for decoupled in (False, True):
+        p = p0.clone().requires_grad_()
+        opt = sgdlab.Adam([p], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.2,
+                          decoupled_weight_decay=decoupled, second_moment="per_example",
+                          bias_correction="none")
+        p.grad = per.mean(0)
+        p.grad_second_moment = (per * per).mean(0)
+        opt.step()
+        e = per if decoupled else per + 0.2 * p0
+        assert torch.allclose(opt.state[p]["exp_avg_sq"], 0.01 * (e * e).mean(0), rtol=1e-14)

@@ -349,8 +349,9 @@ class Adam(BatchScaledOptimizer):
             return
         beta1, beta2 = hp["betas"]
         m2 = (
-            [per_example_second_moment(p, p.grad, hp["weight_decay"], hp["maximize"])
-             for p in params]
+            [per_example_second_moment(
+                p, p.grad, 0.0 if hp["decoupled_weight_decay"] else hp["weight_decay"],
+                hp["maximize"]) for p in params]
             if group["second_moment"] == "per_example"
             else None
         )

@@ -161,7 +161,8 @@ def make_kernel(algo: str, opts: tuple[tuple[str, Any], ...]) -> Callable[..., N
             d = -raw if o["maximize"] else raw
             q = None
             if m2 is not None:
-                q = _per_example(m2, x, raw, sc, ix, o["weight_decay"])
+                # AdamW's decay is not part of the gradient: no decay terms in q.
+                q = _per_example(m2, x, raw, sc, ix, o["weight_decay"] and not o["decoupled"])
             if o["weight_decay"]:
                 if o["decoupled"]:
                     x = x * sc[ix["decay"]]
