@@ -71,3 +71,28 @@ def test_loads_torch_checkpoint(name, cls, tcls, kwargs):
         ours.step()
     for a, b in zip(p_s, p_t):
         assert torch.max(torch.abs(a - b)).item() <= 1e-12
+
+
+@pytest.mark.parametrize("name,cls,tcls,kwargs", TORCH_TWINS, ids=[c[0] for c in TORCH_TWINS])
+def test_torch_loads_sgdlab_checkpoint(name, cls, tcls, kwargs):
+    """And back: an sgdlab checkpoint continues identically in the torch.optim namesake."""
+    p_s, p_t = make_params(2), make_params(2)
+    ours = cls(param_groups(p_s, cls), **kwargs)
+    for t in range(20):
+        set_grads(p_s, t)
+        ours.step()
+    with torch.no_grad():
+        for a, b in zip(p_t, p_s):
+            a.copy_(b)
+    theirs = tcls(param_groups(p_t, cls), **kwargs)
+    buffer = io.BytesIO()
+    torch.save(ours.state_dict(), buffer)
+    buffer.seek(0)
+    theirs.load_state_dict(torch.load(buffer, weights_only=False))
+    for t in range(20, 60):
+        set_grads(p_t, t)
+        set_grads(p_s, t)
+        theirs.step()
+        ours.step()
+    for a, b in zip(p_s, p_t):
+        assert torch.max(torch.abs(a - b)).item() <= 1e-12
