@@ -116,3 +116,19 @@ def test_parallel_jobs_match_serial(tmp_path: Path) -> None:
         assert a["measurements"] == b["measurements"]
         assert a["claims"] == b["claims"]
     assert (tmp_path / "parallel" / "index.html").is_file()
+
+
+def test_non_finite_values_survive_the_round_trip(tmp_path: Path) -> None:
+    """A diverged run (inf loss) or a missing value (nan) is saved as valid JSON and read back
+    as the float it was, so plots and claims drawn from saved results see numbers."""
+    import math
+
+    from sgdlab.lab.atomic import read_json
+
+    atomic_write_json(tmp_path / "r.json", {"loss": [1.0, float("inf")], "x": float("nan"),
+                                            "s": "text", "neg": -math.inf})
+    raw = json.loads((tmp_path / "r.json").read_text())  # strict JSON parses it
+    assert raw["loss"][1] == "inf" and raw["x"] == "nan"
+    back = read_json(tmp_path / "r.json")
+    assert back["loss"][1] == math.inf and math.isnan(back["x"]) and back["neg"] == -math.inf
+    assert back["s"] == "text"

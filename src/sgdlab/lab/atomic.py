@@ -25,6 +25,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "from_jsonable",
     "read_json",
     "remove_stale_temporaries",
     "to_jsonable",
@@ -123,10 +124,25 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(to_jsonable(obj), indent=1, sort_keys=False) + "\n")
 
 
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def from_jsonable(obj: Any) -> Any:
+    """Inverse of :func:`to_jsonable` for the non-finite markers: ``"nan"``, ``"inf"`` and
+    ``"-inf"`` become floats again (everything else is returned as is)."""
+    if isinstance(obj, dict):
+        return {k: from_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_jsonable(v) for v in obj]
+    if isinstance(obj, str) and obj in _NONFINITE:
+        return _NONFINITE[obj]
+    return obj
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
-    """Read a JSON file."""
+    """Read a JSON file written by :func:`atomic_write_json` (non-finite markers restored)."""
     with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+        return from_jsonable(json.load(fh))
 
 
 def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:

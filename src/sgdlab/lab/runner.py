@@ -30,7 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from . import registry
-from .atomic import atomic_write_json, read_json, remove_stale_temporaries, to_jsonable
+from .atomic import (
+    atomic_write_json,
+    from_jsonable,
+    read_json,
+    remove_stale_temporaries,
+    to_jsonable,
+)
 from .config import build_config, config_to_dict
 from .errata import ERRATA
 from .progress import bar
@@ -142,7 +148,7 @@ def run_experiment(
         measurements = mod.run(config, expdir)
     wall = time.perf_counter() - t0
     # Round-trip through JSON: figures and claims see exactly what is saved.
-    saved_measurements = json.loads(json.dumps(to_jsonable(measurements)))
+    saved_measurements = from_jsonable(json.loads(json.dumps(to_jsonable(measurements))))
     figures = mod.plot(saved_measurements, expdir)
     claims = [c.to_dict() for c in mod.claims(saved_measurements)]
     meta = run_metadata(config.device)

@@ -52,9 +52,8 @@ class Config(ExperimentConfig):
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"octaves": (-1, 0, 1), "eta_octaves": (-4, -3, -2, -1, 0, 1),
              "batch_sizes": (16, 64), "examples": 4096},
-    "full": {"n_g": (1.0, 2.0, 4.0, 8.0, 16.0), "octaves": (-3, -2, -1, 0, 1, 2, 3),
-             "eta_octaves": tuple(range(-7, 4)), "batch_sizes": (8, 16, 32, 64, 128, 256),
-             "examples": 131072, "hidden": 128},
+    "full": {"n_g": (1.0, 4.0, 16.0), "eta_octaves": tuple(range(-6, 3)),
+             "batch_sizes": (8, 32, 128, 512), "examples": 65536},
 }
 
 

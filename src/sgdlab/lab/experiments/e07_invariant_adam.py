@@ -80,7 +80,7 @@ PRESETS: dict[str, dict[str, Any]] = {
              "examples": 8192, "evals": 8},
     "full": {"quad_steps": 20000, "quad_chains": 4000, "batch_sizes": (8, 16, 32, 64, 128, 256,
                                                                        512, 1024),
-             "examples": 262144, "hidden": 128, "evals": 32},
+             "examples": 131072, "evals": 32},
 }
 
 

@@ -54,8 +54,7 @@ class Config(ExperimentConfig):
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"lrs_sigma": (3e-3, 1e-2), "lrs_sigma2": (1e-6, 3e-6), "examples": 6144},
     "full": {"lrs_sigma": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
-             "lrs_sigma2": (3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4), "examples": 131072, "seeds": 5,
-             "hidden": 128},
+             "lrs_sigma2": (3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4), "examples": 65536, "seeds": 4},
 }
 
 

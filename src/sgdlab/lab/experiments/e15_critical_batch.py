@@ -57,9 +57,9 @@ class Config(ExperimentConfig):
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"batch_sizes": (8, 64, 256), "lr_multipliers": (1.0, 2.0), "target_loss": 1.6,
              "max_examples": 24576, "evals": 24},
-    "full": {"batch_sizes": (4, 8, 16, 32, 64, 128, 256, 512, 1024),
-             "lr_multipliers": (0.25, 0.5, 1.0, 2.0, 4.0), "target_loss": 1.0,
-             "max_examples": 524288, "evals": 96, "hidden": 128},
+    "full": {"batch_sizes": (8, 16, 32, 64, 128, 256, 512, 1024),
+             "lr_multipliers": (0.5, 1.0, 2.0, 4.0), "target_loss": 1.1,
+             "max_examples": 262144, "evals": 96},
 }
 
 
