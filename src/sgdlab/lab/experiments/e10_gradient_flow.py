@@ -49,7 +49,7 @@ class Config(ExperimentConfig):
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"lrs": (0.08, 0.04, 0.02), "chains": 1500, "logistic_chains": 200,
              "logistic_examples": 150},
-    "full": {"lrs": (0.16, 0.08, 0.04, 0.02, 0.01, 0.005), "chains": 10000,
+    "full": {"lrs": (0.2, 0.1, 0.05, 0.025, 0.0125, 0.00625), "chains": 10000,
              "logistic_chains": 2000, "logistic_examples": 1797},
 }
 
@@ -73,6 +73,11 @@ def _problems(config: Config) -> dict[str, Any]:
 
 
 def run(config: Config, outdir: Path) -> dict[str, Any]:
+    for lr in config.lrs:
+        k = config.time / lr
+        if lr <= 0 or abs(k - round(k)) > 1e-9 * k:
+            raise ValueError(f"lrs must be > 0 and divide time={config.time} into whole steps; "
+                             f"got lr={lr}")
     out: dict[str, Any] = {"lrs": list(config.lrs), "problems": {}}
     for name, (problem, init) in bar(_problems(config).items(), desc=NAME):
         chains = config.chains if name == "quadratic" else config.logistic_chains
