@@ -82,3 +82,18 @@ def test_invalid_values_exit_2(capsys, tmp_path: Path, item: str) -> None:
     assert main(["run", "one_d", "--set", item, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert item.split("=")[0] in err and "draws: int" in err
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_preset_builds(name: str) -> None:
+    from sgdlab.lab import make_config
+
+    for preset in ("tiny", "quick", "full"):
+        cfg = make_config(name, preset)
+        assert cfg.seed == 0 and cfg.device == "cpu"
+
+
+def test_gradient_flow_rejects_steps_that_do_not_divide_time(capsys, tmp_path: Path) -> None:
+    args = ["run", "gradient_flow", "--set", "lrs=0.16,0.08", "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert "divide time" in capsys.readouterr().err

@@ -45,6 +45,14 @@ class Config(ExperimentConfig):
     l2: float = 0.05
     logistic_examples: int = 300
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for lr in self.lrs:
+            k = self.time / lr if lr > 0 else 0.0
+            if lr <= 0 or abs(k - round(k)) > 1e-9 * k:
+                raise ValueError(f"lrs must be > 0 and divide time={self.time} into whole "
+                                 f"steps; got lr={lr}")
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"lrs": (0.08, 0.04, 0.02), "chains": 1500, "logistic_chains": 200,
@@ -73,11 +81,6 @@ def _problems(config: Config) -> dict[str, Any]:
 
 
 def run(config: Config, outdir: Path) -> dict[str, Any]:
-    for lr in config.lrs:
-        k = config.time / lr
-        if lr <= 0 or abs(k - round(k)) > 1e-9 * k:
-            raise ValueError(f"lrs must be > 0 and divide time={config.time} into whole steps; "
-                             f"got lr={lr}")
     out: dict[str, Any] = {"lrs": list(config.lrs), "problems": {}}
     for name, (problem, init) in bar(_problems(config).items(), desc=NAME):
         chains = config.chains if name == "quadratic" else config.logistic_chains
