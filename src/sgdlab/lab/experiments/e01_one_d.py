@@ -92,7 +92,9 @@ def claims(results: dict[str, Any]) -> list[Claim]:
                 f"one_d.var_without_B{b}",
                 f"without replacement the variance shrinks by (n-B)/(n-1) (B={b})",
                 "(sigma^2/B)(n-B)/(n-1)", r["pred_without"], wo["var"], wo["var_se"],
-                tolerance(wo["var_se"])))
+                tolerance(wo["var_se"], model_error=1e-12 * results["sigma2"]),
+                note="at B = n the batch is the data set: exactly 0 up to rounding"
+                if b == results["n"] else ""))
     return out
 
 
