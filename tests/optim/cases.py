@@ -7,6 +7,8 @@ variants, checked against the reference path and closed forms.
 
 from __future__ import annotations
 
+import io
+
 import torch
 
 import sgdlab
@@ -112,3 +114,11 @@ def state_tensors(opt) -> dict:
             for k, v in opt.state[p].items():
                 out[(i, j, k)] = v
     return out
+
+
+def checkpoint(obj):
+    """``obj`` after a real save/load round trip (no tensor shared with the original)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)

@@ -14,7 +14,7 @@ import torch
 import sgdlab
 from sgdlab.optim import _fast
 
-from .cases import set_grads, state_tensors
+from .cases import checkpoint, set_grads, state_tensors
 
 
 @pytest.fixture(autouse=True)
@@ -184,7 +184,6 @@ def test_bad_fused_arguments():
 def test_low_precision_resume_is_bit_identical():
     """float32 state and master survive ``state_dict``/``load_state_dict`` (which would cast
     them to the parameters' bfloat16)."""
-    import io
 
     def run(opt, params, start, stop):
         for t in range(start, stop):
@@ -196,11 +195,8 @@ def test_low_precision_resume_is_bit_identical():
     params = _params(torch.bfloat16, seed=3)
     opt = sgdlab.Adam(params, lr=1e-3, fused=True)
     run(opt, params, 0, 10)
-    buffer = io.BytesIO()
-    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()},
-               buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
+    saved = checkpoint({"params": [p.detach().clone() for p in params],
+                        "opt": opt.state_dict()})
     run(opt, params, 10, 20)
     resumed = [p.clone().requires_grad_() for p in saved["params"]]
     opt2 = sgdlab.Adam(resumed, lr=1e-3, fused=True)

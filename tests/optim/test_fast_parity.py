@@ -8,14 +8,20 @@ compiled == eager), so the whole option table costs no compilation.
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 
 from sgdlab.optim import _fast
 
-from .cases import TORCH_TWINS, VARIANTS, make_params, param_groups, set_grads, state_tensors
+from .cases import (
+    TORCH_TWINS,
+    VARIANTS,
+    checkpoint,
+    make_params,
+    param_groups,
+    set_grads,
+    state_tensors,
+)
 
 CASES = [(n, c, k) for n, c, _, k in TORCH_TWINS] + VARIANTS
 BATCHES = [8, 8, 16, 16, 4, 32, 32, 8]
@@ -78,11 +84,8 @@ def test_fused_resume_is_bit_identical(name, cls, kwargs):
     params = make_params(11)
     opt = cls(param_groups(params, cls), fused=True, **kwargs)
     run(opt, params, 0, 20)
-    buffer = io.BytesIO()
-    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()},
-               buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
+    saved = checkpoint({"params": [p.detach().clone() for p in params],
+                        "opt": opt.state_dict()})
     run(opt, params, 20, 40)
     resumed = [p.clone().requires_grad_() for p in saved["params"]]
     opt2 = cls(param_groups(resumed, cls), fused=True, **kwargs)

@@ -3,24 +3,23 @@ non-finite gradients, and clear errors for bad hyperparameters."""
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 
 import sgdlab
 from sgdlab.optim import NonFiniteGradientError
 
-from .cases import TORCH_TWINS, VARIANTS, make_params, param_groups, set_grads, state_tensors
+from .cases import (
+    TORCH_TWINS,
+    VARIANTS,
+    checkpoint,
+    make_params,
+    param_groups,
+    set_grads,
+    state_tensors,
+)
 
 CASES = [(n, c, k) for n, c, _, k in TORCH_TWINS] + VARIANTS
-
-
-def _checkpoint(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
 
 
 @pytest.mark.parametrize("name,cls,kwargs", CASES, ids=[c[0] for c in CASES])
@@ -37,7 +36,7 @@ def test_resume_is_bit_identical(name, cls, kwargs):
     params = make_params(11)
     opt = cls(param_groups(params, cls), **kwargs)
     run(opt, params, 0, 30)
-    saved = _checkpoint({"params": [p.detach().clone() for p in params],
+    saved = checkpoint({"params": [p.detach().clone() for p in params],
                          "opt": opt.state_dict()})
     run(opt, params, 30, 60)
 

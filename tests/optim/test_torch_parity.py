@@ -7,12 +7,10 @@ path; parameters and every state tensor are compared.
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 
-from .cases import TORCH_TWINS, make_params, param_groups, set_grads, state_tensors
+from .cases import TORCH_TWINS, checkpoint, make_params, param_groups, set_grads, state_tensors
 
 STEPS = 300
 
@@ -48,51 +46,25 @@ def test_default_arguments_match_torch(name, cls, tcls, kwargs):
             assert ours.defaults[key] == value, key
 
 
+@pytest.mark.parametrize("direction", ["torch->sgdlab", "sgdlab->torch"])
 @pytest.mark.parametrize("name,cls,tcls,kwargs", TORCH_TWINS, ids=[c[0] for c in TORCH_TWINS])
-def test_loads_torch_checkpoint(name, cls, tcls, kwargs):
-    """A torch.optim checkpoint taken mid-run continues identically in sgdlab."""
-    p_t, p_s = make_params(1), make_params(1)
-    theirs = tcls(param_groups(p_t, cls), **kwargs)
+def test_checkpoints_move_between_torch_and_sgdlab(name, cls, tcls, kwargs, direction):
+    """A checkpoint taken mid-run by one continues identically in the other."""
+    first, second = (tcls, cls) if direction == "torch->sgdlab" else (cls, tcls)
+    p1, p2 = make_params(1), make_params(1)
+    opt1 = first(param_groups(p1, cls), **kwargs)
     for t in range(20):
-        set_grads(p_t, t)
-        theirs.step()
+        set_grads(p1, t)
+        opt1.step()
     with torch.no_grad():
-        for a, b in zip(p_s, p_t):
+        for a, b in zip(p2, p1):
             a.copy_(b)
-    ours = cls(param_groups(p_s, cls), **kwargs)
-    buffer = io.BytesIO()
-    torch.save(theirs.state_dict(), buffer)  # a real checkpoint: no shared tensors
-    buffer.seek(0)
-    ours.load_state_dict(torch.load(buffer))
+    opt2 = second(param_groups(p2, cls), **kwargs)
+    opt2.load_state_dict(checkpoint(opt1.state_dict()))
     for t in range(20, 60):
-        set_grads(p_t, t)
-        set_grads(p_s, t)
-        theirs.step()
-        ours.step()
-    for a, b in zip(p_s, p_t):
-        assert torch.max(torch.abs(a - b)).item() <= 1e-12
-
-
-@pytest.mark.parametrize("name,cls,tcls,kwargs", TORCH_TWINS, ids=[c[0] for c in TORCH_TWINS])
-def test_torch_loads_sgdlab_checkpoint(name, cls, tcls, kwargs):
-    """And back: an sgdlab checkpoint continues identically in the torch.optim namesake."""
-    p_s, p_t = make_params(2), make_params(2)
-    ours = cls(param_groups(p_s, cls), **kwargs)
-    for t in range(20):
-        set_grads(p_s, t)
-        ours.step()
-    with torch.no_grad():
-        for a, b in zip(p_t, p_s):
-            a.copy_(b)
-    theirs = tcls(param_groups(p_t, cls), **kwargs)
-    buffer = io.BytesIO()
-    torch.save(ours.state_dict(), buffer)
-    buffer.seek(0)
-    theirs.load_state_dict(torch.load(buffer, weights_only=False))
-    for t in range(20, 60):
-        set_grads(p_t, t)
-        set_grads(p_s, t)
-        theirs.step()
-        ours.step()
-    for a, b in zip(p_s, p_t):
+        set_grads(p1, t)
+        set_grads(p2, t)
+        opt1.step()
+        opt2.step()
+    for a, b in zip(p1, p2):
         assert torch.max(torch.abs(a - b)).item() <= 1e-12
