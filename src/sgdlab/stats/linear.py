@@ -42,12 +42,14 @@ def linear_rule(call: Call) -> dict[str, Contribution]:
     (d,) = call.grads
     if d is None:
         return {}
-    a = in_dtype(call.args[0], module.weight.dtype)
-    d = in_dtype(d, module.weight.dtype)
-    require_batched(module, a, 2, "inputs [B, in] or [B, T, ..., in]")
-    B = call.batch_size
+    dtype = module.weight.dtype
+    a = call.args[0]
+    if a.dtype != dtype:
+        a = in_dtype(a, dtype)
+    if d.dtype != dtype:
+        d = in_dtype(d, dtype)
+    names = call.param_names
     out: dict[str, Contribution] = {}
-    names = set(call.param_names)
     if a.dim() == 2:
         if call.materialize:  # shared parameter: hand over per-example gradients
             if "weight" in names:
@@ -61,12 +63,14 @@ def linear_rule(call: Call) -> dict[str, Contribution]:
             norms = d2.sum(1) * a2.sum(1) if call.norms else None
             # scale * d2^T a2 in one kernel (beta=0: the first argument is not read)
             moment = torch.addmm(unread(d2), d2.T, a2, beta=0, alpha=call.scale)
-            out["weight"] = Contribution(moment=moment, sq_norms=norms)
+            out["weight"] = Contribution(moment, None, norms)
         if "bias" in names:
             # scale * sum_b d_b^2 as one matrix-vector product
             moment = torch.mv(d2.T, scaled_ones(d2.shape[0], call.scale, d2))
-            out["bias"] = Contribution(moment=moment, sq_norms=d2.sum(1) if call.norms else None)
+            out["bias"] = Contribution(moment, None, d2.sum(1) if call.norms else None)
         return out
+    require_batched(module, a, 2, "inputs [B, in] or [B, T, ..., in]")
+    B = call.batch_size
     a3 = a.reshape(B, -1, a.shape[-1])
     d3 = d.reshape(B, -1, d.shape[-1])
     if "weight" in names:

@@ -69,11 +69,12 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .._validation import check_batch_size, check_choice, check_positive
 from ._base import Call, Contribution
-from ._registry import Rule, rule_for
+from ._registry import Rule, _first_dim, _no_check, rule_for
 
 __all__ = ["Tracker", "track", "ATTRIBUTE"]
 
 ATTRIBUTE = "grad_second_moment"
+_NONE: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -84,6 +85,8 @@ class _Entry:
     names: tuple[str, ...]
     params: tuple[nn.Parameter, ...]
     ids: tuple[int, ...] = ()
+    label: str = ""
+    plain: bool = False  # no input check, batch size = first dimension of the first input
 
 
 @dataclass(slots=True)
@@ -111,6 +114,7 @@ class _Pass:
     got_grad: set[int] = field(default_factory=set)
     contributed: set[int] = field(default_factory=set)
     first_module: str = ""
+    scale: float = 1.0
 
 
 class Tracker:
@@ -186,6 +190,8 @@ class Tracker:
                 tuple(n for n, _ in owned),
                 tuple(p for _, p in owned),
                 tuple(id(p) for _, p in owned),
+                name or type(module).__name__,
+                rule.check is _no_check and rule.batch_size is _first_dim,
             )
             self._entries[module] = entry
             for n, p in owned:
@@ -293,24 +299,36 @@ class Tracker:
                 return
             outs = [leaves[i] for i in positions]
         entry = self._entries[module]
-        entry.rule.check(module, args, kwargs)
-        B = entry.rule.batch_size(module, args, kwargs)
+        if entry.plain and not kwargs and len(args) == 1 and isinstance(args[0], Tensor):
+            x = args[0]  # the common case (Linear, Conv, norms on one tensor) in a few lookups
+            if x.dim() == 0:
+                _first_dim(module, args, kwargs)  # raises with the message
+            B = x.shape[0]
+            flat_in = sargs = args
+            skwargs = kwargs
+            versions: tuple[int, ...] = (x._version,)
+        else:
+            entry.rule.check(module, args, kwargs)
+            B = entry.rule.batch_size(module, args, kwargs)
+            if not kwargs and all(isinstance(a, Tensor) for a in args):
+                flat_in = sargs = args  # rules run without grad mode (or detach themselves)
+                skwargs = kwargs
+            else:
+                flat_in = tuple(
+                    t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)
+                )
+                sargs = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, args)
+                skwargs = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, kwargs)
+            versions = tuple(t._version for t in flat_in)
         uses = self._uses
         for pid in entry.ids:
             uses[pid] = uses.get(pid, 0) + 1
-        if not kwargs and all(isinstance(a, Tensor) for a in args):
-            flat_in = sargs = args  # rules run without grad mode (or detach themselves)
-            skwargs = kwargs
-        else:
-            flat_in = tuple(t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor))
-            sargs = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, args)
-            skwargs = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, kwargs)
         record = _Record(
             entry=entry,
             args=sargs,
             kwargs=skwargs,
-            versions=tuple(t._version for t in flat_in),
-            inputs=tuple(flat_in),
+            versions=versions,
+            inputs=flat_in,
             batch_size=B,
             uses=uses,
             out_spec=spec,
@@ -372,32 +390,33 @@ class Tracker:
         state = self._pass
         assert state is not None
         entry = record.entry
-        label = entry.name or type(entry.module).__name__
-        for t, v in zip(record.inputs, record.versions, strict=True):
+        for t, v in zip(record.inputs, record.versions):  # same length by construction
             if t._version != v:
                 raise RuntimeError(
-                    f"an input of module {label!r} was modified in place after its forward "
-                    "call; per-example statistics need the input as it was used"
+                    f"an input of module {entry.label!r} was modified in place after its "
+                    "forward call; per-example statistics need the input as it was used"
                 )
         B = record.batch_size
-        N = self._batch_size or B
-        scale = float(N) if self.reduction == "mean" else 1.0 / N
         if state.batch_size is None:
             state.batch_size = B
-            state.first_module = label
+            state.first_module = entry.label
+            N = self._batch_size or B
+            state.scale = float(N) if self.reduction == "mean" else 1.0 / N
         elif state.batch_size != B:
             raise ValueError(
-                f"inconsistent batch sizes in one backward pass: module {label!r} has batch "
-                f"dimension {B}, module {state.first_module!r} has {state.batch_size}. Inputs "
-                "must put the batch first (batch_first=True for recurrent layers and attention)"
+                f"inconsistent batch sizes in one backward pass: module {entry.label!r} has "
+                f"batch dimension {B}, module {state.first_module!r} has {state.batch_size}. "
+                "Inputs must put the batch first (batch_first=True for recurrent layers and "
+                "attention)"
             )
         uses = record.uses
-        if any(uses[pid] > 1 for pid in entry.ids):
-            materialize = frozenset(
-                n for n, pid in zip(entry.names, entry.ids, strict=True) if uses[pid] > 1
-            )
-        else:
-            materialize = frozenset()
+        materialize = _NONE
+        for pid in entry.ids:
+            if uses[pid] > 1:
+                materialize = frozenset(
+                    n for n, i in zip(entry.names, entry.ids, strict=True) if uses[i] > 1
+                )
+                break
         call = Call(
             module=entry.module,
             args=record.args,
@@ -409,16 +428,20 @@ class Tracker:
             norms=self.per_example_norms,
             memory_budget=self.memory_budget,
             conv_strategy=self.conv_strategy,
-            scale=scale,
+            scale=state.scale,
             out_spec=record.out_spec,
             out_positions=record.positions,
         )
         self._suspended += 1
         try:
-            with torch.no_grad():
+            if torch.is_grad_enabled():  # a backward pass with create_graph=True
+                with torch.no_grad():
+                    contributions = entry.rule.compute(call)
+            else:
                 contributions = entry.rule.compute(call)
         finally:
             self._suspended -= 1
+        label = entry.label
         for n, p in zip(entry.names, entry.params, strict=True):
             c = contributions.get(n)
             if c is not None:
