@@ -4,12 +4,28 @@
 
     sgdlab list
     sgdlab run NAME [--preset quick|full|tiny] [--set key=value ...] [--out DIR]
-                    [--device cpu|cuda] [--seed N] [--force]
+                    [--device cpu|cuda] [--seed N] [--force] [--nproc N]
     sgdlab reproduce [--preset quick|full|tiny] [--out DIR] [--jobs N] [--force]
     sgdlab report DIR
 
+``--nproc N`` (N > 1) runs a data-parallel experiment (a module with ``DATA_PARALLEL = True``,
+today ``data_parallel``) on N processes: the command re-executes itself under torchrun
+(:func:`sgdlab.distributed.run_with_torchrun`, ``--nproc`` removed, ``--set world_size=N``
+added) and returns torchrun's exit code. Each rank joins the process group torchrun set up
+(:func:`sgdlab.distributed.init_from_env`: NCCL with one GPU per rank under ``--device cuda``,
+gloo on CPUs otherwise); rank 0 alone decides whether the experiment is already finished, runs
+it and writes every file (``config.json``, ``results.json``, figures, report), the other ranks
+take part in the training and write nothing, and all ranks leave together after rank 0 is done.
+A rank that raises ends the job (torchrun stops the others; the traceback is recorded). Without
+``--nproc`` a data-parallel experiment starts its ranks itself (CPU, gloo). For several nodes
+start the ranks with torchrun directly (``docs/distributed.md``)::
+
+    sgdlab run data_parallel --nproc 4
+    sgdlab run data_parallel --nproc 8 --device cuda --preset full
+
 Exit codes: 0 success, 2 bad usage (unknown experiment, unknown config key, value of the wrong
-type; the message lists what is valid).
+type, ``--nproc`` that is not an integer >= 1 or > 1 for an experiment that is not
+data-parallel; the message lists what is valid); under ``--nproc`` torchrun's exit code.
 """
 
 from __future__ import annotations
@@ -22,7 +38,7 @@ from pathlib import Path
 from . import registry
 from .config import PRESET_NAMES, ConfigError, describe_fields
 
-__all__ = ["main"]
+__all__ = ["data_parallel_names", "main"]
 
 DEFAULT_OUT = "sgdlab-results"
 
@@ -52,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", choices=("cpu", "cuda"), default=None)
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--force", action="store_true", help="redo even if finished")
+    r.add_argument("--nproc", default=None, metavar="N",
+                   help="processes for a data-parallel experiment (started with torchrun)")
     q = sub.add_parser("reproduce", help="run every experiment and write the report")
     q.add_argument("--preset", choices=PRESET_NAMES, default="quick")
     q.add_argument("--out", default=DEFAULT_OUT)
@@ -80,8 +98,93 @@ def _check_device(device: str | None) -> None:
             raise ConfigError("--device cuda requested but torch.cuda.is_available() is False")
 
 
+def data_parallel_names() -> list[str]:
+    """The experiments that accept ``--nproc N`` with N > 1 (``DATA_PARALLEL = True``)."""
+    return [n for n in registry.names() if getattr(registry.get(n), "DATA_PARALLEL", False)]
+
+
+def _parse_nproc(text: str | None) -> int:
+    if text is None:
+        return 1
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"--nproc must be an integer >= 1, got {text!r}")
+    return n
+
+
+def _launch(argv: list[str], args: argparse.Namespace, sets: dict[str, str], nproc: int) -> int:
+    """``sgdlab run NAME --nproc N``: validate here, then re-execute under torchrun."""
+    from ..distributed import run_with_torchrun
+    from .runner import make_config
+
+    mod = registry.get(args.name)
+    if not getattr(mod, "DATA_PARALLEL", False):
+        raise ConfigError(
+            f"--nproc {nproc}: experiment {args.name!r} runs in one process; --nproc > 1 is "
+            f"accepted by the data-parallel experiments: {', '.join(data_parallel_names())}"
+        )
+    if "world_size" in sets and sets["world_size"].strip() != str(nproc):
+        raise ConfigError(
+            f"--nproc {nproc} contradicts --set world_size={sets['world_size']}; give one of "
+            "them (--nproc sets world_size)"
+        )
+    make_config(args.name, args.preset, {**sets, "world_size": str(nproc)}, args.seed,
+                args.device)  # validate before starting any process
+    return run_with_torchrun([*argv, "--set", f"world_size={nproc}"], nproc)
+
+
+def _run_rank(args: argparse.Namespace, sets: dict[str, str]) -> int:
+    """One rank of ``sgdlab run NAME`` under torchrun (see the module docstring)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_run_rank_inner)(args, sets)
+
+
+def _run_rank_inner(args: argparse.Namespace, sets: dict[str, str]) -> int:
+    import torch.distributed as dist
+
+    from ..distributed import init_from_env
+    from .report import build_report
+    from .runner import is_finished, make_config, run_experiment
+
+    mod = registry.get(args.name)
+    if not getattr(mod, "DATA_PARALLEL", False):
+        raise ConfigError(
+            f"experiment {args.name!r} is not data-parallel and cannot run under torchrun; "
+            f"data-parallel experiments: {', '.join(data_parallel_names())}"
+        )
+    config = make_config(args.name, args.preset, sets, args.seed, args.device)
+    init_from_env("nccl" if config.device.startswith("cuda") else "gloo",
+                  timeout=config.timeout)
+    try:
+        if dist.get_rank() == 0:
+            todo = [args.force or not is_finished(Path(args.out) / args.name, config)]
+            dist.broadcast_object_list(todo, src=0)
+            res = run_experiment(args.name, args.out, args.preset, sets, args.seed,
+                                 args.device, force=bool(todo[0]))
+            build_report(args.out)
+            print(
+                f"{res['name']}: {res['status']} ({res['wall_time_s']:.1f} s, "
+                f"{dist.get_world_size()} ranks); results in {Path(args.out) / args.name}; "
+                f"report {Path(args.out) / 'index.html'}"
+            )
+        else:
+            todo = [None]
+            dist.broadcast_object_list(todo, src=0)
+            if todo[0]:
+                mod.run_worker(config)
+        dist.barrier()  # the other ranks leave once rank 0 has written everything
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sgdlab`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     from .report import build_report
     from .runner import make_config, reproduce, run_experiment
@@ -90,8 +193,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "list":
             return _cmd_list()
         if args.command == "run":
+            from ..distributed import launched_by_torchrun
+
+            nproc = _parse_nproc(args.nproc)
             _check_device(args.device)
             sets = _parse_sets(args.sets)
+            if launched_by_torchrun():
+                return _run_rank(args, sets)
+            if nproc > 1:
+                return _launch(argv, args, sets, nproc)
             make_config(args.name, args.preset, sets, args.seed, args.device)  # validate first
             res = run_experiment(
                 args.name, args.out, args.preset, sets, args.seed, args.device, args.force

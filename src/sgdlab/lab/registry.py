@@ -30,6 +30,7 @@ EXPERIMENTS: dict[str, str] = {
     "two_temperatures": "e13_two_temperatures",
     "mcmc": "e14_mcmc",
     "critical_batch": "e15_critical_batch",
+    "data_parallel": "e16_data_parallel",
 }
 
 
