@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,16 @@ import torch
 
 from ._common import mnist1d
 
-__all__ = ["Data", "evaluate", "examples_to_reach", "load", "mlp", "train"]
+__all__ = [
+    "Data",
+    "evaluate",
+    "examples_to_reach",
+    "load",
+    "mlp",
+    "noise_dominated",
+    "noise_scale",
+    "train",
+]
 
 
 class Data:
@@ -127,3 +136,57 @@ def examples_to_reach(curve: list[dict[str, float]], target: float) -> float:
             return float(prev["examples"] + f * (p["examples"] - prev["examples"]))
         prev = p
     return float("nan")
+
+
+def noise_scale(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    data: Data,
+    batch_size: int,
+    examples: int,
+    *,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train like :func:`train` and measure the gradient noise scale along the run.
+
+    Every step reads the unbiased tr Sigma and |G|^2 of its batch from the augmented backward
+    (:class:`sgdlab.stats.NoiseMeter`); B_simple = mean tr Sigma / mean |G|^2 over the run
+    (McCandlish et al. 2018: numerator and denominator averaged separately, since the ratio of
+    one step's estimates is biased and often negative). The standard error is the delta
+    method's, treating steps as independent (consecutive steps correlate: a rough guide).
+    """
+    from ... import stats
+
+    tracker = stats.track(model)
+    meter = stats.NoiseMeter(model, batch_size=batch_size)
+    tr: list[float] = []
+    sq: list[float] = []
+
+    def read(step: int) -> None:
+        r = meter.update()
+        tr.append(r.tr_sigma)
+        sq.append(r.grad_sq_norm)
+
+    try:
+        res = train(model, opt, data, batch_size, examples, seed=seed, evals=1,
+                    after_backward=read)
+    finally:
+        tracker.detach()
+    t, q = np.asarray(tr), np.asarray(sq)
+    b = float(t.mean() / q.mean())
+    se = abs(b) * math.sqrt(t.var(ddof=1) / t.mean() ** 2 / t.size
+                            + q.var(ddof=1) / q.mean() ** 2 / q.size)
+    return {"b_simple": b, "b_simple_se": se, "tr_sigma_mean": float(t.mean()),
+            "grad_sq_norm_mean": float(q.mean()), "steps": int(t.size), "batch_size": batch_size,
+            "final_loss": res["final_loss"]}
+
+
+def noise_dominated(batch_sizes: Sequence[int], b_simple: float) -> list[int]:
+    """The batch sizes at most ``b_simple / 2``: where a batch still averages mostly noise.
+
+    The lecture's batch-size rules are first-order in the step (its derivation replaces
+    Phi_{t+1} by Phi_t inside the gradient), which holds while B is below the noise scale; with
+    McCandlish et al.'s eps_opt(B) = eps_max/(1 + B_noise/B) the linear rule is off by the factor
+    1 + B/B_noise, under 0.6 octave at B = B_noise/2 (taking B_noise ~ B_simple).
+    """
+    return [b for b in batch_sizes if b <= b_simple / 2]
