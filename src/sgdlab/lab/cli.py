@@ -38,7 +38,7 @@ from pathlib import Path
 from . import registry
 from .config import PRESET_NAMES, ConfigError, describe_fields
 
-__all__ = ["data_parallel_names", "main"]
+__all__ = ["main"]
 
 DEFAULT_OUT = "sgdlab-results"
 
@@ -98,11 +98,6 @@ def _check_device(device: str | None) -> None:
             raise ConfigError("--device cuda requested but torch.cuda.is_available() is False")
 
 
-def data_parallel_names() -> list[str]:
-    """The experiments that accept ``--nproc N`` with N > 1 (``DATA_PARALLEL = True``)."""
-    return [n for n in registry.names() if getattr(registry.get(n), "DATA_PARALLEL", False)]
-
-
 def _parse_nproc(text: str | None) -> int:
     if text is None:
         return 1
@@ -124,7 +119,7 @@ def _launch(argv: list[str], args: argparse.Namespace, sets: dict[str, str], npr
     if not getattr(mod, "DATA_PARALLEL", False):
         raise ConfigError(
             f"--nproc {nproc}: experiment {args.name!r} runs in one process; --nproc > 1 is "
-            f"accepted by the data-parallel experiments: {', '.join(data_parallel_names())}"
+            f"accepted by the data-parallel experiments: {', '.join(registry.data_parallel())}"
         )
     if "world_size" in sets and sets["world_size"].strip() != str(nproc):
         raise ConfigError(
@@ -154,7 +149,7 @@ def _run_rank_inner(args: argparse.Namespace, sets: dict[str, str]) -> int:
     if not getattr(mod, "DATA_PARALLEL", False):
         raise ConfigError(
             f"experiment {args.name!r} is not data-parallel and cannot run under torchrun; "
-            f"data-parallel experiments: {', '.join(data_parallel_names())}"
+            f"data-parallel experiments: {', '.join(registry.data_parallel())}"
         )
     config = make_config(args.name, args.preset, sets, args.seed, args.device)
     init_from_env("nccl" if config.device.startswith("cuda") else "gloo",

@@ -5,6 +5,12 @@ An experiment module exposes ``NAME``, ``TITLE``, ``DESCRIPTION`` (a paragraph f
 ``PRESETS`` (overrides for ``tiny`` and ``full``; the defaults are ``quick``),
 ``run(config, outdir) -> dict`` (measurements, JSON-ready), ``claims(results) -> list[Claim]``
 and ``plot(results, outdir) -> list[str]`` (figure file names, drawn from saved results only).
+
+A *data-parallel* experiment also sets ``DATA_PARALLEL = True``, has a ``world_size`` config
+field and a ``run_worker(config)`` function; only those accept ``sgdlab run NAME --nproc N``
+with ``N > 1`` (:func:`data_parallel`). Under torchrun, rank 0 calls ``run`` (which then uses
+the existing process group) and writes every file, the other ranks call ``run_worker`` (the same
+collectives, no files). Without a process group ``run`` starts ``world_size`` ranks itself.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["EXPERIMENTS", "UnknownExperimentError", "get", "names"]
+__all__ = ["EXPERIMENTS", "UnknownExperimentError", "data_parallel", "get", "names"]
 
 EXPERIMENTS: dict[str, str] = {
     "one_d": "e01_one_d",
@@ -53,3 +59,8 @@ def get(name: str) -> ModuleType:
             f"unknown experiment {name!r}; valid experiments: {', '.join(EXPERIMENTS)}"
         )
     return importlib.import_module(f"sgdlab.lab.experiments.{EXPERIMENTS[name]}")
+
+
+def data_parallel() -> list[str]:
+    """Names of the experiments that accept ``--nproc N > 1`` (``DATA_PARALLEL = True``)."""
+    return [n for n in EXPERIMENTS if getattr(get(n), "DATA_PARALLEL", False)]

@@ -25,6 +25,17 @@ Example::
     >>> reading = meter.update()
     >>> sorted(reading.tr_sigma_groups)
     ['bias', 'weight']
+
+Checkpoints. :meth:`NoiseMeter.state_dict` holds the running state (the two moving averages,
+the number of updates that set their bias correction, the step counter, ``beta`` and the group
+names); a meter built the same way and given it by :meth:`NoiseMeter.load_state_dict` continues
+exactly as the uninterrupted one would (the readings' ``history`` is not part of it)::
+
+    >>> state = meter.state_dict()
+    >>> resumed = sgdlab.stats.NoiseMeter(model, batch_size=16, lr=0.1)
+    >>> resumed.load_state_dict(state)
+    >>> resumed.updates, resumed.step
+    (1, 1)
 """
 
 from __future__ import annotations
@@ -40,6 +51,9 @@ from torch import Tensor, nn
 from .._validation import check_batch_size, check_positive, check_unit_interval
 
 __all__ = ["NoiseMeter", "NoiseReading", "noise_statistics"]
+
+STATE_FORMAT = "sgdlab.NoiseMeter/1"
+_STATE_KEYS = ("format", "step", "updates", "ema_tr_sigma", "ema_grad_sq_norm", "beta", "groups")
 
 
 def noise_statistics(
@@ -170,6 +184,8 @@ class NoiseMeter:
         self.writer = writer
         self.prefix = prefix
         self.step = 0
+        #: number of updates folded into the moving averages (their bias correction)
+        self.updates = 0
         self._ema_tr = 0.0
         self._ema_sq = 0.0
         self.history: list[NoiseReading] = []
@@ -214,7 +230,8 @@ class NoiseMeter:
         self._ema_tr = self.beta * self._ema_tr + (1 - self.beta) * tr_total
         self._ema_sq = self.beta * self._ema_sq + (1 - self.beta) * sq_total
         self.step = self.step + 1 if step is None else int(step) + 1
-        debias = 1 - self.beta ** (len(self.history) + 1)
+        self.updates += 1
+        debias = 1 - self.beta ** self.updates
         tr_s, sq_s = self._ema_tr / debias, self._ema_sq / debias
         reading = NoiseReading(
             step=self.step - 1,
@@ -236,6 +253,66 @@ class NoiseMeter:
         return reading
 
     __call__ = update
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The running state: moving averages of ``tr Sigma`` and ``|G|^2``, the update count
+        of their bias correction, the step counter, ``beta`` and the group names (plain
+        Python numbers and strings; ``history`` is not included)."""
+        return {
+            "format": STATE_FORMAT,
+            "step": self.step,
+            "updates": self.updates,
+            "ema_tr_sigma": self._ema_tr,
+            "ema_grad_sq_norm": self._ema_sq,
+            "beta": self.beta,
+            "groups": list(self.groups),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the meter must have the same ``beta`` and group names.
+
+        Raises:
+            TypeError: ``state`` is not a mapping, or a value has the wrong type.
+            ValueError: a key is missing, a count is negative, an average is NaN, or
+                ``beta`` / the groups differ from this meter's.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping (NoiseMeter.state_dict()), got "
+                            f"{type(state).__name__}")
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"state is missing {', '.join(missing)}; expected the keys of "
+                             f"NoiseMeter.state_dict(): {', '.join(_STATE_KEYS)}")
+        if state["format"] != STATE_FORMAT:
+            raise ValueError(f"state format must be {STATE_FORMAT!r}, got {state['format']!r}")
+        counts = {}
+        for key in ("step", "updates"):
+            v = state[key]
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"state[{key!r}] must be an int, got {type(v).__name__}")
+            if v < 0:
+                raise ValueError(f"state[{key!r}] must be >= 0, got {v}")
+            counts[key] = v
+        emas = {}
+        for key in ("ema_tr_sigma", "ema_grad_sq_norm", "beta"):
+            v = state[key]
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise TypeError(f"state[{key!r}] must be a float, got {type(v).__name__}")
+            if math.isnan(v):
+                raise ValueError(f"state[{key!r}] must not be NaN")
+            emas[key] = float(v)
+        if emas["beta"] != self.beta:
+            raise ValueError(f"state was recorded with beta={emas['beta']!r}, this meter has "
+                             f"beta={self.beta!r}; build the meter with the same beta")
+        groups = state["groups"]
+        if not isinstance(groups, list | tuple) or not all(isinstance(g, str) for g in groups):
+            raise TypeError(f"state['groups'] must be a list of group names, got {groups!r}")
+        if list(groups) != list(self.groups):
+            raise ValueError(f"state holds the groups {list(groups)}, this meter has "
+                             f"{list(self.groups)}")
+        self.step, self.updates = counts["step"], counts["updates"]
+        self._ema_tr, self._ema_sq = emas["ema_tr_sigma"], emas["ema_grad_sq_norm"]
 
     def _write(self, r: NoiseReading) -> None:
         w, pre, s = self.writer, self.prefix, r.step

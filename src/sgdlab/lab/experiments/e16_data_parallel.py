@@ -127,7 +127,7 @@ class Config(ExperimentConfig):
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"examples": 4096, "seeds": 2, "evals": 8},
-    "full": {"examples": 65536, "seeds": 8, "hidden": 64, "evals": 32},
+    "full": {"examples": 65536, "seeds": 8, "hidden": 64, "evals": 32, "timeout": 1200.0},
 }
 
 
@@ -211,7 +211,8 @@ def train_data_parallel(config: Config, data: _mnist.Data, r: int) -> dict[str, 
         batches.append(int(opt.batch_size or 0))
         if effective is None:
             effective = _effective(opt)
-        params_by_step.append(_flat_params(model))
+        if r == 0:
+            params_by_step.append(_flat_params(model))
         if step in marks:
             loss, _ = _mnist.evaluate(model, x_all, y_all)
             curve.append({"examples": marks[step], "loss": loss})
@@ -251,7 +252,8 @@ def train_single(config: Config, data: _mnist.Data, r: int, batch: int, rule_bat
         opt.set_batch_size(rule_batch)
         readings.append(_reading(meter.update(step - 1)))
         opt.step()
-        params_by_step.append(_flat_params(model))
+        if r == 0:
+            params_by_step.append(_flat_params(model))
         if step in marks:
             loss, _ = _mnist.evaluate(model, x_all, y_all)
             curve.append({"examples": marks[step], "loss": loss})
@@ -350,12 +352,13 @@ def run(config: Config, outdir: Path) -> dict[str, Any]:
         local = train_single(config, data, r, B, Bw)
         ref = train_single(config, data, r, B0, B0)
         rd, rs = dp_run["readings"], replay["readings"]
-        per_step = [_max_abs(a, b) for a, b in zip(dp_run["params_by_step"],
-                                                  replay["params_by_step"], strict=True)]
         per_seed.append({
             "params_diff": _max_abs(dp_run["params"], replay["params"]),
             "state_diff": _max_abs(dp_run["state"], replay["state"]),
-            "params_diff_by_step": per_step,
+            "params_diff_by_step": [
+                _max_abs(a, b) for a, b in zip(dp_run["params_by_step"],
+                                               replay["params_by_step"], strict=True)
+            ] if r == 0 else None,
             "rank_spread": dp_run["rank_spread"],
             "tr_sigma_rel": _rel_series([x["tr_sigma"] for x in rd], [x["tr_sigma"] for x in rs]),
             "grad_sq_rel": _rel_series([x["grad_sq_norm"] for x in rd],
