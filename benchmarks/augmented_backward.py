@@ -11,9 +11,12 @@ and measures its peak memory, in the same run, for:
 
 Every method's second moment is checked against sgdlab's (max relative error over parameters).
 Missing peers give a row saying "not installed"; a peer that cannot handle a model, "unsupported"
-with the reason. Reported: median step time over repeats and its ratio to ``plain``; peak
-memory allocated during a step (CUDA only: model, data, gradients, statistics and
-temporaries) and its ratio to plain's.
+with the reason. Each method first runs alone (warm-up, peak memory, agreement); then all
+methods of a model are timed together, one step of each per round in a rotating order, so that a
+change of the machine's load hits them alike. Reported: median step time over rounds, the
+median over rounds of (time / plain's time in the same round), and peak memory allocated during
+a step (CUDA only: model, data, gradients, statistics and temporaries) with its ratio to
+plain's.
 
 Run::
 
@@ -255,24 +258,42 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(step, dev, warmup: int, repeat: int) -> tuple[float, float | None]:
+def peak_memory(step, dev, warmup: int) -> float | None:
+    """Warm ``step`` up; on CUDA return the peak memory (MiB) allocated during one step."""
     for _ in range(warmup):
         step()
     sync(dev)
-    peak = None
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        sync(dev)
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    times = []
-    for _ in range(repeat):
-        sync(dev)
-        t0 = time.perf_counter()
-        step()
-        sync(dev)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), peak
+    if dev.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    sync(dev)
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], dev: torch.device, warmup: int,
+                     repeat: int) -> dict[str, tuple[float, float]]:
+    """Median step time of every method and median over rounds of its time / plain's time.
+
+    Each round times one step of every method, in an order rotated from round to round, so a
+    change of the machine's load hits all methods alike and the paired ratio cancels it."""
+    names = list(steps)
+    for name in names:
+        for _ in range(warmup):
+            steps[name]()
+    sync(dev)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeat):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            sync(dev)
+            t0 = time.perf_counter()
+            steps[name]()
+            sync(dev)
+            times[name].append(time.perf_counter() - t0)
+    base = times["plain"]
+    return {n: (statistics.median(ts), statistics.median(t / b for t, b in zip(ts, base)))
+            for n, ts in times.items()}
 
 
 def rel_err(a: list[Tensor], b: list[Tensor]) -> float:
@@ -280,6 +301,8 @@ def rel_err(a: list[Tensor], b: list[Tensor]) -> float:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per model: each method alone (warm-up, peak memory, agreement with sgdlab), then every
+    method that ran, set up again side by side and timed interleaved round by round."""
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -290,25 +313,26 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         base = make().to(dev)
         x, y = (t.to(dev) for t in data())
         ref = None
-        plain_t = plain_m = None
+        plain_m = None
+        ok: list[tuple[str, Any]] = []
+        model_rows: list[dict[str, Any]] = []
         for mname, method in METHODS:
             if "grouped" in mname and not name.startswith("CNN"):
                 continue
             model = make().to(dev)
             model.load_state_dict(base.state_dict())
             row: dict[str, Any] = {"model": name, "method": mname}
+            model_rows.append(row)
             try:
                 step, moments, teardown = method(model, x, y)
             except ModuleNotFoundError:
                 row["note"] = "not installed"
-                rows.append(row)
                 continue
             try:
-                t, peak = measure(step, dev, args.warmup, args.repeat)
-                row.update(time_ms=t * 1e3, peak_mib=peak)
+                peak = peak_memory(step, dev, args.warmup)
+                row["peak_mib"] = peak
                 if mname == "plain":
-                    plain_t, plain_m = t, peak
-                row["ratio"] = t / plain_t
+                    plain_m = peak
                 if peak is not None and plain_m:
                     row["mem_ratio"] = peak / plain_m
                 if moments is not None:
@@ -317,18 +341,41 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         ref = ms
                     elif ref is not None:
                         row["rel_err"] = rel_err(ms, ref)
+                ok.append((mname, method))
             except Exception as e:  # a peer that cannot handle this model
                 msg = f"{type(e).__name__}: {e}".splitlines()[0][:90]
-                row = {"model": name, "method": mname, "note": "unsupported (" + msg + ")"}
+                row.clear()
+                row.update(model=name, method=mname, note="unsupported (" + msg + ")")
             finally:
                 with contextlib.suppress(Exception):
                     teardown()
-            rows.append(row)
             del model, step, moments, teardown
-            gc.collect()
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+            _free(dev)
+        # timing: every method that ran, set up again side by side
+        live = {}
+        for mname, method in ok:
+            model = make().to(dev)
+            model.load_state_dict(base.state_dict())
+            live[mname] = method(model, x, y)
+        timed = time_interleaved({n: v[0] for n, v in live.items()}, dev, args.warmup,
+                                 args.repeat)
+        for row in model_rows:
+            if row["method"] in timed:
+                row["time_ms"] = timed[row["method"]][0] * 1e3
+                row["ratio"] = timed[row["method"]][1]
+        rows.extend(model_rows)
+        for _, _, teardown in live.values():
+            with contextlib.suppress(Exception):
+                teardown()
+        del live
+        _free(dev)
     return rows
+
+
+def _free(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def table(rows: list[dict[str, Any]], dev: str) -> str:
