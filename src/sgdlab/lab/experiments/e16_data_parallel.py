@@ -25,8 +25,9 @@ Oracles (measured in one process, without any ``sgdlab.distributed`` code):
 
 How it runs: under ``torchrun`` (``sgdlab run data_parallel --nproc N``) it uses the process
 group torchrun built (NCCL on ``--device cuda``) and only rank 0 writes; otherwise it starts
-``world_size`` CPU ranks (gloo) itself with :func:`sgdlab.distributed.spawn`, so the report
-always exercises real data parallelism.
+``world_size`` CPU ranks (gloo) itself with :func:`sgdlab.distributed.spawn` (forked where that
+is safe), so the report always exercises real data parallelism; those ranks, and the oracles
+compared with them, run on the CPU whatever ``device`` says (``measurements["device"]``).
 """
 
 from __future__ import annotations
@@ -183,10 +184,11 @@ def _reading(r: Any) -> dict[str, float]:
 
 
 def train_data_parallel(config: Config, data: _mnist.Data, r: int) -> dict[str, Any]:
-    """Run ``r`` on every rank of the current process group (or on one process without one):
-    global batch ``B = W b k`` per step, rank ``rank`` taking its slice. Returns the loss
-    curve, per-step noise readings, batch sizes and effective hyperparameters, the final
-    parameters and Adam state (CPU float64) and the largest difference between ranks."""
+    """This rank's part of run ``r`` (initialisation and data stream ``r``) in the current
+    process group: each step draws the global batch of ``B = W b k`` examples and this rank
+    trains on its slice. Returns the loss curve, per-step noise readings, batch sizes and
+    effective hyperparameters, the final parameters and Adam state (CPU float64) and the
+    largest difference between the ranks' parameters."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world != config.world_size:
@@ -231,16 +233,16 @@ def train_data_parallel(config: Config, data: _mnist.Data, r: int) -> dict[str, 
     return out
 
 
-def train_single(config: Config, data: _mnist.Data, r: int, batch: int, rule_batch: int,
-                 stream_batch: int | None = None) -> dict[str, Any]:
-    """One process, no ``sgdlab.distributed``: ``batch`` examples per step from the stream
-    of ``stream_batch`` (default ``batch``), the optimizer's rule evaluated at
-    ``rule_batch``. Same outputs as :func:`train_data_parallel`."""
+def train_single(config: Config, data: _mnist.Data, r: int, batch: int, rule_batch: int
+                 ) -> dict[str, Any]:
+    """Run ``r`` in one process, without ``sgdlab.distributed``: ``batch`` examples per step
+    (at ``batch = B`` the same global batches as :func:`train_data_parallel`, concatenated),
+    the optimizer's rule evaluated at ``rule_batch``. Same outputs, without ranks."""
     model = _model(config, r, data.device)
     tracker = stats.track(model)
     opt = _optimizer(model, config)
     meter = stats.NoiseMeter(opt, batch_size=batch, beta=METER_BETA)
-    gen = torch.Generator().manual_seed(_data_seed(config, r, stream_batch or batch))
+    gen = torch.Generator().manual_seed(_data_seed(config, r, batch))
     marks = _marks(config, batch)
     x_all, y_all = data.x.double(), data.y
     curve, readings, params_by_step = [], [], []
@@ -318,7 +320,7 @@ def _data_parallel_runs(config: Config, arrays: dict[str, np.ndarray]
         spawn(_rank_job, config.world_size, (config, arrays, tmp), backend="gloo",
               timeout=min(config.timeout, 120.0), deadline=config.timeout, threads=1,
               start_method=_start_method())
-        runs = torch.load(os.path.join(tmp, "rank0.pt"), weights_only=False)
+        runs = torch.load(os.path.join(tmp, "rank0.pt"), weights_only=True)
     return runs, torch.device("cpu"), "spawn"
 
 
@@ -342,6 +344,9 @@ def _log_gap(a: list[dict[str, float]], b: list[dict[str, float]]) -> float:
 
 
 def run(config: Config, outdir: Path) -> dict[str, Any]:
+    if dist.is_initialized() and dist.get_rank() != 0:
+        raise RuntimeError("run() is rank 0's part of the experiment (it writes); the other "
+                           "ranks call run_worker(config)")
     arrays = mnist1d(outdir)
     dp_runs, device, launcher = _data_parallel_runs(config, arrays)
     data = _mnist.Data(arrays, str(device))
