@@ -83,6 +83,9 @@ def test_nproc_on_a_single_process_experiment_exits_2(capsys, tmp_path: Path) ->
     assert "--nproc 2" in err and "one_d" in err and "data_parallel" in err
     assert registry.data_parallel() == ["data_parallel"]
     assert not (tmp_path / "one_d").exists()
+    assert main(["list"]) == 0
+    marked = [ln.split()[0] for ln in capsys.readouterr().out.splitlines() if "--nproc N" in ln]
+    assert marked == ["data_parallel"]
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "two", "1.5"])

@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_list(verbose: bool = True) -> int:
     for name in registry.names():
         mod = registry.get(name)
-        print(f"{name:18s} {mod.TITLE}")
+        accepts = "  [data-parallel: --nproc N]" if getattr(mod, "DATA_PARALLEL", False) else ""
+        print(f"{name:18s} {mod.TITLE}{accepts}")
         if verbose:
             print(describe_fields(mod.Config))
     return 0
