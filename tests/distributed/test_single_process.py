@@ -232,6 +232,14 @@ def test_checkpoint_round_trip_on_one_process(tmp_path):
     assert state["steps"] == dp2.steps == 1 and state["world_size"] == 1
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+    # the meter travels with dp.save / dp.load: a resumed meter continues the smoothed values
+    dp3, _ = _dp(noise_meter=True)
+    dp3.load(path)
+    assert dp3.meter.state_dict() == dp.meter.state_dict()
+    x, y = ddp_jobs.global_batch(1, 6)
+    r1 = dp.train_step(x, y, ddp_jobs.loss_fn)[1]
+    r3 = dp3.train_step(x, y, ddp_jobs.loss_fn)[1]
+    assert r3.b_simple_smoothed == r1.b_simple_smoothed
     with pytest.raises(ValueError, match="not a sgdlab.distributed checkpoint"):
         dp2.load_state_dict({"model": {}})
     with pytest.raises(ValueError, match="existing checkpoint file"):

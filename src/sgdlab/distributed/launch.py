@@ -15,7 +15,7 @@
 Example::
 
     >>> import sgdlab.distributed as sd
-    >>> sd.torchrun_command(["run", "batch_scaling"], 2)[1:6]
+    >>> sd.torchrun_command(["run", "data_parallel"], 2)[1:6]
     ['-m', 'torch.distributed.run', '--standalone', '--nnodes=1', '--nproc-per-node=2']
 """
 

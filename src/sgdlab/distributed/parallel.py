@@ -458,15 +458,19 @@ class DataParallel:
         self.steps = int(state["steps"])
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the checkpoint once (rank 0, atomically); every rank waits until it exists."""
-        return save_checkpoint(self.state_dict, path, group=self.group)
+        """Write the checkpoint once (rank 0, atomically); every rank waits until it exists.
+        The noise meter's smoothed state goes with it when there is a meter."""
+        return save_checkpoint(self.state_dict, path, group=self.group, noise_meter=self.meter)
 
     def load(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Load a checkpoint written by :meth:`save` (any world size) on every rank; returns
-        the stored dictionary (``steps``, ``batch_size``, ``world_size`` ...)."""
+        the stored dictionary (``steps``, ``batch_size``, ``world_size`` ...). A stored noise
+        meter state is restored into this object's meter, when it has one."""
         device = next(self.module.parameters()).device
         state = load_checkpoint(path, map_location=device)
         self.load_state_dict(state)
+        if self.meter is not None and "noise_meter" in state:
+            self.meter.load_state_dict(state["noise_meter"])
         return state
 
     # ------------------------------------------------------------------ teardown
