@@ -12,4 +12,6 @@ if ! command -v chromium >/dev/null 2>&1; then
     exit 1
   fi
 fi
+# property tests draw the same examples on every run (tests/conftest.py)
+export SGDLAB_DERANDOMIZE=1
 exec .venv/bin/python -m pytest -n 2 -q "$@"
