@@ -189,3 +189,26 @@ def test_set_batch_size_validates():
     opt = sgdlab.SGD([torch.zeros(2, requires_grad=True)])
     with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got -3"):
         opt.set_batch_size(-3)
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [(sgdlab.SGD, torch.optim.SGD), (sgdlab.RMSProp, torch.optim.RMSprop),
+     (sgdlab.Adam, torch.optim.Adam)],
+)
+def test_every_torch_keyword_is_accepted_at_its_default(ours, theirs):
+    """Drop-in: a call that spells out every argument of the torch namesake at its default
+    (read from torch's own signature) constructs the sgdlab optimizer; the two flags sgdlab
+    does not implement refuse True with a message naming them."""
+    import inspect
+
+    sig = inspect.signature(theirs.__init__)
+    kwargs = {n: p.default for n, p in sig.parameters.items()
+              if n not in ("self", "params") and p.default is not inspect.Parameter.empty}
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = ours([w], **kwargs)
+    assert opt.param_groups[0]["lr"] == kwargs["lr"]
+    for flag in ("capturable", "differentiable"):
+        if flag in kwargs:
+            with pytest.raises(ValueError, match=f"{flag} must be False"):
+                ours([w], **{**kwargs, flag: True})

@@ -21,6 +21,7 @@ __all__ = [
     "BatchScaledOptimizer",
     "NonFiniteGradientError",
     "NONFINITE_POLICIES",
+    "check_torch_only_flags",
     "group_indices",
     "scalar_dtype",
 ]
@@ -44,6 +45,28 @@ def group_indices(params: list[torch.Tensor]) -> list[list[int]]:
     for i, p in enumerate(params):
         groups.setdefault((p.device, p.dtype), []).append(i)
     return list(groups.values())
+
+
+def check_torch_only_flags(name: str, *, capturable: bool = False,
+                           differentiable: bool = False) -> None:
+    """Accept torch.optim's ``capturable``/``differentiable`` keywords at their default
+    (``False``), so code written for the torch namesake runs unchanged, and refuse ``True``.
+
+    ``capturable=True`` (CUDA-graph capture of ``step``) needs the step counters and bias
+    corrections on the device; sgdlab keeps them on the host (they follow batch-size changes),
+    so its steps cannot be captured. ``differentiable=True`` (autograd through the step) is not
+    implemented either."""
+    if capturable is not False:
+        raise ValueError(
+            f"capturable must be False for sgdlab.{name}, got {capturable!r}: its step keeps "
+            "step counts and bias corrections on the host, so it cannot be captured in a CUDA "
+            "graph (use torch.optim with capturable=True for graph capture)"
+        )
+    if differentiable is not False:
+        raise ValueError(
+            f"differentiable must be False for sgdlab.{name}, got {differentiable!r}: "
+            "autograd through the optimizer step is not implemented"
+        )
 
 
 class BatchScaledOptimizer(Optimizer):

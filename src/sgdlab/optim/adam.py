@@ -35,7 +35,12 @@ from sgdlab import hyper as _hyper
 from sgdlab._validation import check_choice, check_horizon, check_nonnegative, check_positive
 from sgdlab.averages import lecture_count
 from sgdlab.optim import _fast
-from sgdlab.optim._base import BatchScaledOptimizer, group_indices, scalar_dtype
+from sgdlab.optim._base import (
+    BatchScaledOptimizer,
+    check_torch_only_flags,
+    group_indices,
+    scalar_dtype,
+)
 from sgdlab.optim._moments import (
     EPS_PLACEMENTS,
     SECOND_MOMENTS,
@@ -210,8 +215,8 @@ class Adam(BatchScaledOptimizer):
         bias_correction: ``"published"`` (``1/(1 - beta^t)``), ``"lecture"``
             (``1/min(t, N)`` average weights) or ``"none"``.
         eps_placement, power, second_moment: as :class:`sgdlab.RMSProp`.
-        batch_size, ref_batch_size, scaling, foreach, nonfinite, fused: as
-            :class:`sgdlab.SGD`;
+        batch_size, ref_batch_size, scaling, foreach, nonfinite, fused, differentiable,
+            capturable: as :class:`sgdlab.SGD`;
             ``scaling`` defaults to ``"sqrt"`` (batch) or ``"linear"`` (per-example).
 
     Example:
@@ -245,7 +250,10 @@ class Adam(BatchScaledOptimizer):
         foreach: bool | None = None,
         nonfinite: str = "raise",
         fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
+        check_torch_only_flags("Adam", capturable=capturable, differentiable=differentiable)
         check_choice("second_moment", second_moment, SECOND_MOMENTS)
         defaults = dict(
             lr=lr,

@@ -31,7 +31,12 @@ import torch
 from sgdlab import hyper as _hyper
 from sgdlab._validation import check_choice, check_horizon, check_nonnegative, check_positive
 from sgdlab.optim import _fast
-from sgdlab.optim._base import BatchScaledOptimizer, group_indices, scalar_dtype
+from sgdlab.optim._base import (
+    BatchScaledOptimizer,
+    check_torch_only_flags,
+    group_indices,
+    scalar_dtype,
+)
 from sgdlab.optim._moments import (
     EPS_PLACEMENTS,
     SECOND_MOMENTS,
@@ -169,8 +174,8 @@ class RMSProp(BatchScaledOptimizer):
         power: 0.5 (divide by sigma) or 1 (divide by sigma^2); any value in (0, 1].
         second_moment: ``"batch"`` (square of the batch-mean gradient) or ``"per_example"``
             (``p.grad_second_moment`` from :func:`sgdlab.stats.track`).
-        batch_size, ref_batch_size, scaling, foreach, nonfinite, fused: as
-            :class:`sgdlab.SGD`;
+        batch_size, ref_batch_size, scaling, foreach, nonfinite, fused, differentiable,
+            capturable: as :class:`sgdlab.SGD`;
             ``scaling`` defaults to ``"sqrt"`` (batch) or ``"linear"`` (per-example).
 
     Example:
@@ -203,7 +208,10 @@ class RMSProp(BatchScaledOptimizer):
         foreach: bool | None = None,
         nonfinite: str = "raise",
         fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
+        check_torch_only_flags("RMSProp", capturable=capturable, differentiable=differentiable)
         check_choice("second_moment", second_moment, SECOND_MOMENTS)
         defaults = dict(
             lr=lr,

@@ -26,7 +26,7 @@ import torch
 from sgdlab import hyper as _hyper
 from sgdlab._validation import check_horizon, check_nonnegative, check_positive
 from sgdlab.optim import _fast
-from sgdlab.optim._base import BatchScaledOptimizer, group_indices
+from sgdlab.optim._base import BatchScaledOptimizer, check_torch_only_flags, group_indices
 
 __all__ = ["SGD", "sgd_reference", "sgd_foreach"]
 
@@ -128,6 +128,10 @@ class SGD(BatchScaledOptimizer):
             and state in flat buffers per (group, device, dtype), one compiled kernel each,
             float32 state and master weights for bfloat16/float16 parameters. Opt-in
             (``None``/``False``: the foreach or reference path).
+        differentiable: accepted for compatibility with torch.optim at its default ``False``
+            (``True`` raises: autograd through the step is not implemented). Adam and RMSProp
+            likewise accept ``capturable=False`` (``True`` raises: the step keeps its counters
+            and bias corrections on the host, so it cannot be captured in a CUDA graph).
 
     Example:
         >>> import torch, sgdlab
@@ -155,7 +159,9 @@ class SGD(BatchScaledOptimizer):
         foreach: bool | None = None,
         nonfinite: str = "raise",
         fused: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
+        check_torch_only_flags("SGD", differentiable=differentiable)
         defaults = dict(
             lr=lr,
             momentum=momentum,
