@@ -286,3 +286,27 @@ def test_adam_parameters_with_different_step_counts_take_the_foreach_path():
     assert id(opt.param_groups[1]) in opt._fast_cache
     for p, q in zip(ps, qs):
         assert torch.max(torch.abs(p - q)).item() <= 1e-12
+
+
+def test_finite_screen_is_exact_and_overflow_only_costs_the_per_tensor_check():
+    """The flat-buffer screen is a sum: +inf and -inf together (sum NaN) are caught; finite
+    gradients whose float32 sum overflows fail the screen but pass the exact per-tensor check,
+    so the step happens."""
+    params = [torch.zeros(4, requires_grad=True), torch.zeros(3, requires_grad=True)]
+    opt = sgdlab.SGD(params, lr=0.1, momentum=0.9, fused=True)  # (Adam would square to inf)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    params[0].grad = torch.tensor([float("inf"), 1.0, 1.0, 1.0])
+    params[1].grad = torch.tensor([float("-inf"), 1.0, 1.0])
+    assert not _fast.grads_all_finite(opt)
+    with pytest.raises(sgdlab.optim.NonFiniteGradientError, match="parameter 0"):
+        opt.step()
+    big = torch.finfo(torch.float32).max / 2
+    params[0].grad = torch.full((4,), big)
+    params[1].grad = torch.full((3,), big)
+    assert not _fast.grads_all_finite(opt)  # the sum overflows ...
+    before = [p.detach().clone() for p in params]
+    opt.step()  # ... the per-tensor check finds every gradient finite: the step happens
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.isfinite(p).all() for p in params)

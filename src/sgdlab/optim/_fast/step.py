@@ -292,16 +292,17 @@ def fused_update(opt: Any, algo: str, group: dict, hp: dict, params: list[torch.
     return False
 
 
-def _all_finite(g: torch.Tensor) -> torch.Tensor:
-    return torch.isfinite(g).all()
-
-
-_all_finite_compiled = torch.compile(_all_finite, dynamic=True, fullgraph=True)
+def _sum_of(g: torch.Tensor) -> torch.Tensor:
+    """The sum of a flat buffer, accumulated in float32 at least (half-precision sums would
+    overflow long before their elements do)."""
+    if g.dtype in (torch.float16, torch.bfloat16):
+        return g.sum(dtype=torch.float32)
+    return g.sum()
 
 
 @torch._dynamo.disable
 def grads_all_finite(opt: Any) -> bool:
-    """One reduction per flat gradient buffer: ``True`` when every gradient is finite and the
+    """One sum per flat gradient buffer: ``True`` when every gradient is finite and the
     flat buffers of all param groups already exist (gradients are gathered into them, which
     the step does anyway); ``False`` when a gradient is not finite or the quick check does not
     apply (the caller then runs its per-tensor check, which also names the offender)."""
@@ -324,9 +325,12 @@ def grads_all_finite(opt: Any) -> bool:
         fgs.extend(entry.fgs)
     for fg in fgs:
         fg.gather_grads()
-    check = _all_finite_compiled if _config.compile_enabled() else _all_finite
-    try:
-        flags = [check(fg.flat_grad) for fg in fgs]
-    except Exception:  # compilation unavailable: the eager reduction
-        flags = [_all_finite(fg.flat_grad) for fg in fgs]
-    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else False
+    if not fgs:
+        return False
+    # A sum is finite only if every term is (inf and NaN propagate; inf - inf is NaN), so one
+    # plain reduction per buffer screens exactly for non-finite gradients at the cost of
+    # reading them once. A finite sum proves all finite; a sum that overflows (terms near the
+    # float limit) only sends the caller to its per-tensor check, which then finds nothing.
+    sums = [_sum_of(fg.flat_grad) for fg in fgs]
+    device = sums[0].device
+    return bool(torch.isfinite(torch.stack([t.to(device) for t in sums])).all())
