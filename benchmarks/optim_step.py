@@ -13,7 +13,9 @@ Implementations: torch.optim for-loop (``foreach=False``), foreach, fused (where
 one); sgdlab ``fused=True`` with gradients left as views of its flat buffer (a training loop
 with ``zero_grad(set_to_none=False)``), with gradients copied in each step (torch's default
 ``set_to_none=True``), and with the default non-finite check (``nonfinite="raise"``, one more
-read of the gradients); sgdlab ``foreach=True``. All sgdlab rows but the last use
+read of the gradients); sgdlab ``foreach=True``; on CUDA, sgdlab ``capturable=True`` stepped
+eagerly and captured in a CUDA graph, beside torch's fused capturable Adam in a graph (the step
+without any host work). All sgdlab rows but the nonfinite one use
 ``nonfinite="ignore"`` (torch checks nothing). For transformer shapes, a row splits the
 parameters into two param groups (matrices, vectors: two kernel launches). The
 first sgdlab step (flat buffers built and kernel compiled) is timed separately and reported,
@@ -167,6 +169,34 @@ class Impl:
         self.opt.step()
 
 
+class GraphImpl(Impl):
+    """``opt.step()`` captured in a CUDA graph: the first three calls step eagerly on a side
+    stream (compilation, buffers, warm-up), the fourth captures the step and replays it (so the
+    step count stays that of the other rows), later calls replay the graph: no host work."""
+
+    def __init__(self, name: str, shapes, grads, device, make_opt) -> None:
+        super().__init__(name, shapes, grads, device, make_opt)
+        self.calls = 0
+        self.graph = None
+
+    def step(self) -> None:
+        self.calls += 1
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if self.calls <= 3:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.opt.step()
+            torch.cuda.current_stream().wait_stream(side)
+            return
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.opt.step()
+        self.graph.replay()
+
+
 class Probe:
     """The bound, measured in the same rounds: an in-place ``torch.add(a, b, out=a)`` moving
     the step's bytes (12 bytes per element; on a buffer capped at ``cap`` elements, its time
@@ -219,6 +249,16 @@ def bench(algo: str, layout: str, device: torch.device, rounds: int, full: bool,
         impls.append(Impl("sgdlab fused, 2 param groups", shapes, grads, device,
                           lambda ps: sgdlab_optimizer(algo, two_groups(ps), fused=True,
                                                       nonfinite="ignore")))
+    if device.type == "cuda" and algo != "sgd":
+        # device-side step counts and bias corrections: the step can be captured
+        impls.append(Impl("sgdlab capturable", shapes, grads, device,
+                          lambda ps: sgdlab_optimizer(algo, ps, capturable=True)))
+        impls.append(GraphImpl("sgdlab capturable, CUDA graph", shapes, grads, device,
+                               lambda ps: sgdlab_optimizer(algo, ps, capturable=True)))
+        if torch_has_fused(algo, device):
+            impls.append(GraphImpl("torch fused capturable, CUDA graph", shapes, grads, device,
+                                   lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True,
+                                                               capturable=True)))
     if full:
         impls.append(Impl("sgdlab fused, nonfinite check", shapes, grads, device,
                           lambda ps: sgdlab_optimizer(algo, ps, fused=True)))

@@ -126,3 +126,65 @@ def test_cuda_grad_scaler_skips_inf():
         if t == 2:
             assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
     assert scaler.get_scale() == 2.0**9
+
+
+CAPTURABLE_CASES = [n for n in CUDA_CASES if not n.startswith("sgd")]
+
+
+@pytest.mark.parametrize("name", CAPTURABLE_CASES)
+def test_cuda_capturable_equals_reference_float64(name):
+    cls, kwargs = ALL[name]
+    per_example = kwargs.get("second_moment") == "per_example"
+    ref_p, cap_p = _cuda_params(2), _cuda_params(2)
+    ref = cls(param_groups(ref_p, cls), foreach=False, **kwargs)
+    cap = cls(param_groups(cap_p, cls), capturable=True, **kwargs)
+    batches = [8, 16, 4, 32]
+    for t in range(40):
+        b = batches[t // 10] if "ref_batch_size" in kwargs else None
+        _set_grads(ref_p, t, per_example)
+        _set_grads(cap_p, t, per_example)
+        ref.step(batch_size=b)
+        cap.step(batch_size=b)
+    for a, c in zip(ref_p, cap_p):
+        assert torch.max(torch.abs(a - c)).item() <= 1e-12
+    assert cap.state[cap_p[0]]["step"].device.type == "cuda"
+
+
+@pytest.mark.parametrize("correction", ["published", "lecture"])
+def test_cuda_graph_replays_the_capturable_step(correction):
+    """Capture one ``step()`` in a CUDA graph and replay it with new gradients copied into the
+    same gradient tensors: the parameters follow an eagerly stepped twin exactly."""
+    shapes = [(64, 33), (100,), (7,)]
+    ps = [torch.randn(s, device="cuda", requires_grad=True) for s in shapes]
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    kw = dict(lr=1e-2, weight_decay=0.01, bias_correction=correction, capturable=True)
+    opt, twin = sgdlab.Adam(ps, **kw), sgdlab.Adam(qs, **kw)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    draws = [[torch.randn(s, device="cuda", generator=g) for s in shapes] for _ in range(12)]
+    for p, d in zip(ps, draws[0]):
+        p.grad = d.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compile, build the flat buffers, first steps
+        for t in range(3):
+            for p, d in zip(ps, draws[t]):
+                p.grad.copy_(d)
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for t in range(3):
+        for q, d in zip(qs, draws[t]):
+            q.grad = d.clone()
+        twin.step()
+    for t in range(3, 12):
+        for p, q, d in zip(ps, qs, draws[t]):
+            p.grad.copy_(d)
+            q.grad = d.clone()
+        graph.replay()
+        twin.step()
+    torch.cuda.synchronize()
+    for p, q in zip(ps, qs):
+        assert torch.max(torch.abs(p - q)).item() <= 1e-6
+    assert opt.state[ps[0]]["step"].item() == twin.state[qs[0]]["step"].item() == 12

@@ -47,21 +47,10 @@ def group_indices(params: list[torch.Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def check_torch_only_flags(name: str, *, capturable: bool = False,
-                           differentiable: bool = False) -> None:
-    """Accept torch.optim's ``capturable``/``differentiable`` keywords at their default
-    (``False``), so code written for the torch namesake runs unchanged, and refuse ``True``.
-
-    ``capturable=True`` (CUDA-graph capture of ``step``) needs the step counters and bias
-    corrections on the device; sgdlab keeps them on the host (they follow batch-size changes),
-    so its steps cannot be captured. ``differentiable=True`` (autograd through the step) is not
-    implemented either."""
-    if capturable is not False:
-        raise ValueError(
-            f"capturable must be False for sgdlab.{name}, got {capturable!r}: its step keeps "
-            "step counts and bias corrections on the host, so it cannot be captured in a CUDA "
-            "graph (use torch.optim with capturable=True for graph capture)"
-        )
+def check_torch_only_flags(name: str, *, differentiable: bool = False) -> None:
+    """Accept torch.optim's ``differentiable`` keyword at its default (``False``), so code
+    written for the torch namesake runs unchanged, and refuse ``True`` (autograd through the
+    step is not implemented)."""
     if differentiable is not False:
         raise ValueError(
             f"differentiable must be False for sgdlab.{name}, got {differentiable!r}: "
@@ -91,8 +80,9 @@ class BatchScaledOptimizer(Optimizer):
         scaling: str | None,
         default_scaling: str,
         foreach: bool | None,
-        nonfinite: str,
+        nonfinite: str | None,
         fused: bool | None = None,
+        capturable: bool = False,
     ) -> None:
         if batch_size is not None:
             batch_size = check_batch_size("batch_size", batch_size)
@@ -105,7 +95,22 @@ class BatchScaledOptimizer(Optimizer):
         if scaling is None:
             scaling = default_scaling
         check_choice("scaling", scaling, _hyper.RULES)
+        if capturable not in (True, False):
+            raise ValueError(f"capturable must be True or False, got {capturable!r}")
+        if nonfinite is None:
+            nonfinite = "ignore" if capturable else "raise"
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        if capturable and nonfinite != "ignore":
+            raise ValueError(
+                f"nonfinite must be 'ignore' with capturable=True, got {nonfinite!r}: checking "
+                "the gradients on the host needs a device sync, which a CUDA graph cannot "
+                "hold (torch.amp.GradScaler skips steps with inf/NaN gradients instead)"
+            )
+        if capturable and (fused is False or foreach):
+            raise ValueError(
+                f"capturable=True runs on the fused path; got fused={fused!r}, "
+                f"foreach={foreach!r} (leave both unset)"
+            )
         if foreach not in (None, True, False):
             raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
         if fused not in (None, True, False):
@@ -120,6 +125,8 @@ class BatchScaledOptimizer(Optimizer):
             foreach=foreach,
             fused=fused,
         )
+        if capturable:
+            defaults["capturable"] = True
         self.nonfinite = nonfinite
         #: number of steps skipped because of non-finite gradients (``nonfinite="skip"``)
         self.skipped_steps = 0
@@ -169,6 +176,14 @@ class BatchScaledOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+
+    def state_dict(self) -> dict[str, Any]:
+        # capturable groups keep their debiasing counters on the device: copy them into the
+        # state first (the step counts are views of the device tensor already)
+        from sgdlab.optim._fast import sync_host_state
+
+        sync_host_state(self)
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -239,8 +254,9 @@ class BatchScaledOptimizer(Optimizer):
         return bool(params) and all(p.device.type != "cpu" for p in params)
 
     def _use_fused(self, group: dict[str, Any], params: list[torch.Tensor]) -> bool:
-        """The fused path (:mod:`sgdlab.optim._fast`) is opt-in: ``fused=True``."""
-        return bool(params) and bool(group.get("fused"))
+        """The fused path (:mod:`sgdlab.optim._fast`) is opt-in: ``fused=True`` (implied by
+        ``capturable=True``)."""
+        return bool(params) and bool(group.get("fused") or group.get("capturable"))
 
     def _find_nonfinite(self) -> str | None:
         """Describe the first parameter whose gradient (or extra statistic) is not finite.

@@ -215,8 +215,15 @@ class Adam(BatchScaledOptimizer):
         bias_correction: ``"published"`` (``1/(1 - beta^t)``), ``"lecture"``
             (``1/min(t, N)`` average weights) or ``"none"``.
         eps_placement, power, second_moment: as :class:`sgdlab.RMSProp`.
-        batch_size, ref_batch_size, scaling, foreach, nonfinite, fused, differentiable,
-            capturable: as :class:`sgdlab.SGD`;
+        capturable: ``True`` keeps the step counts and bias corrections on the parameters'
+            device, advanced by the kernel, and sends nothing from the host while the
+            hyperparameters stay the same, so ``step()`` can be captured in a CUDA graph (after
+            warm-up steps, as with torch). Implies the fused path and ``nonfinite="ignore"``.
+            A new lr or batch size reaches the device on the next eager step (re-capture a
+            graph to use it there).
+        batch_size, ref_batch_size, scaling, foreach, nonfinite, fused, differentiable: as
+            :class:`sgdlab.SGD` (``nonfinite`` defaults to ``"raise"``, ``"ignore"`` when
+            capturable);
             ``scaling`` defaults to ``"sqrt"`` (batch) or ``"linear"`` (per-example).
 
     Example:
@@ -248,12 +255,12 @@ class Adam(BatchScaledOptimizer):
         ref_batch_size: int | None = None,
         scaling: str | None = None,
         foreach: bool | None = None,
-        nonfinite: str = "raise",
+        nonfinite: str | None = None,
         fused: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
-        check_torch_only_flags("Adam", capturable=capturable, differentiable=differentiable)
+        check_torch_only_flags("Adam", differentiable=differentiable)
         check_choice("second_moment", second_moment, SECOND_MOMENTS)
         defaults = dict(
             lr=lr,
@@ -278,6 +285,7 @@ class Adam(BatchScaledOptimizer):
             foreach=foreach,
             nonfinite=nonfinite,
             fused=fused,
+            capturable=capturable,
         )
 
     @classmethod

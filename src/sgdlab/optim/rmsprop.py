@@ -174,8 +174,15 @@ class RMSProp(BatchScaledOptimizer):
         power: 0.5 (divide by sigma) or 1 (divide by sigma^2); any value in (0, 1].
         second_moment: ``"batch"`` (square of the batch-mean gradient) or ``"per_example"``
             (``p.grad_second_moment`` from :func:`sgdlab.stats.track`).
-        batch_size, ref_batch_size, scaling, foreach, nonfinite, fused, differentiable,
-            capturable: as :class:`sgdlab.SGD`;
+        capturable: ``True`` keeps the step counts and bias corrections on the parameters'
+            device, advanced by the kernel, and sends nothing from the host while the
+            hyperparameters stay the same, so ``step()`` can be captured in a CUDA graph (after
+            warm-up steps, as with torch). Implies the fused path and ``nonfinite="ignore"``.
+            A new lr or batch size reaches the device on the next eager step (re-capture a
+            graph to use it there).
+        batch_size, ref_batch_size, scaling, foreach, nonfinite, fused, differentiable: as
+            :class:`sgdlab.SGD` (``nonfinite`` defaults to ``"raise"``, ``"ignore"`` when
+            capturable);
             ``scaling`` defaults to ``"sqrt"`` (batch) or ``"linear"`` (per-example).
 
     Example:
@@ -206,12 +213,12 @@ class RMSProp(BatchScaledOptimizer):
         ref_batch_size: int | None = None,
         scaling: str | None = None,
         foreach: bool | None = None,
-        nonfinite: str = "raise",
+        nonfinite: str | None = None,
         fused: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
-        check_torch_only_flags("RMSProp", capturable=capturable, differentiable=differentiable)
+        check_torch_only_flags("RMSProp", differentiable=differentiable)
         check_choice("second_moment", second_moment, SECOND_MOMENTS)
         defaults = dict(
             lr=lr,
@@ -235,6 +242,7 @@ class RMSProp(BatchScaledOptimizer):
             foreach=foreach,
             nonfinite=nonfinite,
             fused=fused,
+            capturable=capturable,
         )
 
     @classmethod

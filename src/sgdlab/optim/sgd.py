@@ -129,9 +129,7 @@ class SGD(BatchScaledOptimizer):
             float32 state and master weights for bfloat16/float16 parameters. Opt-in
             (``None``/``False``: the foreach or reference path).
         differentiable: accepted for compatibility with torch.optim at its default ``False``
-            (``True`` raises: autograd through the step is not implemented). Adam and RMSProp
-            likewise accept ``capturable=False`` (``True`` raises: the step keeps its counters
-            and bias corrections on the host, so it cannot be captured in a CUDA graph).
+            (``True`` raises: autograd through the step is not implemented).
 
     Example:
         >>> import torch, sgdlab

@@ -32,11 +32,17 @@ rounded to its dtype. ``torch.amp.GradScaler`` works unchanged: it unscales the 
 skips ``optimizer.step`` when it found an inf or NaN. With ``nonfinite="raise"``/``"skip"`` the
 optimizer's own check is one reduction over each flat gradient buffer.
 
-Not covered: CUDA-graph capture of ``optimizer.step`` (the step keeps its counters and the
-debiasing products on the host, as the reference path does, and sends the step's scalars to
-the device each step); under ``torch.compile`` of a whole training step the optimizer step
-runs outside the traced graph with its compiled kernel. State entries replaced by hand in
-``optimizer.state`` are not noticed until the next ``load_state_dict`` or ``add_param_group``.
+CUDA graphs: by default the step keeps its counters and the debiasing products on the host,
+as the reference path does, and sends the step's scalars to the device each step. With
+``capturable=True`` (Adam, RMSProp) the step counts, the debiasing products and the lecture's
+counts live on the parameters' device in float64 and the kernel advances them (the same
+arithmetic, checked against the reference in float64), the scalar vectors are sent only when a
+hyperparameter changes, and nothing is checked on the host (``nonfinite="ignore"``), so
+``step()`` can be captured in a CUDA graph after warm-up steps; ``state_dict()`` copies the
+device counters into the state first. Under ``torch.compile`` of a whole training step the
+optimizer step runs outside the traced graph with its compiled kernel. State entries replaced
+by hand in ``optimizer.state`` are not noticed until the next ``load_state_dict`` or
+``add_param_group``.
 
 Example:
     >>> import torch, sgdlab
@@ -52,7 +58,7 @@ from __future__ import annotations
 from sgdlab.optim._fast._config import COMPILE_SECONDS, compile_enabled, set_compile
 from sgdlab.optim._fast.flat import FlatGroup
 from sgdlab.optim._fast.kernels import get_kernel, make_kernel
-from sgdlab.optim._fast.step import forget, fused_update, grads_all_finite
+from sgdlab.optim._fast.step import forget, fused_update, grads_all_finite, sync_host_state
 
 __all__ = [
     "COMPILE_SECONDS",
@@ -64,4 +70,5 @@ __all__ = [
     "grads_all_finite",
     "make_kernel",
     "set_compile",
+    "sync_host_state",
 ]

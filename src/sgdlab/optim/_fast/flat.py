@@ -119,14 +119,17 @@ class FlatGroup:
             state[p]["master_param"] = v
         self.flat_master = flat
 
-    def adopt_steps(self, state: dict, dtype: torch.dtype) -> list[float]:
-        """Hold every parameter's ``state[p]["step"]`` (0 when absent) in one CPU tensor, so a
-        step advances them all with one add; returns the counts found."""
+    def adopt_steps(self, state: dict, dtype: torch.dtype, on_device: bool = False) -> list[float]:
+        """Hold every parameter's ``state[p]["step"]`` (0 when absent) in one tensor, so a
+        step advances them all with one add: on the CPU (the host keeps the count), or on the
+        parameters' device for capturable steps (the kernel advances it); returns the counts
+        found."""
         found = []
         for p in self.params:
             t = state[p].get("step") if p in state else None
             found.append(float(t.item()) if isinstance(t, torch.Tensor) else float(t or 0.0))
-        self.steps = torch.tensor(found, dtype=dtype)
+        self.steps = torch.tensor(found, dtype=dtype,
+                                  device=self.device if on_device else "cpu")
         for i, p in enumerate(self.params):
             state[p]["step"] = self.steps[i]
         return found

@@ -192,7 +192,58 @@ def make_kernel(algo: str, opts: tuple[tuple[str, Any], ...]) -> Callable[..., N
         fn = adam
     else:
         raise ValueError(f"algo must be 'sgd', 'rmsprop' or 'adam', got {algo!r}")
+    if o.get("capturable"):
+        return _capturable(algo, o, ix, fn)
     return fn
+
+
+def _capturable(algo: str, o: dict[str, Any], ix: dict[str, int],
+                fn: Callable[..., None]) -> Callable[..., None]:
+    """The step of ``fn`` with its per-step scalars computed on the device (CUDA-graph safe).
+
+    Extra arguments (RMSProp, Adam): ``steps`` (the parameters' step counts, advanced by one),
+    and for Adam
+    ``counters`` = (beta1 product, beta2 product, lecture count 1, lecture count 2) and ``hp`` =
+    (lr, beta1, beta2, N1, N2, eps), both float64. The bias corrections advance exactly as on the
+    host path (:func:`sgdlab.optim.adam.adam_scalars`: products of the betas in force at each
+    step, the lecture's n_t = min(N_t, n_{t-1} + 1)), in float64, and enter the same update
+    through a scalar vector rebuilt in the kernel.
+    """
+    if algo == "sgd":
+        return fn  # no per-step scalars: only the scalar vector must stay put (host side)
+    if algo == "rmsprop":
+        def rmsprop_cap(p, g, square_avg, grad_avg, buf, m2, master, sc, steps):
+            steps.copy_(steps + 1)
+            fn(p, g, square_avg, grad_avg, buf, m2, master, sc)
+
+        return rmsprop_cap
+    correction = o["correction"]
+
+    def adam_cap(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, m2, master, sc, steps, counters, hp):
+        steps.copy_(steps + 1)
+        lr, b1, b2 = hp[0], hp[1], hp[2]
+        one = torch.ones_like(lr)
+        if correction == "published":
+            p1, p2 = counters[0] * b1, counters[1] * b2
+            counters.copy_(torch.stack([p1, p2, counters[2], counters[3]]))
+            w1, d2, w2, c1, c2 = 1.0 - b1, b2, 1.0 - b2, 1.0 - p1, 1.0 - p2
+        elif correction == "lecture":
+            n1 = torch.minimum(hp[3], counters[2] + 1.0)
+            n2 = torch.minimum(hp[4], counters[3] + 1.0)
+            counters.copy_(torch.stack([counters[0], counters[1], n1, n2]))
+            w1, d2, w2, c1, c2 = 1.0 / n1, 1.0 - 1.0 / n2, 1.0 / n2, one, one
+        else:
+            w1, d2, w2, c1, c2 = 1.0 - b1, b2, 1.0 - b2, one, one
+        eps = hp[5]
+        sqrt_c2 = c2.sqrt()
+        computed = {"w1": w1, "d2": d2, "w2": w2, "c2": c2, "sqrt_c2": sqrt_c2,
+                    "step_size": -(lr / c1), "eps_sqrt_c2": eps * sqrt_c2,
+                    "step_size_sqrt_c2": -(lr / c1) * sqrt_c2}
+        full = torch.stack([computed[k].to(sc.dtype) if k in computed else sc[i]
+                            for k, i in ix.items()])
+        fn(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, m2, master, full)
+
+    return adam_cap
 
 
 def _own_code(fn: Callable[..., None], name: str) -> Callable[..., None]:

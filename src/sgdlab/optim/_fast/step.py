@@ -23,7 +23,7 @@ from sgdlab.optim._fast import _config
 from sgdlab.optim._fast.flat import FlatGroup
 from sgdlab.optim._fast.kernels import get_kernel, pack_scalars
 
-__all__ = ["fused_update", "forget", "run_kernel", "grads_all_finite"]
+__all__ = ["fused_update", "forget", "run_kernel", "grads_all_finite", "sync_host_state"]
 
 _ADAM_HOST_KEYS = ("beta1_prod", "beta2_prod", "lecture_count1", "lecture_count2")
 
@@ -34,10 +34,53 @@ def forget(opt: Any, group: dict | None = None) -> None:
     cache = opt.__dict__.get("_fast_cache")
     if not cache:
         return
+    sync_host_state(opt)
     if group is None:
         cache.clear()
     else:
         cache.pop(id(group), None)
+
+
+def sync_host_state(opt: Any) -> None:
+    """Write the device-side Adam counters of capturable groups (debiasing products, lecture
+    counts) into ``optimizer.state`` (one host sync per flat group; called before
+    ``state_dict`` and before a group leaves the fused path). Step counts need no copy: the
+    state's ``step`` entries are views of the device tensor the kernel advances."""
+    cache = opt.__dict__.get("_fast_cache")
+    if not cache:
+        return
+    for entry in cache.values():
+        _sync_fgs(entry.fgs)
+
+
+def _sync_fgs(fgs: list[FlatGroup]) -> None:
+    for fg in fgs:
+        counters = getattr(fg, "counters", None)
+        if counters is None:
+            continue
+        p1, p2, n1, n2 = counters.tolist()
+        for st in fg.state_dicts:
+            if fg.correction == "published":
+                st["beta1_prod"], st["beta2_prod"] = p1, p2
+            elif fg.correction == "lecture":
+                st["lecture_count1"], st["lecture_count2"] = n1, n2
+
+
+def _cached(fg: FlatGroup, name: str, values: tuple, make: Any) -> torch.Tensor:
+    """A device tensor rebuilt only when ``values`` change: a capturable step sends nothing
+    from the host while its hyperparameters stay the same."""
+    key = getattr(fg, name + "_key", None)
+    if key != values:
+        setattr(fg, name, make())
+        setattr(fg, name + "_key", values)
+    return getattr(fg, name)
+
+
+def _pack(algo: str, values: dict[str, float], fg: FlatGroup, capturable: bool) -> torch.Tensor:
+    if not capturable:
+        return pack_scalars(algo, values, fg.state_dtype, fg.device)
+    return _cached(fg, "sc", tuple(sorted(values.items())),
+                   lambda: pack_scalars(algo, values, fg.state_dtype, fg.device))
 
 
 def run_kernel(algo: str, opts: tuple, args: tuple, device: torch.device,
@@ -91,7 +134,7 @@ class _Entry:
 
 
 def _build(opt: Any, params: list[torch.Tensor], keys: dict[str, str],
-           steps: bool) -> list[FlatGroup] | None:
+           steps: bool, capturable: bool = False) -> list[FlatGroup] | None:
     fgs = []
     for idx in group_indices(params):
         ps = [params[i] for i in idx]
@@ -105,7 +148,7 @@ def _build(opt: Any, params: list[torch.Tensor], keys: dict[str, str],
                     return None
         fg = FlatGroup(ps, opt.state, keys)
         if steps:
-            fg.adopt_steps(opt.state, scalar_dtype())
+            fg.adopt_steps(opt.state, scalar_dtype(), on_device=capturable)
         fgs.append(fg)
     return fgs
 
@@ -119,13 +162,15 @@ def _prepare(opt: Any, group: dict, params: list[torch.Tensor], keys: dict[str, 
     key_names = tuple(keys)
     entry = cache.get(id(group))
     if entry is None or not entry.holds(params, key_names):
+        if entry is not None:  # device-side counters go back to the state before a rebuild
+            _sync_fgs(entry.fgs)
         for p in params:
             g = p.grad
             if g.is_sparse or g.shape != p.shape or g.dtype != p.dtype:
                 return None
         if precheck is not None and not precheck(opt, params):
             return None
-        fgs = _build(opt, params, keys, steps)
+        fgs = _build(opt, params, keys, steps, bool(group.get("capturable")))
         if fgs is None:
             return None
         entry = _Entry(list(params), key_names, fgs)
@@ -146,12 +191,13 @@ def _sgd(opt: Any, group: dict, hp: dict, params: list[torch.Tensor]) -> bool:
         return False
     values = dict(wd=hp["weight_decay"], momentum=momentum,
                   one_minus_dampening=1 - hp["dampening"], neg_lr=-hp["lr"])
+    cap = bool(group.get("capturable"))
     for fg in fgs:
         opts = (("maximize", bool(hp["maximize"])), ("weight_decay", hp["weight_decay"] != 0),
                 ("momentum", momentum != 0),
                 ("init_buffer", bool(fg.fresh.get("momentum_buffer", False))),
-                ("nesterov", bool(hp["nesterov"])))
-        sc = pack_scalars("sgd", values, fg.state_dtype, fg.device)
+                ("nesterov", bool(hp["nesterov"]))) + ((("capturable", True),) if cap else ())
+        sc = _pack("sgd", values, fg, cap)
         run_kernel("sgd", opts, (fg.flat_param, fg.flat_grad,
                                  fg.flat_state.get("momentum_buffer"), fg.flat_master, sc),
                    fg.device, fg.dtype)
@@ -178,17 +224,22 @@ def _rmsprop(opt: Any, group: dict, hp: dict, params: list[torch.Tensor]) -> boo
                   power=hp["power"], momentum=hp["momentum"], neg_lr=-hp["lr"],
                   two_sign_wd=2.0 * sign * wd, wd2=wd**2)
     per_example = group["second_moment"] == "per_example"
+    cap = bool(group.get("capturable"))
     for fg in fgs:
         m2 = fg.gather(lambda p: p.grad_second_moment) if per_example else None
-        fg.steps.add_(1)
         opts = (("maximize", bool(hp["maximize"])), ("weight_decay", wd != 0),
                 ("centered", bool(hp["centered"])), ("momentum", hp["momentum"] > 0),
                 ("power", _power(hp["power"])), ("eps_placement", hp["eps_placement"]))
-        sc = pack_scalars("rmsprop", values, fg.state_dtype, fg.device)
+        sc = _pack("rmsprop", values, fg, cap)
         st = fg.flat_state
-        run_kernel("rmsprop", opts, (fg.flat_param, fg.flat_grad, st["square_avg"],
-                                     st.get("grad_avg"), st.get("momentum_buffer"), m2,
-                                     fg.flat_master, sc), fg.device, fg.dtype)
+        args = (fg.flat_param, fg.flat_grad, st["square_avg"], st.get("grad_avg"),
+                st.get("momentum_buffer"), m2, fg.flat_master, sc)
+        if cap:  # the kernel advances the device-side step counts
+            run_kernel("rmsprop", opts + (("capturable", True),), args + (fg.steps,),
+                       fg.device, fg.dtype)
+        else:
+            fg.steps.add_(1)
+            run_kernel("rmsprop", opts, args, fg.device, fg.dtype)
     return True
 
 
@@ -246,6 +297,9 @@ def _adam(opt: Any, group: dict, hp: dict, params: list[torch.Tensor]) -> bool:
     wd, lr = hp["weight_decay"], hp["lr"]
     sign = -1.0 if hp["maximize"] else 1.0
     per_example = group["second_moment"] == "per_example"
+    if group.get("capturable"):
+        _adam_capturable(fgs, hp, per_example)
+        return True
     for fg in fgs:
         m2 = fg.gather(lambda p: p.grad_second_moment) if per_example else None
         s = adam_scalars(fg.mirror, beta1, beta2, hp["bias_correction"])
@@ -260,17 +314,55 @@ def _adam(opt: Any, group: dict, hp: dict, params: list[torch.Tensor]) -> bool:
                       step_size=-(lr / s.c1), two_sign_wd=2.0 * sign * wd, wd2=wd**2,
                       eps_sqrt_c2=hp["eps"] * math.sqrt(s.c2),
                       step_size_sqrt_c2=-(lr / s.c1) * math.sqrt(s.c2))
-        opts = (("maximize", bool(hp["maximize"])), ("weight_decay", wd != 0),
-                ("decoupled", bool(hp["decoupled_weight_decay"])),
-                ("amsgrad", bool(hp["amsgrad"])), ("power", _power(hp["power"])),
-                ("eps_placement", hp["eps_placement"]),
-                ("corrected", hp["bias_correction"] == "published"))
+        opts = _adam_opts(hp)
         sc = pack_scalars("adam", values, fg.state_dtype, fg.device)
         st = fg.flat_state
         run_kernel("adam", opts, (fg.flat_param, fg.flat_grad, st["exp_avg"], st["exp_avg_sq"],
                                   st.get("max_exp_avg_sq"), m2, fg.flat_master, sc),
                    fg.device, fg.dtype)
     return True
+
+
+def _adam_opts(hp: dict) -> tuple:
+    return (("maximize", bool(hp["maximize"])), ("weight_decay", hp["weight_decay"] != 0),
+            ("decoupled", bool(hp["decoupled_weight_decay"])),
+            ("amsgrad", bool(hp["amsgrad"])), ("power", _power(hp["power"])),
+            ("eps_placement", hp["eps_placement"]),
+            ("corrected", hp["bias_correction"] == "published"))
+
+
+def _adam_capturable(fgs: list[FlatGroup], hp: dict, per_example: bool) -> None:
+    """Adam's step with the step counts and bias corrections advanced on the device (see
+    :func:`sgdlab.optim._fast.kernels._capturable`): no host sync, and nothing sent to the
+    device unless a hyperparameter changed, so the step can be captured in a CUDA graph."""
+    beta1, beta2 = hp["betas"]
+    wd, lr, eps = hp["weight_decay"], hp["lr"], hp["eps"]
+    sign = -1.0 if hp["maximize"] else 1.0
+    n1, n2 = 1.0 / (1.0 - beta1), 1.0 / (1.0 - beta2)
+    correction = hp["bias_correction"]
+    values = dict(wd=wd, decay=1 - lr * wd, eps=eps, power=hp["power"],
+                  two_sign_wd=2.0 * sign * wd, wd2=wd**2)
+    opts = _adam_opts(hp) + (("capturable", True), ("correction", correction))
+    for fg in fgs:
+        if getattr(fg, "correction", None) != correction:
+            # start the device counters from the state (host values, or a torch checkpoint's
+            # step count with constant betas), as adam_scalars would
+            t = float(fg.mirror["step"])
+            fg.counters = torch.tensor(
+                [fg.mirror.get("beta1_prod", beta1**t), fg.mirror.get("beta2_prod", beta2**t),
+                 fg.mirror.get("lecture_count1", min(t, n1)),
+                 fg.mirror.get("lecture_count2", min(t, n2))],
+                dtype=torch.float64, device=fg.device)
+            fg.correction = correction
+        m2 = fg.gather(lambda p: p.grad_second_moment) if per_example else None
+        sc = _pack("adam", values, fg, True)
+        hp64 = _cached(fg, "hp64", (lr, beta1, beta2, n1, n2, eps), lambda dev=fg.device:
+                       torch.tensor([lr, beta1, beta2, n1, n2, eps], dtype=torch.float64,
+                                    device=dev))
+        st = fg.flat_state
+        run_kernel("adam", opts, (fg.flat_param, fg.flat_grad, st["exp_avg"], st["exp_avg_sq"],
+                                  st.get("max_exp_avg_sq"), m2, fg.flat_master, sc, fg.steps,
+                                  fg.counters, hp64), fg.device, fg.dtype)
 
 
 _RULES = {"sgd": _sgd, "rmsprop": _rmsprop, "adam": _adam}
