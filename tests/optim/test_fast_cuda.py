@@ -50,13 +50,18 @@ def _set_grads(params, t, per_example=False):
             p.grad_second_moment = (per * per).mean(0).to(p.dtype)
 
 
-@pytest.mark.parametrize("name", CUDA_CASES)
-def test_cuda_fused_equals_reference_float64(name):
+# capturable=True (Adam, RMSProp): step counts and bias corrections on the device
+MODES = [(n, "fused") for n in CUDA_CASES] + [
+    (n, "capturable") for n in CUDA_CASES if not n.startswith("sgd")]
+
+
+@pytest.mark.parametrize("name,mode", MODES)
+def test_cuda_fused_equals_reference_float64(name, mode):
     cls, kwargs = ALL[name]
     per_example = kwargs.get("second_moment") == "per_example"
     ref_p, fu_p = _cuda_params(2), _cuda_params(2)
     ref = cls(param_groups(ref_p, cls), foreach=False, **kwargs)
-    fu = cls(param_groups(fu_p, cls), fused=True, **kwargs)
+    fu = cls(param_groups(fu_p, cls), **{mode: True}, **kwargs)
     batches = [8, 16, 4, 32]
     for t in range(40):
         b = batches[t // 10] if "ref_batch_size" in kwargs else None
@@ -72,6 +77,8 @@ def test_cuda_fused_equals_reference_float64(name):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             assert torch.max(torch.abs(value - s_fu[key])).item() <= 1e-12, key
     assert any(k[2] == "cuda" for k in _fast.COMPILE_SECONDS)
+    if mode == "capturable":
+        assert fu.state[fu_p[0]]["step"].device.type == "cuda"
 
 
 def test_cuda_float32_adam_matches_torch_fused():
@@ -127,27 +134,6 @@ def test_cuda_grad_scaler_skips_inf():
             assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
     assert scaler.get_scale() == 2.0**9
 
-
-CAPTURABLE_CASES = [n for n in CUDA_CASES if not n.startswith("sgd")]
-
-
-@pytest.mark.parametrize("name", CAPTURABLE_CASES)
-def test_cuda_capturable_equals_reference_float64(name):
-    cls, kwargs = ALL[name]
-    per_example = kwargs.get("second_moment") == "per_example"
-    ref_p, cap_p = _cuda_params(2), _cuda_params(2)
-    ref = cls(param_groups(ref_p, cls), foreach=False, **kwargs)
-    cap = cls(param_groups(cap_p, cls), capturable=True, **kwargs)
-    batches = [8, 16, 4, 32]
-    for t in range(40):
-        b = batches[t // 10] if "ref_batch_size" in kwargs else None
-        _set_grads(ref_p, t, per_example)
-        _set_grads(cap_p, t, per_example)
-        ref.step(batch_size=b)
-        cap.step(batch_size=b)
-    for a, c in zip(ref_p, cap_p):
-        assert torch.max(torch.abs(a - c)).item() <= 1e-12
-    assert cap.state[cap_p[0]]["step"].device.type == "cuda"
 
 
 @pytest.mark.parametrize("correction", ["published", "lecture"])

@@ -174,12 +174,8 @@ class RMSProp(BatchScaledOptimizer):
         power: 0.5 (divide by sigma) or 1 (divide by sigma^2); any value in (0, 1].
         second_moment: ``"batch"`` (square of the batch-mean gradient) or ``"per_example"``
             (``p.grad_second_moment`` from :func:`sgdlab.stats.track`).
-        capturable: ``True`` keeps the step counts and bias corrections on the parameters'
-            device, advanced by the kernel, and sends nothing from the host while the
-            hyperparameters stay the same, so ``step()`` can be captured in a CUDA graph (after
-            warm-up steps, as with torch). Implies the fused path and ``nonfinite="ignore"``.
-            A new lr or batch size reaches the device on the next eager step (re-capture a
-            graph to use it there).
+        capturable: as :class:`sgdlab.Adam` (device-side step counts: ``step()`` can be
+            captured in a CUDA graph).
         batch_size, ref_batch_size, scaling, foreach, nonfinite, fused, differentiable: as
             :class:`sgdlab.SGD` (``nonfinite`` defaults to ``"raise"``, ``"ignore"`` when
             capturable);
