@@ -80,6 +80,9 @@ VARIANTS = [
                                                   scaling="sqrt")),
 ]
 
+#: every option set as (name, sgdlab class, kwargs)
+ALL_CASES = [(n, c, k) for n, c, _, k in TORCH_TWINS] + VARIANTS
+
 SHAPES = [(5, 3), (7,), (2, 3, 4), (1,), (4, 1, 2, 2)]
 
 

@@ -14,20 +14,14 @@ import pytest
 import torch
 
 import sgdlab
-from sgdlab.optim import _fast
 
-from .cases import TORCH_TWINS, VARIANTS, checkpoint, make_params, param_groups, set_grads
+from .cases import ALL_CASES, checkpoint, make_params, param_groups, set_grads
 
-CASES = [(n, c, k) for n, c, _, k in TORCH_TWINS if c is not sgdlab.SGD] + [
-    (n, c, k) for n, c, k in VARIANTS if c is not sgdlab.SGD]
+CASES = [case for case in ALL_CASES if case[1] is not sgdlab.SGD]
 BATCHES = [8, 8, 16, 16, 4, 32, 32, 8]
 
 
-@pytest.fixture(autouse=True)
-def eager_kernels():
-    previous = _fast.set_compile(False)
-    yield
-    _fast.set_compile(previous)
+pytestmark = pytest.mark.usefixtures("eager_kernels")
 
 
 def _state(opt) -> dict:

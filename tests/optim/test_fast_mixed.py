@@ -16,12 +16,7 @@ from sgdlab.optim import _fast
 
 from .cases import checkpoint, set_grads, state_tensors
 
-
-@pytest.fixture(autouse=True)
-def eager_kernels():
-    previous = _fast.set_compile(False)
-    yield
-    _fast.set_compile(previous)
+pytestmark = pytest.mark.usefixtures("eager_kernels")
 
 
 def _params(dtype, seed=0):

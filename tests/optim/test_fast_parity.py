@@ -11,11 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sgdlab.optim import _fast
-
 from .cases import (
-    TORCH_TWINS,
-    VARIANTS,
+    ALL_CASES,
     checkpoint,
     make_params,
     param_groups,
@@ -23,15 +20,11 @@ from .cases import (
     state_tensors,
 )
 
-CASES = [(n, c, k) for n, c, _, k in TORCH_TWINS] + VARIANTS
+CASES = ALL_CASES
 BATCHES = [8, 8, 16, 16, 4, 32, 32, 8]
 
 
-@pytest.fixture(autouse=True)
-def eager_kernels():
-    previous = _fast.set_compile(False)
-    yield
-    _fast.set_compile(previous)
+pytestmark = pytest.mark.usefixtures("eager_kernels")
 
 
 def _assert_same(ref, fu, ref_p, fu_p, tol=1e-12):

@@ -6,9 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .cases import TORCH_TWINS, VARIANTS, make_params, param_groups, set_grads, state_tensors
+from .cases import (
+    ALL_CASES,
+    make_params,
+    param_groups,
+    set_grads,
+    state_tensors,
+)
 
-CASES = [(n, c, k) for n, c, _, k in TORCH_TWINS] + VARIANTS
+CASES = ALL_CASES
 BATCHES = [8, 8, 16, 16, 4, 32, 32, 8]
 
 

@@ -10,8 +10,7 @@ import sgdlab
 from sgdlab.optim import NonFiniteGradientError
 
 from .cases import (
-    TORCH_TWINS,
-    VARIANTS,
+    ALL_CASES,
     checkpoint,
     make_params,
     param_groups,
@@ -19,7 +18,7 @@ from .cases import (
     state_tensors,
 )
 
-CASES = [(n, c, k) for n, c, _, k in TORCH_TWINS] + VARIANTS
+CASES = ALL_CASES
 
 
 @pytest.mark.parametrize("name,cls,kwargs", CASES, ids=[c[0] for c in CASES])
