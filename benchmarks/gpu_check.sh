@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
-# Fused optimizer path on a CUDA machine, in a few minutes: the CUDA parity tests, then the GPU
-# step benchmark (100M, GPT-2 small shapes, 1B). Everything needed is printed; with $OUT set,
-# the benchmark's JSON and this log are written there too.
+# Everything sgdlab measures on a CUDA machine, in about eight minutes: the CUDA tests (fused
+# and capturable optimizer paths, CUDA-graph replay, the augmented backward on the device), the
+# augmented-backward benchmark against its peers (those installed), and the optimizer-step
+# benchmark (Adam at 100M, GPT-2 small shapes, 1B; other algorithms with ALGOS=adam,sgd,rmsprop).
+# With $OUT set, the logs and the step benchmark's JSON are written there too.
 #   bash benchmarks/gpu_check.sh            (python3 with a CUDA torch; run from anywhere)
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp}
+ALGOS=${ALGOS:-adam}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-8}
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-  echo "== CUDA tests of the fused path"
-  timeout 220 $PY -m pytest tests/optim/test_fast_cuda.py -q -p no:cacheprovider --durations=5 2>&1 | tail -30
-  echo "== GPU benchmark"
-  timeout 300 $PY benchmarks/optim_step.py --device cuda --rounds 30 --json "$OUT/optim_step_cuda.json" 2>&1
+  echo "== CUDA tests (fused optimizer path, capturable, CUDA graph, augmented backward)"
+  timeout 200 $PY -m pytest tests/optim/test_fast_cuda.py tests/stats/test_stats_devices.py \
+    -q -p no:cacheprovider --durations=5 2>&1 | tail -30
+  echo "== augmented backward"
+  timeout 150 $PY benchmarks/augmented_backward.py --repeat 50 2>&1
+  echo "== optimizer step"
+  timeout 270 $PY benchmarks/optim_step.py --device cuda --algos "$ALGOS" --rounds 30 \
+    --json "$OUT/optim_step_cuda.json" 2>&1
   date -u
 } 2>&1 | tee "$OUT/gpu_check.log"

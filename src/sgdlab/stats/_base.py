@@ -108,27 +108,31 @@ def reduce_per_example(
     if name in call.materialize:
         parts = [make(slice(i, min(B, i + n))) for i in range(0, B, n)]
         return Contribution(per_example=torch.cat(parts) if len(parts) > 1 else parts[0])
-    moment = torch.zeros(shape, dtype=like.dtype, device=like.device)
+    # sum_b scale * v_b^2 as one matrix-vector product per chunk (squares summed over the
+    # chunk's examples and scaled in the same kernel, accumulated in place after the first)
+    flat: Tensor | None = None
     norms = [] if call.norms else None
     for i in range(0, B, n):
         v = make(slice(i, min(B, i + n)))
-        sq = v.mul_(v)  # v is a fresh buffer: square in place
-        moment.add_(sq.sum(0), alpha=call.scale)
+        sq = v.mul_(v).reshape(v.shape[0], -1)  # v is a fresh buffer: square in place
+        ones = scaled_ones(sq.shape[0], call.scale, sq)
+        flat = torch.mv(sq.T, ones) if flat is None else flat.addmv_(sq.T, ones)
         if norms is not None:
-            norms.append(sq.reshape(sq.shape[0], -1).sum(1))
-    return Contribution(moment=moment, sq_norms=torch.cat(norms) if norms is not None else None)
+            norms.append(sq.sum(1))
+    assert flat is not None  # B >= 1
+    return Contribution(
+        moment=flat.view(shape), sq_norms=torch.cat(norms) if norms is not None else None
+    )
 
 
 def small_per_example(name: str, call: Call, v: Tensor) -> Contribution:
     """Reduce per-example gradients ``v`` ([B, *shape]) that are cheap to hold whole."""
     if name in call.materialize:
         return Contribution(per_example=v)
-    sq = v * v
-    norms = sq.reshape(sq.shape[0], -1).sum(1) if call.norms else None
-    moment = sq.sum(0)
-    return Contribution(
-        moment=moment.mul_(call.scale) if call.scale != 1.0 else moment, sq_norms=norms
-    )
+    sq = (v * v).reshape(v.shape[0], -1)
+    norms = sq.sum(1) if call.norms else None
+    moment = torch.mv(sq.T, scaled_ones(sq.shape[0], call.scale, sq)).view(v.shape[1:])
+    return Contribution(moment=moment, sq_norms=norms)
 
 
 _CACHE: dict[tuple, Tensor] = {}

@@ -33,7 +33,7 @@ from ._base import (
     unread,
 )
 
-__all__ = ["linear_rule"]
+__all__ = ["linear_rule", "linear_moments"]
 
 
 def linear_rule(call: Call) -> dict[str, Contribution]:
@@ -83,4 +83,46 @@ def linear_rule(call: Call) -> dict[str, Contribution]:
         )
     if "bias" in names:
         out["bias"] = small_per_example("bias", call, d3.sum(1))
+    return out
+
+
+def linear_moments(
+    calls: list[tuple[bool, bool, torch.dtype, torch.Tensor, torch.Tensor]], scale: float
+) -> list[tuple[torch.Tensor, ...]]:
+    """The ``[B, in]`` case of :func:`linear_rule` for several calls at once.
+
+    Each call is ``(weight, bias, dtype, a, d)``: which parameters to compute, their dtype, the
+    input and the output gradient. Returns, per call, ``scale * (d*d)^T (a*a)`` for the weight
+    and ``scale * sum_b d_b^2`` for the bias (those requested, in this order). All entrywise
+    squares are one multi-tensor operation, so a stack of small layers pays one kernel for them
+    instead of two per layer: what matters when a step is bound by kernel launches rather than
+    arithmetic.
+    """
+    tensors: list[torch.Tensor] = []
+    for weight, _, dtype, a, d in calls:
+        if weight:
+            tensors.append(a if a.dtype == dtype else in_dtype(a, dtype))
+        tensors.append(d if d.dtype == dtype else in_dtype(d, dtype))
+    squares = torch._foreach_mul(tensors, tensors)
+    out: list[tuple[torch.Tensor, ...]] = []
+    i = 0
+    empty = ones = None
+    for weight, bias, _, _, _ in calls:
+        if weight:
+            a2, d2 = squares[i], squares[i + 1]
+            i += 2
+            if empty is None or empty.dtype != d2.dtype or empty.device != d2.device:
+                empty = unread(d2)
+            w = torch.addmm(empty, d2.T, a2, beta=0, alpha=scale)
+            if not bias:
+                out.append((w,))
+                continue
+        else:
+            d2 = squares[i]
+            i += 1
+        n = d2.shape[0]
+        if ones is None or ones.shape[0] != n or ones.dtype != d2.dtype or ones.device != d2.device:
+            ones = scaled_ones(n, scale, d2)
+        b = torch.mv(d2.T, ones)
+        out.append((w, b) if weight else (b,))
     return out

@@ -70,6 +70,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .._validation import check_batch_size, check_choice, check_positive
 from ._base import Call, Contribution
 from ._registry import Rule, _first_dim, _no_check, rule_for
+from .linear import linear_moments, linear_rule
 
 __all__ = ["Tracker", "track", "ATTRIBUTE"]
 
@@ -87,6 +88,9 @@ class _Entry:
     ids: tuple[int, ...] = ()
     label: str = ""
     plain: bool = False  # no input check, batch size = first dimension of the first input
+    linear: bool = False  # an nn.Linear: 2-D calls take the deferred lane (_on_linear_grad)
+    has_weight: bool = False  # linear lane: which of weight, bias (in this order) are tracked
+    has_bias: bool = False
 
 
 @dataclass(slots=True)
@@ -102,19 +106,27 @@ class _Record:
     positions: tuple[int, ...]
 
 
-@dataclass(slots=True)
 class _Pass:
-    """State of one backward pass."""
+    """State of one backward pass (a plain class: one is made per backward pass)."""
 
-    batch_size: int | None = None
-    moments: dict[int, Tensor] = field(default_factory=dict)
-    pending: dict[int, Tensor] = field(default_factory=dict)
-    kind: dict[int, str] = field(default_factory=dict)
-    norms: Tensor | None = None
-    got_grad: set[int] = field(default_factory=set)
-    contributed: set[int] = field(default_factory=set)
-    first_module: str = ""
-    scale: float = 1.0
+    __slots__ = (
+        "batch_size", "moments", "pending", "kind", "norms", "got_grad", "contributed",
+        "first_module", "scale", "stash", "stash_bytes",
+    )
+
+    def __init__(self) -> None:
+        self.batch_size: int | None = None
+        self.moments: dict[int, Tensor] = {}
+        self.pending: dict[int, Tensor] = {}
+        self.kind: dict[int, str] = {}
+        self.norms: Tensor | None = None
+        self.got_grad: set[int] = set()
+        self.contributed: set[int] = set()
+        self.first_module = ""
+        self.scale = 1.0
+        # 2-D nn.Linear calls whose output gradient has arrived, computed together by _flush
+        self.stash: list[tuple[_Record, Tensor]] = []
+        self.stash_bytes = 0
 
 
 class Tracker:
@@ -192,7 +204,11 @@ class Tracker:
                 tuple(id(p) for _, p in owned),
                 name or type(module).__name__,
                 rule.check is _no_check and rule.batch_size is _first_dim,
+                rule.compute is linear_rule,
             )
+            if entry.linear:
+                entry.has_weight = "weight" in entry.names
+                entry.has_bias = "bias" in entry.names
             self._entries[module] = entry
             for n, p in owned:
                 self._params.setdefault(id(p), (f"{name}.{n}" if name else n, p))
@@ -337,6 +353,10 @@ class Tracker:
         if len(outs) == 1:
             out = outs[0]
             node, nr = out.grad_fn, out.output_nr
+            if entry.linear and node is not None and len(flat_in) == 1 and flat_in[0].dim() == 2:
+                if not self.per_example_norms:
+                    node.register_prehook(lambda gs: self._on_linear_grad(record, gs[nr]))
+                    return
             if node is None:  # the module returned a leaf tensor
                 out.register_hook(lambda g: self._on_grads(record, (g,)))
             else:
@@ -385,18 +405,76 @@ class Tracker:
             self._uses = {}
             raise
 
-    def _on_grads_inner(self, record: _Record, grads: tuple[Tensor | None, ...]) -> None:
-        self._begin()
-        state = self._pass
-        assert state is not None
-        entry = record.entry
-        for t, v in zip(record.inputs, record.versions):  # same length by construction
-            if t._version != v:
-                raise RuntimeError(
-                    f"an input of module {entry.label!r} was modified in place after its "
-                    "forward call; per-example statistics need the input as it was used"
-                )
-        B = record.batch_size
+    def _on_linear_grad(self, record: _Record, d: Tensor | None) -> None:
+        """Output gradient of a 2-D ``nn.Linear`` call: checked now, computed in :meth:`_flush`
+        together with the other such calls of the pass (fewer kernels and less Python per
+        layer); the stash is flushed early when it holds more than ``memory_budget`` bytes."""
+        try:
+            state = self._pass
+            if state is None:
+                self._begin()
+                state = self._pass
+                assert state is not None
+            x = record.inputs[0]
+            if x._version != record.versions[0]:
+                self._raise_modified(record.entry)
+            self._check_batch(state, record.entry, record.batch_size)
+            if d is None:
+                return
+            state.stash.append((record, d))
+            state.stash_bytes += x.nbytes + d.nbytes
+            if state.stash_bytes > self.memory_budget:
+                self._flush(state)
+        except BaseException:
+            self._pass = None
+            self._uses = {}
+            raise
+
+    def _flush(self, state: _Pass) -> None:
+        """Compute the stashed 2-D ``nn.Linear`` calls (:func:`linear_moments`); calls of a
+        shared parameter take the general rule (per-example gradients summed over uses)."""
+        items, state.stash, state.stash_bytes = state.stash, [], 0
+        calls = []
+        entries = []
+        for record, d in items:
+            entry = record.entry
+            uses = record.uses
+            shared = False
+            for pid in entry.ids:
+                if uses[pid] > 1:
+                    shared = True
+                    break
+            if shared:
+                self._compute(state, record, (d,))
+                continue
+            calls.append((entry.has_weight, entry.has_bias, entry.params[0].dtype,
+                          record.inputs[0], d))
+            entries.append(entry)
+        if not calls:
+            return
+        if torch.is_grad_enabled():  # a backward pass with create_graph=True
+            with torch.no_grad():
+                results = linear_moments(calls, state.scale)
+        else:
+            results = linear_moments(calls, state.scale)
+        kinds, moments, contributed = state.kind, state.moments, state.contributed
+        for entry, moments_of_call in zip(entries, results, strict=True):
+            for pid, p, m in zip(entry.ids, entry.params, moments_of_call, strict=True):
+                if pid in kinds:  # another call in this pass: the general path checks it
+                    self._add(state, p, Contribution(m), entry.label)
+                else:
+                    kinds[pid] = "moment"
+                    contributed.add(pid)
+                    moments[pid] = m
+
+    @staticmethod
+    def _raise_modified(entry: _Entry) -> None:
+        raise RuntimeError(
+            f"an input of module {entry.label!r} was modified in place after its "
+            "forward call; per-example statistics need the input as it was used"
+        )
+
+    def _check_batch(self, state: _Pass, entry: _Entry, B: int) -> None:
         if state.batch_size is None:
             state.batch_size = B
             state.first_module = entry.label
@@ -409,6 +487,22 @@ class Tracker:
                 "Inputs must put the batch first (batch_first=True for recurrent layers and "
                 "attention)"
             )
+
+    def _on_grads_inner(self, record: _Record, grads: tuple[Tensor | None, ...]) -> None:
+        self._begin()
+        state = self._pass
+        assert state is not None
+        entry = record.entry
+        for t, v in zip(record.inputs, record.versions):  # same length by construction
+            if t._version != v:
+                self._raise_modified(entry)
+        self._check_batch(state, entry, record.batch_size)
+        self._compute(state, record, grads)
+
+    def _compute(self, state: _Pass, record: _Record, grads: tuple[Tensor | None, ...]) -> None:
+        """Run the entry's layer rule on one call and add its contributions."""
+        entry = record.entry
+        B = record.batch_size
         uses = record.uses
         materialize = _NONE
         for pid in entry.ids:
@@ -473,6 +567,8 @@ class Tracker:
         self._uses = {}
         if state is None:
             return
+        if state.stash:
+            self._flush(state)
         if self._coverage_handles and (state.got_grad or state.contributed):
             for h in self._coverage_handles:
                 h.remove()

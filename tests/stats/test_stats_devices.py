@@ -1,0 +1,78 @@
+"""The augmented backward on each device (CUDA skipped without one): every rule the benchmark's
+models use, the deferred 2-D ``nn.Linear`` lane included, against the brute-force per-example
+loop in float64 on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from stats_brute import per_example_grads, rel_err
+from torch import nn
+
+import sgdlab.stats as stats
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ),
+]
+B = 8
+
+
+class Block(nn.Module):
+    """Pre-norm causal self-attention and an MLP, all parameters in Linear and LayerNorm."""
+
+    def __init__(self, d: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        return self.head(x[:, -1])
+
+
+MODELS = {
+    "mlp": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(36, 12), nn.ReLU(), nn.Linear(12, 12),
+                                  nn.ReLU(), nn.Linear(12, 5)),
+            lambda: torch.randn(B, 1, 6, 6)),
+    "cnn": (lambda: nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.ReLU(),
+                                  nn.Flatten(), nn.Linear(54, 5)),
+            lambda: torch.randn(B, 1, 6, 6)),
+    "block": (Block, lambda: torch.randn(B, 7, 16)),
+}
+
+
+def loss_sum(out, y):
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+@pytest.mark.parametrize("budget", [2**25, 1], ids=["one-chunk", "chunked"])
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("device", DEVICES)
+def test_statistics_match_the_cpu_brute_force(device, name, budget):
+    make, make_x = MODELS[name]
+    torch.manual_seed(0)
+    model = make().double()
+    x = make_x().double()
+    y = torch.randint(0, 5, (B,))
+    per = per_example_grads(model, loss_sum, x, y)
+    model = model.to(device)
+    tracker = stats.track(model, memory_budget=budget)
+    (loss_sum(model(x.to(device)), y.to(device)) / B).backward()
+    for (pname, p), g in zip(model.named_parameters(), per, strict=True):
+        assert p.grad_second_moment.device == p.device
+        assert rel_err(p.grad_second_moment.cpu(), (g * g).mean(0)) < 1e-10, pname
+    tracker.detach()
