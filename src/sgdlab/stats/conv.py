@@ -11,9 +11,9 @@ Two exact ways to form ``G_b`` for a chunk of n examples (``conv_strategy``):
 * ``"grouped"``: one weight-gradient convolution with the batch folded into the channel axis
   (input ``[1, n*C_in, ...]``, output gradient ``[1, n*C_out, ...]``, ``groups = n * groups``);
   no im2col buffer, but backends run very many small groups slowly.
-* ``"unfold"``: im2col of the input, ``[n, C_in*k, P]`` (``F.unfold`` for 2-D, else one strided
-  view and one copy), and one batched matmul with the output gradient ``[n, C_out, P]`` per
-  group; fast, at the price of the im2col buffer (counted against the memory budget).
+* ``"unfold"``: im2col of the input, ``[n, C_in*k, P]`` (one strided view and one copy), and
+  one batched matmul with the output gradient ``[n, C_out, P]`` per group; fast, at the price
+  of the im2col buffer (counted against the memory budget).
 
 ``"auto"`` is ``"unfold"``. Bias: ``sum_p d_bp``.
 
@@ -155,24 +155,15 @@ def _unfold_weight(
     P = math.prod(out_sizes)
     cols = xp.shape[1] * math.prod(kernel)
     extra = (cols * P + c_out * P) * xp.element_size()
-    if nd == 2:  # torch's im2col kernel pads on the fly: one kernel per chunk
-
-        def patches(s: slice) -> Tensor:
-            return F.unfold(xp[s], kernel, dilation=dilation, padding=padding, stride=stride)
-
-    else:
-        if any(padding):  # pad the whole batch once
-            pads: list[int] = []
-            for p in reversed(padding):
-                pads += [p, p]
-            xp = F.pad(xp, pads)
-        xp = xp.contiguous()
-
-        def patches(s: slice) -> Tensor:
-            return _im2col(xp[s], kernel, stride, dilation, out_sizes)
+    if any(padding):  # pad the whole batch once
+        pads: list[int] = []
+        for p in reversed(padding):
+            pads += [p, p]
+        xp = F.pad(xp, pads)
+    xp = xp.contiguous()
 
     def make(s: slice) -> Tensor:
-        xs = patches(s)
+        xs = _im2col(xp[s], kernel, stride, dilation, out_sizes)
         n = xs.shape[0]
         xs = xs.view(n * groups, cols // groups, P)
         ds = d[s].reshape(n * groups, c_out // groups, P)
