@@ -94,7 +94,8 @@ def reduce_per_example(
 ) -> Contribution:
     """Build per-example gradients ``v_b`` in batch chunks and reduce them.
 
-    ``make(slice)`` returns ``v_b`` for the examples of the slice, shape ``[n, *shape]``. When the
+    ``make(slice)`` returns ``v_b`` for the examples of the slice, shape ``[n, *shape]`` or
+    flattened to ``[n, prod(shape)]`` (a fresh buffer: it is squared in place). When the
     parameter must be materialised (``name in call.materialize``) the chunks are concatenated;
     otherwise each chunk is squared and summed at once, so at most one chunk of per-example
     gradients exists at a time (its size set by ``call.memory_budget``;
@@ -107,16 +108,19 @@ def reduce_per_example(
     n = chunk_size(B, numel * like.element_size() + extra_bytes_per_example, call.memory_budget)
     if name in call.materialize:
         parts = [make(slice(i, min(B, i + n))) for i in range(0, B, n)]
-        return Contribution(per_example=torch.cat(parts) if len(parts) > 1 else parts[0])
+        whole = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return Contribution(per_example=whole.reshape(B, *shape))
     # sum_b scale * v_b^2 as one matrix-vector product per chunk (squares summed over the
     # chunk's examples and scaled in the same kernel, accumulated in place after the first)
     flat: Tensor | None = None
     norms = [] if call.norms else None
     for i in range(0, B, n):
         v = make(slice(i, min(B, i + n)))
-        sq = v.mul_(v).reshape(v.shape[0], -1)  # v is a fresh buffer: square in place
+        sq = v.mul_(v)  # v is a fresh buffer: square in place
+        if sq.dim() != 2:
+            sq = sq.reshape(sq.shape[0], -1)
         ones = scaled_ones(sq.shape[0], call.scale, sq)
-        flat = torch.mv(sq.T, ones) if flat is None else flat.addmv_(sq.T, ones)
+        flat = torch.matmul(ones, sq) if flat is None else flat.addmv_(sq.T, ones)
         if norms is not None:
             norms.append(sq.sum(1))
     assert flat is not None  # B >= 1
@@ -129,10 +133,13 @@ def small_per_example(name: str, call: Call, v: Tensor) -> Contribution:
     """Reduce per-example gradients ``v`` ([B, *shape]) that are cheap to hold whole."""
     if name in call.materialize:
         return Contribution(per_example=v)
-    sq = (v * v).reshape(v.shape[0], -1)
+    sq = v * v
+    if v.dim() != 2:
+        sq = sq.reshape(v.shape[0], -1)
     norms = sq.sum(1) if call.norms else None
-    moment = torch.mv(sq.T, scaled_ones(sq.shape[0], call.scale, sq)).view(v.shape[1:])
-    return Contribution(moment=moment, sq_norms=norms)
+    moment = torch.matmul(scaled_ones(sq.shape[0], call.scale, sq), sq)
+    return Contribution(moment=moment if v.dim() == 2 else moment.view(v.shape[1:]),
+                        sq_norms=norms)
 
 
 _CACHE: dict[tuple, Tensor] = {}

@@ -115,7 +115,7 @@ def conv_rule(call: Call) -> dict[str, Contribution]:
 
 
 def _bias(call: Call, d: Tensor) -> Contribution:
-    return small_per_example("bias", call, d.reshape(d.shape[0], d.shape[1], -1).sum(2))
+    return small_per_example("bias", call, d.sum(tuple(range(2, d.dim()))))
 
 
 def _im2col(
@@ -130,17 +130,17 @@ def _im2col(
     one copy. ``xp`` is the padded input, contiguous except for a batch slice."""
     nd = len(kernel)
     st = xp.stride()
-    sizes = (*xp.shape[:2], *out_sizes, *kernel)
+    n, c = xp.shape[:2]
+    # [n, C, kernel..., out...]: the patch entry (c, k) of output position o in one view
+    sizes = (n, c, *kernel, *out_sizes)
     strides = (
         st[0],
         st[1],
-        *(st[2 + i] * stride[i] for i in range(nd)),
         *(st[2 + i] * dilation[i] for i in range(nd)),
+        *(st[2 + i] * stride[i] for i in range(nd)),
     )
     patches = xp.as_strided(sizes, strides, xp.storage_offset())
-    order = (0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
-    n, c = xp.shape[:2]
-    return patches.permute(order).reshape(n, c * math.prod(kernel), math.prod(out_sizes))
+    return patches.reshape(n, c * math.prod(kernel), math.prod(out_sizes))
 
 
 def _unfold_weight(
@@ -161,12 +161,16 @@ def _unfold_weight(
             pads += [p, p]
         xp = F.pad(xp, pads)
     xp = xp.contiguous()
+    B = xp.shape[0]
+    dg = d.reshape(B * groups, c_out // groups, P)
 
     def make(s: slice) -> Tensor:
-        xs = _im2col(xp[s], kernel, stride, dilation, out_sizes)
+        whole = s.start == 0 and s.stop == B  # no slicing: fewer calls for one chunk
+        xs = _im2col(xp if whole else xp[s], kernel, stride, dilation, out_sizes)
         n = xs.shape[0]
-        xs = xs.view(n * groups, cols // groups, P)
-        ds = d[s].reshape(n * groups, c_out // groups, P)
-        return torch.bmm(ds, xs.transpose(1, 2)).view(n, *w.shape)
+        if groups > 1:
+            xs = xs.view(n * groups, cols // groups, P)
+        ds = dg if whole else dg[s.start * groups : s.stop * groups]
+        return torch.bmm(ds, xs.transpose(1, 2)).view(n, -1)
 
     return {"weight": reduce_per_example("weight", call, w.shape, d, make, extra)}

@@ -65,8 +65,8 @@ def linear_rule(call: Call) -> dict[str, Contribution]:
             moment = torch.addmm(unread(d2), d2.T, a2, beta=0, alpha=call.scale)
             out["weight"] = Contribution(moment, None, norms)
         if "bias" in names:
-            # scale * sum_b d_b^2 as one matrix-vector product
-            moment = torch.mv(d2.T, scaled_ones(d2.shape[0], call.scale, d2))
+            # scale * sum_b d_b^2 as one vector-matrix product
+            moment = torch.matmul(scaled_ones(d2.shape[0], call.scale, d2), d2)
             out["bias"] = Contribution(moment, None, d2.sum(1) if call.norms else None)
         return out
     require_batched(module, a, 2, "inputs [B, in] or [B, T, ..., in]")
@@ -123,6 +123,6 @@ def linear_moments(
         n = d2.shape[0]
         if ones is None or ones.shape[0] != n or ones.dtype != d2.dtype or ones.device != d2.device:
             ones = scaled_ones(n, scale, d2)
-        b = torch.mv(d2.T, ones)
+        b = torch.matmul(ones, d2)
         out.append((w, b) if weight else (b,))
     return out

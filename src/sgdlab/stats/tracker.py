@@ -140,7 +140,8 @@ class Tracker:
             moment averages over; default: the batch dimension of each backward pass.
         per_example_norms: also record ``||g_b||^2`` summed over tracked parameters, read with
             :meth:`per_example_sq_norms`.
-        memory_budget: bytes for one chunk of materialised per-example gradients.
+        memory_budget: bytes for one chunk of materialised per-example gradients (default
+            128 MiB; also bounds the deferred 2-D Linear calls held until they are computed).
         conv_strategy: how convolutions form per-example gradients, ``"auto"``, ``"unfold"``
             or ``"grouped"`` (see :mod:`sgdlab.stats.conv`); all are exact.
         warn_fallback: warn which modules take the ``torch.func`` fallback.
@@ -153,7 +154,7 @@ class Tracker:
         reduction: str = "mean",
         batch_size: int | None = None,
         per_example_norms: bool = False,
-        memory_budget: int = 2**25,
+        memory_budget: int = 2**27,
         conv_strategy: str = "auto",
         warn_fallback: bool = True,
     ) -> None:
@@ -302,6 +303,22 @@ class Tracker:
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._suspended or not torch.is_grad_enabled():
             return
+        entry = self._entries[module]
+        if entry.linear and not kwargs and len(args) == 1 and not self.per_example_norms:
+            # the deferred lane of 2-D nn.Linear calls, in as few steps as possible
+            x = args[0]
+            if isinstance(x, Tensor) and x.dim() == 2 and isinstance(output, Tensor):
+                node = output.grad_fn
+                if node is None:
+                    return  # nothing requires grad
+                uses = self._uses
+                for pid in entry.ids:
+                    uses[pid] = uses.get(pid, 0) + 1
+                record = _Record(entry, args, kwargs, (x._version,), args, x.shape[0], uses,
+                                 None, (0,))
+                nr = output.output_nr
+                node.register_prehook(lambda gs: self._on_linear_grad(record, gs[nr]))
+                return
         if isinstance(output, Tensor):  # the common case, without pytree overhead
             if not output.requires_grad:
                 return
@@ -314,7 +331,6 @@ class Tracker:
             if not positions:
                 return
             outs = [leaves[i] for i in positions]
-        entry = self._entries[module]
         if entry.plain and not kwargs and len(args) == 1 and isinstance(args[0], Tensor):
             x = args[0]  # the common case (Linear, Conv, norms on one tensor) in a few lookups
             if x.dim() == 0:
@@ -353,10 +369,6 @@ class Tracker:
         if len(outs) == 1:
             out = outs[0]
             node, nr = out.grad_fn, out.output_nr
-            if entry.linear and node is not None and len(flat_in) == 1 and flat_in[0].dim() == 2:
-                if not self.per_example_norms:
-                    node.register_prehook(lambda gs: self._on_linear_grad(record, gs[nr]))
-                    return
             if node is None:  # the module returned a leaf tensor
                 out.register_hook(lambda g: self._on_grads(record, (g,)))
             else:
@@ -378,19 +390,17 @@ class Tracker:
         self._pass = _Pass()
         Variable._execution_engine.queue_callback(self._finish)
         stale = False
+        versions = self._grad_versions
         for pid, (_, p) in self._params.items():
             g = p.grad
-            if g is None:
-                fresh = True
-            elif pid in self._grad_versions and g._version != self._grad_versions[pid]:
-                fresh = not bool(g.any())
-            else:
-                fresh = False
-            if fresh and getattr(p, ATTRIBUTE, None) is not None:
+            if g is not None:
+                v = versions.get(pid)
+                if v is None or g._version == v or g.any():
+                    continue  # not zeroed since the last pass
+            # the gradient was cleared (None, or zeroed in place): so is the statistic
+            stale = True
+            if getattr(p, ATTRIBUTE, None) is not None:
                 setattr(p, ATTRIBUTE, None)
-                stale = True
-            elif fresh:
-                stale = True
         if stale:
             self._norms = []
             self._examples = 0
@@ -418,7 +428,8 @@ class Tracker:
             x = record.inputs[0]
             if x._version != record.versions[0]:
                 self._raise_modified(record.entry)
-            self._check_batch(state, record.entry, record.batch_size)
+            if state.batch_size != record.batch_size:
+                self._check_batch(state, record.entry, record.batch_size)
             if d is None:
                 return
             state.stash.append((record, d))
@@ -605,8 +616,9 @@ class Tracker:
                 setattr(p, ATTRIBUTE, m)
             else:
                 old.add_(m)
-            if p.grad is not None:
-                self._grad_versions[pid] = p.grad._version
+            g = p.grad
+            if g is not None:
+                self._grad_versions[pid] = g._version
         if self.per_example_norms and state.norms is not None:
             self._norms.append(state.norms * nscale)
         self._examples += B
@@ -618,7 +630,7 @@ def track(
     reduction: str = "mean",
     batch_size: int | None = None,
     per_example_norms: bool = False,
-    memory_budget: int = 2**25,
+    memory_budget: int = 2**27,
     conv_strategy: str = "auto",
     warn_fallback: bool = True,
 ) -> Tracker:
