@@ -3,8 +3,12 @@
 Attach with :func:`track`. Each tracked module records its inputs when called (a forward hook)
 and, when the gradient with respect to its output arrives during backward (a pre-hook on the
 autograd node that produced the output), its layer rule turns both into per-example statistics
-of the module's parameters. At the end of each backward pass (an autograd-engine callback)
-every tracked parameter ``p`` holds
+of the module's parameters. Calls of ``nn.Linear`` on ``[B, in]`` inputs (MLPs, heads) are
+checked when their output gradient arrives but computed together later, at the end of the pass
+or once the tensors they hold outgrow ``memory_budget``: the squares of all of them are one
+multi-tensor kernel, which matters where a step is bound by kernel launches (small layers on a
+GPU). At the end of each backward pass (an autograd-engine callback) every tracked parameter
+``p`` holds
 
     p.grad_second_moment = (1/N) sum_b g_b * g_b        (same shape as p)
 
