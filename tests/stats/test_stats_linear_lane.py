@@ -100,3 +100,33 @@ def test_create_graph_backward_gives_the_same_statistics_without_a_graph():
     tracker.detach()
     for p in trainable:
         p.grad = None
+
+
+class Residual(nn.Module):
+    """2-D residual blocks: the output gradient of each block's last Linear is the same
+    tensor autograd hands to the skip connection (a stashed gradient must stay as it was)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 6)
+        self.a1, self.a2 = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.b1, self.b2 = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.a2(torch.tanh(self.a1(h)))
+        h = h + self.b2(torch.relu(self.b1(h)))
+        return self.out(h)
+
+
+def test_residual_mlp_matches_brute_force():
+    torch.manual_seed(5)
+    model = Residual().double()
+    x, y = data(6)
+    per = per_example_grads(model, loss_sum, x, y)
+    tracker = stats.track(model)
+    (loss_sum(model(x), y) / B).backward()
+    for (name, p), g in zip(model.named_parameters(), per, strict=True):
+        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10, name
+    tracker.detach()
