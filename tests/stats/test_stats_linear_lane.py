@@ -130,3 +130,14 @@ def test_residual_mlp_matches_brute_force():
     for (name, p), g in zip(model.named_parameters(), per, strict=True):
         assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10, name
     tracker.detach()
+
+
+def test_default_memory_budget_follows_the_device():
+    """32 MiB chunks for CPU tensors (cache-sized), 128 MiB on an accelerator (fewer launches);
+    an explicit budget wins."""
+    from sgdlab.stats.tracker import _default_budget
+
+    assert stats.track(nn.Linear(2, 2)).memory_budget is None
+    assert _default_budget(torch.empty(1)) == 2**25
+    assert _default_budget(torch.empty(1, device="meta")) == 2**27
+    assert stats.track(nn.Linear(2, 2), memory_budget=1000).memory_budget == 1000

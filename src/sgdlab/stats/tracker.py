@@ -79,6 +79,12 @@ from .linear import linear_moments, linear_rule
 __all__ = ["Tracker", "track", "ATTRIBUTE"]
 
 ATTRIBUTE = "grad_second_moment"
+CPU_BUDGET = 2**25  # default memory_budget for CPU tensors (bytes)
+DEVICE_BUDGET = 2**27  # default memory_budget on accelerators (bytes)
+
+
+def _default_budget(t: Tensor) -> int:
+    return CPU_BUDGET if t.device.type == "cpu" else DEVICE_BUDGET
 _NONE: frozenset[str] = frozenset()
 
 
@@ -144,8 +150,11 @@ class Tracker:
             moment averages over; default: the batch dimension of each backward pass.
         per_example_norms: also record ``||g_b||^2`` summed over tracked parameters, read with
             :meth:`per_example_sq_norms`.
-        memory_budget: bytes for one chunk of materialised per-example gradients (default
-            128 MiB; also bounds the deferred 2-D Linear calls held until they are computed).
+        memory_budget: bytes for one chunk of materialised per-example gradients; also bounds
+            the deferred 2-D Linear calls held until they are computed. Default (``None``):
+            32 MiB for tensors on the CPU, where cache-sized chunks run faster, and 128 MiB on
+            an accelerator, where fewer chunks mean fewer kernel launches (measured on the
+            benchmark CNN: CPU 1.33x plain at 32 MiB vs 1.54x at 128 MiB; H200 1.85x vs 2.02x).
         conv_strategy: how convolutions form per-example gradients, ``"auto"``, ``"unfold"``
             or ``"grouped"`` (see :mod:`sgdlab.stats.conv`); all are exact.
         warn_fallback: warn which modules take the ``torch.func`` fallback.
@@ -158,7 +167,7 @@ class Tracker:
         reduction: str = "mean",
         batch_size: int | None = None,
         per_example_norms: bool = False,
-        memory_budget: int = 2**27,
+        memory_budget: int | None = None,
         conv_strategy: str = "auto",
         warn_fallback: bool = True,
     ) -> None:
@@ -167,7 +176,9 @@ class Tracker:
         self.reduction = check_choice("reduction", reduction, ("mean", "sum"))
         self.batch_size = batch_size
         self.per_example_norms = bool(per_example_norms)
-        self.memory_budget = int(check_positive("memory_budget", memory_budget))
+        self.memory_budget = (
+            None if memory_budget is None else int(check_positive("memory_budget", memory_budget))
+        )
         self.conv_strategy = check_choice(
             "conv_strategy", conv_strategy, ("auto", "unfold", "grouped")
         )
@@ -438,7 +449,7 @@ class Tracker:
                 return
             state.stash.append((record, d))
             state.stash_bytes += x.nbytes + d.nbytes
-            if state.stash_bytes > self.memory_budget:
+            if state.stash_bytes > (self.memory_budget or _default_budget(d)):
                 self._flush(state)
         except BaseException:
             self._pass = None
@@ -535,7 +546,7 @@ class Tracker:
             param_names=entry.names,
             materialize=materialize,
             norms=self.per_example_norms,
-            memory_budget=self.memory_budget,
+            memory_budget=self.memory_budget or _default_budget(entry.params[0]),
             conv_strategy=self.conv_strategy,
             scale=state.scale,
             out_spec=record.out_spec,
@@ -634,7 +645,7 @@ def track(
     reduction: str = "mean",
     batch_size: int | None = None,
     per_example_norms: bool = False,
-    memory_budget: int = 2**27,
+    memory_budget: int | None = None,
     conv_strategy: str = "auto",
     warn_fallback: bool = True,
 ) -> Tracker:
