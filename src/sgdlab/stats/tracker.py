@@ -84,7 +84,7 @@ DEVICE_BUDGET = 2**27  # default memory_budget on accelerators (bytes)
 
 
 def _default_budget(t: Tensor) -> int:
-    return CPU_BUDGET if t.device.type == "cpu" else DEVICE_BUDGET
+    return CPU_BUDGET if t.is_cpu else DEVICE_BUDGET
 _NONE: frozenset[str] = frozenset()
 
 
