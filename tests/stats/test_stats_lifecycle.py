@@ -122,3 +122,35 @@ def test_mixed_precision_autocast_accumulates_in_parameter_dtype():
     for p, g in zip(model.parameters(), per, strict=True):
         assert p.grad_second_moment.dtype == torch.float32
         assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 0.1
+
+
+def test_only_the_gradients_zeroed_in_place_restart():
+    """Zeroing some gradients in place (and leaving the others to accumulate) restarts the
+    statistics of those parameters only."""
+    model, x, y, per = setup()
+    stats.track(model)
+    first, rest = (x[:6], y[:6]), (x[6:], y[6:])
+    (loss_sum(model(*first[:1]), first[1]) / 6).backward()
+    zeroed = [model[0].weight, model[2].bias]
+    for p in zeroed:
+        p.grad.zero_()
+    (loss_sum(model(*rest[:1]), rest[1]) / 6).backward()
+    for p, g in zip(model.parameters(), per, strict=True):
+        second = (g[6:] * g[6:]).mean(0)
+        expected = second if any(p is q for q in zeroed) else (g[:6] * g[:6]).mean(0) + second
+        assert rel_err(p.grad_second_moment, expected) < 1e-10
+
+
+def test_sparse_gradient_zeroed_in_place_restarts():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 2))
+    model = model.double()
+    stats.track(model)
+    x = torch.randint(0, 10, (5, 3))
+    model(x).sum().backward()
+    once = [p.grad_second_moment.clone() for p in model.parameters()]
+    torch.optim.SGD(model.parameters(), lr=0.0).zero_grad(set_to_none=False)
+    assert model[0].weight.grad.layout == torch.sparse_coo
+    model(x).sum().backward()  # the same batch again, from zeroed gradients: not doubled
+    for p, m in zip(model.parameters(), once, strict=True):
+        assert torch.equal(p.grad_second_moment, m)

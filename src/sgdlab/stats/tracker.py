@@ -61,6 +61,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -81,6 +82,25 @@ __all__ = ["Tracker", "track", "ATTRIBUTE"]
 ATTRIBUTE = "grad_second_moment"
 CPU_BUDGET = 2**25  # default memory_budget for CPU tensors (bytes)
 DEVICE_BUDGET = 2**27  # default memory_budget on accelerators (bytes)
+
+
+def _zeroed(written: list[tuple[nn.Parameter, Tensor]]) -> list[nn.Parameter]:
+    """The parameters whose gradient is all zeros (``zero_grad(set_to_none=False)``): one
+    multi-tensor max-norm and one host read per device, instead of a synchronising ``any()``
+    per parameter."""
+    by_device: dict[torch.device, list[tuple[nn.Parameter, Tensor]]] = {}
+    out = []
+    for p, g in written:
+        if g.layout != torch.strided:  # sparse gradients: one check each
+            if not bool(g.any()):
+                out.append(p)
+        else:
+            by_device.setdefault(g.device, []).append((p, g))
+    for items in by_device.values():
+        maxima = torch._foreach_norm([g for _, g in items], math.inf)
+        nonzero = torch.stack(maxima).ne(0).tolist()  # NaN and inf count as written
+        out += [p for (p, _), keep in zip(items, nonzero, strict=True) if not keep]
+    return out
 
 
 def _default_budget(t: Tensor) -> int:
@@ -404,16 +424,22 @@ class Tracker:
             return
         self._pass = _Pass()
         Variable._execution_engine.queue_callback(self._finish)
-        stale = False
         versions = self._grad_versions
+        cleared: list[nn.Parameter] = []
+        written: list[tuple[nn.Parameter, Tensor]] = []  # since the last pass: zeroed?
         for pid, (_, p) in self._params.items():
             g = p.grad
-            if g is not None:
+            if g is None:
+                cleared.append(p)
+            else:
                 v = versions.get(pid)
-                if v is None or g._version == v or g.any():
-                    continue  # not zeroed since the last pass
-            # the gradient was cleared (None, or zeroed in place): so is the statistic
-            stale = True
+                if v is not None and g._version != v:
+                    written.append((p, g))
+        if written:
+            cleared += _zeroed(written)
+        # a gradient that was cleared (None, or zeroed in place) clears its statistic
+        stale = bool(cleared)
+        for p in cleared:
             if getattr(p, ATTRIBUTE, None) is not None:
                 setattr(p, ATTRIBUTE, None)
         if stale:
