@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from stats_brute import per_example_grads, rel_err
+from test_stats_models import Block
 from torch import nn
 
 import sgdlab.stats as stats
@@ -22,27 +23,6 @@ DEVICES = [
 B = 8
 
 
-class Block(nn.Module):
-    """Pre-norm causal self-attention and an MLP, all parameters in Linear and LayerNorm."""
-
-    def __init__(self, d: int = 16, heads: int = 2) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-        self.head = nn.Linear(d, 5)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
-        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
-        x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-        return self.head(x[:, -1])
-
-
 MODELS = {
     "mlp": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(36, 12), nn.ReLU(), nn.Linear(12, 12),
                                   nn.ReLU(), nn.Linear(12, 5)),
@@ -51,7 +31,8 @@ MODELS = {
                                   nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.ReLU(),
                                   nn.Flatten(), nn.Linear(54, 5)),
             lambda: torch.randn(B, 1, 6, 6)),
-    "block": (Block, lambda: torch.randn(B, 7, 16)),
+    "block": (lambda: nn.Sequential(Block(16), nn.Flatten(), nn.Linear(7 * 16, 5)),
+              lambda: torch.randn(B, 7, 16)),
 }
 
 

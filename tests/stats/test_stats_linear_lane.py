@@ -36,7 +36,8 @@ def deep_mlp(seed: int = 0) -> nn.Sequential:
 
 def data(seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, 5, dtype=torch.float64, generator=g), torch.randint(0, 3, (B,), generator=g)
+    x = torch.randn(B, 5, dtype=torch.float64, generator=g)
+    return x, torch.randint(0, 3, (B,), generator=g)
 
 
 @pytest.mark.parametrize("budget", [2**25, 1, 700], ids=["one-flush", "flush-each", "flush-some"])

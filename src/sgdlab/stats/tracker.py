@@ -64,7 +64,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -450,11 +450,14 @@ class Tracker:
         try:
             self._on_grads_inner(record, grads)
         except BaseException:
-            # the failed backward pass never reaches its end-of-pass callback: forget it, so
-            # that the next backward pass starts clean
-            self._pass = None
-            self._uses = {}
+            self._abort()
             raise
+
+    def _abort(self) -> None:
+        """A failed backward pass never reaches its end-of-pass callback: forget it, so that
+        the next backward pass starts clean."""
+        self._pass = None
+        self._uses = {}
 
     def _on_linear_grad(self, record: _Record, d: Tensor | None) -> None:
         """Output gradient of a 2-D ``nn.Linear`` call: checked now, computed in :meth:`_flush`
@@ -478,8 +481,7 @@ class Tracker:
             if state.stash_bytes > (self.memory_budget or _default_budget(d)):
                 self._flush(state)
         except BaseException:
-            self._pass = None
-            self._uses = {}
+            self._abort()
             raise
 
     def _flush(self, state: _Pass) -> None:
