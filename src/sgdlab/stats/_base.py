@@ -120,7 +120,7 @@ def reduce_per_example(
         if sq.dim() != 2:
             sq = sq.reshape(sq.shape[0], -1)
         ones = scaled_ones(sq.shape[0], call.scale, sq)
-        flat = torch.matmul(ones, sq) if flat is None else flat.addmv_(sq.T, ones)
+        flat = torch.mv(sq.T, ones) if flat is None else flat.addmv_(sq.T, ones)
         if norms is not None:
             norms.append(sq.sum(1))
     assert flat is not None  # B >= 1
@@ -137,7 +137,7 @@ def small_per_example(name: str, call: Call, v: Tensor) -> Contribution:
     if v.dim() != 2:
         sq = sq.reshape(v.shape[0], -1)
     norms = sq.sum(1) if call.norms else None
-    moment = torch.matmul(scaled_ones(sq.shape[0], call.scale, sq), sq)
+    moment = torch.mv(sq.T, scaled_ones(sq.shape[0], call.scale, sq))
     return Contribution(moment=moment if v.dim() == 2 else moment.view(v.shape[1:]),
                         sq_norms=norms)
 

@@ -65,8 +65,8 @@ def linear_rule(call: Call) -> dict[str, Contribution]:
             moment = torch.addmm(unread(d2), d2.T, a2, beta=0, alpha=call.scale)
             out["weight"] = Contribution(moment, None, norms)
         if "bias" in names:
-            # scale * sum_b d_b^2 as one vector-matrix product
-            moment = torch.matmul(scaled_ones(d2.shape[0], call.scale, d2), d2)
+            # scale * sum_b d_b^2 as one matrix-vector product
+            moment = torch.mv(d2.T, scaled_ones(d2.shape[0], call.scale, d2))
             out["bias"] = Contribution(moment, None, d2.sum(1) if call.norms else None)
         return out
     require_batched(module, a, 2, "inputs [B, in] or [B, T, ..., in]")
@@ -101,28 +101,24 @@ def linear_moments(
     tensors: list[torch.Tensor] = []
     for weight, _, dtype, a, d in calls:
         if weight:
-            tensors.append(a if a.dtype == dtype else in_dtype(a, dtype))
-        tensors.append(d if d.dtype == dtype else in_dtype(d, dtype))
+            tensors.append(a if a.dtype is dtype else in_dtype(a, dtype))
+        tensors.append(d if d.dtype is dtype else in_dtype(d, dtype))
     squares = torch._foreach_mul(tensors, tensors)
     out: list[tuple[torch.Tensor, ...]] = []
     i = 0
-    empty = ones = None
+    consts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per (batch, dtype, device)
     for weight, bias, _, _, _ in calls:
+        d2 = squares[i + weight]
+        d2t = d2.T
+        key = (d2.shape[0], d2.dtype, d2.get_device())
+        c = consts.get(key)
+        if c is None:
+            c = consts[key] = (unread(d2), scaled_ones(key[0], scale, d2))
         if weight:
-            a2, d2 = squares[i], squares[i + 1]
+            w = torch.addmm(c[0], d2t, squares[i], beta=0, alpha=scale)
             i += 2
-            if empty is None or empty.dtype != d2.dtype or empty.device != d2.device:
-                empty = unread(d2)
-            w = torch.addmm(empty, d2.T, a2, beta=0, alpha=scale)
-            if not bias:
-                out.append((w,))
-                continue
+            out.append((w, torch.mv(d2t, c[1])) if bias else (w,))
         else:
-            d2 = squares[i]
             i += 1
-        n = d2.shape[0]
-        if ones is None or ones.shape[0] != n or ones.dtype != d2.dtype or ones.device != d2.device:
-            ones = scaled_ones(n, scale, d2)
-        b = torch.matmul(ones, d2)
-        out.append((w, b) if weight else (b,))
+            out.append((torch.mv(d2t, c[1]),))
     return out

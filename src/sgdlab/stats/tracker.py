@@ -61,6 +61,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Iterator
@@ -105,6 +106,12 @@ def _zeroed(written: list[tuple[nn.Parameter, Tensor]]) -> list[nn.Parameter]:
 
 def _default_budget(t: Tensor) -> int:
     return CPU_BUDGET if t.is_cpu else DEVICE_BUDGET
+
+
+def _clear(params: dict[int, nn.Parameter]) -> None:
+    for p in params.values():
+        if getattr(p, ATTRIBUTE, None) is not None:
+            setattr(p, ATTRIBUTE, None)
 _NONE: frozenset[str] = frozenset()
 
 
@@ -141,7 +148,7 @@ class _Pass:
 
     __slots__ = (
         "batch_size", "moments", "pending", "kind", "norms", "got_grad", "contributed",
-        "first_module", "scale", "stash", "stash_bytes",
+        "first_module", "scale", "stash", "stash_bytes", "cleared",
     )
 
     def __init__(self) -> None:
@@ -157,6 +164,9 @@ class _Pass:
         # 2-D nn.Linear calls whose output gradient has arrived, computed together by _flush
         self.stash: list[tuple[_Record, Tensor]] = []
         self.stash_bytes = 0
+        # parameters whose gradient was cleared since the last pass: their statistic restarts
+        # (replaced at the end of the pass, or removed if this pass gives it nothing)
+        self.cleared: dict[int, nn.Parameter] = {}
 
 
 class Tracker:
@@ -248,9 +258,11 @@ class Tracker:
             self._entries[module] = entry
             for n, p in owned:
                 self._params.setdefault(id(p), (f"{name}.{n}" if name else n, p))
-            self._handles.append(module.register_forward_hook(self._forward_hook, with_kwargs=True))
+            hook = self._linear_hook(entry) if entry.linear else self._forward_hook
+            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
         if not self._entries:
             raise ValueError("model has no trainable parameters to track")
+        self._plist = [(pid, p) for pid, (_, p) in self._params.items()]
         # coverage check (a parameter whose gradient bypasses its module's call) on the first
         # backward pass; the hooks are removed after it, so later steps pay nothing for them
         self._coverage_handles = [
@@ -335,25 +347,35 @@ class Tracker:
         self.detach()
 
     # ------------------------------------------------------------------ hooks
+    def _linear_hook(self, entry: _Entry) -> Any:
+        """The forward hook of an ``nn.Linear``: calls on ``[B, in]`` take the deferred lane
+        (:meth:`_on_linear_grad`) in as few steps as possible, others the general hook."""
+        general = self._forward_hook
+        on_grad = self._on_linear_grad
+        ids = entry.ids
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if kwargs or len(args) != 1 or self._suspended or self.per_example_norms:
+                return general(module, args, kwargs, output)
+            x = args[0]
+            if not (isinstance(x, Tensor) and x.dim() == 2 and isinstance(output, Tensor)):
+                return general(module, args, kwargs, output)
+            node = output.grad_fn
+            if node is None:
+                return None  # nothing requires grad (or grad mode is off)
+            uses = self._uses
+            for pid in ids:
+                uses[pid] = uses.get(pid, 0) + 1
+            record = (entry, x, x._version, x.shape[0], uses)
+            node.register_prehook(functools.partial(on_grad, record, output.output_nr))
+            return None
+
+        return hook
+
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._suspended or not torch.is_grad_enabled():
             return
         entry = self._entries[module]
-        if entry.linear and not kwargs and len(args) == 1 and not self.per_example_norms:
-            # the deferred lane of 2-D nn.Linear calls, in as few steps as possible
-            x = args[0]
-            if isinstance(x, Tensor) and x.dim() == 2 and isinstance(output, Tensor):
-                node = output.grad_fn
-                if node is None:
-                    return  # nothing requires grad
-                uses = self._uses
-                for pid in entry.ids:
-                    uses[pid] = uses.get(pid, 0) + 1
-                record = _Record(entry, args, kwargs, (x._version,), args, x.shape[0], uses,
-                                 None, (0,))
-                nr = output.output_nr
-                node.register_prehook(lambda gs: self._on_linear_grad(record, gs[nr]))
-                return
         if isinstance(output, Tensor):  # the common case, without pytree overhead
             if not output.requires_grad:
                 return
@@ -416,35 +438,34 @@ class Tracker:
             )
 
     def _grad_hook(self, p: Tensor) -> None:
-        self._begin()
-        self._pass.got_grad.add(id(p))  # type: ignore[union-attr]
+        self._begin().got_grad.add(id(p))
 
-    def _begin(self) -> None:
-        if self._pass is not None:
-            return
-        self._pass = _Pass()
+    def _begin(self) -> _Pass:
+        """The state of the running backward pass, made by its first hook."""
+        state = self._pass
+        if state is not None:
+            return state
+        state = self._pass = _Pass()
         Variable._execution_engine.queue_callback(self._finish)
         versions = self._grad_versions
-        cleared: list[nn.Parameter] = []
+        cleared = state.cleared
         written: list[tuple[nn.Parameter, Tensor]] = []  # since the last pass: zeroed?
-        for pid, (_, p) in self._params.items():
+        for pid, p in self._plist:
             g = p.grad
             if g is None:
-                cleared.append(p)
+                cleared[pid] = p
             else:
                 v = versions.get(pid)
                 if v is not None and g._version != v:
                     written.append((p, g))
         if written:
-            cleared += _zeroed(written)
+            for p in _zeroed(written):
+                cleared[id(p)] = p
         # a gradient that was cleared (None, or zeroed in place) clears its statistic
-        stale = bool(cleared)
-        for p in cleared:
-            if getattr(p, ATTRIBUTE, None) is not None:
-                setattr(p, ATTRIBUTE, None)
-        if stale:
+        if cleared:
             self._norms = []
             self._examples = 0
+        return state
 
     def _on_grads(self, record: _Record, grads: tuple[Tensor | None, ...]) -> None:
         try:
@@ -456,29 +477,29 @@ class Tracker:
     def _abort(self) -> None:
         """A failed backward pass never reaches its end-of-pass callback: forget it, so that
         the next backward pass starts clean."""
-        self._pass = None
+        state, self._pass = self._pass, None
         self._uses = {}
+        if state is not None:
+            _clear(state.cleared)
 
-    def _on_linear_grad(self, record: _Record, d: Tensor | None) -> None:
-        """Output gradient of a 2-D ``nn.Linear`` call: checked now, computed in :meth:`_flush`
-        together with the other such calls of the pass (fewer kernels and less Python per
-        layer); the stash is flushed early when it holds more than ``memory_budget`` bytes."""
+    def _on_linear_grad(self, record: tuple, nr: int, grads: tuple) -> None:
+        """Output gradient of a 2-D ``nn.Linear`` call (``record`` = entry, input, its version,
+        batch size, use counts): checked now, computed in :meth:`_flush` together with the
+        other such calls of the pass (fewer kernels and less Python per layer); the stash is
+        flushed early when it holds more than ``memory_budget`` bytes."""
         try:
-            state = self._pass
-            if state is None:
-                self._begin()
-                state = self._pass
-                assert state is not None
-            x = record.inputs[0]
-            if x._version != record.versions[0]:
-                self._raise_modified(record.entry)
-            if state.batch_size != record.batch_size:
-                self._check_batch(state, record.entry, record.batch_size)
+            state = self._pass or self._begin()
+            entry, x, version, B, _ = record
+            if x._version != version:
+                self._raise_modified(entry)
+            if state.batch_size != B:
+                self._check_batch(state, entry, B)
+            d = grads[nr]
             if d is None:
                 return
             state.stash.append((record, d))
-            state.stash_bytes += x.nbytes + d.nbytes
-            if state.stash_bytes > (self.memory_budget or _default_budget(d)):
+            held = state.stash_bytes = state.stash_bytes + x.nbytes + d.nbytes
+            if held > (self.memory_budget or _default_budget(d)):
                 self._flush(state)
         except BaseException:
             self._abort()
@@ -491,18 +512,18 @@ class Tracker:
         calls = []
         entries = []
         for record, d in items:
-            entry = record.entry
-            uses = record.uses
+            entry, x, version, B, uses = record
             shared = False
             for pid in entry.ids:
                 if uses[pid] > 1:
                     shared = True
                     break
             if shared:
-                self._compute(state, record, (d,))
+                args = (x,)
+                self._compute(state, _Record(entry, args, {}, (version,), args, B, uses, None,
+                                             (0,)), (d,))
                 continue
-            calls.append((entry.has_weight, entry.has_bias, entry.params[0].dtype,
-                          record.inputs[0], d))
+            calls.append((entry.has_weight, entry.has_bias, entry.params[0].dtype, x, d))
             entries.append(entry)
         if not calls:
             return
@@ -621,8 +642,19 @@ class Tracker:
         self._uses = {}
         if state is None:
             return
+        try:
+            self._finish_pass(state)
+        except BaseException:
+            _clear(state.cleared)
+            raise
+
+    def _finish_pass(self, state: _Pass) -> None:
         if state.stash:
             self._flush(state)
+        cleared = state.cleared
+        if cleared:  # statistics of cleared gradients that this pass does not replace
+            _clear({k: p for k, p in cleared.items()
+                    if k not in state.moments and k not in state.pending})
         if self._coverage_handles and (state.got_grad or state.contributed):
             for h in self._coverage_handles:
                 h.remove()
@@ -654,7 +686,7 @@ class Tracker:
                 state.norms = nb if state.norms is None else state.norms + nb
         for pid, m in state.moments.items():
             _, p = self._params[pid]
-            old = getattr(p, ATTRIBUTE, None)
+            old = None if pid in cleared else getattr(p, ATTRIBUTE, None)
             if old is None:
                 setattr(p, ATTRIBUTE, m)
             else:
