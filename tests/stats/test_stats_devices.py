@@ -57,3 +57,43 @@ def test_statistics_match_the_cpu_brute_force(device, name, budget):
         assert p.grad_second_moment.device == p.device
         assert rel_err(p.grad_second_moment.cpu(), (g * g).mean(0)) < 1e-10, pname
     tracker.detach()
+
+
+def _deep_mlp():
+    """Six Linear layers (two launches of the fused kernel on a GPU), one without bias."""
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(36, 70)]
+    for n_in, n_out, bias in [(70, 65, True), (65, 17, False), (17, 33, True), (33, 9, True)]:
+        layers += [nn.Tanh(), nn.Linear(n_in, n_out, bias=bias)]
+    return nn.Sequential(*layers, nn.Tanh(), nn.Linear(9, 5))
+
+
+@pytest.mark.parametrize("batch", [8, 45])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "deep"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_statistics_match_the_float64_brute_force(device, name, batch):
+    """float32 parameters: on a GPU with Triton the 2-D Linear calls take the fused kernel
+    (sgdlab.stats._fused_linear); every path must agree with float64 to fp32 rounding."""
+    from sgdlab.stats import _fused_linear
+
+    make = _deep_mlp if name == "deep" else MODELS[name][0]
+    torch.manual_seed(1)
+    model = make().double()
+    x = torch.randn(batch, 1, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 5, (batch,))
+    per = per_example_grads(model, loss_sum, x, y)
+    model = model.float().to(device)
+    xd = x.float().to(device)
+    if device == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            has_triton = False
+        else:
+            has_triton = True
+        assert _fused_linear.available(xd, torch.float32) == has_triton
+    tracker = stats.track(model)
+    (loss_sum(model(xd), y.to(device)) / batch).backward()
+    for (pname, p), g in zip(model.named_parameters(), per, strict=True):
+        assert p.grad_second_moment.dtype == torch.float32
+        assert rel_err(p.grad_second_moment.double().cpu(), (g * g).mean(0)) < 2e-6, pname
+    tracker.detach()

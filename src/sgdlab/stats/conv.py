@@ -35,10 +35,11 @@ from ._base import (
     in_dtype,
     reduce_per_example,
     require_batched,
+    scaled_ones,
     small_per_example,
 )
 
-__all__ = ["conv_rule"]
+__all__ = ["conv_moments", "conv_rule"]
 
 
 def _same_padding(module: nn.Module, nd: int) -> list[int]:
@@ -174,3 +175,59 @@ def _unfold_weight(
         return torch.bmm(ds, xs.transpose(1, 2)).view(n, -1)
 
     return {"weight": reduce_per_example("weight", call, w.shape, d, make, extra)}
+
+
+def conv_moments(
+    module: nn.Module, x: Tensor, d: Tensor, scale: float, memory_budget: int,
+    weight: bool, bias: bool,
+) -> tuple[Tensor, ...] | None:
+    """The moments of one convolution call in the common case, with little host work:
+    ``scale * sum_b G_b^2`` for the weight (im2col, one batched matmul, an in-place square and
+    one matrix-vector product) and ``scale * sum_b (sum_p d_bp)^2`` for the bias (those
+    requested, in this order). Returns ``None`` where the general :func:`conv_rule` is needed:
+    per-example gradients that do not fit ``memory_budget`` in one chunk. Same kernels and
+    results as :func:`conv_rule` with ``conv_strategy="unfold"``.
+    """
+    dtype = module.weight.dtype
+    if x.dtype is not dtype:
+        x = in_dtype(x, dtype)
+    if d.dtype is not dtype:
+        d = in_dtype(d, dtype)
+    nd = d.dim() - 2
+    if x.dim() != nd + 2:
+        require_batched(module, x, nd + 2, f"inputs [B, C, {nd} spatial dims]")
+    B = d.shape[0]
+    out: list[Tensor] = []
+    ones = None
+    if weight:
+        w = module.weight
+        kernel = module.kernel_size
+        out_sizes = d.shape[2:]
+        P = math.prod(out_sizes)
+        cols = x.shape[1] * math.prod(kernel)
+        per_example = (w.numel() + cols * P + d.shape[1] * P) * x.element_size()
+        if per_example * B > memory_budget:
+            return None  # chunks: the general rule
+        xp, padding = _padded_input(module, x, nd)
+        if any(padding):
+            pads: list[int] = []
+            for p in reversed(padding):
+                pads += [p, p]
+            xp = F.pad(xp, pads)
+        else:
+            xp = xp.contiguous()
+        xs = _im2col(xp, list(kernel), list(module.stride), list(module.dilation), out_sizes)
+        groups = module.groups
+        if groups > 1:
+            xs = xs.view(B * groups, cols // groups, P)
+        g = torch.bmm(d.reshape(B * groups, -1, P), xs.transpose(1, 2)).view(B, -1)
+        g.mul_(g)
+        ones = scaled_ones(B, scale, g)
+        out.append(torch.mv(g.T, ones).view(w.shape))
+    if bias:
+        s = d.sum(tuple(range(2, d.dim())))
+        s = s * s
+        if ones is None:
+            ones = scaled_ones(B, scale, s)
+        out.append(torch.mv(s.T, ones))
+    return tuple(out)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _fused_linear as fused
 from ._base import (
     Call,
     Contribution,
@@ -96,8 +97,15 @@ def linear_moments(
     and ``scale * sum_b d_b^2`` for the bias (those requested, in this order). All entrywise
     squares are one multi-tensor operation, so a stack of small layers pays one kernel for them
     instead of two per layer: what matters when a step is bound by kernel launches rather than
-    arithmetic.
+    arithmetic. On a GPU with Triton, fp32 calls of one batch size go to one fused kernel for
+    all layers (:mod:`sgdlab.stats._fused_linear`).
     """
+    if all(w and a.shape[0] == calls[0][3].shape[0] and fused.available(d, dtype)
+           for w, _, dtype, a, d in calls):
+        try:
+            return fused.fused_linear_moments([(b, a, d) for _, b, _, a, d in calls], scale)
+        except Exception as e:  # a Triton that cannot compile or launch here: torch path
+            fused.disable(e)
     tensors: list[torch.Tensor] = []
     for weight, _, dtype, a, d in calls:
         if weight:

@@ -76,6 +76,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .._validation import check_batch_size, check_choice, check_positive
 from ._base import Call, Contribution
 from ._registry import Rule, _first_dim, _no_check, rule_for
+from .conv import conv_moments, conv_rule
 from .linear import linear_moments, linear_rule
 
 __all__ = ["Tracker", "track", "ATTRIBUTE"]
@@ -128,6 +129,7 @@ class _Entry:
     linear: bool = False  # an nn.Linear: 2-D calls take the deferred lane (_on_linear_grad)
     has_weight: bool = False  # linear lane: which of weight, bias (in this order) are tracked
     has_bias: bool = False
+    conv: bool = False  # a convolution (unfold strategy): calls take _on_conv_grad
 
 
 @dataclass(slots=True)
@@ -252,13 +254,19 @@ class Tracker:
                 rule.check is _no_check and rule.batch_size is _first_dim,
                 rule.compute is linear_rule,
             )
-            if entry.linear:
+            entry.conv = rule.compute is conv_rule and self.conv_strategy != "grouped"
+            if entry.linear or entry.conv:
                 entry.has_weight = "weight" in entry.names
                 entry.has_bias = "bias" in entry.names
             self._entries[module] = entry
             for n, p in owned:
                 self._params.setdefault(id(p), (f"{name}.{n}" if name else n, p))
-            hook = self._linear_hook(entry) if entry.linear else self._forward_hook
+            if entry.linear:
+                hook = self._fast_hook(entry, self._on_linear_grad, 2)
+            elif entry.conv:
+                hook = self._fast_hook(entry, self._on_conv_grad, len(module.kernel_size) + 2)
+            else:
+                hook = self._forward_hook
             self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
         if not self._entries:
             raise ValueError("model has no trainable parameters to track")
@@ -347,18 +355,18 @@ class Tracker:
         self.detach()
 
     # ------------------------------------------------------------------ hooks
-    def _linear_hook(self, entry: _Entry) -> Any:
-        """The forward hook of an ``nn.Linear``: calls on ``[B, in]`` take the deferred lane
-        (:meth:`_on_linear_grad`) in as few steps as possible, others the general hook."""
+    def _fast_hook(self, entry: _Entry, on_grad: Any, ndim: int) -> Any:
+        """The forward hook of an ``nn.Linear`` or a convolution: calls on one ``ndim``-dim
+        tensor (``[B, in]``; ``[B, C, *spatial]``) take a short path to ``on_grad``
+        (:meth:`_on_linear_grad`, :meth:`_on_conv_grad`), others the general hook."""
         general = self._forward_hook
-        on_grad = self._on_linear_grad
         ids = entry.ids
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if kwargs or len(args) != 1 or self._suspended or self.per_example_norms:
                 return general(module, args, kwargs, output)
             x = args[0]
-            if not (isinstance(x, Tensor) and x.dim() == 2 and isinstance(output, Tensor)):
+            if not (isinstance(x, Tensor) and x.dim() == ndim and isinstance(output, Tensor)):
                 return general(module, args, kwargs, output)
             node = output.grad_fn
             if node is None:
@@ -505,6 +513,54 @@ class Tracker:
             self._abort()
             raise
 
+    def _on_conv_grad(self, record: tuple, nr: int, grads: tuple) -> None:
+        """Output gradient of a convolution call (``record`` as for :meth:`_on_linear_grad`):
+        computed at once by :func:`conv_moments`, without the general path's bookkeeping;
+        a shared weight or a call too large for one chunk takes the general rule."""
+        try:
+            state = self._pass or self._begin()
+            entry, x, version, B, uses = record
+            if x._version != version:
+                self._raise_modified(entry)
+            if state.batch_size != B:
+                self._check_batch(state, entry, B)
+            d = grads[nr]
+            if d is None:
+                return
+            results = None
+            for pid in entry.ids:
+                if uses[pid] > 1:
+                    break
+            else:
+                budget = self.memory_budget or _default_budget(d)
+                if torch.is_grad_enabled():  # a backward pass with create_graph=True
+                    with torch.no_grad():
+                        results = conv_moments(entry.module, x, d, state.scale, budget,
+                                               entry.has_weight, entry.has_bias)
+                else:
+                    results = conv_moments(entry.module, x, d, state.scale, budget,
+                                           entry.has_weight, entry.has_bias)
+            if results is None:
+                args = (x,)
+                self._compute(state, _Record(entry, args, {}, (version,), args, B, uses, None,
+                                             (0,)), (d,))
+                return
+            self._set_moments(state, entry, results)
+        except BaseException:
+            self._abort()
+            raise
+
+    def _set_moments(self, state: _Pass, entry: _Entry, results: tuple[Tensor, ...]) -> None:
+        """Record the moments of one call of ``entry`` (one per tracked parameter, in order)."""
+        kinds, moments, contributed = state.kind, state.moments, state.contributed
+        for pid, p, m in zip(entry.ids, entry.params, results, strict=True):
+            if pid in kinds:  # another call in this pass: the general path checks it
+                self._add(state, p, Contribution(m), entry.label)
+            else:
+                kinds[pid] = "moment"
+                contributed.add(pid)
+                moments[pid] = m
+
     def _flush(self, state: _Pass) -> None:
         """Compute the stashed 2-D ``nn.Linear`` calls (:func:`linear_moments`); calls of a
         shared parameter take the general rule (per-example gradients summed over uses)."""
@@ -532,15 +588,8 @@ class Tracker:
                 results = linear_moments(calls, state.scale)
         else:
             results = linear_moments(calls, state.scale)
-        kinds, moments, contributed = state.kind, state.moments, state.contributed
         for entry, moments_of_call in zip(entries, results, strict=True):
-            for pid, p, m in zip(entry.ids, entry.params, moments_of_call, strict=True):
-                if pid in kinds:  # another call in this pass: the general path checks it
-                    self._add(state, p, Contribution(m), entry.label)
-                else:
-                    kinds[pid] = "moment"
-                    contributed.add(pid)
-                    moments[pid] = m
+            self._set_moments(state, entry, moments_of_call)
 
     @staticmethod
     def _raise_modified(entry: _Entry) -> None:
