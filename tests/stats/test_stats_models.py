@@ -65,6 +65,22 @@ class Twice(nn.Module):
         return self.out(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
 
 
+class ConvTwice(nn.Module):
+    """The same Conv2d applied twice (a shared weight on the convolution's short path), then a
+    Conv1d over the flattened rows with a frozen bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.conv1d = nn.Conv1d(3, 2, 3, dilation=2)
+        self.conv1d.bias.requires_grad_(False)
+        self.out = nn.Linear(2 * 32, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(torch.tanh(self.conv(x))))
+        return self.out(torch.tanh(self.conv1d(h.flatten(2))).flatten(1))
+
+
 def mlp():
     return nn.Sequential(
         nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)
@@ -105,6 +121,12 @@ MODELS = [
     ),
     ("tied-embedding-lstm", TiedLM, lambda: torch.randint(0, 11, (B, 6)), seq_target(11)),
     ("module-called-twice", Twice, lambda: torch.randn(B, 5), lambda x: torch.randint(0, 3, (B,))),
+    (
+        "conv-called-twice",
+        ConvTwice,
+        lambda: torch.randn(B, 3, 6, 6),
+        lambda x: torch.randint(0, 3, (B,)),
+    ),
 ]
 
 
@@ -125,8 +147,12 @@ def test_model_matches_per_example_loop(case, reduction, norms):
         tracker = stats.track(model, reduction=reduction, per_example_norms=norms)
     total = ce_loss(model(x), y)
     (total / B if reduction == "mean" else total).backward()
-    for (pname, p), g in zip(model.named_parameters(), per, strict=True):
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for (pname, p), g in zip(trainable, per, strict=True):
         assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10, pname
+    for pname, p in model.named_parameters():
+        if not p.requires_grad:
+            assert getattr(p, "grad_second_moment", None) is None, pname
     if norms:
         expected = sum(g.pow(2).flatten(1).sum(1) for g in per)
         assert rel_err(tracker.per_example_sq_norms(), expected) < 1e-10
