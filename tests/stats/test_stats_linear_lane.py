@@ -143,23 +143,3 @@ def test_default_memory_budget_follows_the_device():
     assert _default_budget(torch.empty(1, device="meta")) == 2**27
     assert stats.track(nn.Linear(2, 2), memory_budget=1000).memory_budget == 1000
 
-
-def test_a_failing_fused_kernel_falls_back_to_torch_with_a_warning(monkeypatch):
-    """Where the fused GPU kernel is chosen but cannot run (a broken Triton), the statistics
-    come from the torch path, with one warning, and the kernel stays off."""
-    from sgdlab.stats import _fused_linear, linear
-
-    def broken(calls, scale):
-        raise RuntimeError("no compiler")
-
-    monkeypatch.setattr(_fused_linear, "available", lambda t, dtype: True)
-    monkeypatch.setattr(_fused_linear, "fused_linear_moments", broken)
-    monkeypatch.setattr(_fused_linear, "_kernel", None)
-    torch.manual_seed(0)
-    a, d = torch.randn(6, 4), torch.randn(6, 3)
-    calls = [(True, True, torch.float32, a, d)]
-    with pytest.warns(RuntimeWarning, match="fused Triton kernel failed.*no compiler"):
-        (w, b), = linear.linear_moments(calls, 2.0)
-    assert _fused_linear._kernel is False
-    torch.testing.assert_close(w, 2.0 * (d * d).T @ (a * a))
-    torch.testing.assert_close(b, 2.0 * (d * d).sum(0))
