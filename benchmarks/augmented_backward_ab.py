@@ -8,8 +8,8 @@ rewritten), and each round times one step of every variant in a rotating order:
 * ``plain``    ordinary backward;
 * ``old``      ``sgdlab_old.stats.track`` (the earlier commit);
 * ``new``      ``sgdlab.stats.track`` (this tree);
-* ``new, torch ops``  this tree with the fused kernels off (``sgdlab.stats._fused_linear``,
-  ``_fused_conv``; the same as ``new`` where Triton or CUDA is missing).
+* ``new, torch ops``  this tree with the fused Linear kernel off (``sgdlab.stats._fused_linear``;
+  the same as ``new`` where Triton or CUDA is missing).
 
 Reported per model: median step time, median over rounds of time / plain's time, and the
 largest relative difference of the second moments from ``old``'s. On CUDA it also times the
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import augmented_backward as ab  # noqa: E402
 
 import sgdlab.stats as new  # noqa: E402
-from sgdlab.stats import _fused_conv, _fused_linear  # noqa: E402
+from sgdlab.stats import _fused_linear  # noqa: E402
 from sgdlab.stats.linear import linear_moments  # noqa: E402
 
 
@@ -57,14 +57,14 @@ def extract_old(rev: str, into: str) -> None:
 
 
 def step(model, x, y, fused_off: bool) -> None:
-    saved = _fused_linear._kernel, _fused_conv._kernel
+    saved = _fused_linear._kernel
     if fused_off:
-        _fused_linear._kernel = _fused_conv._kernel = False
+        _fused_linear._kernel = False
     try:
         model.zero_grad(set_to_none=True)
         ab.ce(model(x), y).backward()
     finally:
-        _fused_linear._kernel, _fused_conv._kernel = saved
+        _fused_linear._kernel = saved
 
 
 def flush_timing(dev: torch.device) -> None:

@@ -24,13 +24,11 @@ convolutional neural networks".
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _fused_conv as fused_conv
 from ._base import (
     Call,
     Contribution,
@@ -188,9 +186,7 @@ def conv_moments(
     one matrix-vector product) and ``scale * sum_b (sum_p d_bp)^2`` for the bias (those
     requested, in this order). Returns ``None`` where the general :func:`conv_rule` is needed:
     per-example gradients that do not fit ``memory_budget`` in one chunk. Same kernels and
-    results as :func:`conv_rule` with ``conv_strategy="unfold"``; on a GPU with Triton, 2-D
-    convolutions take one fused kernel instead (:mod:`sgdlab.stats._fused_conv`, no
-    per-example memory, equal to fp32 rounding).
+    results as :func:`conv_rule` with ``conv_strategy="unfold"``.
     """
     dtype = module.weight.dtype
     if x.dtype is not dtype:
@@ -201,18 +197,6 @@ def conv_moments(
     if x.dim() != nd + 2:
         require_batched(module, x, nd + 2, f"inputs [B, C, {nd} spatial dims]")
     B = d.shape[0]
-    if weight and fused_conv.available(module, x):
-        xp, padding = _padded_input(module, x, nd)
-        try:
-            return fused_conv.fused_conv2d_moments(module, xp, padding, d, scale, bias)
-        except Exception as e:  # a Triton that cannot compile or launch here: torch path
-            fused_conv.disable()
-            warnings.warn(
-                f"sgdlab.stats: the fused Triton convolution kernel failed ({type(e).__name__}: "
-                f"{e}); using torch operations for convolutions from now on",
-                RuntimeWarning,
-                stacklevel=2,
-            )
     out: list[Tensor] = []
     ones = None
     if weight:
