@@ -7,7 +7,8 @@ of the module's parameters. Calls of ``nn.Linear`` on ``[B, in]`` inputs (MLPs, 
 checked when their output gradient arrives but computed together later, at the end of the pass
 or once the tensors they hold outgrow ``memory_budget``: the squares of all of them are one
 multi-tensor kernel, which matters where a step is bound by kernel launches (small layers on a
-GPU). At the end of each backward pass (an autograd-engine callback) every tracked parameter
+GPU); on a GPU with Triton they are one fused kernel for up to four layers
+(:mod:`sgdlab.stats._fused_linear`, compiled on the first backward pass that uses it). At the end of each backward pass (an autograd-engine callback) every tracked parameter
 ``p`` holds
 
     p.grad_second_moment = (1/N) sum_b g_b * g_b        (same shape as p)
@@ -110,9 +111,12 @@ def _default_budget(t: Tensor) -> int:
 
 
 def _clear(params: dict[int, nn.Parameter]) -> None:
+    """Remove the statistic of each parameter (its gradient was cleared)."""
     for p in params.values():
         if getattr(p, ATTRIBUTE, None) is not None:
             setattr(p, ATTRIBUTE, None)
+
+
 _NONE: frozenset[str] = frozenset()
 
 
@@ -164,7 +168,7 @@ class _Pass:
         self.first_module = ""
         self.scale = 1.0
         # 2-D nn.Linear calls whose output gradient has arrived, computed together by _flush
-        self.stash: list[tuple[_Record, Tensor]] = []
+        self.stash: list[tuple[tuple, Tensor]] = []  # (record of _fast_hook, output grad)
         self.stash_bytes = 0
         # parameters whose gradient was cleared since the last pass: their statistic restarts
         # (replaced at the end of the pass, or removed if this pass gives it nothing)
