@@ -8,7 +8,8 @@ checked when their output gradient arrives but computed together later, at the e
 or once the tensors they hold outgrow ``memory_budget``: the squares of all of them are one
 multi-tensor kernel, which matters where a step is bound by kernel launches (small layers on a
 GPU); on a GPU with Triton they are one fused kernel for up to four layers
-(:mod:`sgdlab.stats._fused_linear`, compiled on the first backward pass that uses it). At the end of each backward pass (an autograd-engine callback) every tracked parameter
+(:mod:`sgdlab.stats._fused_linear`, compiled on the first backward pass that uses it).
+At the end of each backward pass (an autograd-engine callback) every tracked parameter
 ``p`` holds
 
     p.grad_second_moment = (1/N) sum_b g_b * g_b        (same shape as p)
