@@ -76,8 +76,9 @@ def disable(error: BaseException) -> None:
 def fused_linear_moments(
     calls: list[tuple[bool, torch.Tensor, torch.Tensor]], scale: float
 ) -> list[tuple[torch.Tensor, ...]]:
-    """Per call ``(bias, a, d)`` (``a`` ``[B, in]``, ``d`` ``[B, out]``, one batch size B,
-    weight always requested): ``(W, b)`` or ``(W,)`` as in ``linear_moments``, in fp32."""
+    """Per call ``(bias, a, d)`` (``a`` ``[B, in]``, ``d`` ``[B, out]``, one batch size B and
+    one device for all calls, weight always requested): ``(W, b)`` or ``(W,)`` as in
+    ``linear_moments``, in fp32."""
     if _kernel is None:
         _build()
     out: list[tuple[torch.Tensor, ...]] = []

@@ -100,8 +100,9 @@ def linear_moments(
     arithmetic. On a GPU with Triton, fp32 calls of one batch size go to one fused kernel for
     all layers (:mod:`sgdlab.stats._fused_linear`).
     """
-    if all(w and a.shape[0] == calls[0][3].shape[0] and fused.available(d, dtype)
-           for w, _, dtype, a, d in calls):
+    first = calls[0][4]
+    if all(w and a.shape[0] == first.shape[0] and d.device == first.device
+           and fused.available(d, dtype) for w, _, dtype, a, d in calls):
         try:
             return fused.fused_linear_moments([(b, a, d) for _, b, _, a, d in calls], scale)
         except Exception as e:  # a Triton that cannot compile or launch here: torch path
