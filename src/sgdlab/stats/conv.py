@@ -144,37 +144,52 @@ def _im2col(
     return patches.reshape(n, c * math.prod(kernel), math.prod(out_sizes))
 
 
+def _zero_pad(xp: Tensor, padding: list[int]) -> Tensor:
+    """``xp`` (padded as the module's forward pads it) with the zero padding the convolution
+    adds, contiguous: the input of :func:`_im2col`, padded once for the whole batch."""
+    if not any(padding):
+        return xp.contiguous()
+    pads: list[int] = []
+    for p in reversed(padding):
+        pads += [p, p]
+    return F.pad(xp, pads)
+
+
+def _im2col_bytes(x: Tensor, d: Tensor, kernel: tuple[int, ...]) -> int:
+    """Bytes per example of the im2col rows and the output gradient (``P`` positions)."""
+    P = math.prod(d.shape[2:])
+    return (x.shape[1] * math.prod(kernel) + d.shape[1]) * P * x.element_size()
+
+
+def _example_grads(module: nn.Module, xp: Tensor, dg: Tensor, out_sizes: tuple[int, ...]
+                   ) -> Tensor:
+    """``G_b`` for the examples of ``xp`` (zero-padded, contiguous or a batch slice), given
+    their output gradients ``dg`` ``[n * groups, C_out / groups, P]`` over the output positions
+    ``out_sizes``: ``[n, weight.numel()]`` (fresh, so it may be squared in place)."""
+    xs = _im2col(xp, list(module.kernel_size), list(module.stride), list(module.dilation),
+                 out_sizes)
+    n = xs.shape[0]
+    groups = module.groups
+    if groups > 1:
+        xs = xs.view(n * groups, xs.shape[1] // groups, xs.shape[2])
+    return torch.bmm(dg, xs.transpose(1, 2)).view(n, -1)
+
+
 def _unfold_weight(
     call: Call, module: nn.Module, xp: Tensor, padding: list[int], d: Tensor, nd: int
 ) -> dict[str, Contribution]:
     """``G_b`` by im2col and one batched matmul per chunk."""
-    w = module.weight
-    kernel, stride, dilation = list(module.kernel_size), list(module.stride), list(module.dilation)
-    groups = module.groups
-    c_out = d.shape[1]
-    out_sizes = tuple(d.shape[2:])
-    P = math.prod(out_sizes)
-    cols = xp.shape[1] * math.prod(kernel)
-    extra = (cols * P + c_out * P) * xp.element_size()
-    if any(padding):  # pad the whole batch once
-        pads: list[int] = []
-        for p in reversed(padding):
-            pads += [p, p]
-        xp = F.pad(xp, pads)
-    xp = xp.contiguous()
-    B = xp.shape[0]
-    dg = d.reshape(B * groups, c_out // groups, P)
+    extra = _im2col_bytes(xp, d, module.kernel_size)
+    xp = _zero_pad(xp, padding)
+    B, groups, out_sizes = xp.shape[0], module.groups, tuple(d.shape[2:])
+    dg = d.reshape(B * groups, d.shape[1] // groups, -1)
 
     def make(s: slice) -> Tensor:
-        whole = s.start == 0 and s.stop == B  # no slicing: fewer calls for one chunk
-        xs = _im2col(xp if whole else xp[s], kernel, stride, dilation, out_sizes)
-        n = xs.shape[0]
-        if groups > 1:
-            xs = xs.view(n * groups, cols // groups, P)
-        ds = dg if whole else dg[s.start * groups : s.stop * groups]
-        return torch.bmm(ds, xs.transpose(1, 2)).view(n, -1)
+        if s.start == 0 and s.stop == B:  # no slicing: fewer calls for one chunk
+            return _example_grads(module, xp, dg, out_sizes)
+        return _example_grads(module, xp[s], dg[s.start * groups : s.stop * groups], out_sizes)
 
-    return {"weight": reduce_per_example("weight", call, w.shape, d, make, extra)}
+    return {"weight": reduce_per_example("weight", call, module.weight.shape, d, make, extra)}
 
 
 def conv_moments(
@@ -201,26 +216,13 @@ def conv_moments(
     ones = None
     if weight:
         w = module.weight
-        kernel = module.kernel_size
-        out_sizes = d.shape[2:]
-        P = math.prod(out_sizes)
-        cols = x.shape[1] * math.prod(kernel)
-        per_example = (w.numel() + cols * P + d.shape[1] * P) * x.element_size()
+        per_example = w.numel() * x.element_size() + _im2col_bytes(x, d, module.kernel_size)
         if per_example * B > memory_budget:
             return None  # chunks: the general rule
-        xp, padding = _padded_input(module, x, nd)
-        if any(padding):
-            pads: list[int] = []
-            for p in reversed(padding):
-                pads += [p, p]
-            xp = F.pad(xp, pads)
-        else:
-            xp = xp.contiguous()
-        xs = _im2col(xp, list(kernel), list(module.stride), list(module.dilation), out_sizes)
+        xp = _zero_pad(*_padded_input(module, x, nd))
         groups = module.groups
-        if groups > 1:
-            xs = xs.view(B * groups, cols // groups, P)
-        g = torch.bmm(d.reshape(B * groups, -1, P), xs.transpose(1, 2)).view(B, -1)
+        g = _example_grads(module, xp, d.reshape(B * groups, d.shape[1] // groups, -1),
+                           tuple(d.shape[2:]))
         g.mul_(g)
         ones = scaled_ones(B, scale, g)
         out.append(torch.mv(g.T, ones).view(w.shape))

@@ -111,6 +111,25 @@ def _default_budget(t: Tensor) -> int:
     return CPU_BUDGET if t.is_cpu else DEVICE_BUDGET
 
 
+def _without_grad(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` outside autograd: rules run inside backward passes, which record a graph
+    only under ``create_graph=True`` (checked first, so that the usual pass enters no
+    context)."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return fn(*args)
+    return fn(*args)
+
+
+def _shared(entry: _Entry, uses: dict[int, int]) -> bool:
+    """Whether a parameter of ``entry`` was used more than once in the forward pass (its
+    per-example gradients must be summed over uses before squaring: the general rule)."""
+    for pid in entry.ids:
+        if uses[pid] > 1:
+            return True
+    return False
+
+
 def _clear(params: dict[int, nn.Parameter]) -> None:
     """Remove the statistic of each parameter (its gradient was cleared)."""
     for p in params.values():
@@ -362,8 +381,9 @@ class Tracker:
     # ------------------------------------------------------------------ hooks
     def _fast_hook(self, entry: _Entry, on_grad: Any, ndim: int) -> Any:
         """The forward hook of an ``nn.Linear`` or a convolution: calls on one ``ndim``-dim
-        tensor (``[B, in]``; ``[B, C, *spatial]``) take a short path to ``on_grad``
-        (:meth:`_on_linear_grad`, :meth:`_on_conv_grad`), others the general hook."""
+        tensor (``[B, in]``; ``[B, C, *spatial]``) take a short path: a pre-hook that checks
+        the call (:meth:`_on_fast_grad`) and hands it to ``on_grad``
+        (:meth:`_on_linear_grad`, :meth:`_on_conv_grad`); other calls take the general hook."""
         general = self._forward_hook
         ids = entry.ids
 
@@ -380,7 +400,9 @@ class Tracker:
             for pid in ids:
                 uses[pid] = uses.get(pid, 0) + 1
             record = (entry, x, x._version, x.shape[0], uses)
-            node.register_prehook(functools.partial(on_grad, record, output.output_nr))
+            node.register_prehook(
+                functools.partial(self._on_fast_grad, on_grad, record, output.output_nr)
+            )
             return None
 
         return hook
@@ -495,11 +517,10 @@ class Tracker:
         if state is not None:
             _clear(state.cleared)
 
-    def _on_linear_grad(self, record: tuple, nr: int, grads: tuple) -> None:
-        """Output gradient of a 2-D ``nn.Linear`` call (``record`` = entry, input, its version,
-        batch size, use counts): checked now, computed in :meth:`_flush` together with the
-        other such calls of the pass (fewer kernels and less Python per layer); the stash is
-        flushed early when it holds more than ``memory_budget`` bytes."""
+    def _on_fast_grad(self, on_grad: Any, record: tuple, nr: int, grads: tuple) -> None:
+        """Output gradient of a call on a short path (``record`` = entry, input, its version,
+        batch size, use counts, from :meth:`_fast_hook`): the checks of every call, then
+        ``on_grad(state, record, d)`` unless the output got no gradient."""
         try:
             state = self._pass or self._begin()
             entry, x, version, B, _ = record
@@ -508,52 +529,42 @@ class Tracker:
             if state.batch_size != B:
                 self._check_batch(state, entry, B)
             d = grads[nr]
-            if d is None:
-                return
-            state.stash.append((record, d))
-            held = state.stash_bytes = state.stash_bytes + x.nbytes + d.nbytes
-            if held > (self.memory_budget or _default_budget(d)):
-                self._flush(state)
+            if d is not None:
+                on_grad(state, record, d)
         except BaseException:
             self._abort()
             raise
 
-    def _on_conv_grad(self, record: tuple, nr: int, grads: tuple) -> None:
-        """Output gradient of a convolution call (``record`` as for :meth:`_on_linear_grad`):
-        computed at once by :func:`conv_moments`, without the general path's bookkeeping;
-        a shared weight or a call too large for one chunk takes the general rule."""
-        try:
-            state = self._pass or self._begin()
-            entry, x, version, B, uses = record
-            if x._version != version:
-                self._raise_modified(entry)
-            if state.batch_size != B:
-                self._check_batch(state, entry, B)
-            d = grads[nr]
-            if d is None:
-                return
-            results = None
-            for pid in entry.ids:
-                if uses[pid] > 1:
-                    break
-            else:
-                budget = self.memory_budget or _default_budget(d)
-                if torch.is_grad_enabled():  # a backward pass with create_graph=True
-                    with torch.no_grad():
-                        results = conv_moments(entry.module, x, d, state.scale, budget,
-                                               entry.has_weight, entry.has_bias)
-                else:
-                    results = conv_moments(entry.module, x, d, state.scale, budget,
-                                           entry.has_weight, entry.has_bias)
-            if results is None:
-                args = (x,)
-                self._compute(state, _Record(entry, args, {}, (version,), args, B, uses, None,
-                                             (0,)), (d,))
-                return
+    def _on_linear_grad(self, state: _Pass, record: tuple, d: Tensor) -> None:
+        """A 2-D ``nn.Linear`` call: stashed, computed in :meth:`_flush` together with the
+        other such calls of the pass (fewer kernels and less Python per layer); the stash is
+        flushed early when it holds more than ``memory_budget`` bytes."""
+        state.stash.append((record, d))
+        held = state.stash_bytes = state.stash_bytes + record[1].nbytes + d.nbytes
+        if held > (self.memory_budget or _default_budget(d)):
+            self._flush(state)
+
+    def _on_conv_grad(self, state: _Pass, record: tuple, d: Tensor) -> None:
+        """A convolution call: computed at once by :func:`conv_moments`, without the general
+        path's bookkeeping; a shared weight or a call too large for one chunk takes the
+        general rule."""
+        entry, x, _, _, uses = record
+        results = None
+        if not _shared(entry, uses):
+            results = _without_grad(conv_moments, entry.module, x, d, state.scale,
+                                    self.memory_budget or _default_budget(d),
+                                    entry.has_weight, entry.has_bias)
+        if results is None:
+            self._compute_general(state, record, d)
+        else:
             self._set_moments(state, entry, results)
-        except BaseException:
-            self._abort()
-            raise
+
+    def _compute_general(self, state: _Pass, record: tuple, d: Tensor) -> None:
+        """A short-path call handed to its general rule (:meth:`_compute`)."""
+        entry, x, version, B, uses = record
+        args = (x,)
+        self._compute(state, _Record(entry, args, {}, (version,), args, B, uses, None, (0,)),
+                      (d,))
 
     def _set_moments(self, state: _Pass, entry: _Entry, results: tuple[Tensor, ...]) -> None:
         """Record the moments of one call of ``entry`` (one per tracked parameter, in order)."""
@@ -573,26 +584,15 @@ class Tracker:
         calls = []
         entries = []
         for record, d in items:
-            entry, x, version, B, uses = record
-            shared = False
-            for pid in entry.ids:
-                if uses[pid] > 1:
-                    shared = True
-                    break
-            if shared:
-                args = (x,)
-                self._compute(state, _Record(entry, args, {}, (version,), args, B, uses, None,
-                                             (0,)), (d,))
+            entry, x, _, _, uses = record
+            if _shared(entry, uses):
+                self._compute_general(state, record, d)
                 continue
             calls.append((entry.has_weight, entry.has_bias, entry.params[0].dtype, x, d))
             entries.append(entry)
         if not calls:
             return
-        if torch.is_grad_enabled():  # a backward pass with create_graph=True
-            with torch.no_grad():
-                results = linear_moments(calls, state.scale)
-        else:
-            results = linear_moments(calls, state.scale)
+        results = _without_grad(linear_moments, calls, state.scale)
         for entry, moments_of_call in zip(entries, results, strict=True):
             self._set_moments(state, entry, moments_of_call)
 
@@ -634,12 +634,10 @@ class Tracker:
         B = record.batch_size
         uses = record.uses
         materialize = _NONE
-        for pid in entry.ids:
-            if uses[pid] > 1:
-                materialize = frozenset(
-                    n for n, i in zip(entry.names, entry.ids, strict=True) if uses[i] > 1
-                )
-                break
+        if _shared(entry, uses):
+            materialize = frozenset(
+                n for n, i in zip(entry.names, entry.ids, strict=True) if uses[i] > 1
+            )
         call = Call(
             module=entry.module,
             args=record.args,
@@ -657,11 +655,7 @@ class Tracker:
         )
         self._suspended += 1
         try:
-            if torch.is_grad_enabled():  # a backward pass with create_graph=True
-                with torch.no_grad():
-                    contributions = entry.rule.compute(call)
-            else:
-                contributions = entry.rule.compute(call)
+            contributions = _without_grad(entry.rule.compute, call)
         finally:
             self._suspended -= 1
         label = entry.label
