@@ -9,7 +9,15 @@ rewritten), and each round times one step of every variant in a rotating order:
 * ``old``      ``sgdlab_old.stats.track`` (the earlier commit);
 * ``new``      ``sgdlab.stats.track`` (this tree);
 * ``new, torch ops``  this tree with the fused Linear kernel off (``sgdlab.stats._fused_linear``;
-  the same as ``new`` where Triton or CUDA is missing).
+  the same as ``new`` where Triton or CUDA is missing);
+* ``floor``    a bare hook probe (:class:`Floor`, models of ``nn.Linear`` and convolutions
+  only): the same forward hooks, backward pre-hooks and kernels as ``new`` (``linear_moments``,
+  ``conv_moments``) but none of its checks and bookkeeping, so ``new - floor`` is what the
+  tracker's checks cost and ``floor - plain`` what any hook-based tracker with these kernels
+  pays.
+
+``--tiny`` runs small models instead (a 3-layer and a 33-layer MLP of width 16, a 2-conv CNN,
+batch 8), where the step is all host work: a proxy, on a CPU, for a GPU step bound by launches.
 
 Reported per model: median step time, median over rounds of time / plain's time, and the
 largest relative difference of the second moments from ``old``'s. On CUDA it also times the
@@ -18,11 +26,13 @@ flush of the benchmark MLP's three Linear calls alone (fused kernel vs torch ope
 Run from the repository root::
 
     PYTHONPATH=src python benchmarks/augmented_backward_ab.py --old e98ca60 --rounds 300
+    PYTHONPATH=src python benchmarks/augmented_backward_ab.py --old HEAD --tiny --cpu
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import statistics
 import subprocess
@@ -33,13 +43,80 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import augmented_backward as ab  # noqa: E402
 
 import sgdlab.stats as new  # noqa: E402
 from sgdlab.stats import _fused_linear  # noqa: E402
+from sgdlab.stats.conv import conv_moments  # noqa: E402
 from sgdlab.stats.linear import linear_moments  # noqa: E402
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class Floor:
+    """A bare hook-based tracker for models whose parameters are all in ``nn.Linear`` (2-D
+    inputs) and convolution modules: a forward hook per module registers a pre-hook on the
+    output's node, the pre-hook keeps ``(module, input, output gradient)``, and at the end of
+    the backward pass the stashed calls go through the library's kernels (``linear_moments``
+    for all Linear calls at once, ``conv_moments`` per convolution) and the results are set as
+    ``grad_second_moment``. No input, batch, sharing or coverage checks, no accumulation over
+    passes: a measuring probe, not a tracker to use."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stash: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+        self.queued = False
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, *_CONV)):
+                m.register_forward_hook(self.hook)
+            elif any(True for _ in m.parameters(recurse=False)):
+                raise ValueError(f"Floor handles Linear and convolutions only, got {m}")
+
+    def hook(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        out.grad_fn.register_prehook(functools.partial(self.pre, module, args[0], out.output_nr))
+
+    def pre(self, module: nn.Module, x: torch.Tensor, nr: int, grads: tuple) -> None:
+        if not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+        self.stash.append((module, x, grads[nr]))
+
+    def finish(self) -> None:
+        items, self.stash, self.queued = self.stash, [], False
+        B = float(items[0][1].shape[0])
+        with torch.no_grad():
+            lin = [(m, x, d) for m, x, d in items if isinstance(m, nn.Linear)]
+            calls = [(True, m.bias is not None, m.weight.dtype, x, d) for m, x, d in lin]
+            results = linear_moments(calls, B) if calls else []
+            results += [conv_moments(m, x, d, B, 1 << 40, True, m.bias is not None)
+                        for m, x, d in items if isinstance(m, _CONV)]
+            modules = [m for m, _, _ in lin] + [m for m, _, _ in items if isinstance(m, _CONV)]
+            for m, res in zip(modules, results, strict=True):
+                for p, r in zip((m.weight, m.bias), res, strict=False):
+                    p.grad_second_moment = r
+
+
+def tiny_problems() -> list[tuple[str, object, object]]:
+    """Small models whose step is host work only (batch 8)."""
+
+    def mlp(layers: int) -> nn.Module:
+        mods: list[nn.Module] = []
+        for _ in range(layers - 1):
+            mods += [nn.Linear(16, 16), nn.ReLU()]
+        return nn.Sequential(*mods, nn.Linear(16, 4))
+
+    def cnn() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                             nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 4))
+
+    def data(*shape: int):
+        return lambda: (torch.randn(8, *shape), torch.randint(0, 4, (8,)))
+
+    return [("tiny MLP, 3 layers of 16", lambda: mlp(3), data(16)),
+            ("tiny MLP, 33 layers of 16", lambda: mlp(33), data(16)),
+            ("tiny CNN, 2 conv + 1 linear", cnn, data(1, 8, 8))]
 
 
 def extract_old(rev: str, into: str) -> None:
@@ -93,6 +170,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="small models whose step is host work only (see the docstring)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     tmp = tempfile.mkdtemp(prefix="sgdlab_old_")
@@ -107,16 +186,21 @@ def main() -> None:
           f"torch {torch.__version__}; old = {args.old}")
     if dev.type == "cuda":
         flush_timing(dev)
-    for name, make, data in ab.problems(args.quick):
+    for name, make, data in tiny_problems() if args.tiny else ab.problems(args.quick):
         torch.manual_seed(0)
         x, y = (t.to(dev) for t in data())
         base = make().to(dev)
         variants = {}
-        for v in ("plain", "old", "new", "new, torch ops"):
+        for v in ("plain", "old", "new", "new, torch ops", "floor"):
             m = make().to(dev)
             m.load_state_dict(base.state_dict())
             if v == "old":
                 old.track(m)
+            elif v == "floor":
+                try:
+                    Floor(m)
+                except ValueError:
+                    continue  # a model with other layers: no floor probe
             elif v != "plain":
                 new.track(m)
             variants[v] = (m, v == "new, torch ops")

@@ -312,6 +312,25 @@ def test_conv_strategies_agree_with_per_example_loop(case, strategy):
     tracker.detach()
 
 
+@pytest.mark.parametrize("budget", [None, 2000], ids=["one-chunk", "chunks"])
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+def test_conv_with_one_frozen_parameter(frozen, budget):
+    """A convolution whose weight or bias is frozen: the other one's moment alone, on the
+    short path (one chunk) and through the general rule (several chunks)."""
+    torch.manual_seed(11)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2).double()
+    getattr(conv, frozen).requires_grad_(False)
+    x = torch.randn(5, 4, 6, 5, dtype=torch.float64)
+    y = _target(conv, x)
+    (g,) = per_example_grads(conv, sq_loss, x, y)
+    tracker = stats.track(conv, memory_budget=budget)
+    (sq_loss(conv(x), y) / 5).backward()
+    (p,) = [q for q in conv.parameters() if q.requires_grad]
+    assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10
+    assert not hasattr(getattr(conv, frozen), "grad_second_moment")
+    tracker.detach()
+
+
 def test_position_wise_shortcut_fails_on_correlated_sequences():
     """A linear map over a sequence whose positions repeat one vector: the exact per-example
     gradient is T d a^T, squared T^2 (d a)^2; squaring per position gives T (d a)^2, 99% low
