@@ -11,13 +11,14 @@ rewritten), and each round times one step of every variant in a rotating order:
 * ``new, torch ops``  this tree with the fused Linear kernel off (``sgdlab.stats._fused_linear``;
   the same as ``new`` where Triton or CUDA is missing);
 * ``floor``    a bare hook probe (:class:`Floor`, models of ``nn.Linear`` and convolutions
-  only): the same forward hooks, backward pre-hooks and kernels as ``new`` (``linear_moments``,
-  ``conv_moments``) but none of its checks and bookkeeping, so ``new - floor`` is what the
-  tracker's checks cost and ``floor - plain`` what any hook-based tracker with these kernels
-  pays.
+  only): the same forward hooks, backward pre-hooks and kernels as ``new``
+  (``linear_moments``, ``linear_seq_moments``, ``conv_moments``) but none of its checks and
+  bookkeeping, so ``new - floor`` is what the tracker's checks cost and ``floor - plain`` what
+  any hook-based tracker with these kernels pays.
 
-``--tiny`` runs small models instead (a 3-layer and a 33-layer MLP of width 16, a 2-conv CNN,
-batch 8), where the step is all host work: a proxy, on a CPU, for a GPU step bound by launches.
+``--tiny`` runs small models instead (a 3-layer and a 33-layer MLP of width 16, 12 Linear
+layers applied at 4 positions, a 2-conv CNN; batch 8), where the step is all host work: a
+proxy, on a CPU, for a GPU step bound by launches.
 
 Reported per model: median step time, median over rounds of time / plain's time, and the
 largest relative difference of the second moments from ``old``'s. On CUDA it also times the
@@ -51,7 +52,7 @@ import augmented_backward as ab  # noqa: E402
 import sgdlab.stats as new  # noqa: E402
 from sgdlab.stats import _fused_linear  # noqa: E402
 from sgdlab.stats.conv import conv_moments  # noqa: E402
-from sgdlab.stats.linear import linear_moments  # noqa: E402
+from sgdlab.stats.linear import linear_moments, linear_seq_moments  # noqa: E402
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -61,9 +62,11 @@ class Floor:
     inputs) and convolution modules: a forward hook per module registers a pre-hook on the
     output's node, the pre-hook keeps ``(module, input, output gradient)``, and at the end of
     the backward pass the stashed calls go through the library's kernels (``linear_moments``
-    for all Linear calls at once, ``conv_moments`` per convolution) and the results are set as
+    for all 2-D Linear calls at once, ``linear_seq_moments`` per Linear call on ``[B, T..., in]``,
+    ``conv_moments`` per convolution) and the results are set as
     ``grad_second_moment``. No input, batch, sharing or coverage checks, no accumulation over
-    passes: a measuring probe, not a tracker to use."""
+    passes, no chunks (each call in one piece, which a CPU runs slower than the tracker's
+    cache-sized chunks for large convolutions): a probe of host cost, not a tracker to use."""
 
     def __init__(self, model: nn.Module) -> None:
         self.stash: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
@@ -87,13 +90,14 @@ class Floor:
         items, self.stash, self.queued = self.stash, [], False
         B = float(items[0][1].shape[0])
         with torch.no_grad():
-            lin = [(m, x, d) for m, x, d in items if isinstance(m, nn.Linear)]
-            calls = [(True, m.bias is not None, m.weight.dtype, x, d) for m, x, d in lin]
-            results = linear_moments(calls, B) if calls else []
-            results += [conv_moments(m, x, d, B, 1 << 40, True, m.bias is not None)
-                        for m, x, d in items if isinstance(m, _CONV)]
-            modules = [m for m, _, _ in lin] + [m for m, _, _ in items if isinstance(m, _CONV)]
-            for m, res in zip(modules, results, strict=True):
+            lane = [(m, x, d) for m, x, d in items if isinstance(m, nn.Linear) and x.dim() == 2]
+            calls = [(True, m.bias is not None, m.weight.dtype, x, d) for m, x, d in lane]
+            done = list(zip([m for m, _, _ in lane], linear_moments(calls, B) if calls else []))
+            for m, x, d in items:
+                if not isinstance(m, nn.Linear) or x.dim() != 2:
+                    f = linear_seq_moments if isinstance(m, nn.Linear) else conv_moments
+                    done.append((m, f(m, x, d, B, 1 << 40, True, m.bias is not None)))
+            for m, res in done:
                 for p, r in zip((m.weight, m.bias), res, strict=False):
                     p.grad_second_moment = r
 
@@ -107,6 +111,10 @@ def tiny_problems() -> list[tuple[str, object, object]]:
             mods += [nn.Linear(16, 16), nn.ReLU()]
         return nn.Sequential(*mods, nn.Linear(16, 4))
 
+    def seq() -> nn.Module:
+        return nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(16, 16), nn.GELU())],
+                             nn.Flatten(), nn.Linear(4 * 16, 4))
+
     def cnn() -> nn.Module:
         return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3),
                              nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 4))
@@ -116,6 +124,7 @@ def tiny_problems() -> list[tuple[str, object, object]]:
 
     return [("tiny MLP, 3 layers of 16", lambda: mlp(3), data(16)),
             ("tiny MLP, 33 layers of 16", lambda: mlp(33), data(16)),
+            ("tiny Linear stack on [B, 4, 16], 12 layers + 1", seq, data(4, 16)),
             ("tiny CNN, 2 conv + 1 linear", cnn, data(1, 8, 8))]
 
 

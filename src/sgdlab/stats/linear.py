@@ -11,7 +11,8 @@ Input ``[B, T..., in]`` (a linear map applied at many positions: sequences, atte
 projections, transformer MLPs): example b's gradient is ``D_b^T A_b = sum_t d_bt a_bt^T``, a sum
 over positions *before* squaring. Squaring per position (``sum_t (d_bt)^2 (a_bt)^2``) is wrong
 whenever positions are correlated, so the per-example gradient is materialised with one batched
-matmul per chunk of examples under the tracker's memory budget.
+matmul per chunk of examples under the tracker's memory budget (:func:`linear_seq_moments` when
+one chunk holds the whole batch).
 
 Reference: Goodfellow (2015) "Efficient per-example gradient computations"; Dangel, Kunstner &
 Hennig (2020) "BackPACK", SumGradSquared.
@@ -34,7 +35,7 @@ from ._base import (
     unread,
 )
 
-__all__ = ["linear_rule", "linear_moments"]
+__all__ = ["linear_rule", "linear_moments", "linear_seq_moments"]
 
 
 def linear_rule(call: Call) -> dict[str, Contribution]:
@@ -131,3 +132,38 @@ def linear_moments(
             i += 1
             out.append((torch.mv(d2t, c[1]),))
     return out
+
+
+def linear_seq_moments(
+    module: nn.Module, x: torch.Tensor, d: torch.Tensor, scale: float, memory_budget: int,
+    weight: bool, bias: bool,
+) -> tuple[torch.Tensor, ...] | None:
+    """The ``[B, T..., in]`` case of :func:`linear_rule` with little host work: ``scale *
+    sum_b (D_b^T A_b)^2`` for the weight (one batched matmul, an in-place square and one
+    matrix-vector product) and ``scale * sum_b (sum_t d_bt)^2`` for the bias (those requested,
+    in this order). Returns ``None`` where the general rule is needed: per-example weight
+    gradients that do not fit ``memory_budget`` in one chunk. Same kernels and results as
+    :func:`linear_rule`.
+    """
+    dtype = module.weight.dtype
+    if x.dtype is not dtype:
+        x = in_dtype(x, dtype)
+    if d.dtype is not dtype:
+        d = in_dtype(d, dtype)
+    B = d.shape[0]
+    w = module.weight
+    if weight and B * w.numel() * d.element_size() > memory_budget:
+        return None  # chunks: the general rule
+    d3 = d.reshape(B, -1, d.shape[-1])
+    out: list[torch.Tensor] = []
+    ones = None
+    if weight:
+        g = torch.bmm(d3.transpose(1, 2), x.reshape(B, -1, x.shape[-1])).view(B, -1)
+        g.mul_(g)
+        ones = scaled_ones(B, scale, g)
+        out.append(torch.mv(g.T, ones).view(w.shape))
+    if bias:
+        s = d3.sum(1)
+        s = s * s
+        out.append(torch.mv(s.T, scaled_ones(B, scale, s) if ones is None else ones))
+    return tuple(out)

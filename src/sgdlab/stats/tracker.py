@@ -9,6 +9,9 @@ or once the tensors they hold outgrow ``memory_budget``: the squares of all of t
 multi-tensor kernel, which matters where a step is bound by kernel launches (small layers on a
 GPU); on a GPU with Triton they are one fused kernel for up to four layers
 (:mod:`sgdlab.stats._fused_linear`, compiled on the first backward pass that uses it).
+Calls of ``nn.Linear`` on ``[B, T..., in]`` and of convolutions whose per-example gradients fit
+``memory_budget`` at once take a short path (:func:`~sgdlab.stats.linear.linear_seq_moments`,
+:func:`~sgdlab.stats.conv.conv_moments`): the rule's kernels without its per-call bookkeeping.
 At the end of each backward pass (an autograd-engine callback) every tracked parameter
 ``p`` holds
 
@@ -79,7 +82,7 @@ from .._validation import check_batch_size, check_choice, check_positive
 from ._base import Call, Contribution
 from ._registry import Rule, _first_dim, _no_check, rule_for
 from .conv import conv_moments, conv_rule
-from .linear import linear_moments, linear_rule
+from .linear import linear_moments, linear_rule, linear_seq_moments
 
 __all__ = ["Tracker", "track", "ATTRIBUTE"]
 
@@ -151,9 +154,10 @@ class _Entry:
     label: str = ""
     plain: bool = False  # no input check, batch size = first dimension of the first input
     linear: bool = False  # an nn.Linear: 2-D calls take the deferred lane (_on_linear_grad)
+    # and calls on [B, T..., in] the short path (_on_moments_grad with linear_seq_moments)
     has_weight: bool = False  # linear lane: which of weight, bias (in this order) are tracked
     has_bias: bool = False
-    conv: bool = False  # a convolution (unfold strategy): calls take _on_conv_grad
+    conv: bool = False  # a convolution (unfold strategy): calls take _on_moments_grad
 
 
 @dataclass(slots=True)
@@ -286,9 +290,11 @@ class Tracker:
             for n, p in owned:
                 self._params.setdefault(id(p), (f"{name}.{n}" if name else n, p))
             if entry.linear:
-                hook = self._fast_hook(entry, self._on_linear_grad, 2)
+                seq = functools.partial(self._on_moments_grad, linear_seq_moments)
+                hook = self._fast_hook(entry, self._on_linear_grad, 2, seq)
             elif entry.conv:
-                hook = self._fast_hook(entry, self._on_conv_grad, len(module.kernel_size) + 2)
+                conv = functools.partial(self._on_moments_grad, conv_moments)
+                hook = self._fast_hook(entry, conv, len(module.kernel_size) + 2)
             else:
                 hook = self._forward_hook
             self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
@@ -379,11 +385,12 @@ class Tracker:
         self.detach()
 
     # ------------------------------------------------------------------ hooks
-    def _fast_hook(self, entry: _Entry, on_grad: Any, ndim: int) -> Any:
+    def _fast_hook(self, entry: _Entry, on_grad: Any, ndim: int, on_more: Any = None) -> Any:
         """The forward hook of an ``nn.Linear`` or a convolution: calls on one ``ndim``-dim
-        tensor (``[B, in]``; ``[B, C, *spatial]``) take a short path: a pre-hook that checks
-        the call (:meth:`_on_fast_grad`) and hands it to ``on_grad``
-        (:meth:`_on_linear_grad`, :meth:`_on_conv_grad`); other calls take the general hook."""
+        tensor (``[B, in]``; ``[B, C, *spatial]``), or with ``on_more`` on one tensor of more
+        dims (``[B, T..., in]``), take a short path: a pre-hook that checks the call
+        (:meth:`_on_fast_grad`) and hands it to ``on_grad`` (:meth:`_on_linear_grad`,
+        :meth:`_on_moments_grad`) or ``on_more``; other calls take the general hook."""
         general = self._forward_hook
         ids = entry.ids
 
@@ -391,7 +398,14 @@ class Tracker:
             if kwargs or len(args) != 1 or self._suspended or self.per_example_norms:
                 return general(module, args, kwargs, output)
             x = args[0]
-            if not (isinstance(x, Tensor) and x.dim() == ndim and isinstance(output, Tensor)):
+            if not (isinstance(x, Tensor) and isinstance(output, Tensor)):
+                return general(module, args, kwargs, output)
+            dim = x.dim()
+            if dim == ndim:
+                handler = on_grad
+            elif on_more is not None and dim > ndim:
+                handler = on_more
+            else:
                 return general(module, args, kwargs, output)
             node = output.grad_fn
             if node is None:
@@ -401,7 +415,7 @@ class Tracker:
                 uses[pid] = uses.get(pid, 0) + 1
             record = (entry, x, x._version, x.shape[0], uses)
             node.register_prehook(
-                functools.partial(self._on_fast_grad, on_grad, record, output.output_nr)
+                functools.partial(self._on_fast_grad, handler, record, output.output_nr)
             )
             return None
 
@@ -544,14 +558,15 @@ class Tracker:
         if held > (self.memory_budget or _default_budget(d)):
             self._flush(state)
 
-    def _on_conv_grad(self, state: _Pass, record: tuple, d: Tensor) -> None:
-        """A convolution call: computed at once by :func:`conv_moments`, without the general
-        path's bookkeeping; a shared weight or a call too large for one chunk takes the
+    def _on_moments_grad(self, moments: Any, state: _Pass, record: tuple, d: Tensor) -> None:
+        """A call computed at once by ``moments`` (:func:`conv_moments`,
+        :func:`linear_seq_moments`), without the general path's bookkeeping; a shared
+        parameter or a call too large for one chunk (``moments`` returns ``None``) takes the
         general rule."""
         entry, x, _, _, uses = record
         results = None
         if not _shared(entry, uses):
-            results = _without_grad(conv_moments, entry.module, x, d, state.scale,
+            results = _without_grad(moments, entry.module, x, d, state.scale,
                                     self.memory_budget or _default_budget(d),
                                     entry.has_weight, entry.has_bias)
         if results is None:
