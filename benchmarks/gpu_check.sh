@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Everything sgdlab measures on a CUDA machine, in about eight minutes: the CUDA tests (fused
+# Everything sgdlab measures on a CUDA machine, in about ten minutes: the CUDA tests (fused
 # and capturable optimizer paths, CUDA-graph replay, the augmented backward on the device), the
-# augmented-backward benchmark against its peers (those installed), and the optimizer-step
+# augmented-backward benchmark against its peers (those installed) and its A/B against an
+# earlier commit (OLD=rev, default HEAD~2) with the bare hook probe, and the optimizer-step
 # benchmark (Adam at 100M, GPT-2 small shapes, 1B; other algorithms with ALGOS=adam,sgd,rmsprop).
 # With $OUT set, the logs and the step benchmark's JSON are written there too.
 #   bash benchmarks/gpu_check.sh            (python3 with a CUDA torch; run from anywhere)
@@ -22,6 +23,8 @@ export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-8}
     -q -p no:cacheprovider --durations=5 2>&1 | tail -30
   echo "== augmented backward"
   timeout 150 $PY benchmarks/augmented_backward.py --repeat 50 2>&1
+  echo "== augmented backward A/B against \$OLD (default HEAD~2), with the bare hook probe (floor)"
+  timeout 150 $PY benchmarks/augmented_backward_ab.py --old "${OLD:-HEAD~2}" --rounds 100 2>&1
   echo "== optimizer step"
   timeout 270 $PY benchmarks/optim_step.py --device cuda --algos "$ALGOS" --rounds 30 \
     --json "$OUT/optim_step_cuda.json" 2>&1
