@@ -34,6 +34,7 @@ __all__ = [
     "small_per_example",
     "in_dtype",
     "scaled_ones",
+    "square_sum",
     "unread",
 ]
 
@@ -155,6 +156,14 @@ def scaled_ones(n: int, scale: float, like: Tensor) -> Tensor:
             _CACHE.clear()
         v = _CACHE[key] = torch.full((n,), scale, dtype=like.dtype, device=like.device)
     return v
+
+
+def square_sum(v: Tensor, scale: float) -> Tensor:
+    """``scale * sum_b v_b * v_b`` for per-example values ``v`` ``[B, n]``, a fresh buffer that
+    is squared in place: two kernels (the square, and the sum over examples with the scaling as
+    one matrix-vector product)."""
+    v.mul_(v)
+    return torch.mv(v.T, scaled_ones(v.shape[0], scale, v))
 
 
 def unread(like: Tensor) -> Tensor:

@@ -35,8 +35,8 @@ from ._base import (
     in_dtype,
     reduce_per_example,
     require_batched,
-    scaled_ones,
     small_per_example,
+    square_sum,
 )
 
 __all__ = ["conv_moments", "conv_rule"]
@@ -213,7 +213,6 @@ def conv_moments(
         require_batched(module, x, nd + 2, f"inputs [B, C, {nd} spatial dims]")
     B = d.shape[0]
     out: list[Tensor] = []
-    ones = None
     if weight:
         w = module.weight
         per_example = w.numel() * x.element_size() + _im2col_bytes(x, d, module.kernel_size)
@@ -223,13 +222,7 @@ def conv_moments(
         groups = module.groups
         g = _example_grads(module, xp, d.reshape(B * groups, d.shape[1] // groups, -1),
                            tuple(d.shape[2:]))
-        g.mul_(g)
-        ones = scaled_ones(B, scale, g)
-        out.append(torch.mv(g.T, ones).view(w.shape))
+        out.append(square_sum(g, scale).view(w.shape))
     if bias:
-        s = d.sum(tuple(range(2, d.dim())))
-        s = s * s
-        if ones is None:
-            ones = scaled_ones(B, scale, s)
-        out.append(torch.mv(s.T, ones))
+        out.append(square_sum(d.sum(tuple(range(2, d.dim()))), scale))
     return tuple(out)

@@ -32,6 +32,7 @@ from ._base import (
     require_batched,
     scaled_ones,
     small_per_example,
+    square_sum,
     unread,
 )
 
@@ -156,14 +157,9 @@ def linear_seq_moments(
         return None  # chunks: the general rule
     d3 = d.reshape(B, -1, d.shape[-1])
     out: list[torch.Tensor] = []
-    ones = None
     if weight:
         g = torch.bmm(d3.transpose(1, 2), x.reshape(B, -1, x.shape[-1])).view(B, -1)
-        g.mul_(g)
-        ones = scaled_ones(B, scale, g)
-        out.append(torch.mv(g.T, ones).view(w.shape))
+        out.append(square_sum(g, scale).view(w.shape))
     if bias:
-        s = d3.sum(1)
-        s = s * s
-        out.append(torch.mv(s.T, scaled_ones(B, scale, s) if ones is None else ones))
+        out.append(square_sum(d3.sum(1), scale))
     return tuple(out)
