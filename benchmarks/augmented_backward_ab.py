@@ -10,15 +10,15 @@ rewritten), and each round times one step of every variant in a rotating order:
 * ``new``      ``sgdlab.stats.track`` (this tree);
 * ``new, torch ops``  this tree with the fused Linear kernel off (``sgdlab.stats._fused_linear``;
   the same as ``new`` where Triton or CUDA is missing);
-* ``floor``    a bare hook probe (:class:`Floor`, models of ``nn.Linear`` and convolutions
-  only): the same forward hooks, backward pre-hooks and kernels as ``new``
-  (``linear_moments``, ``linear_seq_moments``, ``conv_moments``) but none of its checks and
-  bookkeeping, so ``new - floor`` is what the tracker's checks cost and ``floor - plain`` what
-  any hook-based tracker with these kernels pays.
+* ``floor``    a bare hook probe (:class:`Floor`, models of ``nn.Linear``, convolutions and
+  per-example norms only): the same forward hooks, backward pre-hooks and kernels as ``new``
+  (``linear_moments``, ``linear_seq_moments``, ``conv_moments``, ``norm_moments``) but none of
+  its checks and bookkeeping, so ``new - floor`` is what the tracker's checks cost and
+  ``floor - plain`` what any hook-based tracker with these kernels pays.
 
 ``--tiny`` runs small models instead (a 3-layer and a 33-layer MLP of width 16, 12 Linear
-layers applied at 4 positions, a 2-conv CNN; batch 8), where the step is all host work: a
-proxy, on a CPU, for a GPU step bound by launches.
+layers applied at 4 positions, 6 LayerNorm + Linear pairs likewise, a 2-conv CNN; batch 8),
+where the step is all host work: a proxy, on a CPU, for a GPU step bound by launches.
 
 Reported per model: median step time, median over rounds of time / plain's time, and the
 largest relative difference of the second moments from ``old``'s. On CUDA it also times the
@@ -53,29 +53,32 @@ import sgdlab.stats as new  # noqa: E402
 from sgdlab.stats import _fused_linear  # noqa: E402
 from sgdlab.stats.conv import conv_moments  # noqa: E402
 from sgdlab.stats.linear import linear_moments, linear_seq_moments  # noqa: E402
+from sgdlab.stats.norm import norm_moments  # noqa: E402
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
 
 
 class Floor:
-    """A bare hook-based tracker for models whose parameters are all in ``nn.Linear`` (2-D
-    inputs) and convolution modules: a forward hook per module registers a pre-hook on the
+    """A bare hook-based tracker for models whose parameters are all in ``nn.Linear``,
+    convolutions and per-example norms: a forward hook per module registers a pre-hook on the
     output's node, the pre-hook keeps ``(module, input, output gradient)``, and at the end of
     the backward pass the stashed calls go through the library's kernels (``linear_moments``
-    for all 2-D Linear calls at once, ``linear_seq_moments`` per Linear call on ``[B, T..., in]``,
-    ``conv_moments`` per convolution) and the results are set as
-    ``grad_second_moment``. No input, batch, sharing or coverage checks, no accumulation over
-    passes, no chunks (each call in one piece, which a CPU runs slower than the tracker's
-    cache-sized chunks for large convolutions): a probe of host cost, not a tracker to use."""
+    for all 2-D Linear calls at once, ``linear_seq_moments`` per Linear call on
+    ``[B, T..., in]``, ``conv_moments`` per convolution, ``norm_moments`` per norm) and the
+    results are set as ``grad_second_moment``. No input, batch, sharing or coverage checks, no
+    accumulation over passes, no chunks (each call in one piece, which a CPU runs slower than
+    the tracker's cache-sized chunks for large convolutions): a probe of host cost, not a
+    tracker to use."""
 
     def __init__(self, model: nn.Module) -> None:
         self.stash: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
         self.queued = False
         for m in model.modules():
-            if isinstance(m, (nn.Linear, *_CONV)):
+            if isinstance(m, (nn.Linear, *_CONV, *_NORM)):
                 m.register_forward_hook(self.hook)
             elif any(True for _ in m.parameters(recurse=False)):
-                raise ValueError(f"Floor handles Linear and convolutions only, got {m}")
+                raise ValueError(f"Floor handles Linear, convolutions and norms only, got {m}")
 
     def hook(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         out.grad_fn.register_prehook(functools.partial(self.pre, module, args[0], out.output_nr))
@@ -95,7 +98,8 @@ class Floor:
             done = list(zip([m for m, _, _ in lane], linear_moments(calls, B) if calls else []))
             for m, x, d in items:
                 if not isinstance(m, nn.Linear) or x.dim() != 2:
-                    f = linear_seq_moments if isinstance(m, nn.Linear) else conv_moments
+                    f = (linear_seq_moments if isinstance(m, nn.Linear)
+                         else norm_moments if isinstance(m, _NORM) else conv_moments)
                     done.append((m, f(m, x, d, B, 1 << 40, True, m.bias is not None)))
             for m, res in done:
                 for p, r in zip((m.weight, m.bias), res, strict=False):
@@ -111,6 +115,10 @@ def tiny_problems() -> list[tuple[str, object, object]]:
             mods += [nn.Linear(16, 16), nn.ReLU()]
         return nn.Sequential(*mods, nn.Linear(16, 4))
 
+    def prenorm() -> nn.Module:
+        return nn.Sequential(*[m for _ in range(6) for m in (nn.LayerNorm(16), nn.Linear(16, 16))],
+                             nn.Flatten(), nn.Linear(4 * 16, 4))
+
     def seq() -> nn.Module:
         return nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(16, 16), nn.GELU())],
                              nn.Flatten(), nn.Linear(4 * 16, 4))
@@ -125,6 +133,8 @@ def tiny_problems() -> list[tuple[str, object, object]]:
     return [("tiny MLP, 3 layers of 16", lambda: mlp(3), data(16)),
             ("tiny MLP, 33 layers of 16", lambda: mlp(33), data(16)),
             ("tiny Linear stack on [B, 4, 16], 12 layers + 1", seq, data(4, 16)),
+            ("tiny pre-norm stack on [B, 4, 16], 6 x (LayerNorm, Linear) + 1", prenorm,
+             data(4, 16)),
             ("tiny CNN, 2 conv + 1 linear", cnn, data(1, 8, 8))]
 
 

@@ -11,6 +11,7 @@ from stats_brute import per_example_grads, rel_err
 from torch import nn
 
 import sgdlab.stats as stats
+from sgdlab.stats import tracker as tracker_module
 
 B = 5
 
@@ -279,6 +280,39 @@ def test_rule_matches_per_example_loop(case, reduction):
     assert not hasattr(model.parameters().__next__(), "grad_second_moment")
 
 
+SHORT_CASES = [c for c in CASES
+               if c[0].startswith(("linear", "conv", "layernorm", "groupnorm", "rmsnorm"))]
+
+
+@pytest.mark.parametrize("case", SHORT_CASES, ids=[c[0] for c in SHORT_CASES])
+def test_short_paths_equal_the_general_rule_bitwise(case, monkeypatch):
+    """Linear, convolution and per-example normalisation calls take a short path (the 2-D
+    Linear lane, ``linear_seq_moments``, ``conv_moments``, ``norm_moments``): no call reaches the
+    general rule, and the moments are bitwise those of the general rule (which the same model
+    takes with ``per_example_norms=True``) and match the brute-force loop."""
+    name, make_model, make_x, loss, _ = case
+    torch.manual_seed(hash(name) % 1000)
+    model = make_model().double()
+    x = make_x().double()
+    y = _target(model, x)
+    per = per_example_grads(model, loss, x, y)
+    twin = make_model().double()
+    twin.load_state_dict(model.state_dict())
+    general = []
+    compute = tracker_module.Tracker._compute
+    monkeypatch.setattr(tracker_module.Tracker, "_compute",
+                        lambda self, *a: general.append(self) or compute(self, *a))
+    short, slow = stats.track(model), stats.track(twin, per_example_norms=True)
+    for m in (model, twin):
+        (loss(m(x), y) / x.shape[0]).backward()
+    assert short not in general and slow in general
+    for p, q, g in zip(model.parameters(), twin.parameters(), per, strict=True):
+        assert torch.equal(p.grad_second_moment, q.grad_second_moment)
+        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10
+    short.detach()
+    slow.detach()
+
+
 def test_position_wise_shortcut_would_be_wrong():
     """The rule sums over positions before squaring; squaring per position differs a lot on a
     convolution, so the test above can tell the two apart."""
@@ -328,6 +362,27 @@ def test_conv_with_one_frozen_parameter(frozen, budget):
     (p,) = [q for q in conv.parameters() if q.requires_grad]
     assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10
     assert not hasattr(getattr(conv, frozen), "grad_second_moment")
+    tracker.detach()
+
+
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+@pytest.mark.parametrize("make", [lambda: nn.LayerNorm(4), lambda: nn.GroupNorm(2, 4)],
+                         ids=["layernorm", "groupnorm"])
+def test_norm_with_one_frozen_parameter(make, frozen):
+    torch.manual_seed(12)
+    norm = make().double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    getattr(norm, frozen).requires_grad_(False)
+    x = torch.randn(5, 4, 3, 4, dtype=torch.float64)
+    y = _target(norm, x)
+    (g,) = per_example_grads(norm, sq_loss, x, y)
+    tracker = stats.track(norm)
+    (sq_loss(norm(x), y) / 5).backward()
+    (p,) = [q for q in norm.parameters() if q.requires_grad]
+    assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10
+    assert not hasattr(getattr(norm, frozen), "grad_second_moment")
     tracker.detach()
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import Call, Contribution, in_dtype, require_batched, small_per_example
+from ._base import Call, Contribution, in_dtype, require_batched, small_per_example, square_sum
 
-__all__ = ["norm_rule", "check_batchnorm"]
+__all__ = ["norm_rule", "norm_moments", "check_batchnorm"]
 
 
 def check_batchnorm(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -52,6 +52,14 @@ def _xhat(module: nn.Module, x: Tensor) -> Tensor:
     return (x - mean) / (var + module.eps).sqrt()
 
 
+def _per_example(module: nn.Module, t: Tensor, B: int) -> Tensor:
+    """Per-example sums over the positions that share an affine entry: ``[B, *shape]`` of
+    the affine parameters (a fresh tensor)."""
+    if isinstance(module, nn.LayerNorm | nn.RMSNorm):
+        return t.reshape(B, -1, *module.normalized_shape).sum(1)
+    return t.reshape(B, t.shape[1], -1).sum(2)  # channel-wise affine
+
+
 def norm_rule(call: Call) -> dict[str, Contribution]:
     """Per-example statistics of ``weight`` and ``bias`` of one normalisation call."""
     module = call.module
@@ -63,17 +71,34 @@ def norm_rule(call: Call) -> dict[str, Contribution]:
     require_batched(module, x, 2, "inputs [B, ...]")
     B = call.batch_size
     names = set(call.param_names)
-    xhat = _xhat(module, x) if "weight" in names else None
-
-    def per_example(t: Tensor) -> Tensor:
-        if isinstance(module, nn.LayerNorm | nn.RMSNorm):
-            shape = tuple(module.normalized_shape)
-            return t.reshape(B, -1, *shape).sum(1)
-        return t.reshape(B, t.shape[1], -1).sum(2)  # channel-wise affine
-
     out: dict[str, Contribution] = {}
     if "weight" in names:
-        out["weight"] = small_per_example("weight", call, per_example(d * xhat))
+        v = _per_example(module, d * _xhat(module, x), B)
+        out["weight"] = small_per_example("weight", call, v)
     if "bias" in names:
-        out["bias"] = small_per_example("bias", call, per_example(d))
+        out["bias"] = small_per_example("bias", call, _per_example(module, d, B))
     return out
+
+
+def norm_moments(
+    module: nn.Module, x: Tensor, d: Tensor, scale: float, memory_budget: int,
+    weight: bool, bias: bool,
+) -> tuple[Tensor, ...]:
+    """:func:`norm_rule` for one call of a per-example normalisation (LayerNorm, RMSNorm,
+    GroupNorm) with little host work: ``scale * sum_b v_b^2`` of the per-example weight and
+    bias gradients (those requested, in this order), with the rule's kernels. Its per-example
+    tensors are small, so ``memory_budget`` never sends it to the general rule."""
+    dtype = module.weight.dtype
+    if x.dtype is not dtype:
+        x = in_dtype(x, dtype)
+    if d.dtype is not dtype:
+        d = in_dtype(d, dtype)
+    B = d.shape[0]
+    out: list[Tensor] = []
+    if weight:
+        v = _per_example(module, d * _xhat(module, x), B)
+        out.append(square_sum(v.view(B, -1), scale).view(v.shape[1:]))
+    if bias:
+        v = _per_example(module, d, B)
+        out.append(square_sum(v.view(B, -1), scale).view(v.shape[1:]))
+    return tuple(out)

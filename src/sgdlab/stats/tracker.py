@@ -10,8 +10,9 @@ multi-tensor kernel, which matters where a step is bound by kernel launches (sma
 GPU); on a GPU with Triton they are one fused kernel for up to four layers
 (:mod:`sgdlab.stats._fused_linear`, compiled on the first backward pass that uses it).
 Calls of ``nn.Linear`` on ``[B, T..., in]`` and of convolutions whose per-example gradients fit
-``memory_budget`` at once take a short path (:func:`~sgdlab.stats.linear.linear_seq_moments`,
-:func:`~sgdlab.stats.conv.conv_moments`): the rule's kernels without its per-call bookkeeping.
+``memory_budget`` at once, and calls of LayerNorm, RMSNorm and GroupNorm, take a short path
+(:func:`~sgdlab.stats.linear.linear_seq_moments`, :func:`~sgdlab.stats.conv.conv_moments`,
+:func:`~sgdlab.stats.norm.norm_moments`): the rule's kernels without its per-call bookkeeping.
 At the end of each backward pass (an autograd-engine callback) every tracked parameter
 ``p`` holds
 
@@ -83,6 +84,7 @@ from ._base import Call, Contribution
 from ._registry import Rule, _first_dim, _no_check, rule_for
 from .conv import conv_moments, conv_rule
 from .linear import linear_moments, linear_rule, linear_seq_moments
+from .norm import norm_moments, norm_rule
 
 __all__ = ["Tracker", "track", "ATTRIBUTE"]
 
@@ -155,9 +157,10 @@ class _Entry:
     plain: bool = False  # no input check, batch size = first dimension of the first input
     linear: bool = False  # an nn.Linear: 2-D calls take the deferred lane (_on_linear_grad)
     # and calls on [B, T..., in] the short path (_on_moments_grad with linear_seq_moments)
-    has_weight: bool = False  # linear lane: which of weight, bias (in this order) are tracked
+    has_weight: bool = False  # short paths: which of weight, bias (in this order) are tracked
     has_bias: bool = False
     conv: bool = False  # a convolution (unfold strategy): calls take _on_moments_grad
+    norm: bool = False  # LayerNorm, RMSNorm, GroupNorm: calls take _on_moments_grad
 
 
 @dataclass(slots=True)
@@ -283,7 +286,8 @@ class Tracker:
                 rule.compute is linear_rule,
             )
             entry.conv = rule.compute is conv_rule and self.conv_strategy != "grouped"
-            if entry.linear or entry.conv:
+            entry.norm = rule.compute is norm_rule and entry.plain  # not BatchNorm (checked)
+            if entry.linear or entry.conv or entry.norm:
                 entry.has_weight = "weight" in entry.names
                 entry.has_bias = "bias" in entry.names
             self._entries[module] = entry
@@ -295,6 +299,9 @@ class Tracker:
             elif entry.conv:
                 conv = functools.partial(self._on_moments_grad, conv_moments)
                 hook = self._fast_hook(entry, conv, len(module.kernel_size) + 2)
+            elif entry.norm:
+                norm = functools.partial(self._on_moments_grad, norm_moments)
+                hook = self._fast_hook(entry, norm, 2, norm)
             else:
                 hook = self._forward_hook
             self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
