@@ -16,32 +16,51 @@ def loss_sum(out, y):
     return F.cross_entropy(out, y, reduction="sum")
 
 
-def setup(seed: int = 0, n: int = 12):
+def setup(seed: int = 0, n: int = 12, kind: str = "mlp"):
+    """A model whose layers take one kind of path: ``mlp`` the 2-D Linear lane, ``seq`` the
+    short paths of Linear on ``[B, T, in]`` and LayerNorm, ``cnn`` the convolution's."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    x = torch.randn(n, 5, dtype=torch.float64)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+        x = torch.randn(n, 5)
+    elif kind == "seq":
+        model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3),
+                              nn.Flatten(), nn.Linear(3 * 4, 3))
+        x = torch.randn(n, 4, 5)
+    else:
+        model = nn.Sequential(nn.Conv1d(5, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                              nn.Linear(3 * 4, 3))
+        x = torch.randn(n, 5, 4)
+    model, x = model.double(), x.double()
     y = torch.randint(0, 3, (n,))
     per = per_example_grads(model, loss_sum, x, y)
     return model, x, y, per
 
 
-def test_micro_batches_with_total_batch_size_give_concatenated_batch():
-    model, x, y, per = setup()
-    tracker = stats.track(model, batch_size=12, per_example_norms=True)
+KINDS = ["mlp", "seq", "cnn"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("norms", [True, False], ids=["general", "short"])
+def test_micro_batches_with_total_batch_size_give_concatenated_batch(kind, norms):
+    model, x, y, per = setup(kind=kind)
+    tracker = stats.track(model, batch_size=12, per_example_norms=norms)
     for xs, ys in zip(x.split(4), y.split(4), strict=True):  # loss_j / k pattern
         (loss_sum(model(xs), ys) / 12).backward()
     for p, g in zip(model.parameters(), per, strict=True):
         assert rel_err(p.grad, g.mean(0)) < 1e-12
         assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10
     assert tracker.num_examples == 12
-    norms = sum(g.pow(2).flatten(1).sum(1) for g in per)
-    assert rel_err(tracker.per_example_sq_norms(), norms) < 1e-10
+    if norms:
+        sq = sum(g.pow(2).flatten(1).sum(1) for g in per)
+        assert rel_err(tracker.per_example_sq_norms(), sq) < 1e-10
 
 
-def test_micro_batches_without_batch_size_accumulate_like_grad():
+@pytest.mark.parametrize("kind", KINDS)
+def test_micro_batches_without_batch_size_accumulate_like_grad(kind):
     """k mean-reduced micro-batches: p.grad = sum of k means and grad_second_moment = sum of k
     second moments, so dividing both by k gives the concatenated batch."""
-    model, x, y, per = setup()
+    model, x, y, per = setup(kind=kind)
     stats.track(model)
     for xs, ys in zip(x.split(4), y.split(4), strict=True):
         (loss_sum(model(xs), ys) / 4).backward()
@@ -50,8 +69,9 @@ def test_micro_batches_without_batch_size_accumulate_like_grad():
         assert rel_err(p.grad_second_moment / 3, (g * g).mean(0)) < 1e-10
 
 
-def test_retain_graph_second_backward_adds_like_grad():
-    model, x, y, per = setup()
+@pytest.mark.parametrize("kind", KINDS)
+def test_retain_graph_second_backward_adds_like_grad(kind):
+    model, x, y, per = setup(kind=kind)
     stats.track(model)
     loss = loss_sum(model(x), y) / 12
     loss.backward(retain_graph=True)
