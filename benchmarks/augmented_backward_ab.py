@@ -17,7 +17,8 @@ rewritten), and each round times one step of every variant in a rotating order:
   ``floor - plain`` what any hook-based tracker with these kernels pays.
 
 ``--tiny`` runs small models instead (a 3-layer and a 33-layer MLP of width 16, 12 Linear
-layers applied at 4 positions, 6 LayerNorm + Linear pairs likewise, a 2-conv CNN; batch 8),
+layers applied at 4 positions, 6 LayerNorm + Linear pairs likewise, two torch
+``TransformerEncoderLayer`` of width 16, a 2-conv CNN; batch 8),
 where the step is all host work: a proxy, on a CPU, for a GPU step bound by launches.
 
 Reported per model: median step time, median over rounds of time / plain's time, and the
@@ -119,6 +120,10 @@ def tiny_problems() -> list[tuple[str, object, object]]:
         return nn.Sequential(*[m for _ in range(6) for m in (nn.LayerNorm(16), nn.Linear(16, 16))],
                              nn.Flatten(), nn.Linear(4 * 16, 4))
 
+    def encoder() -> nn.Module:
+        return nn.Sequential(*[nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+                               for _ in range(2)], nn.Flatten(), nn.Linear(4 * 16, 4))
+
     def seq() -> nn.Module:
         return nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(16, 16), nn.GELU())],
                              nn.Flatten(), nn.Linear(4 * 16, 4))
@@ -135,6 +140,7 @@ def tiny_problems() -> list[tuple[str, object, object]]:
             ("tiny Linear stack on [B, 4, 16], 12 layers + 1", seq, data(4, 16)),
             ("tiny pre-norm stack on [B, 4, 16], 6 x (LayerNorm, Linear) + 1", prenorm,
              data(4, 16)),
+            ("tiny torch TransformerEncoderLayer x 2 on [B, 4, 16] + 1", encoder, data(4, 16)),
             ("tiny CNN, 2 conv + 1 linear", cnn, data(1, 8, 8))]
 
 

@@ -84,6 +84,20 @@ class MaskedAttention(nn.Module):
         return out + w.sum((1, 3)).unsqueeze(-1) ** 2
 
 
+class CrossAttention(nn.Module):
+    """Queries from one half of the input, keys and values from the other (same width), and
+    the returned weights in the loss: the three input projections act on different tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x):  # x: [B, T, 8] = query 4 | key and value 4
+        q, kv = x[..., :4], torch.tanh(x[..., 4:])
+        out, w = self.mha(q, kv, kv)
+        return out + w.sum(-1, keepdim=True) ** 2
+
+
 class TwoInputs(nn.Module):
     """nn.Bilinear applied to (x, tanh x): a fallback module with two batched inputs."""
 
@@ -218,6 +232,7 @@ CASES = [
     ("mha", lambda: SelfAttention(4), lambda: torch.randn(B, 3, 4), sq_loss, 0),
     ("mha-seqfirst", lambda: SeqFirstAttention(4), lambda: torch.randn(B, 3, 4), sq_loss, 0),
     ("mha-masks-kdim", lambda: MaskedAttention(), lambda: torch.randn(B, 4, 12), sq_loss, 0),
+    ("mha-cross", lambda: CrossAttention(), lambda: torch.randn(B, 3, 8), sq_loss, 0),
     (
         "mha-bool-mask-nobias",
         lambda: BoolMaskAttention(bias=False),

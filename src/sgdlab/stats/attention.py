@@ -8,7 +8,9 @@ attention output ``o`` fed to ``out_proj``, example b's gradients are sums over 
 merged as torch does: boolean entries ``True`` are masked out, float entries are added),
 asks autograd for ``dq, dk, dv, do`` given the output gradients (of the attention output and,
 when requested, of the returned attention weights), and forms the per-example gradients with
-batched matmuls in chunks of examples.
+batched matmuls in chunks of examples. In self-attention (query, key and value one tensor x)
+the three projections are one product ``x W_in^T`` and their per-example gradients one batched
+product ``[dq | dk | dv]^T x``.
 
 Configurations outside this form (``add_bias_kv``, ``add_zero_attn``, a per-head 3-D
 ``attn_mask``) take the ``torch.func`` fallback; active dropout is refused.
@@ -61,6 +63,17 @@ def _supported(m: nn.MultiheadAttention, a: dict[str, Any]) -> bool:
     return m.bias_k is None and not m.add_zero_attn and (mask is None or mask.dim() == 2)
 
 
+def _same_tensor(*ts: Any) -> bool:
+    """Whether the tensors are one tensor: the same memory, shape, strides and dtype (so the
+    same values, also for detached copies of one argument)."""
+    t0 = ts[0]
+    return all(
+        isinstance(t, Tensor) and t.data_ptr() == t0.data_ptr() and t.shape == t0.shape
+        and t.stride() == t0.stride() and t.dtype == t0.dtype
+        for t in ts
+    )
+
+
 def attention_rule(call: Call) -> dict[str, Contribution]:
     """Per-example statistics of the parameters of one ``nn.MultiheadAttention`` call."""
     m: nn.MultiheadAttention = call.module  # type: ignore[assignment]
@@ -68,7 +81,12 @@ def attention_rule(call: Call) -> dict[str, Contribution]:
     if not _supported(m, a):
         return fallback_rule(call)
     dtype = m.out_proj.weight.dtype
-    xq, xk, xv = (in_dtype(a[k], dtype).detach() for k in ("query", "key", "value"))
+    raw = [a[k] for k in ("query", "key", "value")]
+    # self-attention (query, key and value one tensor, as the call's arguments or detached
+    # copies of them): the three input projections are one product with in_proj_weight, and
+    # so are their per-example gradients
+    fused = m._qkv_same_embed_dim and _same_tensor(*raw)
+    xq, xk, xv = (in_dtype(t, dtype).detach() for t in (raw[:1] * 3 if fused else raw))
     if not m.batch_first:
         xq, xk, xv = xq.transpose(0, 1), xk.transpose(0, 1), xv.transpose(0, 1)
     B, L, E = xq.shape
@@ -101,9 +119,16 @@ def attention_rule(call: Call) -> dict[str, Contribution]:
         dy = in_dtype(g_y, dtype) if m.batch_first else in_dtype(g_y, dtype).transpose(0, 1)
     do = dy @ wo  # gradient of the attention output before out_proj
     with torch.enable_grad():
-        qp = F.linear(xq, wq, bq).requires_grad_()
-        kp = F.linear(xk, wk, bk).requires_grad_()
-        vp = F.linear(xv, wv, bv).requires_grad_()
+        if fused:
+            b_in = None if m.in_proj_bias is None else m.in_proj_bias.detach()
+            qkv = F.linear(xq, m.in_proj_weight.detach(), b_in).requires_grad_()
+            leaves: tuple[Tensor, ...] = (qkv,)
+            qp, kp, vp = qkv.chunk(3, -1)
+        else:
+            qp = F.linear(xq, wq, bq).requires_grad_()
+            kp = F.linear(xk, wk, bk).requires_grad_()
+            vp = F.linear(xv, wv, bv).requires_grad_()
+            leaves = (qp, kp, vp)
         q = qp.view(B, L, H, Dh).transpose(1, 2)
         k = kp.view(B, S, H, Dh).transpose(1, 2)
         v = vp.view(B, S, H, Dh).transpose(1, 2)
@@ -118,10 +143,9 @@ def attention_rule(call: Call) -> dict[str, Contribution]:
         if g_w is not None and need_weights:
             targets.append(attn.mean(1) if average else attn)
             cotangents.append(in_dtype(g_w, dtype))
-        dq, dk, dv = torch.autograd.grad(targets, (qp, kp, vp), cotangents, allow_unused=True)
-    dq, dk, dv = (
-        torch.zeros_like(t) if g is None else g
-        for g, t in zip((dq, dk, dv), (qp, kp, vp), strict=True)
+        grads = torch.autograd.grad(targets, leaves, cotangents, allow_unused=True)
+    grads = tuple(
+        torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves, strict=True)
     )
     o = z.detach()
 
@@ -134,30 +158,37 @@ def attention_rule(call: Call) -> dict[str, Contribution]:
                 name, call, shape, dz, lambda s: torch.bmm(dz[s].transpose(1, 2), u[s])
             )
 
-    if m._qkv_same_embed_dim:
-        if "in_proj_weight" in names:
-            out["in_proj_weight"] = reduce_per_example(
-                "in_proj_weight",
-                call,
-                m.in_proj_weight.shape,
-                dq,
-                lambda s: torch.cat(
-                    [
-                        torch.bmm(dq[s].transpose(1, 2), xq[s]),
-                        torch.bmm(dk[s].transpose(1, 2), xk[s]),
-                        torch.bmm(dv[s].transpose(1, 2), xv[s]),
-                    ],
-                    1,
-                ),
-            )
+    if fused:
+        (dqkv,) = grads  # [B, L, 3E]: the gradients of q, k and v side by side
+        per_weight("in_proj_weight", dqkv, xq, m.in_proj_weight.shape)
+        if "in_proj_bias" in names:
+            out["in_proj_bias"] = small_per_example("in_proj_bias", call, dqkv.sum(1))
     else:
-        per_weight("q_proj_weight", dq, xq, m.q_proj_weight.shape)
-        per_weight("k_proj_weight", dk, xk, m.k_proj_weight.shape)
-        per_weight("v_proj_weight", dv, xv, m.v_proj_weight.shape)
-    if "in_proj_bias" in names:
-        out["in_proj_bias"] = small_per_example(
-            "in_proj_bias", call, torch.cat([dq.sum(1), dk.sum(1), dv.sum(1)], 1)
-        )
+        dq, dk, dv = grads
+        if m._qkv_same_embed_dim:
+            if "in_proj_weight" in names:
+                out["in_proj_weight"] = reduce_per_example(
+                    "in_proj_weight",
+                    call,
+                    m.in_proj_weight.shape,
+                    dq,
+                    lambda s: torch.cat(
+                        [
+                            torch.bmm(dq[s].transpose(1, 2), xq[s]),
+                            torch.bmm(dk[s].transpose(1, 2), xk[s]),
+                            torch.bmm(dv[s].transpose(1, 2), xv[s]),
+                        ],
+                        1,
+                    ),
+                )
+        else:
+            per_weight("q_proj_weight", dq, xq, m.q_proj_weight.shape)
+            per_weight("k_proj_weight", dk, xk, m.k_proj_weight.shape)
+            per_weight("v_proj_weight", dv, xv, m.v_proj_weight.shape)
+        if "in_proj_bias" in names:
+            out["in_proj_bias"] = small_per_example(
+                "in_proj_bias", call, torch.cat([dq.sum(1), dk.sum(1), dv.sum(1)], 1)
+            )
     per_weight("out_proj.weight", dy, o, m.out_proj.weight.shape)
     if "out_proj.bias" in names:
         out["out_proj.bias"] = small_per_example("out_proj.bias", call, dy.sum(1))
