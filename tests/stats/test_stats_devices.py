@@ -78,17 +78,18 @@ def _convs():
 
 
 @pytest.mark.parametrize("batch", [8, 45])
-@pytest.mark.parametrize("name", ["mlp", "cnn", "deep", "convs"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "deep", "convs", "block"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_float32_statistics_match_the_float64_brute_force(device, name, batch):
     """float32 parameters: on a GPU with Triton the 2-D Linear calls take the fused kernel
-    (sgdlab.stats._fused_linear); every path must agree with float64 to fp32 rounding."""
+    (sgdlab.stats._fused_linear); every path (the block: Linear on sequences, LayerNorm,
+    attention) must agree with float64 to fp32 rounding."""
     from sgdlab.stats import _fused_linear
 
     make = {"deep": _deep_mlp, "convs": _convs}.get(name) or MODELS[name][0]
     torch.manual_seed(1)
     model = make().double()
-    x = torch.randn(batch, 1, 6, 6, dtype=torch.float64)
+    x = torch.randn(batch, *((7, 16) if name == "block" else (1, 6, 6)), dtype=torch.float64)
     y = torch.randint(0, 5, (batch,))
     per = per_example_grads(model, loss_sum, x, y)
     model = model.float().to(device)
