@@ -64,12 +64,12 @@ def _supported(m: nn.MultiheadAttention, a: dict[str, Any]) -> bool:
 
 
 def _same_tensor(*ts: Any) -> bool:
-    """Whether the tensors are one tensor: the same memory, shape, strides and dtype (so the
-    same values, also for detached copies of one argument)."""
+    """Whether the tensors are one tensor: the same device, memory, shape, strides and dtype
+    (so the same values, also for detached copies of one argument)."""
     t0 = ts[0]
     return all(
-        isinstance(t, Tensor) and t.data_ptr() == t0.data_ptr() and t.shape == t0.shape
-        and t.stride() == t0.stride() and t.dtype == t0.dtype
+        isinstance(t, Tensor) and t.device == t0.device and t.data_ptr() == t0.data_ptr()
+        and t.shape == t0.shape and t.stride() == t0.stride() and t.dtype == t0.dtype
         for t in ts
     )
 
