@@ -11,6 +11,7 @@ from torch import nn
 
 import sgdlab.stats as stats
 from sgdlab.stats import tracker as tracker_module
+from sgdlab.stats.linear import linear_seq_moments
 
 B = 6
 
@@ -112,8 +113,8 @@ def test_mixed_precision_input_accumulates_in_the_parameter_dtype():
     lin = nn.Linear(4, 3).double()
     x = torch.randn(B, 5, 4).to(torch.bfloat16)
     d = torch.randn(B, 5, 3, dtype=torch.float64)
-    got = tracker_module.linear_seq_moments(lin, x, d, 2.0, 2**30, True, True)
-    ref = tracker_module.linear_seq_moments(lin, x.double(), d, 2.0, 2**30, True, True)
+    got = linear_seq_moments(lin, x, d, 2.0, 2**30, True, True)
+    ref = linear_seq_moments(lin, x.double(), d, 2.0, 2**30, True, True)
     assert all(g.dtype == torch.float64 for g in got)
     assert all(torch.equal(g, r) for g, r in zip(got, ref, strict=True))
-    assert tracker_module.linear_seq_moments(lin, x, d, 2.0, 1, True, True) is None
+    assert linear_seq_moments(lin, x, d, 2.0, 1, True, True) is None
