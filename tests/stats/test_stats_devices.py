@@ -108,3 +108,50 @@ def test_float32_statistics_match_the_float64_brute_force(device, name, batch):
         assert p.grad_second_moment.dtype == torch.float32
         assert rel_err(p.grad_second_moment.double().cpu(), (g * g).mean(0)) < 2e-6, pname
     tracker.detach()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rules_on_the_short_paths_never_wait_for_the_device(device):
+    """The short paths and the embedding rule have static shapes (no ``unique``, boolean
+    indexing or host reads), so on a GPU they never synchronise with it: run under
+    ``torch.cuda.set_sync_debug_mode("error")``, which raises on a synchronising call (on the
+    CPU the same calls run unchecked). The Linear lane's fused kernel is compiled before."""
+    from sgdlab.stats._base import Call
+    from sgdlab.stats.conv import conv_moments
+    from sgdlab.stats.embedding import embedding_rule
+    from sgdlab.stats.linear import linear_moments, linear_seq_moments
+    from sgdlab.stats.norm import norm_moments
+
+    torch.manual_seed(2)
+    n = 6
+    emb = nn.Embedding(20, 4, padding_idx=0).to(device)
+    lin, norm, conv = (m.to(device) for m in (nn.Linear(4, 3), nn.LayerNorm(4), nn.Conv1d(4, 3, 3)))
+    idx = torch.randint(0, 20, (n, 5), device=device)
+    x = torch.randn(n, 5, 4, device=device)
+    xc = torch.randn(n, 4, 7, device=device)
+    d = torch.randn(n, 5, 3, device=device)
+    dn = torch.randn(n, 5, 4, device=device)
+    dc = torch.randn(n, 3, 5, device=device)
+    call = Call(emb, (idx,), {}, (dn,), n, ("weight",), frozenset(), False, 2**27, scale=6.0)
+
+    def run():
+        return (linear_moments([(True, True, torch.float32, x[:, 0], d[:, 0])], 6.0),
+                linear_seq_moments(lin, x, d, 6.0, 2**27, True, True),
+                norm_moments(norm, x, dn, 6.0, 2**27, True, True),
+                conv_moments(conv, xc, dc, 6.0, 2**27, True, True),
+                embedding_rule(call)["weight"].moment)
+
+    expected = run()  # compiles the fused kernel where there is one
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = run()
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    flat = [t for r in (got, expected) for t in torch.utils._pytree.tree_leaves(r)]
+    half = len(flat) // 2
+    # equal up to the order of atomic additions (index_add on a GPU)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+               for a, b in zip(flat[:half], flat[half:], strict=True))

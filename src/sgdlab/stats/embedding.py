@@ -1,10 +1,12 @@
 """Rule for ``nn.Embedding``.
 
 Example b looks up tokens ``idx_bt``; its weight gradient has row v equal to
-``sum_{t: idx_bt = v} d_bt`` (rows of ``padding_idx`` stay zero, as in torch). The rule
-aggregates output gradients per (example, token) pair with one ``index_add``, squares the
-aggregates and scatters them into the vocabulary rows, so its cost and memory scale with the
-number of distinct (example, token) pairs, never with ``B * vocabulary``.
+``sum_{t: idx_bt = v} d_bt`` (rows of ``padding_idx`` stay zero, as in torch). The rule sorts
+the (example, token) keys, sums the output gradients of each run of equal keys with one
+``index_add``, squares the sums and scatters them into the vocabulary rows, so its cost and
+memory scale with the number of lookups ``B * T``, never with ``B * vocabulary``; every shape
+is known in advance, so on a GPU it never waits for the device (no ``unique``, no boolean
+indexing).
 
 ``scale_grad_by_freq=True`` divides by token counts of the whole batch, which couples the
 examples; such modules are refused.
@@ -42,22 +44,27 @@ def embedding_rule(call: Call) -> dict[str, Contribution]:
     B = call.batch_size
     V, dim = module.weight.shape
     idx = idx.reshape(B, -1)
-    d = d.reshape(B, -1, dim)
-    example = torch.arange(B, device=idx.device)[:, None].expand_as(idx)
-    keep = torch.ones_like(idx, dtype=torch.bool)
-    if module.padding_idx is not None:
-        keep = idx != module.padding_idx
-    keys = (example * V + idx)[keep]
-    rows = d[keep]
-    uniq, inverse = torch.unique(keys, return_inverse=True)
-    agg = rows.new_zeros(uniq.shape[0], dim).index_add_(0, inverse, rows)
+    rows = d.reshape(-1, dim)  # one per (example, position)
+    if module.padding_idx is not None:  # rows of padding_idx get no gradient
+        rows = rows * (idx != module.padding_idx).reshape(-1, 1).to(rows.dtype)
+    # (example, token) keys in sorted order; positions with one key form a segment, whose sum
+    # is that example's gradient for that vocabulary row. Static shapes throughout (at most
+    # one segment per position), so no host synchronisation on a GPU.
+    keys, order = torch.sort((torch.arange(B, device=idx.device)[:, None] * V + idx).reshape(-1))
+    first = torch.ones_like(keys, dtype=torch.bool)
+    first[1:] = keys[1:] != keys[:-1]
+    seg = torch.cumsum(first, 0) - 1
+    agg = rows.new_zeros(rows.shape).index_add_(0, seg, rows[order])
+    # key of each segment; unused segments keep key 0 and an all-zero sum, adding nothing
+    seg_key = torch.zeros_like(keys).scatter_(0, seg, keys)
     if "weight" in call.materialize:
         per = d.new_zeros(B, V, dim)
-        per.view(B * V, dim).index_add_(0, uniq, agg)
+        per.view(B * V, dim).index_add_(0, seg_key, agg)
         return {"weight": Contribution(per_example=per)}
-    sq = agg * agg
-    moment = d.new_zeros(V, dim).index_add_(0, uniq % V, sq, alpha=call.scale)
+    sq = agg.mul_(agg)
+    moment = d.new_zeros(V, dim).index_add_(0, seg_key % V, sq, alpha=call.scale)
     norms = None
     if call.norms:
-        norms = d.new_zeros(B).index_add_(0, torch.div(uniq, V, rounding_mode="floor"), sq.sum(1))
+        norms = d.new_zeros(B).index_add_(0, torch.div(seg_key, V, rounding_mode="floor"),
+                                          sq.sum(1))
     return {"weight": Contribution(moment=moment, sq_norms=norms)}
