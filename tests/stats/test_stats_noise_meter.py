@@ -112,3 +112,50 @@ def test_meter_errors():
         meter.update()
     with pytest.raises(ValueError, match=">= 2"):
         stats.noise_statistics([torch.ones(2)], [torch.ones(2)], 1)
+
+
+def test_meter_matches_per_example_gradients_in_float32_with_a_sparse_embedding():
+    """A float32 model with a sparse embedding gradient and a scalar parameter, grouped three
+    ways (one group, per parameter, per module): every reading against the float64 sums of
+    per-example gradients, and the float64 work in buffers of the largest tensor's size."""
+    from stats_brute import per_example_grads
+
+    from sgdlab.stats.noise import _scratch
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(12, 4, sparse=True)
+            self.lin = nn.Linear(12, 2)
+            self.gain = nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, x):
+            return self.gain * self.lin(self.emb(x).flatten(1))
+
+    torch.manual_seed(3)
+    B = 10
+    net = Net()
+    x, y = torch.randint(0, 12, (B, 3)), torch.randn(B, 2)
+    per = per_example_grads(net.double(), lambda out, t: 0.5 * (out - t).pow(2).sum(), x,
+                            y.double())
+    per = [g.to_dense() if g.is_sparse else g for g in per]
+    net.float()
+    tr_true = sum(float(g.var(0, unbiased=True).sum()) for g in per)
+    sq_true = sum(float(g.mean(0).pow(2).sum()) for g in per) - tr_true / B
+    tracker = stats.track(net)
+    (0.5 * (net(x) - y).pow(2).sum() / B).backward()
+    assert net.emb.weight.grad.is_sparse
+    groupings = [
+        {"all": list(net.parameters())},
+        net,
+        {"emb": [net.emb.weight], "rest": [*net.lin.parameters(), net.gain]},
+    ]
+    for groups in groupings:
+        r = stats.NoiseMeter(groups, batch_size=B).update()
+        assert r.tr_sigma == pytest.approx(tr_true, rel=1e-5)
+        assert r.grad_sq_norm == pytest.approx(sq_true, rel=1e-5)
+        assert sum(r.tr_sigma_groups.values()) == pytest.approx(r.tr_sigma, rel=1e-12)
+    (bg, bd), = _scratch(p.grad for p in net.parameters()).values()
+    assert bg.dtype == bd.dtype == torch.float64
+    assert bg.numel() == bd.numel() == max(p.numel() for p in net.parameters())
+    tracker.detach()

@@ -66,7 +66,10 @@ def noise_statistics(
 
     ``grads[k]`` and ``second_moments[k]`` are the batch mean of per-example gradients and of
     their squares for tensor k. Sums run over ``dim`` of every tensor (all dims if None), so
-    leading dims can index independent batches.
+    leading dims can index independent batches. Computed in float64 and entry by entry
+    (``m - g^2`` cancels when the noise is small against the gradient; float32 squares, or the
+    difference of two sums, would lose it), one tensor at a time in two float64 buffers of the
+    largest tensor's size: never a float64 copy of the whole model. Returns float64 tensors.
     """
     B = check_batch_size("batch_size", batch_size)
     if B < 2:
@@ -78,6 +81,32 @@ def noise_statistics(
             f"grads and second_moments must be non-empty and of equal length, got "
             f"{len(grads)} and {len(second_moments)}"
         )
+    return _unbiased(*_sums(grads, second_moments, dim, _scratch(grads)), B)
+
+
+def _unbiased(t: Any, s: Any, B: int) -> tuple[Any, Any]:
+    """``(tr Sigma, |G|^2)`` from ``t = sum (m - g^2)`` and ``s = sum g^2`` of a batch of B:
+    ``tr Sigma = B/(B-1) t`` and ``|G|^2 = s - tr Sigma / B`` (tensors or floats)."""
+    tr = t * (B / (B - 1))
+    return tr, s - tr / B
+
+
+def _scratch(tensors: Iterable[Tensor]) -> dict[torch.device, tuple[Tensor, Tensor]]:
+    """Two float64 buffers per device, of the largest tensor's size there."""
+    sizes: dict[torch.device, int] = {}
+    for t in tensors:
+        sizes[t.device] = max(sizes.get(t.device, 1), t.numel())
+    return {dev: (torch.empty(n, dtype=torch.float64, device=dev),
+                  torch.empty(n, dtype=torch.float64, device=dev)) for dev, n in sizes.items()}
+
+
+def _sums(
+    grads: Sequence[Tensor],
+    second_moments: Sequence[Tensor],
+    dim: int | tuple[int, ...] | None,
+    scratch: dict[torch.device, tuple[Tensor, Tensor]],
+) -> tuple[Tensor, Tensor]:
+    """``(sum (m - g^2), sum g^2)`` over the tensors, in float64, through ``scratch``."""
     tr = None
     sq = None
     for g, m in zip(grads, second_moments, strict=True):
@@ -86,14 +115,20 @@ def noise_statistics(
                 f"grad of shape {tuple(g.shape)} does not match second moment of shape "
                 f"{tuple(m.shape)}"
             )
-        g2 = g * g
-        d = dim if dim is not None else tuple(range(g.dim()))
-        t = (m - g2).sum(d) if g.dim() else m - g2
-        s = g2.sum(d) if g.dim() else g2
+        if g.layout != torch.strided:  # a sparse gradient (nn.Embedding(sparse=True))
+            g = g.to_dense()
+        bg, bd = scratch[g.device]
+        n = g.numel()
+        g64 = bg[:n].view(g.shape).copy_(g)
+        diff = bd[:n].view(m.shape).copy_(m).addcmul_(g64, g64, value=-1)  # m - g^2
+        if dim is None:
+            t, s = diff.sum(), torch.dot(g64.reshape(-1), g64.reshape(-1))
+        else:
+            t, s = diff.sum(dim), (g64 * g64).sum(dim)
         tr = t if tr is None else tr + t
         sq = s if sq is None else sq + s
-    tr = tr * (B / (B - 1))
-    return tr, sq - tr / B
+    assert tr is not None and sq is not None  # at least one tensor
+    return tr, sq
 
 
 class ScalarWriter(Protocol):
@@ -210,7 +245,8 @@ class NoiseMeter:
         tr_g: dict[str, float] = {}
         sq_g: dict[str, float] = {}
         temp_g: dict[str, float] = {}
-        for i, (name, params) in enumerate(self.groups.items()):
+        per_group = []
+        for name, params in self.groups.items():
             grads, moments = [], []
             for p in params:
                 m = getattr(p, "grad_second_moment", None)
@@ -219,10 +255,16 @@ class NoiseMeter:
                         f"parameter of group {name!r} lacks grad or grad_second_moment; attach "
                         "sgdlab.stats.track(model) before the backward pass"
                     )
-                grads.append(p.grad.detach().double())
-                moments.append(m.detach().double())
-            tr, sq = noise_statistics(grads, moments, B)
-            tr_g[name], sq_g[name] = float(tr), float(sq)
+                grads.append(p.grad.detach())
+                moments.append(m.detach())
+            per_group.append((grads, moments))
+        # float64 work one tensor at a time in shared buffers, one read from the device
+        scratch = _scratch(g for grads, _ in per_group for g in grads)
+        sums = [torch.stack(_sums(g, m, None, scratch)) for g, m in per_group]
+        first = sums[0].device
+        values = torch.stack([t.to(first) for t in sums]).tolist()
+        for i, (name, (t, s)) in enumerate(zip(self.groups, values, strict=True)):
+            tr_g[name], sq_g[name] = _unbiased(t, s, B)
             lr = self._group_lr(i)
             if lr is not None:
                 temp_g[name] = lr * tr_g[name] / (2 * B)
