@@ -10,6 +10,7 @@ from stats_brute import per_example_grads, rel_err
 from torch import nn
 
 import sgdlab.stats as stats
+from sgdlab.stats import tracker as tracker_module
 
 
 def loss_sum(out, y):
@@ -56,10 +57,14 @@ def test_micro_batches_with_total_batch_size_give_concatenated_batch(kind, norms
         assert rel_err(tracker.per_example_sq_norms(), sq) < 1e-10
 
 
+@pytest.mark.parametrize("defer", [True, False], ids=["at-end", "on-arrival"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_micro_batches_without_batch_size_accumulate_like_grad(kind):
+def test_micro_batches_without_batch_size_accumulate_like_grad(kind, defer, monkeypatch):
     """k mean-reduced micro-batches: p.grad = sum of k means and grad_second_moment = sum of k
-    second moments, so dividing both by k gives the concatenated batch."""
+    second moments, so dividing both by k gives the concatenated batch (short-path calls
+    computed at the end of each pass, or as their gradients arrive)."""
+    if not defer:
+        monkeypatch.setattr(tracker_module, "DEFER_BYTES", -1)
     model, x, y, per = setup(kind=kind)
     stats.track(model)
     for xs, ys in zip(x.split(4), y.split(4), strict=True):

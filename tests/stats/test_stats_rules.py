@@ -299,12 +299,16 @@ SHORT_CASES = [c for c in CASES
                if c[0].startswith(("linear", "conv", "layernorm", "groupnorm", "rmsnorm"))]
 
 
+@pytest.mark.parametrize("defer", [True, False], ids=["at-end", "on-arrival"])
 @pytest.mark.parametrize("case", SHORT_CASES, ids=[c[0] for c in SHORT_CASES])
-def test_short_paths_equal_the_general_rule_bitwise(case, monkeypatch):
+def test_short_paths_equal_the_general_rule_bitwise(case, defer, monkeypatch):
     """Linear, convolution and per-example normalisation calls take a short path (the 2-D
-    Linear lane, ``linear_seq_moments``, ``conv_moments``, ``norm_moments``): no call reaches the
-    general rule, and the moments are bitwise those of the general rule (which the same model
-    takes with ``per_example_norms=True``) and match the brute-force loop."""
+    Linear lane, ``linear_seq_moments``, ``conv_moments``, ``norm_moments``), computed at the
+    end of the pass (small calls) or as their gradient arrives: no call reaches the general
+    rule, and the moments are bitwise those of the general rule (which the same model takes
+    with ``per_example_norms=True``) and match the brute-force loop."""
+    if not defer:
+        monkeypatch.setattr(tracker_module, "DEFER_BYTES", -1)
     name, make_model, make_x, loss, _ = case
     torch.manual_seed(hash(name) % 1000)
     model = make_model().double()

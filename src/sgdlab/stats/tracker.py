@@ -12,7 +12,9 @@ GPU); on a GPU with Triton they are one fused kernel for up to four layers
 Calls of ``nn.Linear`` on ``[B, T..., in]`` and of convolutions whose per-example gradients fit
 ``memory_budget`` at once, and calls of LayerNorm, RMSNorm and GroupNorm, take a short path
 (:func:`~sgdlab.stats.linear.linear_seq_moments`, :func:`~sgdlab.stats.conv.conv_moments`,
-:func:`~sgdlab.stats.norm.norm_moments`): the rule's kernels without its per-call bookkeeping.
+:func:`~sgdlab.stats.norm.norm_moments`): the rule's kernels without its per-call bookkeeping,
+computed as the gradient arrives or, for small calls (:data:`DEFER_BYTES`), with the Linear
+lane.
 At the end of each backward pass (an autograd-engine callback) every tracked parameter
 ``p`` holds
 
@@ -91,6 +93,11 @@ __all__ = ["Tracker", "track", "ATTRIBUTE"]
 ATTRIBUTE = "grad_second_moment"
 CPU_BUDGET = 2**25  # default memory_budget for CPU tensors (bytes)
 DEVICE_BUDGET = 2**27  # default memory_budget on accelerators (bytes)
+# short-path calls whose input and output gradient hold at most this many bytes are computed
+# with the Linear lane at the end of the pass: for such calls the host's work is the cost, and
+# back to back it is about 1.6x cheaper than interleaved with the backward pass (measured on
+# small models, benchmarks/README.md); larger calls run as their gradient arrives
+DEFER_BYTES = 2**20
 
 
 def _zeroed(written: list[tuple[nn.Parameter, Tensor]]) -> list[nn.Parameter]:
@@ -195,7 +202,8 @@ class _Pass:
         self.first_module = ""
         self.scale = 1.0
         # 2-D nn.Linear calls whose output gradient has arrived, computed together by _flush
-        self.stash: list[tuple[tuple, Tensor]] = []  # (record of _fast_hook, output grad)
+        # (record of _fast_hook, output grad, moments function or None for the Linear lane)
+        self.stash: list[tuple[tuple, Tensor, Any]] = []
         self.stash_bytes = 0
         # parameters whose gradient was cleared since the last pass: their statistic restarts
         # (replaced at the end of the pass, or removed if this pass gives it nothing)
@@ -558,16 +566,28 @@ class Tracker:
 
     def _on_linear_grad(self, state: _Pass, record: tuple, d: Tensor) -> None:
         """A 2-D ``nn.Linear`` call: stashed, computed in :meth:`_flush` together with the
-        other such calls of the pass (fewer kernels and less Python per layer); the stash is
-        flushed early when it holds more than ``memory_budget`` bytes."""
-        state.stash.append((record, d))
+        other such calls of the pass (fewer kernels and less Python per layer)."""
+        self._stash(state, record, d, None)
+
+    def _stash(self, state: _Pass, record: tuple, d: Tensor, moments: Any) -> None:
+        """Hold a call for :meth:`_flush`; the stash is flushed early when it holds more than
+        ``memory_budget`` bytes."""
+        state.stash.append((record, d, moments))
         held = state.stash_bytes = state.stash_bytes + record[1].nbytes + d.nbytes
         if held > (self.memory_budget or _default_budget(d)):
             self._flush(state)
 
     def _on_moments_grad(self, moments: Any, state: _Pass, record: tuple, d: Tensor) -> None:
-        """A call computed at once by ``moments`` (:func:`conv_moments`,
-        :func:`linear_seq_moments`), without the general path's bookkeeping; a shared
+        """A call for ``moments`` (:func:`conv_moments`, :func:`linear_seq_moments`,
+        :func:`norm_moments`): computed now, or with the Linear lane at the end of the pass if
+        it is small (:data:`DEFER_BYTES`)."""
+        if record[1].nbytes + d.nbytes <= DEFER_BYTES:
+            self._stash(state, record, d, moments)
+        else:
+            self._moments_now(moments, state, record, d)
+
+    def _moments_now(self, moments: Any, state: _Pass, record: tuple, d: Tensor) -> None:
+        """One call computed by ``moments``, without the general path's bookkeeping; a shared
         parameter or a call too large for one chunk (``moments`` returns ``None``) takes the
         general rule."""
         entry, x, _, _, uses = record
@@ -600,12 +620,16 @@ class Tracker:
                 moments[pid] = m
 
     def _flush(self, state: _Pass) -> None:
-        """Compute the stashed 2-D ``nn.Linear`` calls (:func:`linear_moments`); calls of a
-        shared parameter take the general rule (per-example gradients summed over uses)."""
+        """Compute the stashed calls: small short-path calls one by one, then the 2-D
+        ``nn.Linear`` calls together (:func:`linear_moments`); calls of a shared parameter take
+        the general rule (per-example gradients summed over uses)."""
         items, state.stash, state.stash_bytes = state.stash, [], 0
         calls = []
         entries = []
-        for record, d in items:
+        for record, d, moments in items:
+            if moments is not None:
+                self._moments_now(moments, state, record, d)
+                continue
             entry, x, _, _, uses = record
             if _shared(entry, uses):
                 self._compute_general(state, record, d)
