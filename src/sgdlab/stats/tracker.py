@@ -222,7 +222,8 @@ class Tracker:
         per_example_norms: also record ``||g_b||^2`` summed over tracked parameters, read with
             :meth:`per_example_sq_norms`.
         memory_budget: bytes for one chunk of materialised per-example gradients; also bounds
-            the deferred 2-D Linear calls held until they are computed. Default (``None``):
+            the calls held for the end of the pass (2-D Linear calls, and calls on a short
+            path of at most :data:`DEFER_BYTES`) before they are computed. Default (``None``):
             32 MiB for tensors on the CPU, where cache-sized chunks run faster, and 128 MiB on
             an accelerator, where fewer chunks mean fewer kernel launches (measured on the
             benchmark CNN: CPU 1.33x plain at 32 MiB vs 1.54x at 128 MiB; H200 1.85x vs 2.02x).
