@@ -33,6 +33,7 @@ __all__ = [
     "require_batched",
     "small_per_example",
     "in_dtype",
+    "in_param_dtype",
     "scaled_ones",
     "square_sum",
     "unread",
@@ -179,6 +180,17 @@ def in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t`` in the parameter's dtype (mixed precision: activations and output gradients in
     half precision, statistics accumulated in the parameter's precision)."""
     return t if t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
+
+
+def in_param_dtype(module: nn.Module, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """A call's input and output gradient in the dtype of ``module.weight`` (:func:`in_dtype`;
+    the common case, both already in it, without a call)."""
+    dtype = module.weight.dtype
+    if x.dtype is not dtype:
+        x = in_dtype(x, dtype)
+    if d.dtype is not dtype:
+        d = in_dtype(d, dtype)
+    return x, d
 
 
 def require_batched(module: nn.Module, x: Tensor, min_dim: int, what: str) -> None:

@@ -93,13 +93,7 @@ def attention_rule(call: Call) -> dict[str, Contribution]:
     S = xk.shape[1]
     H = m.num_heads
     Dh = E // H
-    if m._qkv_same_embed_dim:
-        wq, wk, wv = m.in_proj_weight.detach().chunk(3)
-    else:
-        wq, wk, wv = (w.detach() for w in (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight))
-    bq = bk = bv = None
-    if m.in_proj_bias is not None:
-        bq, bk, bv = m.in_proj_bias.detach().chunk(3)
+    b_in = None if m.in_proj_bias is None else m.in_proj_bias.detach()
     wo = m.out_proj.weight.detach()
 
     mask = _additive(a.get("attn_mask"), dtype)
@@ -120,11 +114,16 @@ def attention_rule(call: Call) -> dict[str, Contribution]:
     do = dy @ wo  # gradient of the attention output before out_proj
     with torch.enable_grad():
         if fused:
-            b_in = None if m.in_proj_bias is None else m.in_proj_bias.detach()
             qkv = F.linear(xq, m.in_proj_weight.detach(), b_in).requires_grad_()
             leaves: tuple[Tensor, ...] = (qkv,)
             qp, kp, vp = qkv.chunk(3, -1)
         else:
+            if m._qkv_same_embed_dim:
+                wq, wk, wv = m.in_proj_weight.detach().chunk(3)
+            else:
+                wq, wk, wv = (w.detach() for w in
+                              (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight))
+            bq, bk, bv = (None, None, None) if b_in is None else b_in.chunk(3)
             qp = F.linear(xq, wq, bq).requires_grad_()
             kp = F.linear(xk, wk, bk).requires_grad_()
             vp = F.linear(xv, wv, bv).requires_grad_()

@@ -33,6 +33,7 @@ from ._base import (
     Call,
     Contribution,
     in_dtype,
+    in_param_dtype,
     reduce_per_example,
     require_batched,
     small_per_example,
@@ -203,11 +204,7 @@ def conv_moments(
     per-example gradients that do not fit ``memory_budget`` in one chunk. Same kernels and
     results as :func:`conv_rule` with ``conv_strategy="unfold"``.
     """
-    dtype = module.weight.dtype
-    if x.dtype is not dtype:
-        x = in_dtype(x, dtype)
-    if d.dtype is not dtype:
-        d = in_dtype(d, dtype)
+    x, d = in_param_dtype(module, x, d)
     nd = d.dim() - 2
     if x.dim() != nd + 2:
         require_batched(module, x, nd + 2, f"inputs [B, C, {nd} spatial dims]")

@@ -28,6 +28,7 @@ from ._base import (
     Call,
     Contribution,
     in_dtype,
+    in_param_dtype,
     reduce_per_example,
     require_batched,
     scaled_ones,
@@ -146,11 +147,7 @@ def linear_seq_moments(
     gradients that do not fit ``memory_budget`` in one chunk. Same kernels and results as
     :func:`linear_rule`.
     """
-    dtype = module.weight.dtype
-    if x.dtype is not dtype:
-        x = in_dtype(x, dtype)
-    if d.dtype is not dtype:
-        d = in_dtype(d, dtype)
+    x, d = in_param_dtype(module, x, d)
     B = d.shape[0]
     w = module.weight
     if weight and B * w.numel() * d.element_size() > memory_budget:

@@ -17,7 +17,15 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import Call, Contribution, in_dtype, require_batched, small_per_example, square_sum
+from ._base import (
+    Call,
+    Contribution,
+    in_dtype,
+    in_param_dtype,
+    require_batched,
+    small_per_example,
+    square_sum,
+)
 
 __all__ = ["norm_rule", "norm_moments", "check_batchnorm"]
 
@@ -88,17 +96,16 @@ def norm_moments(
     GroupNorm) with little host work: ``scale * sum_b v_b^2`` of the per-example weight and
     bias gradients (those requested, in this order), with the rule's kernels. Its per-example
     tensors are small, so ``memory_budget`` never sends it to the general rule."""
-    dtype = module.weight.dtype
-    if x.dtype is not dtype:
-        x = in_dtype(x, dtype)
-    if d.dtype is not dtype:
-        d = in_dtype(d, dtype)
+    x, d = in_param_dtype(module, x, d)
     B = d.shape[0]
+
+    def moment(t: Tensor) -> Tensor:  # scale * sum_b v_b^2, v the per-example sums of t
+        v = _per_example(module, t, B)
+        return square_sum(v.view(B, -1), scale).view(v.shape[1:])
+
     out: list[Tensor] = []
     if weight:
-        v = _per_example(module, d * _xhat(module, x), B)
-        out.append(square_sum(v.view(B, -1), scale).view(v.shape[1:]))
+        out.append(moment(d * _xhat(module, x)))
     if bias:
-        v = _per_example(module, d, B)
-        out.append(square_sum(v.view(B, -1), scale).view(v.shape[1:]))
+        out.append(moment(d))
     return tuple(out)

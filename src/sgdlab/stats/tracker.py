@@ -568,13 +568,13 @@ class Tracker:
     def _on_linear_grad(self, state: _Pass, record: tuple, d: Tensor) -> None:
         """A 2-D ``nn.Linear`` call: stashed, computed in :meth:`_flush` together with the
         other such calls of the pass (fewer kernels and less Python per layer)."""
-        self._stash(state, record, d, None)
+        self._stash(state, record, d, None, record[1].nbytes + d.nbytes)
 
-    def _stash(self, state: _Pass, record: tuple, d: Tensor, moments: Any) -> None:
-        """Hold a call for :meth:`_flush`; the stash is flushed early when it holds more than
-        ``memory_budget`` bytes."""
+    def _stash(self, state: _Pass, record: tuple, d: Tensor, moments: Any, nbytes: int) -> None:
+        """Hold a call (``nbytes``: its input and output gradient) for :meth:`_flush`; the
+        stash is flushed early when it holds more than ``memory_budget`` bytes."""
         state.stash.append((record, d, moments))
-        held = state.stash_bytes = state.stash_bytes + record[1].nbytes + d.nbytes
+        held = state.stash_bytes = state.stash_bytes + nbytes
         if held > (self.memory_budget or _default_budget(d)):
             self._flush(state)
 
@@ -582,8 +582,9 @@ class Tracker:
         """A call for ``moments`` (:func:`conv_moments`, :func:`linear_seq_moments`,
         :func:`norm_moments`): computed now, or with the Linear lane at the end of the pass if
         it is small (:data:`DEFER_BYTES`)."""
-        if record[1].nbytes + d.nbytes <= DEFER_BYTES:
-            self._stash(state, record, d, moments)
+        nbytes = record[1].nbytes + d.nbytes
+        if nbytes <= DEFER_BYTES:
+            self._stash(state, record, d, moments, nbytes)
         else:
             self._moments_now(moments, state, record, d)
 
