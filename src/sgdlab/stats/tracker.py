@@ -54,6 +54,13 @@ explicit L2 penalty) are not part of per-example gradients; use the optimizer's 
 Backward passes through ``torch.autograd.grad`` also record; wrap forward passes that should
 not count (gradient penalties, evaluation with grad enabled) in :meth:`Tracker.paused`.
 
+Activation checkpointing and offloading. Under saved-tensor hooks (``torch.utils.checkpoint``
+with ``use_reentrant=False``, ``torch.autograd.graph.save_on_cpu``) module inputs are kept as
+autograd keeps its own saved tensors, so they are freed and recomputed, or offloaded, with the
+model's activations, and a checkpoint's rerun of the forward is not a second call
+(:mod:`sgdlab.stats._saved`). Reentrant checkpointing needs nothing special: its rerun is the
+graph that is differentiated. Statistics are the same as without checkpointing, bitwise.
+
 Example::
 
     >>> import torch, sgdlab.stats
@@ -79,9 +86,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .._validation import check_batch_size, check_choice, check_positive
+from . import _saved
 from ._base import Call, Contribution
 from ._registry import Rule, _first_dim, _no_check, rule_for
 from .conv import conv_moments, conv_rule
@@ -142,6 +150,16 @@ def _shared(entry: _Entry, uses: dict[int, int]) -> bool:
     return False
 
 
+def _unpacked(record: _Record) -> _Record:
+    """``record`` with its saved inputs (:meth:`Tracker._saved_forward`) unpacked into
+    ``args`` and ``kwargs``."""
+    saved, spec = record.saved
+    flat = [_saved.unpack(t) if isinstance(t, _saved.SavedTensor) else t for t in saved]
+    args, kwargs = tree_unflatten(flat, spec)
+    return _Record(record.entry, args, kwargs, (), (), record.batch_size, record.uses,
+                   record.out_spec, record.positions)
+
+
 def _clear(params: dict[int, nn.Parameter]) -> None:
     """Remove the statistic of each parameter (its gradient was cleared)."""
     for p in params.values():
@@ -181,6 +199,9 @@ class _Record:
     uses: dict[int, int]
     out_spec: Any
     positions: tuple[int, ...]
+    # under saved-tensor hooks: (flattened args and kwargs with SavedTensor for tensors, spec);
+    # args and kwargs are unpacked from it when the output gradients arrive
+    saved: Any = None
 
 
 class _Pass:
@@ -188,7 +209,7 @@ class _Pass:
 
     __slots__ = (
         "batch_size", "moments", "pending", "kind", "norms", "got_grad", "contributed",
-        "first_module", "scale", "stash", "stash_bytes", "cleared",
+        "first_module", "scale", "stash", "stash_bytes", "cleared", "partial",
     )
 
     def __init__(self) -> None:
@@ -208,6 +229,9 @@ class _Pass:
         # parameters whose gradient was cleared since the last pass: their statistic restarts
         # (replaced at the end of the pass, or removed if this pass gives it nothing)
         self.cleared: dict[int, nn.Parameter] = {}
+        # calls with several outputs, by id of their record: (record, output grads so far,
+        # [number arrived]); completed at the end of the pass
+        self.partial: dict[int, tuple[Any, list[Tensor | None], list[int]]] = {}
 
 
 class Tracker:
@@ -409,8 +433,11 @@ class Tracker:
         :meth:`_on_moments_grad`) or ``on_more``; other calls take the general hook."""
         general = self._forward_hook
         ids = entry.ids
+        fast = (on_grad, ndim, on_more)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if _saved.hooks() is not None:
+                return self._saved_forward(module, args, kwargs, output, fast)
             if kwargs or len(args) != 1 or self._suspended or self.per_example_norms:
                 return general(module, args, kwargs, output)
             x = args[0]
@@ -438,6 +465,8 @@ class Tracker:
         return hook
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if _saved.hooks() is not None:
+            return self._saved_forward(module, args, kwargs, output, None)
         if self._suspended or not torch.is_grad_enabled():
             return
         entry = self._entries[module]
@@ -488,6 +517,10 @@ class Tracker:
             out_spec=spec,
             positions=positions,
         )
+        self._register(record, outs)
+
+    def _register(self, record: _Record, outs: list[Tensor]) -> None:
+        """Have the output gradients of a recorded call delivered to :meth:`_on_grads`."""
         if len(outs) == 1:
             out = outs[0]
             node, nr = out.grad_fn, out.output_nr
@@ -498,9 +531,92 @@ class Tracker:
                 # output as returned (also when the output is later modified in place)
                 node.register_prehook(lambda gs: self._on_grads(record, (gs[nr],)))
         else:
-            torch.autograd.graph.register_multi_grad_hook(
-                outs, lambda gs: self._on_grads(record, tuple(gs)), mode="all"
+            # several outputs: gathered per pass (:meth:`_on_output_grad`), computed when all
+            # have arrived or at the end of the pass (torch's register_multi_grad_hook never
+            # fires inside the nested backward pass of reentrant checkpointing)
+            n = len(outs)
+            for i, out in enumerate(outs):
+                node = out.grad_fn
+                if node is None:
+                    out.register_hook(functools.partial(self._on_output_grad, record, i, n))
+                else:
+                    node.register_prehook(functools.partial(
+                        self._on_output_grads, record, i, n, out.output_nr))
+
+    def _on_output_grads(self, record: _Record, i: int, n: int, nr: int, grads: tuple) -> None:
+        self._on_output_grad(record, i, n, grads[nr])
+
+    def _on_output_grad(self, record: _Record, i: int, n: int, g: Tensor | None) -> None:
+        """Output ``i`` of ``n`` of a recorded call got its gradient ``g`` (``None``: none)."""
+        try:
+            state = self._pass or self._begin()
+            key = id(record)
+            slot = state.partial.get(key)
+            if slot is None:
+                slot = state.partial[key] = (record, [None] * n, [0])
+            slot[1][i] = g
+            slot[2][0] += 1
+            if slot[2][0] == n:
+                del state.partial[key]
+                self._on_grads_inner(record, tuple(slot[1]), state)
+        except BaseException:
+            self._abort()
+            raise
+
+    def _saved_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any,
+                       fast: tuple | None) -> None:
+        """The forward hook while saved-tensor hooks are active (activation checkpointing,
+        offloading; :mod:`sgdlab.stats._saved`): every tensor input of a call whose output
+        requires grad is saved through the hooks, in the same order in a checkpoint's rerun as
+        in the first run; the rerun records nothing. ``fast``: the short path's handlers
+        ``(on_grad, ndim, on_more)`` of :meth:`_fast_hook`, or ``None``."""
+        if not torch.is_grad_enabled():
+            return
+        if isinstance(output, Tensor):
+            if not output.requires_grad:
+                return
+            outs, positions, spec = [output], (0,), None
+        else:
+            leaves, spec = tree_flatten(output)
+            positions = tuple(
+                i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad
             )
+            if not positions:
+                return
+            outs = [leaves[i] for i in positions]
+        active = _saved.hooks()
+        flat, in_spec = tree_flatten((args, kwargs))
+        saved = [_saved.save(t) if isinstance(t, Tensor) else t for t in flat]
+        if self._suspended or _saved.recomputing(active):
+            return
+        entry = self._entries[module]
+        if fast is not None and spec is None and output.grad_fn is not None and not kwargs \
+                and len(args) == 1 and isinstance(args[0], Tensor) and not self.per_example_norms:
+            on_grad, ndim, on_more = fast
+            x = args[0]
+            dim = x.dim()
+            handler = on_grad if dim == ndim else on_more if on_more and dim > ndim else None
+            if handler is not None:
+                uses = self._uses
+                for pid in entry.ids:
+                    uses[pid] = uses.get(pid, 0) + 1
+                record = (entry, saved[0], None, x.shape[0], uses)
+                output.grad_fn.register_prehook(
+                    functools.partial(self._on_fast_grad, handler, record, output.output_nr)
+                )
+                return
+        if entry.plain and not kwargs and len(args) == 1 and isinstance(args[0], Tensor):
+            if args[0].dim() == 0:
+                _first_dim(module, args, kwargs)  # raises with the message
+            B = args[0].shape[0]
+        else:
+            entry.rule.check(module, args, kwargs)
+            B = entry.rule.batch_size(module, args, kwargs)
+        uses = self._uses
+        for pid in entry.ids:
+            uses[pid] = uses.get(pid, 0) + 1
+        record = _Record(entry, (), {}, (), (), B, uses, spec, positions, (saved, in_spec))
+        self._register(record, outs)
 
     def _grad_hook(self, p: Tensor) -> None:
         self._begin().got_grad.add(id(p))
@@ -553,8 +669,11 @@ class Tracker:
         ``on_grad(state, record, d)`` unless the output got no gradient."""
         try:
             state = self._pass or self._begin()
-            entry, x, version, B, _ = record
-            if x._version != version:
+            entry, x, version, B, uses = record
+            if version is None:  # a SavedTensor (saved-tensor hooks): unpacked once, here
+                x = _saved.unpack(x)
+                record = (entry, x, x._version, B, uses)
+            elif x._version != version:
                 self._raise_modified(entry)
             if state.batch_size != B:
                 self._check_batch(state, entry, B)
@@ -665,11 +784,13 @@ class Tracker:
                 "attention)"
             )
 
-    def _on_grads_inner(self, record: _Record, grads: tuple[Tensor | None, ...]) -> None:
-        self._begin()
-        state = self._pass
-        assert state is not None
+    def _on_grads_inner(self, record: _Record, grads: tuple[Tensor | None, ...],
+                        state: _Pass | None = None) -> None:
+        if state is None:
+            state = self._begin()
         entry = record.entry
+        if record.saved is not None:
+            record = _unpacked(record)
         for t, v in zip(record.inputs, record.versions):  # same length by construction
             if t._version != v:
                 self._raise_modified(entry)
@@ -745,17 +866,23 @@ class Tracker:
             raise
 
     def _finish_pass(self, state: _Pass) -> None:
+        while state.partial:  # calls some of whose outputs got no gradient in this pass
+            _, (record, grads, _) = state.partial.popitem()
+            self._on_grads_inner(record, tuple(grads), state)
         if state.stash:
             self._flush(state)
         cleared = state.cleared
         if cleared:  # statistics of cleared gradients that this pass does not replace
             _clear({k: p for k, p in cleared.items()
                     if k not in state.moments and k not in state.pending})
-        if self._coverage_handles and (state.got_grad or state.contributed):
+        # the coverage check runs on the first pass that records a call (a pass of paused
+        # forward calls records none: it can tell nothing)
+        missing = None
+        if self._coverage_handles and state.contributed:
             for h in self._coverage_handles:
                 h.remove()
             self._coverage_handles = []
-        missing = state.got_grad - state.contributed
+            missing = state.got_grad - state.contributed
         if missing:
             names = sorted(self._params[pid][0] for pid in missing)
             raise RuntimeError(
