@@ -2,7 +2,9 @@
 # Everything sgdlab measures on a CUDA machine, in about ten minutes: the CUDA tests (fused
 # and capturable optimizer paths, CUDA-graph replay, the augmented backward on the device), the
 # augmented-backward benchmark against its peers (those installed) and its A/B against an
-# earlier commit (OLD=rev, default HEAD~2) with the bare hook probe, and the optimizer-step
+# earlier commit (OLD=rev, default HEAD~2) with the bare hook probe, a profile of its steps
+# (host or device bound, the extra operators and kernels), its memory under activation
+# checkpointing, and the optimizer-step
 # benchmark (Adam at 100M, GPT-2 small shapes, 1B; other algorithms with ALGOS=adam,sgd,rmsprop).
 # With $OUT set, the logs and the step benchmark's JSON are written there too.
 #   bash benchmarks/gpu_check.sh            (python3 with a CUDA torch; run from anywhere)
@@ -25,6 +27,10 @@ export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-8}
   timeout 150 $PY benchmarks/augmented_backward.py --repeat 50 2>&1
   echo "== augmented backward A/B against \$OLD (default HEAD~2), with the bare hook probe (floor)"
   timeout 150 $PY benchmarks/augmented_backward_ab.py --old "${OLD:-HEAD~2}" --rounds 100 2>&1
+  echo "== augmented backward profile (host or device bound; sgdlab's extra operators and kernels)"
+  timeout 120 $PY benchmarks/augmented_backward_profile.py --steps 20 2>&1 | grep -v USDT
+  echo "== augmented backward under activation checkpointing (memory held after the forward)"
+  timeout 90 $PY benchmarks/augmented_backward_checkpoint.py --rounds 10 2>&1
   echo "== optimizer step"
   timeout 270 $PY benchmarks/optim_step.py --device cuda --algos "$ALGOS" --rounds 30 \
     --json "$OUT/optim_step_cuda.json" 2>&1
