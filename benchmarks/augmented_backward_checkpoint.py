@@ -34,11 +34,11 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from augmented_backward_ab import extract_old
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import sgdlab.stats as new
-from augmented_backward_ab import extract_old
 
 
 class Block(nn.Module):

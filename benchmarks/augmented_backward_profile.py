@@ -28,10 +28,10 @@ import warnings
 from collections import defaultdict
 
 import torch
+from augmented_backward import ce, problems
 from torch.profiler import ProfilerActivity, profile
 
 import sgdlab.stats as stats
-from augmented_backward import ce, problems
 
 
 def _steps(model, x, y, dev, n: int) -> float:
