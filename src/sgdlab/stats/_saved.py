@@ -40,7 +40,11 @@ _make = torch._C._autograd._make_saved_tensor
 
 
 def hooks() -> Any:
-    """The innermost active saved-tensor hooks ``(pack, unpack)``, or ``None``."""
+    """The innermost active saved-tensor hooks ``(pack, unpack)``, or ``None``; ``None`` while
+    ``torch.compile`` traces a forward hook (which it cannot do past this C function: the hook
+    then keeps its inputs as tensors, as without hooks)."""
+    if torch.compiler.is_compiling():
+        return None
     return _top(False)
 
 
