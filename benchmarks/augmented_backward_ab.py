@@ -21,6 +21,10 @@ layers applied at 4 positions, 6 LayerNorm + Linear pairs likewise, two torch
 ``TransformerEncoderLayer`` of width 16, a 2-conv CNN; batch 8),
 where the step is all host work: a proxy, on a CPU, for a GPU step bound by launches.
 
+``--decoder`` runs a transposed-convolution decoder (``ConvTranspose2d`` 64 -> 32 -> 3 from 8x8
+to 32x32 and a linear head, batch 64), whose layers took the ``torch.func`` fallback before
+``sgdlab.stats.conv_transpose``.
+
 Reported per model: median step time, median over rounds of time / plain's time, and the
 largest relative difference of the second moments from ``old``'s. On CUDA it also times the
 flush of the benchmark MLP's three Linear calls alone (fused kernel vs torch operations).
@@ -105,6 +109,20 @@ class Floor:
             for m, res in done:
                 for p, r in zip((m.weight, m.bias), res, strict=False):
                     p.grad_second_moment = r
+
+
+def decoder_problems() -> list[tuple[str, object, object]]:
+    """A DCGAN-like upsampling decoder (transposed convolutions), batch 64."""
+
+    def decoder() -> nn.Module:
+        return nn.Sequential(nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),
+                             nn.ConvTranspose2d(32, 3, 4, 2, 1), nn.Flatten(),
+                             nn.Linear(3 * 32 * 32, 10))
+
+    def data():
+        return torch.randn(64, 64, 8, 8), torch.randint(0, 10, (64,))
+
+    return [("decoder, 2 ConvTranspose2d + 1 linear, B=64", decoder, data)]
 
 
 def tiny_problems() -> list[tuple[str, object, object]]:
@@ -197,6 +215,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     ap.add_argument("--tiny", action="store_true",
                     help="small models whose step is host work only (see the docstring)")
+    ap.add_argument("--decoder", action="store_true",
+                    help="a transposed-convolution decoder (see the docstring)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     tmp = tempfile.mkdtemp(prefix="sgdlab_old_")
@@ -211,7 +231,9 @@ def main() -> None:
           f"torch {torch.__version__}; old = {args.old}")
     if dev.type == "cuda":
         flush_timing(dev)
-    for name, make, data in tiny_problems() if args.tiny else ab.problems(args.quick):
+    problems = (tiny_problems() if args.tiny else decoder_problems() if args.decoder
+                else ab.problems(args.quick))
+    for name, make, data in problems:
         torch.manual_seed(0)
         x, y = (t.to(dev) for t in data())
         base = make().to(dev)

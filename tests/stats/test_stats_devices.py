@@ -33,6 +33,11 @@ MODELS = {
             lambda: torch.randn(B, 1, 6, 6)),
     "block": (lambda: nn.Sequential(Block(16), nn.Flatten(), nn.Linear(7 * 16, 5)),
               lambda: torch.randn(B, 7, 16)),
+    "decoder": (lambda: nn.Sequential(nn.ConvTranspose2d(3, 4, 4, 2, 1), nn.ReLU(),
+                                      nn.ConvTranspose2d(4, 2, 3, 2, 1, output_padding=1,
+                                                         groups=2),
+                                      nn.Flatten(), nn.Linear(2 * 12 * 12, 5)),
+                lambda: torch.randn(B, 3, 3, 3)),
 }
 
 

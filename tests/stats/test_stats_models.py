@@ -81,6 +81,26 @@ class ConvTwice(nn.Module):
         return self.out(torch.tanh(self.conv1d(h.flatten(2))).flatten(1))
 
 
+class Decoder(nn.Module):
+    """A small upsampling decoder: Linear to a 2x2 map, a ConvTranspose2d applied twice (a
+    shared weight: per-example gradients summed over both uses), a grouped ConvTranspose2d with
+    output padding, a Conv2d head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 3 * 2 * 2)
+        self.up = nn.ConvTranspose2d(3, 3, 2, stride=2)
+        self.up2 = nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1, groups=1)
+        self.up3 = nn.ConvTranspose2d(4, 4, 3, padding=1, groups=2)
+        self.head = nn.Conv2d(4, 3, 16)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x)).view(-1, 3, 2, 2)
+        h = torch.tanh(self.up(torch.tanh(self.up(h))))
+        h = torch.tanh(self.up3(torch.tanh(self.up2(h))))
+        return self.head(h).flatten(1)
+
+
 def mlp():
     return nn.Sequential(
         nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)
@@ -121,6 +141,8 @@ MODELS = [
     ),
     ("tied-embedding-lstm", TiedLM, lambda: torch.randint(0, 11, (B, 6)), seq_target(11)),
     ("module-called-twice", Twice, lambda: torch.randn(B, 5), lambda x: torch.randint(0, 3, (B,))),
+    ("transposed-conv-decoder", Decoder, lambda: torch.randn(B, 4),
+     lambda x: torch.randint(0, 3, (B,))),
     (
         "conv-called-twice",
         ConvTwice,
@@ -178,14 +200,31 @@ def test_fallback_warning_names_modules():
     tracker.detach()
 
 
-def test_chunking_under_small_memory_budget_is_exact():
+@pytest.mark.parametrize("kind", ["block", "decoder"])
+def test_chunking_under_small_memory_budget_is_exact(kind):
     torch.manual_seed(1)
-    model = Block().double()
-    x = torch.randn(6, 4, 8, dtype=torch.float64)
-    y = torch.randint(0, 8, (6, 4))
+    if kind == "block":
+        model = Block().double()
+        x = torch.randn(6, 4, 8, dtype=torch.float64)
+        y = torch.randint(0, 8, (6, 4))
+    else:
+        model = Decoder().double()
+        x = torch.randn(6, 4, dtype=torch.float64)
+        y = torch.randint(0, 3, (6,))
     per = per_example_grads(model, ce_loss, x, y)
     tracker = stats.track(model, memory_budget=1)  # one example per chunk
     (ce_loss(model(x), y) / 6).backward()
     for p, g in zip(model.parameters(), per, strict=True):
         assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10
+    tracker.detach()
+
+
+def test_transposed_convolutions_have_a_rule():
+    """ConvTranspose1d/2d/3d take their own rule, not the torch.func fallback (no warning)."""
+    model = nn.Sequential(nn.ConvTranspose1d(2, 2, 3), nn.Flatten(0, 0), Decoder(),
+                          nn.ConvTranspose3d(2, 2, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracker = stats.track(model)
+    assert tracker.fallback_modules == ()
     tracker.detach()

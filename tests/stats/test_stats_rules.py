@@ -109,6 +109,17 @@ class TwoInputs(nn.Module):
         return self.bil(x, torch.tanh(x))
 
 
+class TransposedToSize(nn.Module):
+    """A transposed convolution called with ``output_size`` (the output padding it implies)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.up(x, output_size=[6, 5])
+
+
 class BoolMaskAttention(nn.Module):
     def __init__(self, **kw) -> None:
         super().__init__()
@@ -207,12 +218,36 @@ CASES = [
     ("gru-seqfirst", lambda: nn.GRU(3, 4, num_layers=2), lambda: torch.randn(6, B, 3), rnn_loss, 1),
     ("fallback-custom", lambda: Scale(4), lambda: torch.randn(B, 3, 4), sq_loss, 0),
     (
-        "fallback-convtranspose",
-        lambda: nn.ConvTranspose2d(2, 3, 3, stride=2),
-        lambda: torch.randn(B, 2, 3, 3),
+        "transposed-conv1d-stride-dil-pad-outpad",
+        lambda: nn.ConvTranspose1d(3, 4, 3, stride=3, padding=2, output_padding=1, dilation=2),
+        lambda: torch.randn(B, 3, 6),
         sq_loss,
         0,
     ),
+    (
+        "transposed-conv2d-groups",
+        lambda: nn.ConvTranspose2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), groups=2,
+                                   output_padding=(1, 0)),
+        lambda: torch.randn(B, 4, 4, 3),
+        sq_loss,
+        0,
+    ),
+    (
+        "transposed-conv2d-nobias-len1",
+        lambda: nn.ConvTranspose2d(2, 3, 3, stride=2, bias=False),
+        lambda: torch.randn(B, 2, 1, 1),
+        sq_loss,
+        0,
+    ),
+    (
+        "transposed-conv3d-depthwise",
+        lambda: nn.ConvTranspose3d(3, 3, 2, stride=(1, 2, 2), groups=3, padding=(0, 1, 0)),
+        lambda: torch.randn(B, 3, 2, 3, 2),
+        sq_loss,
+        0,
+    ),
+    ("transposed-conv-output-size", lambda: TransposedToSize(), lambda: torch.randn(B, 2, 3, 3),
+     sq_loss, 0),
     (
         "fallback-embeddingbag",
         lambda: nn.EmbeddingBag(7, 3, mode="mean"),

@@ -17,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ._base import Call, Contribution
 from .attention import attention_rule
 from .conv import conv_rule
+from .conv_transpose import conv_transpose_rule
 from .embedding import check_embedding, embedding_rule
 from .fallback import check_fallback, fallback_batch_size, fallback_params, fallback_rule
 from .linear import linear_rule
@@ -61,6 +62,9 @@ _TABLE: list[tuple[type, Rule]] = [
     (nn.Conv1d, Rule("conv", conv_rule)),
     (nn.Conv2d, Rule("conv", conv_rule)),
     (nn.Conv3d, Rule("conv", conv_rule)),
+    (nn.ConvTranspose1d, Rule("conv_transpose", conv_transpose_rule)),
+    (nn.ConvTranspose2d, Rule("conv_transpose", conv_transpose_rule)),
+    (nn.ConvTranspose3d, Rule("conv_transpose", conv_transpose_rule)),
     (nn.Embedding, Rule("embedding", embedding_rule, check=check_embedding)),
     (nn.LayerNorm, Rule("norm", norm_rule)),
     (nn.GroupNorm, Rule("norm", norm_rule)),
