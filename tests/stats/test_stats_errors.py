@@ -162,3 +162,13 @@ def test_tracker_recovers_after_a_failed_backward():
     out.sum().backward()
     assert model[0].weight.grad_second_moment.shape == (4, 3)
     assert model[1].weight_hh_l0.grad_second_moment.shape == (6, 2)
+
+
+def test_unbatched_instance_norm_input_names_the_batch_dimension():
+    norm = nn.InstanceNorm2d(3, affine=True)
+    tracker = stats.track(norm)
+    assert tracker.fallback_modules == ()  # its own rule
+    with pytest.raises(ValueError, match=r"InstanceNorm2d got an input of shape \(3, 4, 4\).*"
+                                         r"batch dimension first.*4 dims"):
+        norm(torch.randn(3, 4, 4))
+    tracker.detach()

@@ -257,9 +257,23 @@ CASES = [
     ),
     ("fallback-prelu", lambda: nn.PReLU(3), lambda: torch.randn(B, 3, 5), sq_loss, 0),
     (
-        "fallback-instancenorm",
+        "instancenorm1d",
         lambda: nn.InstanceNorm1d(3, affine=True),
         lambda: torch.randn(B, 3, 5),
+        sq_loss,
+        0,
+    ),
+    (
+        "instancenorm2d-running-stats-training",
+        lambda: nn.InstanceNorm2d(3, affine=True, track_running_stats=True),
+        lambda: torch.randn(B, 3, 4, 2),
+        sq_loss,
+        0,
+    ),
+    (
+        "instancenorm3d-running-stats-eval",
+        lambda: _eval_in(),
+        lambda: torch.randn(B, 2, 3, 2, 2),
         sq_loss,
         0,
     ),
@@ -292,6 +306,16 @@ def _eval_bn() -> nn.Module:
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
     return bn.eval()
+
+
+def _eval_in() -> nn.Module:
+    norm = nn.InstanceNorm3d(2, affine=True, track_running_stats=True)
+    norm.running_mean.uniform_(-1, 1)
+    norm.running_var.uniform_(0.5, 2)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    return norm.eval()
 
 
 def _target(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@
 ``p.grad_second_moment`` = (1/B) sum_b g_b * g_b, the batch mean of squared per-example
 gradients that batch-size-invariant RMSProp/Adam need (lecture, "Scaling eta with batch size
 for RMSProp"). Exact rules per layer type (Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d,
-Embedding, LayerNorm, GroupNorm, RMSNorm, BatchNorm in eval mode, RNN/LSTM/GRU,
+Embedding, LayerNorm, GroupNorm, RMSNorm, InstanceNorm, BatchNorm in eval mode, RNN/LSTM/GRU,
 MultiheadAttention) and a ``torch.func`` fallback for any other module. :class:`NoiseMeter`
 turns the same statistics into the gradient noise scale (McCandlish et al. 2018), per-group
 variances and the SGD temperature.

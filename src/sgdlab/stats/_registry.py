@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ._base import Call, Contribution
 from .attention import attention_rule
@@ -21,7 +22,7 @@ from .conv_transpose import conv_transpose_rule
 from .embedding import check_embedding, embedding_rule
 from .fallback import check_fallback, fallback_batch_size, fallback_params, fallback_rule
 from .linear import linear_rule
-from .norm import check_batchnorm, norm_rule
+from .norm import check_batchnorm, check_instancenorm, norm_rule
 from .recurrent import check_rnn, rnn_batch_size, rnn_rule
 
 __all__ = ["Rule", "rule_for"]
@@ -69,6 +70,7 @@ _TABLE: list[tuple[type, Rule]] = [
     (nn.LayerNorm, Rule("norm", norm_rule)),
     (nn.GroupNorm, Rule("norm", norm_rule)),
     (nn.RMSNorm, Rule("norm", norm_rule)),
+    (_InstanceNorm, Rule("norm", norm_rule, check=check_instancenorm)),
     (_BatchNorm, Rule("norm", norm_rule, check=check_batchnorm)),
     (
         nn.MultiheadAttention,

@@ -1,11 +1,15 @@
-"""Rules for the affine parameters of ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm`` and
-``nn.BatchNorm*d`` in evaluation mode.
+"""Rules for the affine parameters of ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm``,
+``nn.InstanceNorm*d`` and ``nn.BatchNorm*d`` in evaluation mode.
 
 Each normalises per example, ``y = xhat * weight + bias``, so example b's gradients are
 ``sum_p d_bp * xhat_bp`` (weight) and ``sum_p d_bp`` (bias), summed over the positions p that
 share an affine entry. ``xhat`` is recomputed from the saved input with the module's own
 normalisation and no affine part. These per-example gradients are small (``B`` times the
 normalised width), so they are formed directly.
+
+InstanceNorm normalises each channel of each example over its positions (with the input's own
+statistics in training mode or without running statistics, else with the running statistics,
+as BatchNorm in evaluation mode): no coupling between examples.
 
 BatchNorm in training mode normalises with the statistics of the whole batch: the loss of
 example b then depends on every other example, per-example gradients are not defined, and the
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ._base import (
     Call,
@@ -27,7 +32,7 @@ from ._base import (
     square_sum,
 )
 
-__all__ = ["norm_rule", "norm_moments", "check_batchnorm"]
+__all__ = ["norm_rule", "norm_moments", "check_batchnorm", "check_instancenorm"]
 
 
 def check_batchnorm(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -45,6 +50,18 @@ def check_batchnorm(module: nn.Module, args: tuple, kwargs: dict) -> None:
         )
 
 
+def check_instancenorm(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Refuse an unbatched input (InstanceNorm accepts ``[C, ...]`` without a batch dimension,
+    whose first dimension would be taken for the batch)."""
+    x = args[0] if args else kwargs.get("input")
+    want = module._get_no_batch_dim() + 1
+    if isinstance(x, Tensor) and x.dim() != want:
+        raise ValueError(
+            f"{type(module).__name__} got an input of shape {tuple(x.shape)}; per-example "
+            f"statistics need a batch dimension first (inputs [B, C, ...] with {want} dims)"
+        )
+
+
 def _xhat(module: nn.Module, x: Tensor) -> Tensor:
     """Normalised input without the affine part."""
     if isinstance(module, nn.LayerNorm):
@@ -53,7 +70,10 @@ def _xhat(module: nn.Module, x: Tensor) -> Tensor:
         return F.rms_norm(x, module.normalized_shape, None, module.eps)
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, None, None, module.eps)
-    # BatchNorm in eval mode: fixed per-channel statistics.
+    if isinstance(module, _InstanceNorm) and (module.training or not module.track_running_stats):
+        return F.instance_norm(x, eps=module.eps)
+    # BatchNorm in eval mode, InstanceNorm with running statistics in eval mode: fixed
+    # per-channel statistics.
     shape = [1, -1] + [1] * (x.dim() - 2)
     mean = module.running_mean.view(shape)
     var = module.running_var.view(shape)
