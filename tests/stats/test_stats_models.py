@@ -101,6 +101,26 @@ class Decoder(nn.Module):
         return self.head(h).flatten(1)
 
 
+class CellDecoder(nn.Module):
+    """A hand-written recurrent loop: an input projection, an LSTMCell and a GRUCell stepped
+    over the sequence, the same Linear head at every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.lstm = nn.LSTMCell(6, 5)
+        self.gru = nn.GRUCell(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        state, g, outs = None, None, []
+        for t in range(x.shape[1]):
+            state = self.lstm(torch.tanh(self.inp(x[:, t])), state)
+            g = self.gru(state[0], g)
+            outs.append(self.head(g))
+        return torch.stack(outs, 1)
+
+
 def mlp():
     return nn.Sequential(
         nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)
@@ -141,6 +161,8 @@ MODELS = [
     ),
     ("tied-embedding-lstm", TiedLM, lambda: torch.randint(0, 11, (B, 6)), seq_target(11)),
     ("module-called-twice", Twice, lambda: torch.randn(B, 5), lambda x: torch.randint(0, 3, (B,))),
+    ("recurrent-cells-loop", CellDecoder, lambda: torch.randn(B, 3, 4),
+     lambda x: torch.randint(0, 3, (B, 3))),
     ("transposed-conv-decoder", Decoder, lambda: torch.randn(B, 4),
      lambda x: torch.randint(0, 3, (B,))),
     (
@@ -200,13 +222,19 @@ def test_fallback_warning_names_modules():
     tracker.detach()
 
 
-@pytest.mark.parametrize("kind", ["block", "decoder"])
+@pytest.mark.parametrize("kind", ["block", "decoder", "cells"])
 def test_chunking_under_small_memory_budget_is_exact(kind):
+    """One example per chunk; for the cells also the per-example sums over a loop's calls
+    (outer-product factors of every use, concatenated) in chunks."""
     torch.manual_seed(1)
     if kind == "block":
         model = Block().double()
         x = torch.randn(6, 4, 8, dtype=torch.float64)
         y = torch.randint(0, 8, (6, 4))
+    elif kind == "cells":
+        model = CellDecoder().double()
+        x = torch.randn(6, 3, 4, dtype=torch.float64)
+        y = torch.randint(0, 3, (6, 3))
     else:
         model = Decoder().double()
         x = torch.randn(6, 4, dtype=torch.float64)
@@ -219,10 +247,12 @@ def test_chunking_under_small_memory_budget_is_exact(kind):
     tracker.detach()
 
 
-def test_transposed_convolutions_have_a_rule():
-    """ConvTranspose1d/2d/3d take their own rule, not the torch.func fallback (no warning)."""
+def test_transposed_convolutions_cells_and_instance_norms_have_a_rule():
+    """ConvTranspose1d/2d/3d, RNNCell/LSTMCell/GRUCell and InstanceNorm take their own rules,
+    not the torch.func fallback (no warning)."""
     model = nn.Sequential(nn.ConvTranspose1d(2, 2, 3), nn.Flatten(0, 0), Decoder(),
-                          nn.ConvTranspose3d(2, 2, 1))
+                          nn.ConvTranspose3d(2, 2, 1), CellDecoder(), nn.RNNCell(2, 2),
+                          nn.InstanceNorm2d(2, affine=True))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tracker = stats.track(model)

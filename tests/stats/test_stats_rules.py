@@ -120,6 +120,61 @@ class TransposedToSize(nn.Module):
         return self.up(x, output_size=[6, 5])
 
 
+class Dependent(nn.Module):
+    """A fallback module with two outputs, one computed from the other (as torch's LSTMCell
+    computes h from the c it returns)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        c = x * self.w
+        return torch.tanh(c), c
+
+
+class StateGate(nn.Module):
+    """A fallback module taking a tuple of batched tensors (a recurrent-style state) and a dict
+    of them, whose shapes would broadcast against a single example's input."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(n))
+
+    def forward(self, x, state, extra):
+        h, c = state
+        return (x + h) * self.w * torch.tanh(c) + extra["bias"] * self.w**2
+
+
+class WithState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = StateGate(4)
+
+    def forward(self, x):
+        return self.gate(x, (x.sin(), x.cos()), {"bias": x.exp()})
+
+
+def pair_loss(out, y):
+    h, c = out
+    return 0.5 * ((h - y) ** 2).sum() + (c**3).sum()
+
+
+class CellLoop(nn.Module):
+    """A recurrent cell stepped over ``x[:, t]`` by hand (the state starts as None); an LSTM
+    cell's output is ``[h, c]``, so that both outputs carry gradient."""
+
+    def __init__(self, cell: nn.Module) -> None:
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x):
+        state = None
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return torch.cat(state, 1) if isinstance(state, tuple) else state
+
+
 class BoolMaskAttention(nn.Module):
     def __init__(self, **kw) -> None:
         super().__init__()
@@ -216,7 +271,20 @@ CASES = [
         0,
     ),
     ("gru-seqfirst", lambda: nn.GRU(3, 4, num_layers=2), lambda: torch.randn(6, B, 3), rnn_loss, 1),
+    ("rnncell-relu-one-step", lambda: CellLoop(nn.RNNCell(3, 4, nonlinearity="relu")),
+     lambda: torch.randn(B, 1, 3), sq_loss, 0),
+    ("rnncell-tanh-loop", lambda: CellLoop(nn.RNNCell(3, 4)), lambda: torch.randn(B, 4, 3),
+     sq_loss, 0),
+    ("lstmcell-one-step", lambda: CellLoop(nn.LSTMCell(3, 4)), lambda: torch.randn(B, 1, 3),
+     sq_loss, 0),
+    ("lstmcell-loop", lambda: CellLoop(nn.LSTMCell(3, 4)), lambda: torch.randn(B, 3, 3),
+     sq_loss, 0),
+    ("grucell-nobias-loop", lambda: CellLoop(nn.GRUCell(3, 4, bias=False)),
+     lambda: torch.randn(B, 3, 3), sq_loss, 0),
     ("fallback-custom", lambda: Scale(4), lambda: torch.randn(B, 3, 4), sq_loss, 0),
+    ("fallback-nested-arguments", WithState, lambda: torch.randn(B, 4), sq_loss, 0),
+    ("fallback-dependent-outputs", lambda: Dependent(4), lambda: torch.randn(B, 3, 4), pair_loss,
+     0),
     (
         "transposed-conv1d-stride-dil-pad-outpad",
         lambda: nn.ConvTranspose1d(3, 4, 3, stride=3, padding=2, output_padding=1, dilation=2),

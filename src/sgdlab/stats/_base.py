@@ -10,7 +10,12 @@ parameter, either
   valid when this call is the parameter's only use in the backward pass; or
 * ``per_example = stack_b v_b`` (shape ``[B, *p.shape]``), needed when the parameter is used
   several times (weight tying, a module called twice), because per-example gradients must be
-  summed over uses before they are squared.
+  summed over uses before they are squared; or, for a weight whose per-example gradient is an
+  outer product (a linear map, a recurrent cell), ``factors = (dz, u)`` with
+  ``v_b = sum_t dz_bt u_bt^T`` (``dz`` ``[B, T, rows]`` or ``[B, rows]``, ``u`` likewise with
+  ``cols``): the tracker concatenates the factors of all uses along ``t`` and forms each
+  example's sum over uses with one batched product (:func:`outer_moments`), instead of one
+  ``[B, rows, cols]`` tensor per use.
 
 The tracker turns ``v_b`` into the gradient ``g_b`` of example b's loss (``g_b = N v_b`` for a
 mean-reduced loss over N examples, ``g_b = v_b`` for a summed loss).
@@ -29,6 +34,8 @@ __all__ = [
     "Call",
     "Contribution",
     "chunk_size",
+    "outer_moments",
+    "outer_per_example",
     "reduce_per_example",
     "require_batched",
     "small_per_example",
@@ -78,6 +85,7 @@ class Contribution:
     per_example: Tensor | None = None
     sq_norms: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    factors: tuple[Tensor, Tensor] | None = None
 
 
 def chunk_size(batch_size: int, bytes_per_example: int, memory_budget: int) -> int:
@@ -129,6 +137,39 @@ def reduce_per_example(
     return Contribution(
         moment=flat.view(shape), sq_norms=torch.cat(norms) if norms is not None else None
     )
+
+
+def outer_moments(
+    factors: list[tuple[Tensor, Tensor]], shape: torch.Size, scale: float, memory_budget: int,
+    norms: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``scale * sum_b G_b^2`` (and ``||G_b||^2`` with ``norms``) for per-example gradients
+    ``G_b = sum_t dz_bt u_bt^T`` over all uses' factors ``(dz, u)`` (see the module docstring):
+    the factors are concatenated along ``t`` and ``G_b`` is formed by one batched matrix
+    product per chunk of examples under ``memory_budget``."""
+    dz = torch.cat([d if d.dim() == 3 else d[:, None] for d, _ in factors], 1)
+    u = torch.cat([a if a.dim() == 3 else a[:, None] for _, a in factors], 1)
+    B = dz.shape[0]
+    n = chunk_size(B, dz.shape[2] * u.shape[2] * dz.element_size(), memory_budget)
+    flat: Tensor | None = None
+    parts = []
+    for i in range(0, B, n):
+        g = torch.bmm(dz[i:i + n].transpose(1, 2), u[i:i + n]).view(-1, dz.shape[2] * u.shape[2])
+        g.mul_(g)
+        ones = scaled_ones(g.shape[0], scale, g)
+        flat = torch.mv(g.T, ones) if flat is None else flat.addmv_(g.T, ones)
+        if norms:
+            parts.append(g.sum(1))
+    assert flat is not None  # B >= 1
+    return flat.view(shape), torch.cat(parts) if norms else None
+
+
+def outer_per_example(factors: tuple[Tensor, Tensor]) -> Tensor:
+    """``[B, rows, cols]`` per-example gradients ``sum_t dz_bt u_bt^T`` of one use's factors."""
+    dz, u = factors
+    if dz.dim() == 2:
+        return dz[:, :, None] * u[:, None, :]
+    return torch.bmm(dz.transpose(1, 2), u)
 
 
 def small_per_example(name: str, call: Call, v: Tensor) -> Contribution:

@@ -17,6 +17,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ._base import Call, Contribution
 from .attention import attention_rule
+from .cell import cell_rule, check_cell
 from .conv import conv_rule
 from .conv_transpose import conv_transpose_rule
 from .embedding import check_embedding, embedding_rule
@@ -85,6 +86,9 @@ _TABLE: list[tuple[type, Rule]] = [
     (nn.RNN, Rule("recurrent", rnn_rule, batch_size=rnn_batch_size, check=check_rnn)),
     (nn.LSTM, Rule("recurrent", rnn_rule, batch_size=rnn_batch_size, check=check_rnn)),
     (nn.GRU, Rule("recurrent", rnn_rule, batch_size=rnn_batch_size, check=check_rnn)),
+    (nn.RNNCell, Rule("cell", cell_rule, check=check_cell)),
+    (nn.LSTMCell, Rule("cell", cell_rule, check=check_cell)),
+    (nn.GRUCell, Rule("cell", cell_rule, check=check_cell)),
 ]
 
 FALLBACK = Rule(

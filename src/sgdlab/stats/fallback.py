@@ -9,7 +9,8 @@ for example b depends only on example b's inputs, and slower than the dedicated 
 tracker warns which modules take it.
 
 Tensors among the call's arguments whose leading dimension equals the batch size are split per
-example; others (masks shared by all examples, flags) are passed whole. ``nn.MultiheadAttention``
+example, also inside tuples, lists and dicts (a recurrent state ``(h, c)``); others (masks
+shared by all examples, flags) are passed whole. ``nn.MultiheadAttention``
 configurations without a dedicated rule (see :mod:`sgdlab.stats.attention`) come here; with
 ``batch_first=False`` they take the batch from dimension 1 of ``query``, ``key``, ``value``.
 Randomness inside the module (dropout in training mode) cannot be reproduced and is refused.
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._base import Call, Contribution, chunk_size
 
@@ -55,7 +56,9 @@ def check_fallback(module: nn.Module, args: tuple, kwargs: dict) -> None:
         )
 
 
-def _batch_dims(module: nn.Module, args: tuple, kwargs: dict, B: int) -> tuple[Any, Any]:
+def _batch_dims(module: nn.Module, args: tuple, kwargs: dict, B: int) -> list[int | None]:
+    """The batch dimension of each leaf of ``tree_flatten((args, kwargs))`` (``None``: passed
+    whole)."""
     mha_seq_first = isinstance(module, nn.MultiheadAttention) and not module.batch_first
 
     def dim_of(name: str | int, t: Any) -> int | None:
@@ -72,9 +75,11 @@ def _batch_dims(module: nn.Module, args: tuple, kwargs: dict, B: int) -> tuple[A
             return None
         return 0 if t.shape[0] == B else None
 
-    arg_dims = tuple(dim_of(i, a) for i, a in enumerate(args))
-    kw_dims = {k: dim_of(k, v) for k, v in kwargs.items()}
-    return arg_dims, kw_dims
+    # one entry per leaf of tree_flatten((args, kwargs)), named by its top-level argument
+    dims: list[int | None] = []
+    for name, value in [*enumerate(args), *kwargs.items()]:
+        dims += [dim_of(name, leaf) for leaf in tree_flatten(value)[0]]
+    return dims
 
 
 def fallback_batch_size(module: nn.Module, args: tuple, kwargs: dict) -> int:
@@ -96,7 +101,8 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
     names = call.param_names
     params = dict(module.named_parameters(recurse=isinstance(module, nn.MultiheadAttention)))
     theta = tuple(params[n].detach() for n in names)
-    arg_dims, kw_dims = _batch_dims(module, call.args, call.kwargs, B)
+    leaves_in, in_spec = tree_flatten((tuple(call.args), dict(call.kwargs)))
+    dims = _batch_dims(module, call.args, call.kwargs, B)
     positions = call.out_positions
     live = [i for i, g in enumerate(call.grads) if g is not None]
     if not live or not names:
@@ -104,14 +110,11 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
     seq_first = isinstance(module, nn.MultiheadAttention) and not module.batch_first
     out_dims = tuple(1 if seq_first and positions[j] == 0 else 0 for j in live)
 
-    def one(theta_: tuple[Tensor, ...], args_: tuple, kwargs_: dict, cot_: tuple) -> Tensor:
-        a = tuple(
-            x.unsqueeze(d) if d is not None else x for x, d in zip(args_, arg_dims, strict=True)
+    def one(theta_: tuple[Tensor, ...], leaves_: list, cot_: tuple) -> Tensor:
+        a, k = tree_unflatten(
+            [x.unsqueeze(d) if d is not None else x for x, d in zip(leaves_, dims, strict=True)],
+            in_spec,
         )
-        k = {
-            n: (v.unsqueeze(kw_dims[n]) if kw_dims[n] is not None else v)
-            for n, v in kwargs_.items()
-        }
         out = functional_call(module, dict(zip(names, theta_, strict=True)), a, k)
         leaves, _ = tree_flatten(out)
         total = theta_[0].new_zeros(())
@@ -119,7 +122,7 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
             total = total + (leaves[positions[j]] * c.unsqueeze(d)).sum()
         return total
 
-    per_example = vmap(grad(one), in_dims=(None, arg_dims, kw_dims, out_dims), randomness="error")
+    per_example = vmap(grad(one), in_dims=(None, dims, out_dims), randomness="error")
     numel = sum(t.numel() for t in theta)
     n = chunk_size(B, 4 * numel * theta[0].element_size(), call.memory_budget)
 
@@ -134,10 +137,9 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
     with torch.enable_grad():
         for i in range(0, B, n):
             s = slice(i, min(B, i + n))
-            a = tuple(cut(x, d, s) for x, d in zip(call.args, arg_dims, strict=True))
-            k = {nm: cut(v, kw_dims[nm], s) for nm, v in call.kwargs.items()}
+            a = [cut(x, d, s) for x, d in zip(leaves_in, dims, strict=True)]
             c = tuple(cut(call.grads[j], d, s) for j, d in zip(live, out_dims, strict=True))
-            vs = per_example(theta, a, k, c)
+            vs = per_example(theta, a, c)
             chunk_norm = None
             for nm, v in zip(names, vs, strict=True):
                 if nm in call.materialize:

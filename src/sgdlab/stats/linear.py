@@ -55,9 +55,9 @@ def linear_rule(call: Call) -> dict[str, Contribution]:
     names = call.param_names
     out: dict[str, Contribution] = {}
     if a.dim() == 2:
-        if call.materialize:  # shared parameter: hand over per-example gradients
+        if call.materialize:  # shared parameter: per-example gradients as factors d_b a_b^T
             if "weight" in names:
-                out["weight"] = Contribution(per_example=d[:, :, None] * a[:, None, :])
+                out["weight"] = Contribution(factors=(d, a))
             if "bias" in names:
                 out["bias"] = small_per_example("bias", call, d)
             return out
@@ -77,7 +77,9 @@ def linear_rule(call: Call) -> dict[str, Contribution]:
     B = call.batch_size
     a3 = a.reshape(B, -1, a.shape[-1])
     d3 = d.reshape(B, -1, d.shape[-1])
-    if "weight" in names:
+    if "weight" in call.materialize:  # shared: G_b = D_b^T A_b summed with the other uses
+        out["weight"] = Contribution(factors=(d3, a3))
+    elif "weight" in names:
         out["weight"] = reduce_per_example(
             "weight",
             call,

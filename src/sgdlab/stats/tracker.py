@@ -42,8 +42,10 @@ since the last backward; :meth:`Tracker.zero` clears explicitly. So the second m
 outlives the gradient it belongs to.
 
 Exactness. Layer rules are exact (no position-wise shortcut). A parameter used several times in
-one backward pass (weight tying, a module called twice) is handled by materialising per-example
-gradients of each use and summing them before squaring; all calls between two backward passes
+one backward pass (weight tying, a module called twice, a recurrent cell stepped in a loop) is
+handled by summing the per-example gradients of its uses before squaring (materialised per use,
+or for linear maps and cells kept as outer-product factors of each use and formed once, at the
+end of the pass); all calls between two backward passes
 are taken to act on the same batch (example b of each call is the same example). Tensors must
 put the batch first where the layer cannot tell (``nn.Linear`` on ``[T, B, in]`` would take T
 for the batch; recurrent layers and attention read their own ``batch_first``); inconsistent
@@ -90,7 +92,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .._validation import check_batch_size, check_choice, check_positive
 from . import _saved
-from ._base import Call, Contribution
+from ._base import Call, Contribution, outer_moments, outer_per_example
 from ._registry import Rule, _first_dim, _no_check, rule_for
 from .conv import conv_moments, conv_rule
 from .linear import linear_moments, linear_rule, linear_seq_moments
@@ -209,7 +211,7 @@ class _Pass:
 
     __slots__ = (
         "batch_size", "moments", "pending", "kind", "norms", "got_grad", "contributed",
-        "first_module", "scale", "stash", "stash_bytes", "cleared", "partial",
+        "first_module", "scale", "stash", "stash_bytes", "cleared", "partial", "factors",
     )
 
     def __init__(self) -> None:
@@ -232,6 +234,8 @@ class _Pass:
         # calls with several outputs, by id of their record: (record, output grads so far,
         # [number arrived]); completed at the end of the pass
         self.partial: dict[int, tuple[Any, list[Tensor | None], list[int]]] = {}
+        # per-example gradients of shared parameters as outer-product factors, per use
+        self.factors: dict[int, list[tuple[Tensor, Tensor]]] = {}
 
 
 class Tracker:
@@ -473,7 +477,7 @@ class Tracker:
         if isinstance(output, Tensor):  # the common case, without pytree overhead
             if not output.requires_grad:
                 return
-            outs, positions, spec = [output], (0,), None
+            outs, positions, spec, leaves = [output], (0,), None, None
         else:
             leaves, spec = tree_flatten(output)
             positions = tuple(
@@ -517,10 +521,17 @@ class Tracker:
             out_spec=spec,
             positions=positions,
         )
-        self._register(record, outs)
+        return self._register(record, outs, leaves)
 
-    def _register(self, record: _Record, outs: list[Tensor]) -> None:
-        """Have the output gradients of a recorded call delivered to :meth:`_on_grads`."""
+    def _register(self, record: _Record, outs: list[Tensor], leaves: list | None) -> Any:
+        """Have the output gradients of a recorded call delivered to :meth:`_on_grads`.
+
+        A call with several differentiable outputs returns each as a view of itself (the
+        forward hook's return value replaces the output), and the hooks watch the views: a
+        module may compute one output from another (torch's ``LSTMCell`` on the CPU returns
+        ``c`` and computes ``h`` from it), and a hook on the output's own node would see, besides
+        the gradient from outside the module, the gradient through the other output. Returns
+        the replacement output, or ``None``."""
         if len(outs) == 1:
             out = outs[0]
             node, nr = out.grad_fn, out.output_nr
@@ -534,14 +545,17 @@ class Tracker:
             # several outputs: gathered per pass (:meth:`_on_output_grad`), computed when all
             # have arrived or at the end of the pass (torch's register_multi_grad_hook never
             # fires inside the nested backward pass of reentrant checkpointing)
+            assert leaves is not None  # several outputs come from tree_flatten
+            outs = [o.view_as(o) for o in outs]
+            leaves = list(leaves)
+            for i, o in zip(record.positions, outs, strict=True):
+                leaves[i] = o
             n = len(outs)
-            for i, out in enumerate(outs):
-                node = out.grad_fn
-                if node is None:
-                    out.register_hook(functools.partial(self._on_output_grad, record, i, n))
-                else:
-                    node.register_prehook(functools.partial(
-                        self._on_output_grads, record, i, n, out.output_nr))
+            for i, out in enumerate(outs):  # a view always has a node (grad mode is on)
+                out.grad_fn.register_prehook(functools.partial(
+                    self._on_output_grads, record, i, n, out.output_nr))
+            return tree_unflatten(leaves, record.out_spec)
+        return None
 
     def _on_output_grads(self, record: _Record, i: int, n: int, nr: int, grads: tuple) -> None:
         self._on_output_grad(record, i, n, grads[nr])
@@ -575,7 +589,7 @@ class Tracker:
         if isinstance(output, Tensor):
             if not output.requires_grad:
                 return
-            outs, positions, spec = [output], (0,), None
+            outs, positions, spec, leaves = [output], (0,), None, None
         else:
             leaves, spec = tree_flatten(output)
             positions = tuple(
@@ -616,7 +630,7 @@ class Tracker:
         for pid in entry.ids:
             uses[pid] = uses.get(pid, 0) + 1
         record = _Record(entry, (), {}, (), (), B, uses, spec, positions, (saved, in_spec))
-        self._register(record, outs)
+        return self._register(record, outs, leaves)
 
     def _grad_hook(self, p: Tensor) -> None:
         self._begin().got_grad.add(id(p))
@@ -835,7 +849,7 @@ class Tracker:
 
     def _add(self, state: _Pass, p: nn.Parameter, c: Contribution, label: str) -> None:
         pid = id(p)
-        kind = "per_example" if c.per_example is not None else "moment"
+        kind = "moment" if c.per_example is None and c.factors is None else "per_example"
         if pid in state.kind and (state.kind[pid] == "moment" or kind == "moment"):
             raise RuntimeError(
                 f"parameter {self._params[pid][0]!r} received gradients from several module "
@@ -845,6 +859,9 @@ class Tracker:
             )
         state.kind[pid] = kind
         state.contributed.add(pid)
+        if c.factors is not None:  # the per-example gradient as outer-product factors
+            state.factors.setdefault(pid, []).append(c.factors)
+            return
         if c.per_example is not None:
             prev = state.pending.get(pid)
             state.pending[pid] = c.per_example if prev is None else prev + c.per_example
@@ -874,7 +891,8 @@ class Tracker:
         cleared = state.cleared
         if cleared:  # statistics of cleared gradients that this pass does not replace
             _clear({k: p for k, p in cleared.items()
-                    if k not in state.moments and k not in state.pending})
+                    if k not in state.moments and k not in state.pending
+                    and k not in state.factors})
         # the coverage check runs on the first pass that records a call (a pass of paused
         # forward calls records none: it can tell nothing)
         missing = None
@@ -899,6 +917,19 @@ class Tracker:
             scale, nscale = float(N), float(N) ** 2
         else:
             scale, nscale = 1.0 / N, 1.0
+        for pid, factors in state.factors.items():
+            p = self._params[pid][1]
+            if pid in state.pending:  # also materialised uses: add these to them
+                pe = state.pending[pid]
+                for f in factors:
+                    pe = pe + outer_per_example(f).view_as(pe)
+                state.pending[pid] = pe
+                continue
+            m, nb = outer_moments(factors, p.shape, scale,
+                                  self.memory_budget or _default_budget(p), self.per_example_norms)
+            state.moments[pid] = m
+            if nb is not None:
+                state.norms = nb if state.norms is None else state.norms + nb
         for pid, pe in state.pending.items():
             sq = pe * pe
             m = sq.sum(0).mul_(scale)
