@@ -8,7 +8,9 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("name", ["sgdlab.stats", "sgdlab.stats.tracker", "sgdlab.stats.noise"])
+@pytest.mark.parametrize(
+    "name", ["sgdlab.stats", "sgdlab.stats.tracker", "sgdlab.stats.noise", "sgdlab.stats.convert"]
+)
 def test_docstring_examples(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)

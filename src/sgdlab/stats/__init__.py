@@ -5,9 +5,10 @@
 gradients that batch-size-invariant RMSProp/Adam need (lecture, "Scaling eta with batch size
 for RMSProp"). Exact rules per layer type (Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d,
 Embedding, LayerNorm, GroupNorm, RMSNorm, InstanceNorm, BatchNorm in eval mode, RNN/LSTM/GRU,
-MultiheadAttention) and a ``torch.func`` fallback for any other module. :class:`NoiseMeter`
-turns the same statistics into the gradient noise scale (McCandlish et al. 2018), per-group
-variances and the SGD temperature.
+MultiheadAttention) and a ``torch.func`` fallback for any other module; BatchNorm in training
+mode couples the examples and is refused (:func:`replace_batchnorm` swaps it for GroupNorm).
+:class:`NoiseMeter` turns the same statistics into the gradient noise scale (McCandlish et al.
+2018), per-group variances and the SGD temperature.
 
 Example (batch-size-invariant RMSProp with the lecture's per-example second moment)::
 
@@ -26,7 +27,10 @@ Example (batch-size-invariant RMSProp with the lecture's per-example second mome
 
 from __future__ import annotations
 
+from .convert import replace_batchnorm
 from .noise import NoiseMeter, NoiseReading, noise_statistics
 from .tracker import Tracker, track
 
-__all__ = ["NoiseMeter", "NoiseReading", "Tracker", "noise_statistics", "track"]
+__all__ = [
+    "NoiseMeter", "NoiseReading", "Tracker", "noise_statistics", "replace_batchnorm", "track",
+]

@@ -44,7 +44,8 @@ def check_batchnorm(module: nn.Module, args: tuple, kwargs: dict) -> None:
             f"(training={module.training}, track_running_stats={module.track_running_stats}), "
             "so each example's loss depends on the other examples and per-example gradients "
             "are not defined. To proceed: replace it by GroupNorm or LayerNorm (per-example "
-            "normalisation), or put it in eval mode (module.eval(), using running statistics), "
+            "normalisation; sgdlab.stats.replace_batchnorm(model) swaps every BatchNorm for a "
+            "GroupNorm), or put it in eval mode (module.eval(), using running statistics), "
             "or freeze its affine parameters and compute statistics for the others with "
             "BatchNorm in eval mode"
         )

@@ -1,0 +1,65 @@
+"""Make a model's normalisation per-example: ``nn.BatchNorm*d`` replaced by ``nn.GroupNorm``.
+
+BatchNorm in training mode normalises with the statistics of the whole batch, so one example's
+loss depends on all the others and per-example gradients, hence the second moments of
+batch-size-invariant RMSProp/Adam, are not defined (the tracker refuses it). GroupNorm
+normalises each example by itself over groups of channels and trains vision models to similar
+accuracy without depending on the batch size (Wu & He 2018, "Group Normalization"), which is the
+point of batch-size-invariant hyperparameters anyway. :func:`replace_batchnorm` swaps every
+BatchNorm for a GroupNorm over the same channels, keeping the learned per-channel scale and
+shift; the running statistics have no counterpart and are dropped, so a pretrained model needs
+some training after the swap.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .._validation import check_batch_size
+
+__all__ = ["replace_batchnorm"]
+
+
+def replace_batchnorm(model: nn.Module, num_groups: int = 32) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` in ``model`` (in place) by ``nn.GroupNorm``.
+
+    Each BatchNorm over C channels becomes ``GroupNorm(gcd(num_groups, C), C)`` with the same
+    ``eps``, affine when the BatchNorm was, its ``weight`` and ``bias`` copied (same device and
+    dtype). Returns ``model`` (a BatchNorm passed as the model itself comes back replaced).
+
+    Example::
+
+        >>> import torch, sgdlab.stats
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.BatchNorm2d(64))
+        >>> net = sgdlab.stats.replace_batchnorm(net)
+        >>> net[1]
+        GroupNorm(32, 64, eps=1e-05, affine=True...)
+    """
+    groups = check_batch_size("num_groups", num_groups)  # an integer >= 1
+    if isinstance(model, _BatchNorm):
+        return _group_norm(model, groups)
+    for name, child in list(model.named_children()):
+        if isinstance(child, _BatchNorm):
+            setattr(model, name, _group_norm(child, groups))
+        else:
+            replace_batchnorm(child, groups)
+    return model
+
+
+def _group_norm(bn: _BatchNorm, num_groups: int) -> nn.GroupNorm:
+    C = bn.num_features
+    ref = bn.weight if bn.affine else bn.running_mean
+    kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+    gn = nn.GroupNorm(math.gcd(num_groups, C), C, eps=bn.eps, affine=bn.affine, **kw)
+    if bn.affine:
+        with torch.no_grad():
+            gn.weight.copy_(bn.weight)
+            gn.bias.copy_(bn.bias)
+        gn.weight.requires_grad_(bn.weight.requires_grad)
+        gn.bias.requires_grad_(bn.bias.requires_grad)
+    gn.train(bn.training)
+    return gn
