@@ -172,3 +172,11 @@ def test_unbatched_instance_norm_input_names_the_batch_dimension():
                                          r"batch dimension first.*4 dims"):
         norm(torch.randn(3, 4, 4))
     tracker.detach()
+
+
+def test_embedding_bag_refusals_name_the_cause():
+    freq = nn.EmbeddingBag(5, 2, scale_grad_by_freq=True)
+    tracker = stats.track(freq)
+    with pytest.raises(ValueError, match="scale_grad_by_freq=True"):
+        freq(torch.tensor([[1, 2]]))
+    tracker.detach()

@@ -121,6 +121,22 @@ class CellDecoder(nn.Module):
         return torch.stack(outs, 1)
 
 
+class BagTwice(nn.Module):
+    """Two EmbeddingBags (max and mean), each applied to a batch of bags and to the same bags
+    reversed: shared weights, per-example gradients summed over both uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag_max = nn.EmbeddingBag(9, 4, mode="max")
+        self.bag_mean = nn.EmbeddingBag(9, 4, mode="mean", padding_idx=0)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        r = x.flip(1)
+        h = self.bag_max(x) * self.bag_max(r[:, :2]) + self.bag_mean(x) - self.bag_mean(r[:, 1:])
+        return self.head(torch.tanh(h))
+
+
 def mlp():
     return nn.Sequential(
         nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)
@@ -161,6 +177,8 @@ MODELS = [
     ),
     ("tied-embedding-lstm", TiedLM, lambda: torch.randint(0, 11, (B, 6)), seq_target(11)),
     ("module-called-twice", Twice, lambda: torch.randn(B, 5), lambda x: torch.randint(0, 3, (B,))),
+    ("embedding-bags-called-twice", BagTwice, lambda: torch.randint(0, 9, (B, 5)),
+     lambda x: torch.randint(0, 3, (B,))),
     ("recurrent-cells-loop", CellDecoder, lambda: torch.randn(B, 3, 4),
      lambda x: torch.randint(0, 3, (B, 3))),
     ("transposed-conv-decoder", Decoder, lambda: torch.randn(B, 4),
@@ -248,11 +266,11 @@ def test_chunking_under_small_memory_budget_is_exact(kind):
 
 
 def test_transposed_convolutions_cells_and_instance_norms_have_a_rule():
-    """ConvTranspose1d/2d/3d, RNNCell/LSTMCell/GRUCell and InstanceNorm take their own rules,
-    not the torch.func fallback (no warning)."""
+    """ConvTranspose1d/2d/3d, RNNCell/LSTMCell/GRUCell, InstanceNorm and EmbeddingBag take
+    their own rules, not the torch.func fallback (no warning)."""
     model = nn.Sequential(nn.ConvTranspose1d(2, 2, 3), nn.Flatten(0, 0), Decoder(),
                           nn.ConvTranspose3d(2, 2, 1), CellDecoder(), nn.RNNCell(2, 2),
-                          nn.InstanceNorm2d(2, affine=True))
+                          nn.InstanceNorm2d(2, affine=True), BagTwice())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tracker = stats.track(model)

@@ -160,6 +160,32 @@ def pair_loss(out, y):
     return 0.5 * ((h - y) ** 2).sum() + (c**3).sum()
 
 
+class Bags(nn.Module):
+    """An EmbeddingBag on a 1-D input with offsets: rows of ``x`` [B, L] are bags, entries < 0
+    are left out (bags of different lengths; one empty bag in BAG_INPUT); optional per-sample
+    weights from the entries."""
+
+    def __init__(self, bag: nn.EmbeddingBag, weights: bool = False) -> None:
+        super().__init__()
+        self.bag, self.weights = bag, weights
+
+    def forward(self, x):
+        keep = x >= 0
+        flat = x[keep]
+        counts = keep.sum(1)
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        if not self.bag.include_last_offset:
+            offsets = offsets[:-1]
+        psw = torch.cos(flat.to(torch.get_default_dtype()) + 0.5) if self.weights else None
+        if psw is not None:
+            psw = psw.to(self.bag.weight.dtype)
+        return self.bag(flat, offsets, per_sample_weights=psw)
+
+
+BAG_INPUT = torch.tensor([[1, 0, 4, -1], [2, 2, -1, -1], [-1, -1, -1, -1], [0, 0, 0, 3],
+                          [6, 5, 6, 1]])
+
+
 class CellLoop(nn.Module):
     """A recurrent cell stepped over ``x[:, t]`` by hand (the state starts as None); an LSTM
     cell's output is ``[h, c]``, so that both outputs carry gradient."""
@@ -316,13 +342,23 @@ CASES = [
     ),
     ("transposed-conv-output-size", lambda: TransposedToSize(), lambda: torch.randn(B, 2, 3, 3),
      sq_loss, 0),
-    (
-        "fallback-embeddingbag",
-        lambda: nn.EmbeddingBag(7, 3, mode="mean"),
-        lambda: torch.randint(0, 7, (B, 4)),
-        sq_loss,
-        0,
-    ),
+    ("embeddingbag-mean-2d", lambda: nn.EmbeddingBag(7, 3, mode="mean"),
+     lambda: torch.tensor([[1, 1, 4, 0], [2, 2, 2, 2], [6, 5, 6, 3], [0, 1, 2, 3], [4, 4, 1, 4]]),
+     sq_loss, 0),
+    ("embeddingbag-sum-padding-2d", lambda: nn.EmbeddingBag(7, 3, mode="sum", padding_idx=2),
+     lambda: torch.tensor([[1, 1, 4, 2], [2, 2, 2, 2], [6, 5, 6, 3], [0, 1, 2, 3], [4, 4, 1, 4]]),
+     sq_loss, 0),
+    ("embeddingbag-max-2d", lambda: nn.EmbeddingBag(7, 3, mode="max"),
+     lambda: torch.tensor([[1, 1, 4, 0], [2, 2, 2, 2], [6, 5, 6, 3], [0, 1, 2, 3], [4, 4, 1, 4]]),
+     sq_loss, 0),
+    ("embeddingbag-offsets-sum-weights", lambda: Bags(nn.EmbeddingBag(7, 3, mode="sum"), True),
+     lambda: BAG_INPUT, sq_loss, 0),
+    ("embeddingbag-offsets-mean-padding",
+     lambda: Bags(nn.EmbeddingBag(7, 3, mode="mean", padding_idx=0)), lambda: BAG_INPUT, sq_loss,
+     0),
+    ("embeddingbag-offsets-max-padding-last-offset",
+     lambda: Bags(nn.EmbeddingBag(7, 3, mode="max", padding_idx=0, include_last_offset=True)),
+     lambda: BAG_INPUT, sq_loss, 0),
     ("fallback-prelu", lambda: nn.PReLU(3), lambda: torch.randn(B, 3, 5), sq_loss, 0),
     (
         "instancenorm1d",

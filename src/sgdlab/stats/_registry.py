@@ -21,6 +21,7 @@ from .cell import cell_rule, check_cell
 from .conv import conv_rule
 from .conv_transpose import conv_transpose_rule
 from .embedding import check_embedding, embedding_rule
+from .embedding_bag import check_embedding_bag, embedding_bag_batch_size, embedding_bag_rule
 from .fallback import check_fallback, fallback_batch_size, fallback_params, fallback_rule
 from .linear import linear_rule
 from .norm import check_batchnorm, check_instancenorm, norm_rule
@@ -68,6 +69,11 @@ _TABLE: list[tuple[type, Rule]] = [
     (nn.ConvTranspose2d, Rule("conv_transpose", conv_transpose_rule)),
     (nn.ConvTranspose3d, Rule("conv_transpose", conv_transpose_rule)),
     (nn.Embedding, Rule("embedding", embedding_rule, check=check_embedding)),
+    (
+        nn.EmbeddingBag,
+        Rule("embedding_bag", embedding_bag_rule, batch_size=embedding_bag_batch_size,
+             check=check_embedding_bag),
+    ),
     (nn.LayerNorm, Rule("norm", norm_rule)),
     (nn.GroupNorm, Rule("norm", norm_rule)),
     (nn.RMSNorm, Rule("norm", norm_rule)),

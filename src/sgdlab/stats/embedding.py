@@ -15,11 +15,11 @@ examples; such modules are refused.
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ._base import Call, Contribution, in_dtype, require_batched
 
-__all__ = ["embedding_rule", "check_embedding"]
+__all__ = ["embedding_rule", "check_embedding", "segment_moments"]
 
 
 def check_embedding(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -47,10 +47,22 @@ def embedding_rule(call: Call) -> dict[str, Contribution]:
     rows = d.reshape(-1, dim)  # one per (example, position)
     if module.padding_idx is not None:  # rows of padding_idx get no gradient
         rows = rows * (idx != module.padding_idx).reshape(-1, 1).to(rows.dtype)
-    # (example, token) keys in sorted order; positions with one key form a segment, whose sum
-    # is that example's gradient for that vocabulary row. Static shapes throughout (at most
-    # one segment per position), so no host synchronisation on a GPU.
-    keys, order = torch.sort((torch.arange(B, device=idx.device)[:, None] * V + idx).reshape(-1))
+    return {"weight": segment_moments(call, torch.arange(B, device=idx.device)[:, None]
+                                      .expand(B, idx.shape[1]).reshape(-1),
+                                      idx.reshape(-1), rows, B, V)}
+
+
+def segment_moments(call: Call, example: Tensor, idx: Tensor, rows: Tensor, B: int,
+                    V: int) -> Contribution:
+    """The statistics of a lookup table's ``[V, dim]`` weight whose per-example gradient has row
+    v equal to ``sum_{j: example_j = b, idx_j = v} rows_j``: lookups ``j`` of example
+    ``example[j]`` at row ``idx[j]`` with gradient ``rows[j]``.
+
+    The (example, row) keys are sorted; lookups with one key form a segment, whose sum is that
+    example's gradient for that row. Static shapes throughout (at most one segment per lookup),
+    so no host synchronisation on a GPU."""
+    dim = rows.shape[1]
+    keys, order = torch.sort(example * V + idx)
     first = torch.ones_like(keys, dtype=torch.bool)
     first[1:] = keys[1:] != keys[:-1]
     seg = torch.cumsum(first, 0) - 1
@@ -58,13 +70,13 @@ def embedding_rule(call: Call) -> dict[str, Contribution]:
     # key of each segment; unused segments keep key 0 and an all-zero sum, adding nothing
     seg_key = torch.zeros_like(keys).scatter_(0, seg, keys)
     if "weight" in call.materialize:
-        per = d.new_zeros(B, V, dim)
+        per = rows.new_zeros(B, V, dim)
         per.view(B * V, dim).index_add_(0, seg_key, agg)
-        return {"weight": Contribution(per_example=per)}
+        return Contribution(per_example=per)
     sq = agg.mul_(agg)
-    moment = d.new_zeros(V, dim).index_add_(0, seg_key % V, sq, alpha=call.scale)
+    moment = rows.new_zeros(V, dim).index_add_(0, seg_key % V, sq, alpha=call.scale)
     norms = None
     if call.norms:
-        norms = d.new_zeros(B).index_add_(0, torch.div(seg_key, V, rounding_mode="floor"),
-                                          sq.sum(1))
-    return {"weight": Contribution(moment=moment, sq_norms=norms)}
+        norms = rows.new_zeros(B).index_add_(0, torch.div(seg_key, V, rounding_mode="floor"),
+                                             sq.sum(1))
+    return Contribution(moment=moment, sq_norms=norms)
