@@ -180,3 +180,11 @@ def test_embedding_bag_refusals_name_the_cause():
     with pytest.raises(ValueError, match="scale_grad_by_freq=True"):
         freq(torch.tensor([[1, 2]]))
     tracker.detach()
+
+
+def test_sync_batchnorm_in_training_mode_is_refused():
+    bn = nn.SyncBatchNorm(3)
+    tracker = stats.track(bn)
+    with pytest.raises(ValueError, match="SyncBatchNorm normalises with the mean and variance"):
+        bn(torch.randn(4, 3))
+    tracker.detach()

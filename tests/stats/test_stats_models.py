@@ -265,12 +265,25 @@ def test_chunking_under_small_memory_budget_is_exact(kind):
     tracker.detach()
 
 
-def test_transposed_convolutions_cells_and_instance_norms_have_a_rule():
-    """ConvTranspose1d/2d/3d, RNNCell/LSTMCell/GRUCell, InstanceNorm and EmbeddingBag take
-    their own rules, not the torch.func fallback (no warning)."""
-    model = nn.Sequential(nn.ConvTranspose1d(2, 2, 3), nn.Flatten(0, 0), Decoder(),
-                          nn.ConvTranspose3d(2, 2, 1), CellDecoder(), nn.RNNCell(2, 2),
-                          nn.InstanceNorm2d(2, affine=True), BagTwice())
+def test_every_torch_nn_layer_with_parameters_has_a_rule():
+    """Every layer of torch.nn that owns parameters takes a dedicated rule, none the torch.func
+    fallback (no warning): linear maps, (transposed) convolutions, embeddings and bags, every
+    normalisation (BatchNorm's rule refuses training mode), PReLU, recurrent layers and cells,
+    attention, and the transformer layers built from them."""
+    layers = [
+        nn.Linear(2, 2), nn.Bilinear(2, 2, 2), nn.Conv1d(2, 2, 1), nn.Conv2d(2, 2, 1),
+        nn.Conv3d(2, 2, 1), nn.ConvTranspose1d(2, 2, 1), nn.ConvTranspose2d(2, 2, 1),
+        nn.ConvTranspose3d(2, 2, 1), nn.Embedding(3, 2), nn.EmbeddingBag(3, 2),
+        nn.BatchNorm1d(2), nn.BatchNorm2d(2), nn.BatchNorm3d(2), nn.SyncBatchNorm(2),
+        nn.GroupNorm(1, 2), nn.LayerNorm(2), nn.RMSNorm(2), nn.InstanceNorm1d(2, affine=True),
+        nn.InstanceNorm2d(2, affine=True), nn.InstanceNorm3d(2, affine=True), nn.PReLU(),
+        nn.RNN(2, 2), nn.LSTM(2, 2), nn.GRU(2, 2), nn.RNNCell(2, 2), nn.LSTMCell(2, 2),
+        nn.GRUCell(2, 2), nn.MultiheadAttention(2, 1),
+        nn.TransformerEncoderLayer(2, 1, 4), nn.TransformerDecoderLayer(2, 1, 4),
+        nn.AdaptiveLogSoftmaxWithLoss(4, 6, [2]),
+        Decoder(), CellDecoder(), BagTwice(),
+    ]
+    model = nn.ModuleList(layers)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tracker = stats.track(model)

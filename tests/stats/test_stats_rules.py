@@ -99,7 +99,7 @@ class CrossAttention(nn.Module):
 
 
 class TwoInputs(nn.Module):
-    """nn.Bilinear applied to (x, tanh x): a fallback module with two batched inputs."""
+    """nn.Bilinear applied to (x, tanh x): a module with two batched inputs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -199,6 +199,17 @@ class CellLoop(nn.Module):
         for t in range(x.shape[1]):
             state = self.cell(x[:, t], state)
         return torch.cat(state, 1) if isinstance(state, tuple) else state
+
+
+class BilinearSeq(nn.Module):
+    """nn.Bilinear without bias at several positions, on (x, x^2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bil = nn.Bilinear(3, 3, 2, bias=False)
+
+    def forward(self, x):
+        return self.bil(x, x * x)
 
 
 class BoolMaskAttention(nn.Module):
@@ -359,7 +370,9 @@ CASES = [
     ("embeddingbag-offsets-max-padding-last-offset",
      lambda: Bags(nn.EmbeddingBag(7, 3, mode="max", padding_idx=0, include_last_offset=True)),
      lambda: BAG_INPUT, sq_loss, 0),
-    ("fallback-prelu", lambda: nn.PReLU(3), lambda: torch.randn(B, 3, 5), sq_loss, 0),
+    ("prelu-channels", lambda: nn.PReLU(3), lambda: torch.randn(B, 3, 5, 2), sq_loss, 0),
+    ("prelu-shared-1d", lambda: nn.PReLU(), lambda: torch.randn(B), sq_loss, 0),
+    ("bilinear-positions", lambda: BilinearSeq(), lambda: torch.randn(B, 3, 3), sq_loss, 0),
     (
         "instancenorm1d",
         lambda: nn.InstanceNorm1d(3, affine=True),
@@ -381,7 +394,7 @@ CASES = [
         sq_loss,
         0,
     ),
-    ("fallback-bilinear", TwoInputs, lambda: torch.randn(B, 3), sq_loss, 0),
+    ("bilinear", TwoInputs, lambda: torch.randn(B, 3), sq_loss, 0),
     ("mha", lambda: SelfAttention(4), lambda: torch.randn(B, 3, 4), sq_loss, 0),
     ("mha-seqfirst", lambda: SeqFirstAttention(4), lambda: torch.randn(B, 3, 4), sq_loss, 0),
     ("mha-masks-kdim", lambda: MaskedAttention(), lambda: torch.randn(B, 4, 12), sq_loss, 0),

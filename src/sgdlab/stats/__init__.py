@@ -3,10 +3,10 @@
 ``track(model)`` makes every ``loss.backward()`` also leave, on each trainable parameter ``p``,
 ``p.grad_second_moment`` = (1/B) sum_b g_b * g_b, the batch mean of squared per-example
 gradients that batch-size-invariant RMSProp/Adam need (lecture, "Scaling eta with batch size
-for RMSProp"). Exact rules per layer type (Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d,
-Embedding, EmbeddingBag, LayerNorm, GroupNorm, RMSNorm, InstanceNorm, BatchNorm in eval mode,
-RNN/LSTM/GRU and their cells, MultiheadAttention) and a ``torch.func`` fallback for any other
-module; BatchNorm in training
+for RMSProp"). Exact rules for every layer of ``torch.nn`` with parameters (Linear, Bilinear,
+Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding, EmbeddingBag, LayerNorm, GroupNorm, RMSNorm,
+InstanceNorm, BatchNorm in eval mode, PReLU, RNN/LSTM/GRU and their cells, MultiheadAttention)
+and a ``torch.func`` fallback for any other module; BatchNorm in training
 mode couples the examples and is refused (:func:`replace_batchnorm` swaps it for GroupNorm).
 :class:`NoiseMeter` turns the same statistics into the gradient noise scale (McCandlish et al.
 2018), per-group variances and the SGD temperature.

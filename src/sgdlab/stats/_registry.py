@@ -17,6 +17,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ._base import Call, Contribution
 from .attention import attention_rule
+from .bilinear import bilinear_rule
 from .cell import cell_rule, check_cell
 from .conv import conv_rule
 from .conv_transpose import conv_transpose_rule
@@ -25,6 +26,7 @@ from .embedding_bag import check_embedding_bag, embedding_bag_batch_size, embedd
 from .fallback import check_fallback, fallback_batch_size, fallback_params, fallback_rule
 from .linear import linear_rule
 from .norm import check_batchnorm, check_instancenorm, norm_rule
+from .prelu import prelu_rule
 from .recurrent import check_rnn, rnn_batch_size, rnn_rule
 
 __all__ = ["Rule", "rule_for"]
@@ -79,6 +81,7 @@ _TABLE: list[tuple[type, Rule]] = [
     (nn.RMSNorm, Rule("norm", norm_rule)),
     (_InstanceNorm, Rule("norm", norm_rule, check=check_instancenorm)),
     (_BatchNorm, Rule("norm", norm_rule, check=check_batchnorm)),
+    (nn.SyncBatchNorm, Rule("norm", norm_rule, check=check_batchnorm)),  # its own forward
     (
         nn.MultiheadAttention,
         Rule(
@@ -92,6 +95,8 @@ _TABLE: list[tuple[type, Rule]] = [
     (nn.RNN, Rule("recurrent", rnn_rule, batch_size=rnn_batch_size, check=check_rnn)),
     (nn.LSTM, Rule("recurrent", rnn_rule, batch_size=rnn_batch_size, check=check_rnn)),
     (nn.GRU, Rule("recurrent", rnn_rule, batch_size=rnn_batch_size, check=check_rnn)),
+    (nn.Bilinear, Rule("bilinear", bilinear_rule)),
+    (nn.PReLU, Rule("prelu", prelu_rule)),
     (nn.RNNCell, Rule("cell", cell_rule, check=check_cell)),
     (nn.LSTMCell, Rule("cell", cell_rule, check=check_cell)),
     (nn.GRUCell, Rule("cell", cell_rule, check=check_cell)),
