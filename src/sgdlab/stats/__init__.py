@@ -6,8 +6,9 @@ gradients that batch-size-invariant RMSProp/Adam need (lecture, "Scaling eta wit
 for RMSProp"). Exact rules for every layer of ``torch.nn`` with parameters (Linear, Bilinear,
 Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding, EmbeddingBag, LayerNorm, GroupNorm, RMSNorm,
 InstanceNorm, BatchNorm in eval mode, PReLU, RNN/LSTM/GRU and their cells, MultiheadAttention;
-its rarer options hand over to the fallback) and a ``torch.func`` fallback for any other module; BatchNorm in training
-mode couples the examples and is refused (:func:`replace_batchnorm` swaps it for GroupNorm).
+its rarer options hand over to the fallback) and a ``torch.func`` fallback for any other
+module; BatchNorm in training mode couples the examples and is refused
+(:func:`replace_batchnorm` swaps it for GroupNorm).
 :class:`NoiseMeter` turns the same statistics into the gradient noise scale (McCandlish et al.
 2018), per-group variances and the SGD temperature.
 
