@@ -22,7 +22,9 @@ do (a call inside :meth:`~sgdlab.stats.Tracker.paused` saves too, and drops its 
 the rerun's saves fill in the first run's ``SavedTensor`` objects, and the rerun records nothing
 (:func:`recomputing`), since its graph is never differentiated. Reentrant checkpointing runs the
 first forward without grad (nothing recorded) and differentiates the rerun's graph, whose calls
-are recorded as usual.
+are recorded as usual. The tracker must stay attached from such a forward pass to its backward
+pass: attaching or detaching in between changes the number of tensors the rerun saves, which
+checkpointing refuses (``CheckpointError``).
 """
 
 from __future__ import annotations
