@@ -115,10 +115,41 @@ def test_float32_statistics_match_the_float64_brute_force(device, name, batch):
     tracker.detach()
 
 
+def _other_rule_calls(device):
+    """(rule, Call) for an EmbeddingBag (offsets; mean and max), a ConvTranspose1d and an
+    LSTMCell with a state, float32 on ``device``."""
+    from sgdlab.stats._base import Call
+    from sgdlab.stats.cell import cell_rule
+    from sgdlab.stats.conv_transpose import conv_transpose_rule
+    from sgdlab.stats.embedding_bag import embedding_bag_rule
+
+    n = 6
+    flat = torch.randint(0, 20, (n * 5,), device=device)
+    offsets = torch.arange(0, n * 5, 5, device=device)
+    out = []
+    for mode in ("mean", "max"):
+        bag = nn.EmbeddingBag(20, 4, mode=mode, padding_idx=0).to(device)
+        out.append((embedding_bag_rule, Call(bag, (flat, offsets), {},
+                                             (torch.randn(n, 4, device=device),), n, ("weight",),
+                                             frozenset(), False, 2**27, scale=6.0)))
+    up = nn.ConvTranspose1d(4, 3, 3, stride=2).to(device)
+    out.append((conv_transpose_rule, Call(
+        up, (torch.randn(n, 4, 7, device=device),), {}, (torch.randn(n, 3, 15, device=device),),
+        n, ("weight", "bias"), frozenset(), False, 2**27, scale=6.0)))
+    cell = nn.LSTMCell(4, 3).to(device)
+    state = (torch.randn(n, 3, device=device), torch.randn(n, 3, device=device))
+    out.append((cell_rule, Call(
+        cell, (torch.randn(n, 4, device=device), state), {},
+        (torch.randn(n, 3, device=device), torch.randn(n, 3, device=device)), n,
+        ("weight_ih", "weight_hh", "bias_ih", "bias_hh"), frozenset(), False, 2**27, scale=6.0)))
+    return out
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_rules_on_the_short_paths_never_wait_for_the_device(device):
-    """The short paths and the embedding rule have static shapes (no ``unique``, boolean
-    indexing or host reads), so on a GPU they never synchronise with it: run under
+    """The short paths and the rules for embeddings, bags, transposed convolutions and cells
+    have static shapes (no ``unique``, boolean indexing or host reads), so on a GPU they never
+    synchronise with it: run under
     ``torch.cuda.set_sync_debug_mode("error")``, which raises on a synchronising call (on the
     CPU the same calls run unchecked). The Linear lane's fused kernel is compiled before."""
     from sgdlab.stats._base import Call
@@ -128,6 +159,7 @@ def test_rules_on_the_short_paths_never_wait_for_the_device(device):
     from sgdlab.stats.norm import norm_moments
 
     torch.manual_seed(2)
+    others = _other_rule_calls(device)
     n = 6
     emb = nn.Embedding(20, 4, padding_idx=0).to(device)
     lin, norm, conv = (m.to(device) for m in (nn.Linear(4, 3), nn.LayerNorm(4), nn.Conv1d(4, 3, 3)))
@@ -144,7 +176,8 @@ def test_rules_on_the_short_paths_never_wait_for_the_device(device):
                 linear_seq_moments(lin, x, d, 6.0, 2**27, True, True),
                 norm_moments(norm, x, dn, 6.0, 2**27, True, True),
                 conv_moments(conv, xc, dc, 6.0, 2**27, True, True),
-                embedding_rule(call)["weight"].moment)
+                embedding_rule(call)["weight"].moment,
+                [{k: c.moment for k, c in rule(c_).items()} for rule, c_ in others])
 
     expected = run()  # compiles the fused kernel where there is one
     if device == "cuda":
