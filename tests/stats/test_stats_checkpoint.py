@@ -200,3 +200,35 @@ def test_retain_graph_recomputes_for_each_pass():
         loss.backward()
         for p, r in zip(model.parameters(), once, strict=True):
             torch.testing.assert_close(p.grad_second_moment, 2 * r, rtol=1e-12, atol=0)
+
+
+class Gate(nn.Module):
+    """A module without a dedicated rule (the torch.func fallback)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.g = nn.Parameter(torch.linspace(-1, 1, n))
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.g)
+
+
+def test_backward_inside_an_offloading_block():
+    """The backward pass itself inside ``save_on_cpu``: the rules run without the user's
+    saved-tensor hooks (the fallback's torch.func refuses them; the cell rule's recomputation
+    would offload its temporaries), exact against the brute force."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), Gate(5), nn.Unflatten(1, (1, 5)),
+                          nn.LSTM(5, 3, batch_first=True)).to(DT)
+    x = torch.randn(6, 4, dtype=DT)
+
+    def loss_sum(out, _):
+        return (out[0] ** 2).sum() + out[1][1].sum()
+
+    ref = [g.pow(2).mean(0) for g in per_example_grads(model, loss_sum, x, x)]
+    with stats.track(model, warn_fallback=False):
+        with torch.autograd.graph.save_on_cpu():
+            (loss_sum(model(x), None) / 6).backward()
+            assert torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+        for p, r in zip(model.parameters(), ref, strict=True):
+            assert rel_err(p.grad_second_moment, r) <= 1e-10

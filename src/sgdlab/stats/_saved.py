@@ -29,16 +29,20 @@ checkpointing refuses (``CheckpointError``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch._C._autograd import SavedTensor
 
-__all__ = ["SavedTensor", "hooks", "recomputing", "save", "unpack"]
+__all__ = ["SavedTensor", "hooks", "recomputing", "save", "unpack", "without_hooks"]
 
 _top = torch._C._autograd._top_saved_tensors_default_hooks
 _make = torch._C._autograd._make_saved_tensor
+_push = torch._C._autograd._push_saved_tensors_default_hooks
+_pop = torch._C._autograd._pop_saved_tensors_default_hooks
 
 
 def hooks() -> Any:
@@ -67,3 +71,20 @@ def unpack(s: SavedTensor) -> Tensor:
     """The tensor saved by :func:`save`, detached (the unpack function runs now; under
     checkpointing this may recompute the region's forward)."""
     return s.unpack().detach()
+
+
+@contextlib.contextmanager
+def without_hooks() -> Iterator[None]:
+    """Run a block with no saved-tensor hooks active, and restore them after. The layer rules
+    run inside the backward pass, and one called there inside a user's ``save_on_cpu`` block
+    would have its own temporaries offloaded, or fail (``torch.func``, which the fallback rule
+    uses, refuses saved-tensor hooks)."""
+    stack = []
+    while (top := _top(False)) is not None:
+        stack.append(top)
+        _pop()
+    try:
+        yield
+    finally:
+        for pack, unpack_ in reversed(stack):
+            _push(pack, unpack_)

@@ -838,7 +838,11 @@ class Tracker:
         )
         self._suspended += 1
         try:
-            contributions = _without_grad(entry.rule.compute, call)
+            if _saved.hooks() is None:
+                contributions = _without_grad(entry.rule.compute, call)
+            else:  # a backward pass inside a saved-tensor hooks block
+                with _saved.without_hooks():
+                    contributions = _without_grad(entry.rule.compute, call)
         finally:
             self._suspended -= 1
         label = entry.label
