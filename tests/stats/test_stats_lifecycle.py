@@ -179,3 +179,27 @@ def test_sparse_gradient_zeroed_in_place_restarts():
     model(x).sum().backward()  # the same batch again, from zeroed gradients: not doubled
     for p, m in zip(model.parameters(), once, strict=True):
         assert torch.equal(p.grad_second_moment, m)
+
+
+def test_torch_func_transforms_are_not_recorded():
+    """Per-example gradients computed by the user with torch.func on a tracked model (vmap of
+    grad over functional_call) run, record nothing, and agree with the tracker's statistics of
+    the ordinary backward pass that follows."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xb):
+        return functional_call(model, p, (xb[None],)).square().sum()
+
+    with stats.track(model):
+        per = vmap(grad(loss), in_dims=(None, 0))(params, x)
+        grad(lambda p: loss(p, x[0]))(params)
+        assert all(getattr(p, "grad_second_moment", None) is None for p in model.parameters())
+        model(x).square().sum(1).mean().backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad_second_moment, per[name].pow(2).mean(0),
+                                       rtol=1e-12, atol=1e-15)

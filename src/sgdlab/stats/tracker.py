@@ -54,7 +54,8 @@ that every parameter's gradient passed through a call of its module (a parameter
 by another module raises). Loss terms that use a parameter outside its module's call (an
 explicit L2 penalty) are not part of per-example gradients; use the optimizer's weight decay.
 Backward passes through ``torch.autograd.grad`` also record; wrap forward passes that should
-not count (gradient penalties, evaluation with grad enabled) in :meth:`Tracker.paused`.
+not count (gradient penalties, evaluation with grad enabled) in :meth:`Tracker.paused`. Forward
+calls inside ``torch.func`` transforms (``vmap``, ``grad``) are never recorded.
 
 Activation checkpointing and offloading. Under saved-tensor hooks (``torch.utils.checkpoint``
 with ``use_reentrant=False``, ``torch.autograd.graph.save_on_cpu``) module inputs are kept as
@@ -127,6 +128,12 @@ def _zeroed(written: list[tuple[nn.Parameter, Tensor]]) -> list[nn.Parameter]:
         nonzero = torch.stack(maxima).ne(0).tolist()  # NaN and inf count as written
         out += [p for (p, _), keep in zip(items, nonzero, strict=True) if not keep]
     return out
+
+
+# the level of the innermost torch.func transform (vmap, grad, ...) running, None outside any:
+# forward calls inside one (per-example gradients computed by the user, functional training
+# loops) act on functional parameters and batched tensors, not on a batch the tracker records
+_transform_level = torch._C._functorch.maybe_current_level
 
 
 def _default_budget(t: Tensor) -> int:
@@ -440,6 +447,8 @@ class Tracker:
         fast = (on_grad, ndim, on_more)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if _transform_level() is not None:
+                return None  # inside torch.func (vmap, grad): not a pass the tracker records
             if _saved.hooks() is not None:
                 return self._saved_forward(module, args, kwargs, output, fast)
             if kwargs or len(args) != 1 or self._suspended or self.per_example_norms:
@@ -469,6 +478,8 @@ class Tracker:
         return hook
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if _transform_level() is not None:
+            return None  # inside torch.func (vmap, grad): not a pass the tracker records
         if _saved.hooks() is not None:
             return self._saved_forward(module, args, kwargs, output, None)
         if self._suspended or not torch.is_grad_enabled():
