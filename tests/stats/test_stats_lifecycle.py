@@ -203,3 +203,51 @@ def test_torch_func_transforms_are_not_recorded():
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.grad_second_moment, per[name].pow(2).mean(0),
                                        rtol=1e-12, atol=1e-15)
+
+
+KEYWORD_CALLS = [
+    ("linear", lambda: nn.Linear(3, 2), lambda: torch.randn(5, 3), {}),
+    ("linear-seq", lambda: nn.Linear(3, 2), lambda: torch.randn(5, 4, 3), {}),
+    ("conv2d", lambda: nn.Conv2d(2, 3, 3), lambda: torch.randn(5, 2, 5, 5), {}),
+    ("layernorm", lambda: nn.LayerNorm(3), lambda: torch.randn(5, 4, 3), {}),
+    ("embedding", lambda: nn.Embedding(7, 2), lambda: torch.randint(0, 7, (5, 3)), {}),
+    ("prelu", lambda: nn.PReLU(2), lambda: torch.randn(5, 2, 3), {}),
+    ("conv-transpose-output-size", lambda: nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1),
+     lambda: torch.randn(5, 2, 3, 3), {"output_size": [6, 6]}),
+]
+
+
+@pytest.mark.parametrize("case", KEYWORD_CALLS, ids=[c[0] for c in KEYWORD_CALLS])
+def test_inputs_passed_by_keyword(case):
+    """``layer(input=x)`` gives the statistics of ``layer(x)``, bitwise (the rules read the input
+    as the first positional argument; keyword inputs are moved there)."""
+    _, make, make_x, extra = case
+    torch.manual_seed(5)
+    layer = make().double()
+    x = make_x()
+    x = x.double() if x.is_floating_point() else x
+    got = []
+    for keyword in (False, True):
+        with stats.track(layer):
+            layer.zero_grad(set_to_none=True)
+            out = layer(input=x, **extra) if keyword else layer(x, **extra)
+            out.square().sum().backward()
+            got.append([p.grad_second_moment.clone() for p in layer.parameters()])
+    for a, b in zip(*got, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bilinear_inputs_passed_by_keyword():
+    torch.manual_seed(6)
+    bil = nn.Bilinear(3, 2, 4).double()
+    x1, x2 = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    got = []
+    calls = (lambda: bil(x1, x2), lambda: bil(x1, input2=x2), lambda: bil(input1=x1, input2=x2))
+    for call in calls:
+        with stats.track(bil):
+            bil.zero_grad(set_to_none=True)
+            call().square().sum().backward()
+            got.append([p.grad_second_moment.clone() for p in bil.parameters()])
+    for other in got[1:]:
+        for a, b in zip(got[0], other, strict=True):
+            assert torch.equal(a, b)

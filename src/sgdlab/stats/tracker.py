@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import warnings
 from collections.abc import Iterator
@@ -134,6 +135,37 @@ def _zeroed(written: list[tuple[nn.Parameter, Tensor]]) -> list[nn.Parameter]:
 # forward calls inside one (per-example gradients computed by the user, functional training
 # loops) act on functional parameters and batched tensors, not on a batch the tracker records
 _transform_level = torch._C._functorch.maybe_current_level
+
+
+@functools.cache
+def _forward_params(cls: type) -> tuple[str, ...]:
+    """Names of the parameters of ``cls.forward`` after ``self`` that may be passed by
+    position, in order (empty where the signature cannot be read)."""
+    try:
+        sig = inspect.signature(cls.forward)
+    except (TypeError, ValueError):
+        return ()
+    names = []
+    for p in list(sig.parameters.values())[1:]:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        names.append(p.name)
+    return tuple(names)
+
+
+def _positional(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A call's keyword arguments that fill the next positional parameters of its forward
+    moved into ``args`` (``linear(input=x)`` becomes ``linear(x)``): the rules read a layer's
+    input as ``args[0]``."""
+    names = _forward_params(type(module))[len(args):]
+    if not names or names[0] not in kwargs:
+        return args, kwargs
+    args, kwargs = list(args), dict(kwargs)
+    for name in names:
+        if name not in kwargs:
+            break
+        args.append(kwargs.pop(name))
+    return tuple(args), kwargs
 
 
 def _default_budget(t: Tensor) -> int:
@@ -485,6 +517,8 @@ class Tracker:
         if self._suspended or not torch.is_grad_enabled():
             return
         entry = self._entries[module]
+        if kwargs:
+            args, kwargs = _positional(module, args, kwargs)
         if isinstance(output, Tensor):  # the common case, without pytree overhead
             if not output.requires_grad:
                 return
@@ -610,6 +644,8 @@ class Tracker:
                 return
             outs = [leaves[i] for i in positions]
         active = _saved.hooks()
+        if kwargs:
+            args, kwargs = _positional(module, args, kwargs)
         flat, in_spec = tree_flatten((args, kwargs))
         saved = [_saved.save(t) if isinstance(t, Tensor) else t for t in flat]
         if self._suspended or _saved.recomputing(active):
