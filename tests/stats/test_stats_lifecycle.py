@@ -251,3 +251,34 @@ def test_bilinear_inputs_passed_by_keyword():
     for other in got[1:]:
         for a, b in zip(got[0], other, strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "seq", "cnn", "lstm", "embedding"])
+def test_an_empty_batch_gives_zero_statistics(kind):
+    """A backward pass over zero examples (summed loss) leaves zero statistics and no per-example
+    norms, like the zero gradient it leaves; the next pass is recorded as usual."""
+    torch.manual_seed(7)
+    model, shape = {
+        "mlp": (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), (3,)),
+        "seq": (nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), (5, 3)),
+        "cnn": (nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)), (3, 6, 6)),
+        "lstm": (nn.LSTM(3, 4, batch_first=True), (5, 3)),
+        "embedding": (nn.Embedding(5, 3), None),
+    }[kind]
+
+    def batch(n):
+        return torch.randint(0, 5, (n, 4)) if shape is None else torch.randn(n, *shape)
+
+    def loss(out):
+        return (out[0] if isinstance(out, tuple) else out).square().sum()
+
+    with stats.track(model, per_example_norms=True, reduction="sum") as tracker:
+        loss(model(batch(0))).backward()
+        for p in model.parameters():
+            assert torch.equal(p.grad_second_moment, torch.zeros_like(p))
+        assert tracker.per_example_sq_norms().shape == (0,)
+        assert tracker.num_examples == 0
+        model.zero_grad(set_to_none=True)
+        loss(model(batch(3))).backward()
+        assert tracker.num_examples == 3
+        assert all(p.grad_second_moment.abs().sum() > 0 for p in model.parameters())

@@ -739,7 +739,9 @@ class Tracker:
             if state.batch_size != B:
                 self._check_batch(state, entry, B)
             d = grads[nr]
-            if d is not None:
+            if not B:
+                self._empty(state, entry)
+            elif d is not None:
                 on_grad(state, record, d)
         except BaseException:
             self._abort()
@@ -836,7 +838,7 @@ class Tracker:
             state.batch_size = B
             state.first_module = entry.label
             N = self._batch_size or B
-            state.scale = float(N) if self.reduction == "mean" else 1.0 / N
+            state.scale = float(N) if self.reduction == "mean" else 1.0 / max(N, 1)
         elif state.batch_size != B:
             raise ValueError(
                 f"inconsistent batch sizes in one backward pass: module {entry.label!r} has "
@@ -856,7 +858,16 @@ class Tracker:
             if t._version != v:
                 self._raise_modified(entry)
         self._check_batch(state, entry, record.batch_size)
+        if not record.batch_size:
+            self._empty(state, entry)
+            return
         self._compute(state, record, grads)
+
+    def _empty(self, state: _Pass, entry: _Entry) -> None:
+        """A call on an empty batch: zero statistics for its parameters (no example)."""
+        for p in entry.params:
+            self._add(state, p, Contribution(per_example=p.new_zeros((0, *p.shape))),
+                      entry.label)
 
     def _compute(self, state: _Pass, record: _Record, grads: tuple[Tensor | None, ...]) -> None:
         """Run the entry's layer rule on one call and add its contributions."""
@@ -967,7 +978,7 @@ class Tracker:
         if self.reduction == "mean":
             scale, nscale = float(N), float(N) ** 2
         else:
-            scale, nscale = 1.0 / N, 1.0
+            scale, nscale = 1.0 / max(N, 1), 1.0  # N = 0: an empty batch, nothing to scale
         for pid, factors in state.factors.items():
             p = self._params[pid][1]
             if pid in state.pending:  # also materialised uses: add these to them
@@ -987,7 +998,7 @@ class Tracker:
             prev = state.moments.get(pid)
             state.moments[pid] = m if prev is None else prev + m
             if self.per_example_norms:
-                nb = sq.reshape(B, -1).sum(1)
+                nb = sq.reshape(B, -1).sum(1) if B else sq.new_zeros(0)
                 state.norms = nb if state.norms is None else state.norms + nb
         for pid, m in state.moments.items():
             _, p = self._params[pid]
