@@ -282,3 +282,33 @@ def test_an_empty_batch_gives_zero_statistics(kind):
         loss(model(batch(3))).backward()
         assert tracker.num_examples == 3
         assert all(p.grad_second_moment.abs().sum() > 0 for p in model.parameters())
+
+
+def test_a_second_tracker_on_a_tracked_module_is_refused():
+    """Two trackers would both add their statistics to grad_second_moment (twice the moment
+    once gradients accumulate): the second is refused until the first is detached; a model that
+    cannot be tracked leaves no hooks behind."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
+    first = stats.track(model)
+    with pytest.raises(ValueError, match=r"module '0' is already tracked by another Tracker"):
+        stats.track(model)
+    with pytest.raises(ValueError, match="already tracked"):
+        stats.track(model[2])
+    first.detach()
+    second = stats.track(model)
+    x = torch.randn(4, 3)
+    for _ in range(2):  # accumulation: one tracker's statistics, added once per pass
+        model(x).square().mean().backward()
+    once = model[0].weight.grad_second_moment.clone()
+    second.detach()
+    with stats.track(model):
+        model.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        torch.testing.assert_close(once, 2 * model[0].weight.grad_second_moment)
+    bad = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    torch.nn.utils.parametrize.register_parametrization(bad[1], "weight", nn.Identity())
+    with pytest.raises(ValueError, match="parametrized"):
+        stats.track(bad)
+    assert not bad[0]._forward_hooks
+    with stats.track(bad[0]):  # not left attached by the failed attempt
+        pass

@@ -83,6 +83,7 @@ import functools
 import inspect
 import math
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,17 @@ DEVICE_BUDGET = 2**27  # default memory_budget on accelerators (bytes)
 # back to back it is about 1.6x cheaper than interleaved with the backward pass (measured on
 # small models, benchmarks/README.md); larger calls run as their gradient arrives
 DEFER_BYTES = 2**20
+
+
+# the tracker attached to each tracked module (while its hooks are on): a second tracker on the
+# same module would add every statistic twice when gradients accumulate
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def _attached(module: nn.Module) -> Tracker | None:
+    ref = _ATTACHED.get(module)
+    tracker = ref() if ref is not None else None
+    return tracker if tracker is not None and tracker._handles else None
 
 
 def _zeroed(written: list[tuple[nn.Parameter, Tensor]]) -> list[nn.Parameter]:
@@ -331,6 +343,21 @@ class Tracker:
         self._norms: list[Tensor] = []
         self._examples = 0
         self._params: dict[int, tuple[str, nn.Parameter]] = {}
+        for name, module in model.named_modules():
+            if _attached(module) is not None:
+                raise ValueError(
+                    f"module {name or type(module).__name__!r} is already tracked by another "
+                    "Tracker (both would add their statistics to grad_second_moment): detach "
+                    "that one first (tracker.detach()), or use it instead of a new one"
+                )
+        try:
+            self._attach(model, warn_fallback)
+        except BaseException:  # no hooks left behind by a model that cannot be tracked
+            self.detach()
+            raise
+
+    def _attach(self, model: nn.Module, warn_fallback: bool) -> None:
+        """Hooks on every module of ``model`` that owns parameters (see :meth:`__init__`)."""
         covered: set[nn.Module] = set()
         fallbacks: list[str] = []
         for name, module in model.named_modules():
@@ -367,6 +394,7 @@ class Tracker:
                 entry.has_weight = "weight" in entry.names
                 entry.has_bias = "bias" in entry.names
             self._entries[module] = entry
+            _ATTACHED[module] = weakref.ref(self)
             for n, p in owned:
                 self._params.setdefault(id(p), (f"{name}.{n}" if name else n, p))
             if entry.linear:
@@ -394,7 +422,7 @@ class Tracker:
                 "sgdlab.stats: no dedicated rule for "
                 + ", ".join(fallbacks)
                 + "; these take the exact but slower torch.func fallback",
-                stacklevel=3,
+                stacklevel=4,
             )
         self.fallback_modules = tuple(fallbacks)
 
@@ -445,6 +473,10 @@ class Tracker:
             h.remove()
         self._handles = []
         self._coverage_handles = []
+        for module in self._entries:
+            ref = _ATTACHED.get(module)
+            if ref is not None and ref() is self:
+                del _ATTACHED[module]
         if clear:
             for _, p in self._params.values():
                 if hasattr(p, ATTRIBUTE):
