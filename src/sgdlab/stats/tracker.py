@@ -348,7 +348,8 @@ class Tracker:
                 raise ValueError(
                     f"module {name or type(module).__name__!r} is already tracked by another "
                     "Tracker (both would add their statistics to grad_second_moment): detach "
-                    "that one first (tracker.detach()), or use it instead of a new one"
+                    "that one first (tracker.detach()), or use it instead of a new one (e.g. "
+                    "sgdlab.distributed.DataParallel(..., tracker=tracker))"
                 )
         try:
             self._attach(model, warn_fallback)
