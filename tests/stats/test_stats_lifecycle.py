@@ -312,3 +312,43 @@ def test_a_second_tracker_on_a_tracked_module_is_refused():
     assert not bad[0]._forward_hooks
     with stats.track(bad[0]):  # not left attached by the failed attempt
         pass
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_grad_scaler_statistics_are_those_of_the_unscaled_loss(accumulate):
+    """With ``scaler.scale(loss).backward()`` the gradients carry the loss scale until
+    ``scaler.unscale_``; the statistics, which unscale_ cannot reach, are divided by the scale
+    squared when the tracker is given the scaler: equal to those of the unscaled loss (norms
+    too), and a per-example Adam step equals the step without scaling."""
+    import sgdlab
+
+    torch.manual_seed(8)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+
+    def run(scaled: bool):
+        torch.manual_seed(9)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=scaled)
+        opt = sgdlab.Adam(model.parameters(), lr=1e-2, second_moment="per_example")
+        with stats.track(model, grad_scaler=scaler, per_example_norms=True,
+                         batch_size=8) as tracker:
+            for part in torch.arange(8).chunk(accumulate):
+                loss = ((model(x[part]) - y[part]) ** 2).sum() / 8
+                scaler.scale(loss).backward()
+            moments = [p.grad_second_moment.clone() for p in model.parameters()]
+            norms = tracker.per_example_sq_norms()
+            scaler.step(opt)
+            scaler.update()
+        return moments, norms, [p.detach().clone() for p in model.parameters()]
+
+    plain, scaled = run(False), run(True)
+    for a, b in zip(plain[0], scaled[0], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=0)
+    torch.testing.assert_close(scaled[1], plain[1], rtol=1e-5, atol=0)
+    for a, b in zip(plain[2], scaled[2], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_grad_scaler_must_be_a_scaler():
+    with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler"):
+        stats.track(nn.Linear(2, 2), grad_scaler=1024.0)

@@ -309,6 +309,11 @@ class Tracker:
         conv_strategy: how convolutions form per-example gradients, ``"auto"``, ``"unfold"``
             or ``"grouped"`` (see :mod:`sgdlab.stats.conv`); all are exact.
         warn_fallback: warn which modules take the ``torch.func`` fallback.
+        grad_scaler: the ``torch.amp.GradScaler`` whose scaled loss the backward passes
+            differentiate (``scaler.scale(loss).backward()``): the statistics are divided by
+            its scale squared, so they are those of the unscaled loss, as the gradients are
+            after ``scaler.unscale_`` (which cannot reach them). Without it, a scaled loss gives
+            statistics ``scale**2`` too large.
     """
 
     def __init__(
@@ -321,6 +326,7 @@ class Tracker:
         memory_budget: int | None = None,
         conv_strategy: str = "auto",
         warn_fallback: bool = True,
+        grad_scaler: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -330,6 +336,12 @@ class Tracker:
         self.memory_budget = (
             None if memory_budget is None else int(check_positive("memory_budget", memory_budget))
         )
+        if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
+            raise TypeError(
+                "grad_scaler must be a torch.amp.GradScaler (an object with get_scale()), got "
+                f"{type(grad_scaler).__name__}"
+            )
+        self.grad_scaler = grad_scaler
         self.conv_strategy = check_choice(
             "conv_strategy", conv_strategy, ("auto", "unfold", "grouped")
         )
@@ -966,6 +978,17 @@ class Tracker:
         if c.sq_norms is not None:
             state.norms = c.sq_norms if state.norms is None else state.norms + c.sq_norms
 
+    def _inverse_scale_squared(self) -> Tensor | float | None:
+        """``1 / scale**2`` of :attr:`grad_scaler` (``None``: no scaler, or one disabled); a
+        device tensor where the scaler keeps one, so that no step waits for the device."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale = getattr(scaler, "_scale", None)  # the scale tensor scaler.scale() multiplies by
+        if isinstance(scale, Tensor):
+            return scale.double().reciprocal().square()
+        return 1.0 / float(scaler.get_scale()) ** 2
+
     def _finish(self) -> None:
         state, self._pass = self._pass, None
         self._uses = {}
@@ -1033,6 +1056,13 @@ class Tracker:
             if self.per_example_norms:
                 nb = sq.reshape(B, -1).sum(1) if B else sq.new_zeros(0)
                 state.norms = nb if state.norms is None else state.norms + nb
+        inv = self._inverse_scale_squared()
+        if inv is not None:
+            for m in state.moments.values():
+                m.mul_(inv if isinstance(inv, float) else inv.to(m.device, m.dtype))
+            if state.norms is not None:
+                state.norms = state.norms * (inv if isinstance(inv, float)
+                                             else inv.to(state.norms.device, state.norms.dtype))
         for pid, m in state.moments.items():
             _, p = self._params[pid]
             old = None if pid in cleared else getattr(p, ATTRIBUTE, None)
@@ -1057,6 +1087,7 @@ def track(
     memory_budget: int | None = None,
     conv_strategy: str = "auto",
     warn_fallback: bool = True,
+    grad_scaler: Any = None,
 ) -> Tracker:
     """Attach the augmented backward to ``model``; returns the :class:`Tracker`.
 
@@ -1081,4 +1112,5 @@ def track(
         memory_budget=memory_budget,
         conv_strategy=conv_strategy,
         warn_fallback=warn_fallback,
+        grad_scaler=grad_scaler,
     )
