@@ -52,3 +52,27 @@ def test_optimizer_refuses_a_missing_second_moment():
     lin(torch.randn(4, 3)).sum().backward()
     with pytest.raises(ValueError, match="grad_second_moment"):
         opt.step()
+
+
+def test_unfreezing_after_attaching_names_the_remedy():
+    """A tracker tracks the parameters that require grad when it is attached; a parameter
+    unfrozen later has a gradient but no statistic: the per-example optimizer says so, and
+    attaching again tracks it."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    model[0].weight.requires_grad_(False)
+    tracker = stats.track(model)
+    opt = sgdlab.Adam(model.parameters(), lr=1e-3, second_moment="per_example")
+    x = torch.randn(5, 3)
+    model(x).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    model[0].weight.requires_grad_(True)
+    model(x).square().mean().backward()
+    with pytest.raises(ValueError, match=r"shape \(4, 3\) has none.*attach it again"):
+        opt.step()
+    tracker.detach()
+    opt.zero_grad()
+    with stats.track(model) as again:
+        model(x).square().mean().backward()
+        assert model[0].weight.grad_second_moment.shape == (4, 3)
+        opt.step()
