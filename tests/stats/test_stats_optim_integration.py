@@ -72,7 +72,7 @@ def test_unfreezing_after_attaching_names_the_remedy():
         opt.step()
     tracker.detach()
     opt.zero_grad()
-    with stats.track(model) as again:
+    with stats.track(model):
         model(x).square().mean().backward()
         assert model[0].weight.grad_second_moment.shape == (4, 3)
         opt.step()
