@@ -352,3 +352,36 @@ def test_grad_scaler_statistics_are_those_of_the_unscaled_loss(accumulate):
 def test_grad_scaler_must_be_a_scaler():
     with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler"):
         stats.track(nn.Linear(2, 2), grad_scaler=1024.0)
+
+
+@pytest.mark.parametrize("before_first_pass", [True, False])
+def test_a_deep_copy_is_not_tracked_and_leaves_the_original_alone(before_first_pass):
+    """copy.deepcopy of a tracked model (an EMA or teacher copy): the copy's passes record
+    nothing, neither on the copy nor on the original (whose hooks it would otherwise share), and
+    the copy can be tracked on its own; whole-module pickling names the remedy."""
+    import copy
+    import io
+
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 1))
+    x, x2 = torch.randn(5, 3), torch.randn(7, 3)
+    tracker = stats.track(model)
+    if not before_first_pass:
+        model(x).square().mean().backward()
+    copy_ = copy.deepcopy(model)
+    model.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+    before = [p.grad_second_moment.clone() for p in model.parameters()]
+    copy_(x2).square().mean().backward()  # another batch through the copy
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.grad_second_moment, b)
+    assert all(getattr(p, "grad_second_moment", None) is None for p in copy_.parameters())
+    with stats.track(copy_):
+        copy_.zero_grad(set_to_none=True)
+        copy_(x).square().mean().backward()
+        for p, b in zip(copy_.parameters(), before, strict=True):
+            torch.testing.assert_close(p.grad_second_moment, b)
+    with pytest.raises(TypeError, match="cannot be pickled.*state_dict"):
+        torch.save(model, io.BytesIO())
+    tracker.detach()
+    torch.save(model, io.BytesIO())

@@ -124,6 +124,29 @@ def _attached(module: nn.Module) -> Tracker | None:
     return tracker if tracker is not None and tracker._handles else None
 
 
+def _inert_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    """The forward hook a copy of a tracked module gets: a copy is not tracked."""
+    return None
+
+
+class _Hook(functools.partial):
+    """A tracker's forward hook as registered on a module (called like the function it wraps,
+    in C): a deep copy of the module (an EMA or teacher model) gets :func:`_inert_hook`, not a
+    hook that would record the copy's calls as the original's and write their statistics onto
+    the original's parameters; pickling the module (``torch.save(model)``) is refused with a
+    clear message rather than with the pickler's about a local function."""
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        return _inert_hook
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a module with an sgdlab.stats tracker attached cannot be pickled (its forward hooks "
+            "belong to the running tracker): save model.state_dict(), or call tracker.detach() "
+            "before torch.save(model)"
+        )
+
+
 def _zeroed(written: list[tuple[nn.Parameter, Tensor]]) -> list[nn.Parameter]:
     """The parameters whose gradient is all zeros (``zero_grad(set_to_none=False)``): one
     multi-tensor max-norm and one host read per device, instead of a synchronising ``any()``
@@ -421,7 +444,7 @@ class Tracker:
                 hook = self._fast_hook(entry, norm, 2, norm)
             else:
                 hook = self._forward_hook
-            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(_Hook(hook), with_kwargs=True))
         if not self._entries:
             raise ValueError("model has no trainable parameters to track")
         self._plist = [(pid, p) for pid, (_, p) in self._params.items()]
@@ -725,7 +748,8 @@ class Tracker:
         return self._register(record, outs, leaves)
 
     def _grad_hook(self, p: Tensor) -> None:
-        self._begin().got_grad.add(id(p))
+        if id(p) in self._params:  # not a copy of a tracked parameter (copy.deepcopy)
+            self._begin().got_grad.add(id(p))
 
     def _begin(self) -> _Pass:
         """The state of the running backward pass, made by its first hook."""
