@@ -53,6 +53,44 @@ class TiedLM(nn.Module):
         return self.head(self.lstm(self.emb(idx))[0])
 
 
+class TwoLookups(nn.Module):
+    """One Embedding looked up twice (its rows summed over both uses per example) and a
+    head."""
+
+    def __init__(self, vocab: int = 9, d: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=1)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.emb(idx) * self.emb(idx.flip(1))).mean(1))
+
+
+class ScaledHead(nn.Module):
+    """An output head without a dedicated rule (the fallback) that owns a weight tied to an
+    embedding."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, h):
+        return torch.tanh(h) @ self.weight.T
+
+
+class TiedFallback(nn.Module):
+    """Embedding tied with a fallback head: sparse rows added to materialised per-example
+    gradients."""
+
+    def __init__(self, vocab: int = 7, d: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.head = ScaledHead(self.emb.weight)
+
+    def forward(self, idx):
+        return self.head(self.emb(idx))
+
+
 class Twice(nn.Module):
     """The same Linear applied twice in one forward pass."""
 
@@ -176,6 +214,10 @@ MODELS = [
         lambda x: torch.randint(0, 8, (B, 5)),
     ),
     ("tied-embedding-lstm", TiedLM, lambda: torch.randint(0, 11, (B, 6)), seq_target(11)),
+    ("embedding-looked-up-twice", TwoLookups, lambda: torch.randint(0, 9, (B, 5)),
+     lambda x: torch.randint(0, 3, (B,))),
+    ("embedding-tied-to-a-fallback-head", TiedFallback, lambda: torch.randint(0, 7, (B, 3)),
+     seq_target(7)),
     ("module-called-twice", Twice, lambda: torch.randn(B, 5), lambda x: torch.randint(0, 3, (B,))),
     ("embedding-bags-called-twice", BagTwice, lambda: torch.randint(0, 9, (B, 5)),
      lambda x: torch.randint(0, 3, (B,))),
@@ -240,7 +282,7 @@ def test_fallback_warning_names_modules():
     tracker.detach()
 
 
-@pytest.mark.parametrize("kind", ["block", "decoder", "cells"])
+@pytest.mark.parametrize("kind", ["block", "decoder", "cells", "tied"])
 def test_chunking_under_small_memory_budget_is_exact(kind):
     """One example per chunk; for the cells also the per-example sums over a loop's calls
     (outer-product factors of every use, concatenated) in chunks."""
@@ -249,6 +291,10 @@ def test_chunking_under_small_memory_budget_is_exact(kind):
         model = Block().double()
         x = torch.randn(6, 4, 8, dtype=torch.float64)
         y = torch.randint(0, 8, (6, 4))
+    elif kind == "tied":  # the head's factors per chunk, the embedding's rows added to them
+        model = TiedLM().double()
+        x = torch.randint(0, 11, (6, 5))
+        y = torch.randint(0, 11, (6, 5))
     elif kind == "cells":
         model = CellDecoder().double()
         x = torch.randn(6, 3, 4, dtype=torch.float64)

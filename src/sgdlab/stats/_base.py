@@ -15,7 +15,10 @@ parameter, either
   ``v_b = sum_t dz_bt u_bt^T`` (``dz`` ``[B, T, rows]`` or ``[B, rows]``, ``u`` likewise with
   ``cols``): the tracker concatenates the factors of all uses along ``t`` and forms each
   example's sum over uses with one batched product (:func:`outer_moments`), instead of one
-  ``[B, rows, cols]`` tensor per use.
+  ``[B, rows, cols]`` tensor per use; or, for a lookup table, ``rows = (example, row, vec)``:
+  example ``example[i]``'s gradient has ``vec[i]`` in row ``row[i]`` and zeros elsewhere (an
+  embedding's per-example gradient touches the rows of its tokens only, so a tied embedding
+  never needs a ``[B, vocabulary, dim]`` tensor).
 
 The tracker turns ``v_b`` into the gradient ``g_b`` of example b's loss (``g_b = N v_b`` for a
 mean-reduced loss over N examples, ``g_b = v_b`` for a summed loss).
@@ -86,6 +89,7 @@ class Contribution:
     sq_norms: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     factors: tuple[Tensor, Tensor] | None = None
+    rows: tuple[Tensor, Tensor, Tensor] | None = None
 
 
 def chunk_size(batch_size: int, bytes_per_example: int, memory_budget: int) -> int:
@@ -141,20 +145,33 @@ def reduce_per_example(
 
 def outer_moments(
     factors: list[tuple[Tensor, Tensor]], shape: torch.Size, scale: float, memory_budget: int,
-    norms: bool,
+    norms: bool, batch_size: int, rows: list[tuple[Tensor, Tensor, Tensor]] = (),
 ) -> tuple[Tensor, Tensor | None]:
     """``scale * sum_b G_b^2`` (and ``||G_b||^2`` with ``norms``) for per-example gradients
-    ``G_b = sum_t dz_bt u_bt^T`` over all uses' factors ``(dz, u)`` (see the module docstring):
-    the factors are concatenated along ``t`` and ``G_b`` is formed by one batched matrix
-    product per chunk of examples under ``memory_budget``."""
+    ``G_b = sum_t dz_bt u_bt^T + (rows of b)`` over all uses' factors ``(dz, u)`` and sparse
+    ``rows`` (see the module docstring): the factors are concatenated along ``t`` and ``G_b`` is
+    formed by one batched matrix product per chunk of examples under ``memory_budget``, the
+    rows of the chunk's examples added into it (the others masked to zero: no host read)."""
+    if not factors:
+        return _row_moments(rows, shape, scale, norms, batch_size)
     dz = torch.cat([d if d.dim() == 3 else d[:, None] for d, _ in factors], 1)
     u = torch.cat([a if a.dim() == 3 else a[:, None] for _, a in factors], 1)
-    B = dz.shape[0]
-    n = chunk_size(B, dz.shape[2] * u.shape[2] * dz.element_size(), memory_budget)
+    B, R, C = dz.shape[0], dz.shape[2], u.shape[2]
+    if rows:
+        key = torch.cat([ex * R + row for ex, row, _ in rows])
+        vec = torch.cat([v.reshape(v.shape[0], C) for _, _, v in rows])
+    n = chunk_size(B, R * C * dz.element_size(), memory_budget)
     flat: Tensor | None = None
     parts = []
     for i in range(0, B, n):
-        g = torch.bmm(dz[i:i + n].transpose(1, 2), u[i:i + n]).view(-1, dz.shape[2] * u.shape[2])
+        g = torch.bmm(dz[i:i + n].transpose(1, 2), u[i:i + n])
+        if rows:
+            m = g.shape[0]
+            local = key - i * R
+            inside = (local >= 0) & (local < m * R)
+            g.view(m * R, C).index_add_(0, local.clamp(0, m * R - 1),
+                                        vec * inside.unsqueeze(1).to(vec.dtype))
+        g = g.view(-1, R * C)
         g.mul_(g)
         ones = scaled_ones(g.shape[0], scale, g)
         flat = torch.mv(g.T, ones) if flat is None else flat.addmv_(g.T, ones)
@@ -162,6 +179,28 @@ def outer_moments(
             parts.append(g.sum(1))
     assert flat is not None  # B >= 1
     return flat.view(shape), torch.cat(parts) if norms else None
+
+
+def _row_moments(rows: list[tuple[Tensor, Tensor, Tensor]], shape: torch.Size, scale: float,
+                 norms: bool, batch_size: int) -> tuple[Tensor, Tensor | None]:
+    """:func:`outer_moments` without factors: the rows of all uses, summed per (example, row)
+    (sorted keys, segment sums: static shapes) and squared."""
+    R = shape[0]
+    key = torch.cat([ex * R + row for ex, row, _ in rows])
+    vec = torch.cat([v.reshape(v.shape[0], -1) for _, _, v in rows])
+    key, order = torch.sort(key)
+    first = torch.ones_like(key, dtype=torch.bool)
+    first[1:] = key[1:] != key[:-1]
+    seg = torch.cumsum(first, 0) - 1
+    agg = vec.new_zeros(vec.shape).index_add_(0, seg, vec[order])
+    seg_key = torch.zeros_like(key).scatter_(0, seg, key)  # unused segments: key 0, sum 0
+    sq = agg.mul_(agg)
+    moment = vec.new_zeros(R, vec.shape[1]).index_add_(0, seg_key % R, sq, alpha=scale)
+    nb = None
+    if norms:
+        nb = vec.new_zeros(batch_size).index_add_(
+            0, torch.div(seg_key, R, rounding_mode="floor"), sq.sum(1))
+    return moment.view(shape), nb
 
 
 def outer_per_example(factors: tuple[Tensor, Tensor]) -> Tensor:

@@ -69,10 +69,9 @@ def segment_moments(call: Call, example: Tensor, idx: Tensor, rows: Tensor, B: i
     agg = rows.new_zeros(rows.shape).index_add_(0, seg, rows[order])
     # key of each segment; unused segments keep key 0 and an all-zero sum, adding nothing
     seg_key = torch.zeros_like(keys).scatter_(0, seg, keys)
-    if "weight" in call.materialize:
-        per = rows.new_zeros(B, V, dim)
-        per.view(B * V, dim).index_add_(0, seg_key, agg)
-        return Contribution(per_example=per)
+    if "weight" in call.materialize:  # shared (a tied output head): the rows of each example
+        return Contribution(rows=(torch.div(seg_key, V, rounding_mode="floor"), seg_key % V,
+                                  agg))
     sq = agg.mul_(agg)
     moment = rows.new_zeros(V, dim).index_add_(0, seg_key % V, sq, alpha=call.scale)
     norms = None

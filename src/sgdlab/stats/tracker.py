@@ -285,7 +285,7 @@ class _Pass:
 
     __slots__ = (
         "batch_size", "moments", "pending", "kind", "norms", "got_grad", "contributed",
-        "first_module", "scale", "stash", "stash_bytes", "cleared", "partial", "factors",
+        "first_module", "scale", "stash", "stash_bytes", "cleared", "partial", "factors", "rows",
     )
 
     def __init__(self) -> None:
@@ -310,6 +310,8 @@ class _Pass:
         self.partial: dict[int, tuple[Any, list[Tensor | None], list[int]]] = {}
         # per-example gradients of shared parameters as outer-product factors, per use
         self.factors: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        # per-example gradients of shared lookup tables as sparse rows, per use
+        self.rows: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
 
 
 class Tracker:
@@ -980,7 +982,8 @@ class Tracker:
 
     def _add(self, state: _Pass, p: nn.Parameter, c: Contribution, label: str) -> None:
         pid = id(p)
-        kind = "moment" if c.per_example is None and c.factors is None else "per_example"
+        kind = ("moment" if c.per_example is None and c.factors is None and c.rows is None
+                else "per_example")
         if pid in state.kind and (state.kind[pid] == "moment" or kind == "moment"):
             raise RuntimeError(
                 f"parameter {self._params[pid][0]!r} received gradients from several module "
@@ -992,6 +995,9 @@ class Tracker:
         state.contributed.add(pid)
         if c.factors is not None:  # the per-example gradient as outer-product factors
             state.factors.setdefault(pid, []).append(c.factors)
+            return
+        if c.rows is not None:  # the per-example gradient as sparse rows (lookup tables)
+            state.rows.setdefault(pid, []).append(c.rows)
             return
         if c.per_example is not None:
             prev = state.pending.get(pid)
@@ -1034,7 +1040,7 @@ class Tracker:
         if cleared:  # statistics of cleared gradients that this pass does not replace
             _clear({k: p for k, p in cleared.items()
                     if k not in state.moments and k not in state.pending
-                    and k not in state.factors})
+                    and k not in state.factors and k not in state.rows})
         # the coverage check runs on the first pass that records a call (a pass of paused
         # forward calls records none: it can tell nothing)
         missing = None
@@ -1059,16 +1065,22 @@ class Tracker:
             scale, nscale = float(N), float(N) ** 2
         else:
             scale, nscale = 1.0 / max(N, 1), 1.0  # N = 0: an empty batch, nothing to scale
-        for pid, factors in state.factors.items():
+        for pid in {**state.factors, **state.rows}:
             p = self._params[pid][1]
+            factors, rows = state.factors.get(pid, []), state.rows.get(pid, [])
             if pid in state.pending:  # also materialised uses: add these to them
                 pe = state.pending[pid]
                 for f in factors:
                     pe = pe + outer_per_example(f).view_as(pe)
+                pe = pe.contiguous()
+                for ex, row, vec in rows:
+                    R = pe.shape[1]
+                    pe.view(B * R, -1).index_add_(0, ex * R + row, vec.reshape(vec.shape[0], -1))
                 state.pending[pid] = pe
                 continue
             m, nb = outer_moments(factors, p.shape, scale,
-                                  self.memory_budget or _default_budget(p), self.per_example_norms)
+                                  self.memory_budget or _default_budget(p), self.per_example_norms,
+                                  B, rows)
             state.moments[pid] = m
             if nb is not None:
                 state.norms = nb if state.norms is None else state.norms + nb
