@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from stats_brute import per_example_grads, rel_err
 from test_stats_models import Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import sgdlab.stats as stats
 
@@ -23,6 +24,34 @@ DEVICES = [
 B = 8
 
 
+class TiedMean(nn.Module):
+    """An output head tied to the embedding (sparse rows added to the head's factors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 6)
+        self.head = nn.Linear(6, 5, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.emb(idx))).mean(1)
+
+
+class Checkpointed(nn.Module):
+    """A pre-norm MLP block under non-reentrant activation checkpointing (inputs kept as
+    autograd saved tensors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 8)
+        self.block = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.GELU())
+        self.out = nn.Linear(8 * 4, 5)
+
+    def forward(self, x):
+        h = checkpoint(self.block, self.inp(x), use_reentrant=False)
+        return self.out(h.flatten(1))
+
+
 MODELS = {
     "mlp": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(36, 12), nn.ReLU(), nn.Linear(12, 12),
                                   nn.ReLU(), nn.Linear(12, 5)),
@@ -33,6 +62,8 @@ MODELS = {
             lambda: torch.randn(B, 1, 6, 6)),
     "block": (lambda: nn.Sequential(Block(16), nn.Flatten(), nn.Linear(7 * 16, 5)),
               lambda: torch.randn(B, 7, 16)),
+    "tied": (TiedMean, lambda: torch.randint(0, 5, (B, 4))),
+    "checkpointed": (Checkpointed, lambda: torch.randn(B, 4, 3)),
     "decoder": (lambda: nn.Sequential(nn.ConvTranspose2d(3, 4, 4, 2, 1), nn.ReLU(),
                                       nn.ConvTranspose2d(4, 2, 3, 2, 1, output_padding=1,
                                                          groups=2),
@@ -52,7 +83,8 @@ def test_statistics_match_the_cpu_brute_force(device, name, budget):
     make, make_x = MODELS[name]
     torch.manual_seed(0)
     model = make().double()
-    x = make_x().double()
+    x = make_x()
+    x = x.double() if x.is_floating_point() else x
     y = torch.randint(0, 5, (B,))
     per = per_example_grads(model, loss_sum, x, y)
     model = model.to(device)
