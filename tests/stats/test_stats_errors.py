@@ -188,3 +188,30 @@ def test_sync_batchnorm_in_training_mode_is_refused():
     with pytest.raises(ValueError, match="SyncBatchNorm normalises with the mean and variance"):
         bn(torch.randn(4, 3))
     tracker.detach()
+
+
+def test_a_broadcast_position_embedding_names_the_batched_call():
+    """nanoGPT's wpe(arange(T)) is called once for the batch and broadcast: its output gradient
+    is summed over the examples, so per-example gradients are lost; the mismatch of batch sizes
+    says how to call it instead."""
+
+    class GPTStem(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(10, 4), nn.Embedding(8, 4)
+
+        def forward(self, idx, batched):
+            pos = torch.arange(idx.shape[1])
+            if batched:
+                pos = pos.expand(idx.shape[0], -1)
+            return self.wte(idx) + self.wpe(pos)
+
+    model = GPTStem()
+    idx = torch.randint(0, 10, (3, 5))
+    tracker = stats.track(model)
+    with pytest.raises(ValueError, match=r"batch dimension 3, module .wpe. has 5.*pos.expand"):
+        model(idx, False).sum().backward()
+    model.zero_grad(set_to_none=True)
+    model(idx, True).sum().backward()
+    assert model.wpe.weight.grad_second_moment.shape == (8, 4)
+    tracker.detach()

@@ -915,7 +915,9 @@ class Tracker:
                 f"inconsistent batch sizes in one backward pass: module {entry.label!r} has "
                 f"batch dimension {B}, module {state.first_module!r} has {state.batch_size}. "
                 "Inputs must put the batch first (batch_first=True for recurrent layers and "
-                "attention)"
+                "attention), and a module called once for the whole batch and broadcast over it "
+                "(a position embedding on arange(T)) has no per-example gradient: call it on a "
+                "batched input (pos.expand(B, T))"
             )
 
     def _on_grads_inner(self, record: _Record, grads: tuple[Tensor | None, ...],
