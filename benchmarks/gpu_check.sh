@@ -2,13 +2,12 @@
 # Everything sgdlab measures on a CUDA machine, in under ten minutes (the section timeouts add
 # up to 570 s, within one 600-second device call; about two minutes when nothing hangs): the
 # CUDA tests (fused and capturable optimizer paths, CUDA-graph replay, the augmented backward on
-# the device), the
-# augmented-backward benchmark against its peers (those installed) and its A/B against an
-# earlier commit (OLD=rev, default HEAD~2) with the bare hook probe, a profile of its steps
-# (host or device bound, the extra operators and kernels), its memory under activation
-# checkpointing, and the optimizer-step
-# benchmark (Adam at 100M, GPT-2 small shapes, 1B; other algorithms with ALGOS=adam,sgd,rmsprop).
-# With $OUT set, the logs and the step benchmark's JSON are written there too.
+# the device), the augmented-backward benchmark against its peers (those installed), its A/B
+# against an earlier commit (OLD=rev, default HEAD~2) with the bare hook probe, a profile of its
+# steps (host or device bound, the extra operators and kernels), its memory under activation
+# checkpointing, and the optimizer-step benchmark (Adam at 100M, GPT-2 small shapes, 1B; other
+# algorithms with ALGOS=adam,sgd,rmsprop). With $OUT set, the logs and the step benchmark's JSON
+# are written there too.
 #   bash benchmarks/gpu_check.sh            (python3 with a CUDA torch; run from anywhere)
 set -u
 cd "$(dirname "$0")/.."
