@@ -385,3 +385,20 @@ def test_a_deep_copy_is_not_tracked_and_leaves_the_original_alone(before_first_p
         torch.save(model, io.BytesIO())
     tracker.detach()
     torch.save(model, io.BytesIO())
+
+
+def test_a_shallow_copy_is_not_recorded_as_the_original():
+    """copy.copy of a tracked layer shares its hooks; its calls are not recorded (they would be
+    taken for the original's)."""
+    import copy
+
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    other = nn.Sequential(copy.copy(model[0]), nn.Tanh(), copy.copy(model[2]))
+    x = torch.randn(5, 3)
+    with stats.track(model):
+        model(x).square().mean().backward()
+        before = [p.grad_second_moment.clone() for p in model.parameters()]
+        other(torch.randn(7, 3)).square().mean().backward()  # shares the parameters and hooks
+        for p, b in zip(model.parameters(), before, strict=True):
+            assert torch.equal(p.grad_second_moment, b)  # nothing added for the copy's pass

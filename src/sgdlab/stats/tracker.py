@@ -548,7 +548,11 @@ class Tracker:
         ids = entry.ids
         fast = (on_grad, ndim, on_more)
 
+        tracked = entry.module
+
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if module is not tracked:
+                return None  # a shallow copy sharing the tracked module's hooks
             if _transform_level() is not None:
                 return None  # inside torch.func (vmap, grad): not a pass the tracker records
             if _saved.hooks() is not None:
@@ -580,6 +584,8 @@ class Tracker:
         return hook
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if module not in self._entries:
+            return None  # a shallow copy sharing a tracked module's hooks
         if _transform_level() is not None:
             return None  # inside torch.func (vmap, grad): not a pass the tracker records
         if _saved.hooks() is not None:
@@ -699,7 +705,7 @@ class Tracker:
         requires grad is saved through the hooks, in the same order in a checkpoint's rerun as
         in the first run; the rerun records nothing. ``fast``: the short path's handlers
         ``(on_grad, ndim, on_more)`` of :meth:`_fast_hook`, or ``None``."""
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or module not in self._entries:
             return
         if isinstance(output, Tensor):
             if not output.requires_grad:
