@@ -226,6 +226,19 @@ def _shared(entry: _Entry, uses: dict[int, int]) -> bool:
     return False
 
 
+def _differentiable(output: Any) -> tuple[list[Tensor], tuple[int, ...], Any, list | None] | None:
+    """The outputs of a call that require grad: ``(tensors, their positions among the leaves,
+    the output's pytree spec, the leaves)``, the spec and leaves ``None`` for a single tensor;
+    ``None`` when no output requires grad."""
+    if isinstance(output, Tensor):  # the common case, without pytree overhead
+        return ([output], (0,), None, None) if output.requires_grad else None
+    leaves, spec = tree_flatten(output)
+    positions = tuple(i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad)
+    if not positions:
+        return None
+    return [leaves[i] for i in positions], positions, spec, leaves
+
+
 def _unpacked(record: _Record) -> _Record:
     """``record`` with its saved inputs (:meth:`Tracker._saved_forward`) unpacked into
     ``args`` and ``kwargs``."""
@@ -545,9 +558,7 @@ class Tracker:
         (:meth:`_on_fast_grad`) and hands it to ``on_grad`` (:meth:`_on_linear_grad`,
         :meth:`_on_moments_grad`) or ``on_more``; other calls take the general hook."""
         general = self._forward_hook
-        ids = entry.ids
         fast = (on_grad, ndim, on_more)
-
         tracked = entry.module
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -569,55 +580,63 @@ class Tracker:
                 handler = on_more
             else:
                 return general(module, args, kwargs, output)
-            node = output.grad_fn
-            if node is None:
+            if output.grad_fn is None:
                 return None  # nothing requires grad (or grad mode is off)
-            uses = self._uses
-            for pid in ids:
-                uses[pid] = uses.get(pid, 0) + 1
-            record = (entry, x, x._version, x.shape[0], uses)
-            node.register_prehook(
-                functools.partial(self._on_fast_grad, handler, record, output.output_nr)
-            )
+            self._register_fast(entry, handler, x, x._version, x.shape[0], output)
             return None
 
         return hook
 
+    def _count_uses(self, entry: _Entry) -> dict[int, int]:
+        """One more call of ``entry``'s parameters in this forward pass; the use counts."""
+        uses = self._uses
+        for pid in entry.ids:
+            uses[pid] = uses.get(pid, 0) + 1
+        return uses
+
+    def _register_fast(self, entry: _Entry, handler: Any, x: Any, version: int | None, B: int,
+                       output: Tensor) -> None:
+        """A call on a short path: a pre-hook on the output's node hands ``(entry, input, its
+        version, batch size, use counts)`` to :meth:`_on_fast_grad` (``x`` a SavedTensor and
+        ``version`` None under saved-tensor hooks)."""
+        record = (entry, x, version, B, self._count_uses(entry))
+        output.grad_fn.register_prehook(
+            functools.partial(self._on_fast_grad, handler, record, output.output_nr)
+        )
+
+    @staticmethod
+    def _batch_of(entry: _Entry, module: nn.Module, args: tuple, kwargs: dict) -> int:
+        """The batch size of a call on the general path (its rule's checks run first)."""
+        if entry.plain and not kwargs and len(args) == 1 and isinstance(args[0], Tensor):
+            if args[0].dim() == 0:
+                _first_dim(module, args, kwargs)  # raises with the message
+            return args[0].shape[0]
+        entry.rule.check(module, args, kwargs)
+        return entry.rule.batch_size(module, args, kwargs)
+
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if module not in self._entries:
+        entry = self._entries.get(module)
+        if entry is None:
             return None  # a shallow copy sharing a tracked module's hooks
         if _transform_level() is not None:
             return None  # inside torch.func (vmap, grad): not a pass the tracker records
         if _saved.hooks() is not None:
             return self._saved_forward(module, args, kwargs, output, None)
         if self._suspended or not torch.is_grad_enabled():
-            return
-        entry = self._entries[module]
+            return None
         if kwargs:
             args, kwargs = _positional(module, args, kwargs)
-        if isinstance(output, Tensor):  # the common case, without pytree overhead
-            if not output.requires_grad:
-                return
-            outs, positions, spec, leaves = [output], (0,), None, None
-        else:
-            leaves, spec = tree_flatten(output)
-            positions = tuple(
-                i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad
-            )
-            if not positions:
-                return
-            outs = [leaves[i] for i in positions]
+        found = _differentiable(output)
+        if found is None:
+            return None
+        outs, positions, spec, leaves = found
+        B = self._batch_of(entry, module, args, kwargs)
         if entry.plain and not kwargs and len(args) == 1 and isinstance(args[0], Tensor):
-            x = args[0]  # the common case (Linear, Conv, norms on one tensor) in a few lookups
-            if x.dim() == 0:
-                _first_dim(module, args, kwargs)  # raises with the message
-            B = x.shape[0]
+            # the common case (Linear, Conv, norms on one tensor) in a few lookups
             flat_in = sargs = args
             skwargs = kwargs
-            versions: tuple[int, ...] = (x._version,)
+            versions: tuple[int, ...] = (args[0]._version,)
         else:
-            entry.rule.check(module, args, kwargs)
-            B = entry.rule.batch_size(module, args, kwargs)
             if not kwargs and all(isinstance(a, Tensor) for a in args):
                 flat_in = sargs = args  # rules run without grad mode (or detach themselves)
                 skwargs = kwargs
@@ -628,9 +647,6 @@ class Tracker:
                 sargs = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, args)
                 skwargs = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, kwargs)
             versions = tuple(t._version for t in flat_in)
-        uses = self._uses
-        for pid in entry.ids:
-            uses[pid] = uses.get(pid, 0) + 1
         record = _Record(
             entry=entry,
             args=sargs,
@@ -638,7 +654,7 @@ class Tracker:
             versions=versions,
             inputs=flat_in,
             batch_size=B,
-            uses=uses,
+            uses=self._count_uses(entry),
             out_spec=spec,
             positions=positions,
         )
@@ -674,15 +690,14 @@ class Tracker:
             n = len(outs)
             for i, out in enumerate(outs):  # a view always has a node (grad mode is on)
                 out.grad_fn.register_prehook(functools.partial(
-                    self._on_output_grads, record, i, n, out.output_nr))
+                    self._on_output_grad, record, i, n, out.output_nr))
             return tree_unflatten(leaves, record.out_spec)
         return None
 
-    def _on_output_grads(self, record: _Record, i: int, n: int, nr: int, grads: tuple) -> None:
-        self._on_output_grad(record, i, n, grads[nr])
-
-    def _on_output_grad(self, record: _Record, i: int, n: int, g: Tensor | None) -> None:
-        """Output ``i`` of ``n`` of a recorded call got its gradient ``g`` (``None``: none)."""
+    def _on_output_grad(self, record: _Record, i: int, n: int, nr: int, grads: tuple) -> None:
+        """Output ``i`` of ``n`` of a recorded call got its gradient ``grads[nr]`` (``None``:
+        none), seen by a pre-hook on the node of the output's view."""
+        g = grads[nr]
         try:
             state = self._pass or self._begin()
             key = id(record)
@@ -705,28 +720,20 @@ class Tracker:
         requires grad is saved through the hooks, in the same order in a checkpoint's rerun as
         in the first run; the rerun records nothing. ``fast``: the short path's handlers
         ``(on_grad, ndim, on_more)`` of :meth:`_fast_hook`, or ``None``."""
-        if not torch.is_grad_enabled() or module not in self._entries:
-            return
-        if isinstance(output, Tensor):
-            if not output.requires_grad:
-                return
-            outs, positions, spec, leaves = [output], (0,), None, None
-        else:
-            leaves, spec = tree_flatten(output)
-            positions = tuple(
-                i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad
-            )
-            if not positions:
-                return
-            outs = [leaves[i] for i in positions]
+        entry = self._entries.get(module)
+        if entry is None or not torch.is_grad_enabled():
+            return None
+        found = _differentiable(output)
+        if found is None:
+            return None
+        outs, positions, spec, leaves = found
         active = _saved.hooks()
         if kwargs:
             args, kwargs = _positional(module, args, kwargs)
         flat, in_spec = tree_flatten((args, kwargs))
         saved = [_saved.save(t) if isinstance(t, Tensor) else t for t in flat]
         if self._suspended or _saved.recomputing(active):
-            return
-        entry = self._entries[module]
+            return None
         if fast is not None and spec is None and output.grad_fn is not None and not kwargs \
                 and len(args) == 1 and isinstance(args[0], Tensor) and not self.per_example_norms:
             on_grad, ndim, on_more = fast
@@ -734,25 +741,11 @@ class Tracker:
             dim = x.dim()
             handler = on_grad if dim == ndim else on_more if on_more and dim > ndim else None
             if handler is not None:
-                uses = self._uses
-                for pid in entry.ids:
-                    uses[pid] = uses.get(pid, 0) + 1
-                record = (entry, saved[0], None, x.shape[0], uses)
-                output.grad_fn.register_prehook(
-                    functools.partial(self._on_fast_grad, handler, record, output.output_nr)
-                )
-                return
-        if entry.plain and not kwargs and len(args) == 1 and isinstance(args[0], Tensor):
-            if args[0].dim() == 0:
-                _first_dim(module, args, kwargs)  # raises with the message
-            B = args[0].shape[0]
-        else:
-            entry.rule.check(module, args, kwargs)
-            B = entry.rule.batch_size(module, args, kwargs)
-        uses = self._uses
-        for pid in entry.ids:
-            uses[pid] = uses.get(pid, 0) + 1
-        record = _Record(entry, (), {}, (), (), B, uses, spec, positions, (saved, in_spec))
+                self._register_fast(entry, handler, saved[0], None, x.shape[0], output)
+                return None
+        B = self._batch_of(entry, module, args, kwargs)
+        record = _Record(entry, (), {}, (), (), B, self._count_uses(entry), spec, positions,
+                         (saved, in_spec))
         return self._register(record, outs, leaves)
 
     def _grad_hook(self, p: Tensor) -> None:
@@ -1016,16 +1009,16 @@ class Tracker:
         if c.sq_norms is not None:
             state.norms = c.sq_norms if state.norms is None else state.norms + c.sq_norms
 
-    def _inverse_scale_squared(self) -> Tensor | float | None:
-        """``1 / scale**2`` of :attr:`grad_scaler` (``None``: no scaler, or one disabled); a
-        device tensor where the scaler keeps one, so that no step waits for the device."""
+    def _inverse_scale_squared(self) -> Tensor | None:
+        """``1 / scale**2`` of :attr:`grad_scaler` (``None``: no scaler, or one disabled), on
+        the scaler's device where it keeps its scale there, so that no step waits for it."""
         scaler = self.grad_scaler
         if scaler is None or not scaler.is_enabled():
             return None
         scale = getattr(scaler, "_scale", None)  # the scale tensor scaler.scale() multiplies by
-        if isinstance(scale, Tensor):
-            return scale.double().reciprocal().square()
-        return 1.0 / float(scaler.get_scale()) ** 2
+        if not isinstance(scale, Tensor):
+            scale = torch.tensor(float(scaler.get_scale()))
+        return scale.double().reciprocal().square()
 
     def _finish(self) -> None:
         state, self._pass = self._pass, None
@@ -1103,10 +1096,9 @@ class Tracker:
         inv = self._inverse_scale_squared()
         if inv is not None:
             for m in state.moments.values():
-                m.mul_(inv if isinstance(inv, float) else inv.to(m.device, m.dtype))
+                m.mul_(inv.to(m.device, m.dtype))
             if state.norms is not None:
-                state.norms = state.norms * (inv if isinstance(inv, float)
-                                             else inv.to(state.norms.device, state.norms.dtype))
+                state.norms = state.norms * inv.to(state.norms.device, state.norms.dtype)
         for pid, m in state.moments.items():
             _, p = self._params[pid]
             old = None if pid in cleared else getattr(p, ATTRIBUTE, None)
