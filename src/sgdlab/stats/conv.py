@@ -40,7 +40,7 @@ from ._base import (
     square_sum,
 )
 
-__all__ = ["conv_moments", "conv_rule"]
+__all__ = ["conv_call", "conv_moments", "conv_rule"]
 
 
 def _same_padding(module: nn.Module, nd: int) -> list[int]:
@@ -66,16 +66,27 @@ def _padded_input(module: nn.Module, x: Tensor, nd: int) -> tuple[Tensor, list[i
     return x, list(module.padding)
 
 
-def conv_rule(call: Call) -> dict[str, Contribution]:
-    """Per-example statistics of ``weight`` and ``bias`` of one convolution call."""
+def conv_call(call: Call) -> tuple[Tensor, Tensor, int] | None:
+    """The input and output gradient of a (transposed) convolution call in the weight's dtype
+    and its number of spatial dims, or ``None`` when the output got no gradient; an unbatched
+    input raises."""
     module = call.module
     (d,) = call.grads
     if d is None:
-        return {}
+        return None
     nd = len(module.kernel_size)
     x = in_dtype(call.args[0], module.weight.dtype)
-    d = in_dtype(d, module.weight.dtype)
     require_batched(module, x, nd + 2, f"inputs [B, C, {nd} spatial dims]")
+    return x, in_dtype(d, module.weight.dtype), nd
+
+
+def conv_rule(call: Call) -> dict[str, Contribution]:
+    """Per-example statistics of ``weight`` and ``bias`` of one convolution call."""
+    found = conv_call(call)
+    if found is None:
+        return {}
+    module = call.module
+    x, d, nd = found
     out: dict[str, Contribution] = {}
     names = set(call.param_names)
     if "weight" in names:

@@ -29,22 +29,19 @@ import math
 import torch
 from torch import Tensor
 
-from ._base import Call, Contribution, in_dtype, reduce_per_example, require_batched
-from .conv import _bias, _im2col, _zero_pad
+from ._base import Call, Contribution, reduce_per_example
+from .conv import _bias, _im2col, _zero_pad, conv_call
 
 __all__ = ["conv_transpose_rule"]
 
 
 def conv_transpose_rule(call: Call) -> dict[str, Contribution]:
     """Per-example statistics of ``weight`` and ``bias`` of one transposed-convolution call."""
-    module = call.module
-    (d,) = call.grads
-    if d is None:
+    found = conv_call(call)
+    if found is None:
         return {}
-    nd = len(module.kernel_size)
-    x = in_dtype(call.args[0], module.weight.dtype)
-    d = in_dtype(d, module.weight.dtype)
-    require_batched(module, x, nd + 2, f"inputs [B, C, {nd} spatial dims]")
+    module = call.module
+    x, d, nd = found
     out: dict[str, Contribution] = {}
     names = set(call.param_names)
     if "weight" in names:
