@@ -40,6 +40,8 @@ __all__ = [
     "outer_moments",
     "outer_per_example",
     "reduce_per_example",
+    "row_moments",
+    "row_sums",
     "require_batched",
     "small_per_example",
     "in_dtype",
@@ -184,23 +186,39 @@ def outer_moments(
 def _row_moments(rows: list[tuple[Tensor, Tensor, Tensor]], shape: torch.Size, scale: float,
                  norms: bool, batch_size: int) -> tuple[Tensor, Tensor | None]:
     """:func:`outer_moments` without factors: the rows of all uses, summed per (example, row)
-    (sorted keys, segment sums: static shapes) and squared."""
+    and squared (:func:`row_sums`, :func:`row_moments`)."""
     R = shape[0]
     key = torch.cat([ex * R + row for ex, row, _ in rows])
     vec = torch.cat([v.reshape(v.shape[0], -1) for _, _, v in rows])
+    moment, nb = row_moments(*row_sums(key, vec), R, scale, norms, batch_size)
+    return moment.view(shape), nb
+
+
+def row_sums(key: Tensor, vec: Tensor) -> tuple[Tensor, Tensor]:
+    """Sums of the vectors ``vec[j]`` of equal keys ``key[j] = example * R + row``: ``(key of
+    each segment, its sum)``. The keys are sorted and runs of equal keys summed; the shapes are
+    those of the input (unused segments keep key 0 and a zero sum, which adds nothing), so a GPU
+    never waits for a host read."""
     key, order = torch.sort(key)
     first = torch.ones_like(key, dtype=torch.bool)
     first[1:] = key[1:] != key[:-1]
     seg = torch.cumsum(first, 0) - 1
     agg = vec.new_zeros(vec.shape).index_add_(0, seg, vec[order])
-    seg_key = torch.zeros_like(key).scatter_(0, seg, key)  # unused segments: key 0, sum 0
+    return torch.zeros_like(key).scatter_(0, seg, key), agg
+
+
+def row_moments(seg_key: Tensor, agg: Tensor, R: int, scale: float, norms: bool,
+                batch_size: int) -> tuple[Tensor, Tensor | None]:
+    """``scale * sum_b G_b^2`` (``[R, cols]``) and, with ``norms``, ``||G_b||^2`` for
+    per-example gradients given by their rows (:func:`row_sums`; ``agg`` is squared in
+    place)."""
     sq = agg.mul_(agg)
-    moment = vec.new_zeros(R, vec.shape[1]).index_add_(0, seg_key % R, sq, alpha=scale)
+    moment = agg.new_zeros(R, agg.shape[1]).index_add_(0, seg_key % R, sq, alpha=scale)
     nb = None
     if norms:
-        nb = vec.new_zeros(batch_size).index_add_(
+        nb = agg.new_zeros(batch_size).index_add_(
             0, torch.div(seg_key, R, rounding_mode="floor"), sq.sum(1))
-    return moment.view(shape), nb
+    return moment, nb
 
 
 def outer_per_example(factors: tuple[Tensor, Tensor]) -> Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._base import Call, Contribution, in_dtype, require_batched
+from ._base import Call, Contribution, in_dtype, require_batched, row_moments, row_sums
 
 __all__ = ["embedding_rule", "check_embedding", "segment_moments"]
 
@@ -58,24 +58,11 @@ def segment_moments(call: Call, example: Tensor, idx: Tensor, rows: Tensor, B: i
     v equal to ``sum_{j: example_j = b, idx_j = v} rows_j``: lookups ``j`` of example
     ``example[j]`` at row ``idx[j]`` with gradient ``rows[j]``.
 
-    The (example, row) keys are sorted; lookups with one key form a segment, whose sum is that
-    example's gradient for that row. Static shapes throughout (at most one segment per lookup),
-    so no host synchronisation on a GPU."""
-    dim = rows.shape[1]
-    keys, order = torch.sort(example * V + idx)
-    first = torch.ones_like(keys, dtype=torch.bool)
-    first[1:] = keys[1:] != keys[:-1]
-    seg = torch.cumsum(first, 0) - 1
-    agg = rows.new_zeros(rows.shape).index_add_(0, seg, rows[order])
-    # key of each segment; unused segments keep key 0 and an all-zero sum, adding nothing
-    seg_key = torch.zeros_like(keys).scatter_(0, seg, keys)
+    Rows of one (example, table row) are summed (:func:`~sgdlab.stats._base.row_sums`: static
+    shapes, so no host synchronisation on a GPU) and squared."""
+    seg_key, agg = row_sums(example * V + idx, rows)
     if "weight" in call.materialize:  # shared (a tied output head): the rows of each example
         return Contribution(rows=(torch.div(seg_key, V, rounding_mode="floor"), seg_key % V,
                                   agg))
-    sq = agg.mul_(agg)
-    moment = rows.new_zeros(V, dim).index_add_(0, seg_key % V, sq, alpha=call.scale)
-    norms = None
-    if call.norms:
-        norms = rows.new_zeros(B).index_add_(0, torch.div(seg_key, V, rounding_mode="floor"),
-                                             sq.sum(1))
+    moment, norms = row_moments(seg_key, agg, V, call.scale, call.norms, B)
     return Contribution(moment=moment, sq_norms=norms)
