@@ -212,6 +212,7 @@ KEYWORD_CALLS = [
     ("layernorm", lambda: nn.LayerNorm(3), lambda: torch.randn(5, 4, 3), {}),
     ("embedding", lambda: nn.Embedding(7, 2), lambda: torch.randint(0, 7, (5, 3)), {}),
     ("prelu", lambda: nn.PReLU(2), lambda: torch.randn(5, 2, 3), {}),
+    ("grucell", lambda: nn.GRUCell(3, 2), lambda: torch.randn(5, 3), {}),
     ("conv-transpose-output-size", lambda: nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1),
      lambda: torch.randn(5, 2, 3, 3), {"output_size": [6, 6]}),
 ]

@@ -16,7 +16,8 @@ the tracker its factors ``(dgi, x)`` and ``(dgh, h)``, and the tracker forms eac
 gradient summed over the calls with one batched product (:func:`~sgdlab.stats._base.outer_moments`).
 
 Reference: the per-example outer-product form of Goodfellow (2015) "Efficient per-example
-gradient computations", applied to the cell's two affine maps.
+gradient computations", applied to the cell's two affine maps
+(:func:`~sgdlab.stats.linear.affine_moments`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import Call, Contribution, scaled_ones
+from ._base import Call, Contribution
+from .linear import affine_moments
 from .recurrent import _cell
 
 __all__ = ["cell_rule", "check_cell"]
@@ -54,10 +56,10 @@ def cell_rule(call: Call) -> dict[str, Contribution]:
     """Per-example statistics of ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh`` of one
     cell call."""
     m = call.module
-    args, kwargs = call.args, call.kwargs
     dtype = m.weight_ih.dtype
-    x = (args[0] if args else kwargs["input"]).detach().to(dtype)
-    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    # the tracker passes keyword inputs by position (input, hx)
+    x = call.args[0].detach().to(dtype)
+    hx = call.args[1] if len(call.args) > 1 else None
     mode = _mode(m)
     B, H = x.shape[0], m.hidden_size
     if hx is None:
@@ -85,23 +87,8 @@ def cell_rule(call: Call) -> dict[str, Contribution]:
     out: dict[str, Contribution] = {}
     names = call.param_names
     for kind, dz, u in (("ih", dgi, x), ("hh", dgh, h)):
-        if f"weight_{kind}" in names:
-            out[f"weight_{kind}"] = _outer(call, f"weight_{kind}", dz, u)
-        if f"bias_{kind}" in names:
-            out[f"bias_{kind}"] = _outer(call, f"bias_{kind}", dz, None)
+        w, b = f"weight_{kind}", f"bias_{kind}"
+        out.update(affine_moments(call, dz, u, w if w in names else None,
+                                  b if b in names else None))
     return out
 
-
-def _outer(call: Call, name: str, dz: Tensor, u: Tensor | None) -> Contribution:
-    """Per-example ``dz_b u_b^T`` (or ``dz_b`` for a bias, ``u`` None), reduced: the moment
-    ``scale * (dz^2)^T (u^2)`` and the norms ``||dz_b||^2 ||u_b||^2``, or the per-example
-    tensors where the parameter is used several times."""
-    if name in call.materialize:  # a cell stepped in a loop: summed over its calls
-        return Contribution(per_example=dz) if u is None else Contribution(factors=(dz, u))
-    dz2 = dz * dz
-    ones = scaled_ones(dz.shape[0], call.scale, dz2)
-    if u is None:
-        return Contribution(torch.mv(dz2.T, ones), None, dz2.sum(1) if call.norms else None)
-    u2 = u * u
-    norms = dz2.sum(1) * u2.sum(1) if call.norms else None
-    return Contribution(torch.mm(dz2.T, u2).mul_(call.scale), None, norms)

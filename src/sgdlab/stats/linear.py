@@ -37,7 +37,7 @@ from ._base import (
     unread,
 )
 
-__all__ = ["linear_rule", "linear_moments", "linear_seq_moments"]
+__all__ = ["affine_moments", "linear_rule", "linear_moments", "linear_seq_moments"]
 
 
 def linear_rule(call: Call) -> dict[str, Contribution]:
@@ -55,24 +55,8 @@ def linear_rule(call: Call) -> dict[str, Contribution]:
     names = call.param_names
     out: dict[str, Contribution] = {}
     if a.dim() == 2:
-        if call.materialize:  # shared parameter: per-example gradients as factors d_b a_b^T
-            if "weight" in names:
-                out["weight"] = Contribution(factors=(d, a))
-            if "bias" in names:
-                out["bias"] = small_per_example("bias", call, d)
-            return out
-        d2 = d * d
-        if "weight" in names:
-            a2 = a * a
-            norms = d2.sum(1) * a2.sum(1) if call.norms else None
-            # scale * d2^T a2 in one kernel (beta=0: the first argument is not read)
-            moment = torch.addmm(unread(d2), d2.T, a2, beta=0, alpha=call.scale)
-            out["weight"] = Contribution(moment, None, norms)
-        if "bias" in names:
-            # scale * sum_b d_b^2 as one matrix-vector product
-            moment = torch.mv(d2.T, scaled_ones(d2.shape[0], call.scale, d2))
-            out["bias"] = Contribution(moment, None, d2.sum(1) if call.norms else None)
-        return out
+        return affine_moments(call, d, a, "weight" if "weight" in names else None,
+                              "bias" if "bias" in names else None)
     require_batched(module, a, 2, "inputs [B, in] or [B, T, ..., in]")
     B = call.batch_size
     a3 = a.reshape(B, -1, a.shape[-1])
@@ -89,6 +73,38 @@ def linear_rule(call: Call) -> dict[str, Contribution]:
         )
     if "bias" in names:
         out["bias"] = small_per_example("bias", call, d3.sum(1))
+    return out
+
+
+def affine_moments(call: Call, d: torch.Tensor, a: torch.Tensor, weight: str | None,
+                   bias: str | None) -> dict[str, Contribution]:
+    """Statistics of an affine map ``z = W a + b`` applied once per example (``a`` ``[B, in]``,
+    output gradient ``d`` ``[B, out]``; parameter names ``weight``, ``bias``, ``None`` for one
+    not tracked): example b's gradients are ``d_b a_b^T`` and ``d_b``, so ``scale * (d*d)^T
+    (a*a)`` (one matrix product) and ``scale * sum_b d_b^2``, with norms ``||d_b||^2 ||a_b||^2``
+    and ``||d_b||^2``; a parameter used several times hands over its factors ``(d, a)`` (the
+    weight) or per-example gradients (the bias). ``nn.Linear`` on ``[B, in]`` and the two maps
+    of a recurrent cell (:mod:`sgdlab.stats.cell`)."""
+    out: dict[str, Contribution] = {}
+    d2 = None
+    if weight is not None:
+        if weight in call.materialize:
+            out[weight] = Contribution(factors=(d, a))
+        else:
+            d2 = d * d
+            a2 = a * a
+            norms = d2.sum(1) * a2.sum(1) if call.norms else None
+            # scale * d2^T a2 in one kernel (beta=0: the first argument is not read)
+            moment = torch.addmm(unread(d2), d2.T, a2, beta=0, alpha=call.scale)
+            out[weight] = Contribution(moment, None, norms)
+    if bias is not None:
+        if bias in call.materialize:
+            out[bias] = small_per_example(bias, call, d)
+        else:
+            d2 = d * d if d2 is None else d2
+            # scale * sum_b d_b^2 as one matrix-vector product
+            moment = torch.mv(d2.T, scaled_ones(d2.shape[0], call.scale, d2))
+            out[bias] = Contribution(moment, None, d2.sum(1) if call.norms else None)
     return out
 
 
