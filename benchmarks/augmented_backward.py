@@ -49,16 +49,15 @@ import sgdlab.stats as stats
 # --------------------------------------------------------------------------- models
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block (causal self-attention + GELU MLP) and a token readout."""
+class Layer(nn.Module):
+    """Pre-norm transformer layer: causal self-attention and a GELU MLP, with residuals."""
 
-    def __init__(self, d: int = 256, heads: int = 4, vocab: int = 64) -> None:
+    def __init__(self, d: int = 256, heads: int = 4) -> None:
         super().__init__()
         self.heads = heads
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-        self.head = nn.Linear(d, vocab)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
@@ -66,8 +65,18 @@ class Block(nn.Module):
         q, k, v = (z.reshape(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
-        x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-        return self.head(x)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class Block(Layer):
+    """The benchmark's transformer block: a :class:`Layer` and a token readout."""
+
+    def __init__(self, d: int = 256, heads: int = 4, vocab: int = 64) -> None:
+        super().__init__(d, heads)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(super().forward(x))
 
 
 def mlp() -> nn.Module:

@@ -34,6 +34,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from augmented_backward import Layer
 from augmented_backward_ab import extract_old
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -41,27 +42,10 @@ from torch.utils.checkpoint import checkpoint
 import sgdlab.stats as new
 
 
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, -1)
-        q, k, v = (z.reshape(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-
 class Stack(nn.Module):
     def __init__(self, layers: int, d: int, heads: int, vocab: int) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList([Block(d, heads) for _ in range(layers)])
+        self.blocks = nn.ModuleList([Layer(d, heads) for _ in range(layers)])
         self.head = nn.Linear(d, vocab)
         self.ckpt = False
 
