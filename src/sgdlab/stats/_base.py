@@ -75,6 +75,9 @@ class Call:
     out_spec: Any = None
     out_positions: tuple[int, ...] = ()
     suspend: Callable[[], Any] | None = None
+    # buffers the call's forward pass changed, as it left them (a parametrized module's
+    # spectral-norm vectors), by name relative to the module; ``None``: none changed
+    buffers: dict[str, Tensor] | None = None
 
 
 @dataclass(slots=True)

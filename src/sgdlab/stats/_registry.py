@@ -2,7 +2,9 @@
 
 A module gets a dedicated rule when it is an instance of a supported layer type *and* keeps that
 type's ``forward`` (a subclass that overrides ``forward`` may compute something else, so it takes
-the fallback). Every other module that owns parameters takes the ``torch.func`` fallback.
+the fallback) *and* is not parametrized (``torch.nn.utils.parametrize``: its tensors are computed
+from other parameters, whose per-example gradients the fallback differentiates through the
+parametrization). Every other module that owns parameters takes the ``torch.func`` fallback.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.utils import parametrize
 
 from ._base import Call, Contribution
 from .attention import attention_rule
@@ -121,6 +124,8 @@ def _base_forward(cls: type) -> Any:
 
 def rule_for(module: nn.Module) -> Rule:
     """The dedicated rule of ``module``'s layer type, else the fallback."""
+    if parametrize.is_parametrized(module):
+        return FALLBACK
     for cls, rule in _TABLE:
         if isinstance(module, cls) and _base_forward(type(module)) is _base_forward(cls):
             return rule

@@ -14,15 +14,25 @@ shared by all examples, flags) are passed whole. ``nn.MultiheadAttention``
 configurations without a dedicated rule (see :mod:`sgdlab.stats.attention`) come here; with
 ``batch_first=False`` they take the batch from dimension 1 of ``query``, ``key``, ``value``.
 Randomness inside the module (dropout in training mode) cannot be reproduced and is refused.
+
+Parametrized modules (``torch.nn.utils.parametrize``: weight norm, spectral norm, orthogonal)
+come here with the parameters the parametrization computes from (``parametrizations.weight.
+original0`` ...): ``functional_call`` recomputes the parametrized tensor from them, so ``grad``
+differentiates through the parametrization. The recomputation runs the parametrizations in eval
+mode, with their buffers as the call's forward pass left them (``Call.buffers``): spectral
+norm's power iteration is not repeated, and sigma is the one the forward pass used.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._base import Call, Contribution, chunk_size
@@ -34,10 +44,36 @@ def fallback_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Parameters a fallback module is responsible for.
 
     Its direct parameters; for ``nn.MultiheadAttention`` also those of ``out_proj``, which the
-    attention uses without calling the submodule.
+    attention uses without calling the submodule; for a parametrized module also those its
+    parametrizations compute from (``parametrizations.<tensor>.original``...).
     """
-    recurse = isinstance(module, nn.MultiheadAttention)
-    return [(n, p) for n, p in module.named_parameters(recurse=recurse) if p.requires_grad]
+    return [(n, p) for n, p in _owned(module) if p.requires_grad]
+
+
+def _owned(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    if isinstance(module, nn.MultiheadAttention):
+        return list(module.named_parameters())
+    named = list(module.named_parameters(recurse=False))
+    if parametrize.is_parametrized(module):
+        named += module.parametrizations.named_parameters(prefix="parametrizations")
+    return named
+
+
+@contextlib.contextmanager
+def _parametrizations_in_eval(module: nn.Module) -> Iterator[None]:
+    """Run ``module``'s parametrizations in eval mode (no power iteration), then restore."""
+    if not parametrize.is_parametrized(module):
+        yield
+        return
+    subs = list(module.parametrizations.modules())
+    modes = [m.training for m in subs]
+    try:
+        for m in subs:
+            m.training = False
+        yield
+    finally:
+        for m, mode in zip(subs, modes, strict=True):
+            m.training = mode
 
 
 def check_fallback(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -99,8 +135,9 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
     module = call.module
     B = call.batch_size
     names = call.param_names
-    params = dict(module.named_parameters(recurse=isinstance(module, nn.MultiheadAttention)))
+    params = dict(_owned(module))
     theta = tuple(params[n].detach() for n in names)
+    buffers = dict(call.buffers or {})
     leaves_in, in_spec = tree_flatten((tuple(call.args), dict(call.kwargs)))
     dims = _batch_dims(module, call.args, call.kwargs, B)
     positions = call.out_positions
@@ -115,7 +152,7 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
             [x.unsqueeze(d) if d is not None else x for x, d in zip(leaves_, dims, strict=True)],
             in_spec,
         )
-        out = functional_call(module, dict(zip(names, theta_, strict=True)), a, k)
+        out = functional_call(module, {**buffers, **dict(zip(names, theta_, strict=True))}, a, k)
         leaves, _ = tree_flatten(out)
         total = theta_[0].new_zeros(())
         for j, c, d in zip(live, cot_, out_dims, strict=True):
@@ -134,7 +171,7 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
     kept: dict[str, list[Tensor]] = {nm: [] for nm in names}
     moments = {nm: torch.zeros_like(t) for nm, t in zip(names, theta, strict=True)}
     norms: list[Tensor] = []
-    with torch.enable_grad():
+    with torch.enable_grad(), _parametrizations_in_eval(module):
         for i in range(0, B, n):
             s = slice(i, min(B, i + n))
             a = [cut(x, d, s) for x, d in zip(leaves_in, dims, strict=True)]

@@ -124,8 +124,8 @@ def _attached(module: nn.Module) -> Tracker | None:
     return tracker if tracker is not None and tracker._handles else None
 
 
-def _inert_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    """The forward hook a copy of a tracked module gets: a copy is not tracked."""
+def _inert_hook(module: nn.Module, *args: Any) -> None:
+    """The forward (pre-)hook a copy of a tracked module gets: a copy is not tracked."""
     return None
 
 
@@ -239,6 +239,35 @@ def _differentiable(output: Any) -> tuple[list[Tensor], tuple[int, ...], Any, li
     return [leaves[i] for i in positions], positions, spec, leaves
 
 
+def _refuse_hook_reparametrization(name: str, module: nn.Module) -> None:
+    """The hook-based ``torch.nn.utils.weight_norm`` / ``spectral_norm`` set the weight as a
+    plain attribute in a forward pre-hook, out of reach of the rules and of the fallback; their
+    ``torch.nn.utils.parametrizations`` versions compute the same weight and are supported."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, (WeightNorm, SpectralNorm)):
+            kind = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
+            raise ValueError(
+                f"module {name or type(module).__name__!r} uses the hook-based "
+                f"torch.nn.utils.{kind}, whose weight is out of the tracker's reach: apply "
+                f"torch.nn.utils.parametrizations.{kind} instead (the same reparametrization, "
+                "supported)"
+            )
+
+
+def _changed(entry: _Entry) -> dict[str, Tensor] | None:
+    """Copies of the buffers of a parametrized module that its call just changed (spectral
+    norm's power iteration): the call's statistics are computed with these values later."""
+    changed = {
+        n: b.detach().clone()
+        for (n, b), v in zip(entry.buffers, entry.versions, strict=True)
+        if b._version != v
+    }
+    return changed or None
+
+
 def _unpacked(record: _Record) -> _Record:
     """``record`` with its saved inputs (:meth:`Tracker._saved_forward`) unpacked into
     ``args`` and ``kwargs``."""
@@ -246,7 +275,7 @@ def _unpacked(record: _Record) -> _Record:
     flat = [_saved.unpack(t) if isinstance(t, _saved.SavedTensor) else t for t in saved]
     args, kwargs = tree_unflatten(flat, spec)
     return _Record(record.entry, args, kwargs, (), (), record.batch_size, record.uses,
-                   record.out_spec, record.positions)
+                   record.out_spec, record.positions, None, record.buffers)
 
 
 def _clear(params: dict[int, nn.Parameter]) -> None:
@@ -275,6 +304,10 @@ class _Entry:
     has_bias: bool = False
     conv: bool = False  # a convolution (unfold strategy): calls take _on_moments_grad
     norm: bool = False  # LayerNorm, RMSNorm, GroupNorm: calls take _on_moments_grad
+    # a parametrized module: its parametrizations' buffers and their versions before the
+    # running call (:meth:`Tracker._buffer_versions`)
+    buffers: tuple[tuple[str, Tensor], ...] = ()
+    versions: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -291,6 +324,7 @@ class _Record:
     # under saved-tensor hooks: (flattened args and kwargs with SavedTensor for tensors, spec);
     # args and kwargs are unpacked from it when the output gradients arrive
     saved: Any = None
+    buffers: dict[str, Tensor] | None = None  # see Call.buffers
 
 
 class _Pass:
@@ -418,12 +452,10 @@ class Tracker:
             owned = rule.params(module)
             if not owned:
                 continue
-            if torch.nn.utils.parametrize.is_parametrized(module):
-                raise ValueError(
-                    f"module {name or type(module).__name__!r} is parametrized "
-                    "(torch.nn.utils.parametrize); per-example statistics of its underlying "
-                    "parameters are not supported: remove the parametrization to track it"
-                )
+            _refuse_hook_reparametrization(name, module)
+            parametrized = torch.nn.utils.parametrize.is_parametrized(module)
+            if parametrized:  # the fallback differentiates through the parametrizations
+                covered.update(module.parametrizations.modules())
             if rule.is_fallback:
                 fallbacks.append(f"{name or '<root>'} ({type(module).__name__})")
             if isinstance(module, nn.MultiheadAttention):  # owns out_proj's parameters
@@ -444,6 +476,12 @@ class Tracker:
             if entry.linear or entry.conv or entry.norm:
                 entry.has_weight = "weight" in entry.names
                 entry.has_bias = "bias" in entry.names
+            if parametrized:  # buffers its forward may change (spectral norm's vectors)
+                entry.buffers = tuple(
+                    module.parametrizations.named_buffers(prefix="parametrizations"))
+                if entry.buffers:
+                    self._handles.append(module.register_forward_pre_hook(
+                        _Hook(self._buffer_versions), with_kwargs=True))
             self._entries[module] = entry
             _ATTACHED[module] = weakref.ref(self)
             for n, p in owned:
@@ -658,6 +696,8 @@ class Tracker:
             out_spec=spec,
             positions=positions,
         )
+        if entry.buffers:
+            record.buffers = _changed(entry)
         return self._register(record, outs, leaves)
 
     def _register(self, record: _Record, outs: list[Tensor], leaves: list | None) -> Any:
@@ -745,8 +785,14 @@ class Tracker:
                 return None
         B = self._batch_of(entry, module, args, kwargs)
         record = _Record(entry, (), {}, (), (), B, self._count_uses(entry), spec, positions,
-                         (saved, in_spec))
+                         (saved, in_spec), _changed(entry) if entry.buffers else None)
         return self._register(record, outs, leaves)
+
+    def _buffer_versions(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of a parametrized module: its buffers' versions before the call."""
+        entry = self._entries.get(module)
+        if entry is not None:
+            entry.versions = tuple(b._version for _, b in entry.buffers)
 
     def _grad_hook(self, p: Tensor) -> None:
         if id(p) in self._params:  # not a copy of a tracked parameter (copy.deepcopy)
@@ -965,6 +1011,7 @@ class Tracker:
             scale=state.scale,
             out_spec=record.out_spec,
             out_positions=record.positions,
+            buffers=record.buffers,
         )
         self._suspended += 1
         try:
