@@ -8,13 +8,19 @@ for ``weight_hr``). The fused kernel does not expose ``dz``, so the rule reruns 
 plain tensor operations from the saved inputs and the module's weights, asks autograd for the
 gradients of the pre-activations given the output gradients, and materialises ``G_b`` in
 chunks of examples. The cost is one extra forward and backward of the recurrence.
+
+Packed sequences (``pack_padded_sequence``: example b has its own length ``L_b``) are rerun on
+the padded layout in the examples' own order with a mask: at a step ``t >= L_b`` example b's
+state is carried unchanged (``h_t = h_{t-1}``, so its final state is the one at ``L_b - 1``; the
+reverse direction starts at ``L_b - 1`` from the initial state), which is what the packed kernel
+computes; masked steps receive no gradient, so they add nothing to ``G_b``.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ._base import Call, Contribution, reduce_per_example, small_per_example
 
@@ -22,15 +28,9 @@ __all__ = ["rnn_rule", "check_rnn", "rnn_batch_size"]
 
 
 def check_rnn(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Refuse what the rerun cannot reproduce: packed sequences, inter-layer dropout."""
+    """Refuse what the rerun cannot reproduce: inputs without a batch, inter-layer dropout."""
     x = args[0] if args else kwargs.get("input")
-    if isinstance(x, PackedSequence):
-        raise ValueError(
-            f"{type(module).__name__} got a PackedSequence; per-example statistics need padded "
-            "inputs of shape [B, T, in] (batch_first) or [T, B, in]: pad the sequences and mask "
-            "the loss instead of packing"
-        )
-    if x.dim() != 3:
+    if not isinstance(x, PackedSequence) and x.dim() != 3:
         raise ValueError(
             f"{type(module).__name__} got an input of shape {tuple(x.shape)}; per-example "
             "statistics need a batched input with 3 dimensions"
@@ -45,7 +45,16 @@ def check_rnn(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
 def rnn_batch_size(module: nn.Module, args: tuple, kwargs: dict) -> int:
     x = args[0] if args else kwargs["input"]
+    if isinstance(x, PackedSequence):
+        return int(x.batch_sizes[0])
     return int(x.shape[0] if module.batch_first else x.shape[1])
+
+
+def _padded(x: PackedSequence, data: Tensor) -> tuple[Tensor, Tensor]:
+    """``data`` laid out as ``x.data`` is, padded to ``[T, B, ...]`` in the examples' order
+    (zeros past each example's length), and the lengths ``[B]`` (on the CPU)."""
+    packed = PackedSequence(data, x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+    return pad_packed_sequence(packed, total_length=len(x.batch_sizes))
 
 
 def _cell(
@@ -72,7 +81,16 @@ def rnn_rule(call: Call) -> dict[str, Contribution]:
     args, kwargs = call.args, call.kwargs
     x = args[0] if args else kwargs["input"]
     hx = args[1] if len(args) > 1 else kwargs.get("hx")
-    if m.batch_first:
+    grads = list(call.grads)
+    mask = None
+    if isinstance(x, PackedSequence):
+        packed = x
+        x, lengths = _padded(packed, packed.data)  # [T, B, in], the examples' own order
+        mask = torch.arange(x.shape[0]).unsqueeze(1) < lengths  # [T, B]: step t of example b
+        mask = mask.to(x.device).unsqueeze(-1)
+        if grads[0] is not None:
+            grads[0] = _padded(packed, grads[0])[0]
+    elif m.batch_first:
         x = x.transpose(0, 1)
     T, B = x.shape[0], x.shape[1]
     D = 2 if m.bidirectional else 1
@@ -89,7 +107,6 @@ def rnn_rule(call: Call) -> dict[str, Contribution]:
     else:
         h0, c0 = hx.detach(), None
 
-    grads = list(call.grads)
     # pre-activations (gi per layer/direction over all steps, gh per step), what they multiply
     record: dict[str, tuple[list[Tensor], list[Tensor], bool]] = {}
     with torch.enable_grad():
@@ -121,11 +138,16 @@ def rnn_rule(call: Call) -> dict[str, Contribution]:
                         gh = gh + b_hh
                     ghs.append(gh)
                     hprev.append(h.detach())
-                    h, c = _cell(m.mode, gi_all[t], gh, h, c)
+                    h_new, c_new = _cell(m.mode, gi_all[t], gh, h, c)
                     if w_hr is not None:
-                        raws.append(h.detach())
-                        h = h @ w_hr.T
-                        projs.append(h)
+                        raws.append(h_new.detach())
+                        h_new = h_new @ w_hr.T
+                        projs.append(h_new)
+                    if mask is None:
+                        h, c = h_new, c_new
+                    else:  # past an example's length its state is carried over
+                        h = torch.where(mask[t], h_new, h)
+                        c = torch.where(mask[t], c_new, c) if lstm else None
                     seq[t] = h
                 outs.append(torch.stack(seq))
                 h_last.append(h)
@@ -135,7 +157,8 @@ def rnn_rule(call: Call) -> dict[str, Contribution]:
                 if w_hr is not None:
                     record["hr" + sfx] = (projs, raws, False)
             layer_in = torch.cat(outs, -1) if D > 1 else outs[0]
-        outputs = [layer_in.transpose(0, 1) if m.batch_first else layer_in, torch.stack(h_last)]
+        seq_out = layer_in.transpose(0, 1) if m.batch_first and mask is None else layer_in
+        outputs = [seq_out, torch.stack(h_last)]
         if lstm:
             outputs.append(torch.stack(c_last))
         pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if g is not None]
