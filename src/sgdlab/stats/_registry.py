@@ -19,7 +19,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
 from ._base import Call, Contribution
-from .attention import attention_rule
+from .attention import attention_rule, check_attention
 from .bilinear import bilinear_rule
 from .cell import cell_rule, check_cell
 from .conv import conv_rule
@@ -91,7 +91,7 @@ _TABLE: list[tuple[type, Rule]] = [
             "attention",
             attention_rule,
             batch_size=fallback_batch_size,
-            check=check_fallback,
+            check=check_attention,
             params=fallback_params,
         ),
     ),

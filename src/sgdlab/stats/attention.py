@@ -12,12 +12,19 @@ batched matmuls in chunks of examples. In self-attention (query, key and value o
 the three projections are one product ``x W_in^T`` and their per-example gradients one batched
 product ``[dq | dk | dv]^T x``.
 
-Configurations outside this form (``add_bias_kv``, ``add_zero_attn``, a per-head 3-D
-``attn_mask``) take the ``torch.func`` fallback; active dropout is refused.
+With active dropout (training mode, ``dropout > 0``: ``nn.TransformerEncoderLayer``'s default)
+the attention is rerun by torch's own ``F.multi_head_attention_forward`` from the generator
+states recorded just before the call (:mod:`sgdlab.stats._rng`), so it draws the forward pass's
+dropout masks, as activation checkpointing does; the rule hands it the projected q, k, v with
+identity projection weights (exact in IEEE arithmetic; TF32 matmuls would round q, k, v). A
+per-example 3-D ``attn_mask`` takes the same path without the generators. Configurations with
+``add_bias_kv`` or ``add_zero_attn`` take the ``torch.func`` fallback, which cannot reproduce
+dropout (refused there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -25,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _rng
 from ._base import Call, Contribution, in_dtype, reduce_per_example, small_per_example
-from .fallback import fallback_rule
+from .fallback import check_fallback, fallback_rule
 
-__all__ = ["attention_rule"]
+__all__ = ["attention_rule", "check_attention"]
 
 _POS = (
     "query",
@@ -58,9 +66,42 @@ def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return mask.to(dtype)
 
 
-def _supported(m: nn.MultiheadAttention, a: dict[str, Any]) -> bool:
-    mask = a.get("attn_mask")
-    return m.bias_k is None and not m.add_zero_attn and (mask is None or mask.dim() == 2)
+def _supported(m: nn.MultiheadAttention) -> bool:
+    return m.bias_k is None and not m.add_zero_attn
+
+
+def check_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The dedicated rule replays active dropout; the fallback's configurations cannot."""
+    if not _supported(module):  # type: ignore[arg-type]
+        check_fallback(module, args, kwargs)
+
+
+def _replayed(m: nn.MultiheadAttention, a: dict[str, Any], rng: Any, qp: Tensor, kp: Tensor,
+              vp: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The attention output before ``out_proj`` (``[B, L, E]``) and the returned weights, by
+    torch's own function on the projected ``qp, kp, vp`` (``[B, L|S, E]``) from the call's
+    generator states ``rng`` (``None``: no dropout), so with the forward pass's masks."""
+    E = m.embed_dim
+    eye = torch.eye(E, dtype=qp.dtype, device=qp.device)
+    dropout = m.dropout if m.training else 0.0
+    if dropout > 0 and rng is None:
+        raise RuntimeError(
+            "MultiheadAttention: the generator states of a call with active dropout were not "
+            "recorded (was the module called while the tracker was paused?)"
+        )
+    with _rng.replay(rng) if dropout > 0 else contextlib.nullcontext():
+        z, w = F.multi_head_attention_forward(
+            qp.transpose(0, 1), kp.transpose(0, 1), vp.transpose(0, 1), E, m.num_heads,
+            None, None, None, None, False, dropout, eye, None, training=dropout > 0,
+            key_padding_mask=a.get("key_padding_mask"),
+            need_weights=a.get("need_weights", True),
+            attn_mask=a.get("attn_mask"),
+            use_separate_proj_weight=True,
+            q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
+            average_attn_weights=a.get("average_attn_weights", True),
+            is_causal=a.get("is_causal", False),
+        )
+    return z.transpose(0, 1), w
 
 
 def _same_tensor(*ts: Any) -> bool:
@@ -74,11 +115,31 @@ def _same_tensor(*ts: Any) -> bool:
     )
 
 
+def _attend(qp: Tensor, kp: Tensor, vp: Tensor, H: int, mask: Tensor | None,
+            kpm: Tensor | None, average: bool) -> tuple[Tensor, Tensor]:
+    """Attention without dropout in plain operations: the output before ``out_proj``
+    ``[B, L, E]`` and the weights (averaged over heads if ``average``)."""
+    B, L, E = qp.shape
+    S = kp.shape[1]
+    Dh = E // H
+    q = qp.view(B, L, H, Dh).transpose(1, 2)
+    k = kp.view(B, S, H, Dh).transpose(1, 2)
+    v = vp.view(B, S, H, Dh).transpose(1, 2)
+    scores = (q / math.sqrt(Dh)) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores + mask
+    if kpm is not None:
+        scores = scores + kpm.view(B, 1, 1, S)
+    attn = torch.softmax(scores, -1)
+    z = (attn @ v).transpose(1, 2).reshape(B, L, E)
+    return z, attn.mean(1) if average else attn
+
+
 def attention_rule(call: Call) -> dict[str, Contribution]:
     """Per-example statistics of the parameters of one ``nn.MultiheadAttention`` call."""
     m: nn.MultiheadAttention = call.module  # type: ignore[assignment]
     a = _arguments(call)
-    if not _supported(m, a):
+    if not _supported(m):
         return fallback_rule(call)
     dtype = m.out_proj.weight.dtype
     raw = [a[k] for k in ("query", "key", "value")]
@@ -90,16 +151,15 @@ def attention_rule(call: Call) -> dict[str, Contribution]:
     if not m.batch_first:
         xq, xk, xv = xq.transpose(0, 1), xk.transpose(0, 1), xv.transpose(0, 1)
     B, L, E = xq.shape
-    S = xk.shape[1]
     H = m.num_heads
-    Dh = E // H
     b_in = None if m.in_proj_bias is None else m.in_proj_bias.detach()
     wo = m.out_proj.weight.detach()
 
-    mask = _additive(a.get("attn_mask"), dtype)
-    kpm = _additive(a.get("key_padding_mask"), dtype)
     need_weights = a.get("need_weights", True)
     average = a.get("average_attn_weights", True)
+    raw_mask = a.get("attn_mask")
+    # torch's own function: to replay dropout, or for a per-example 3-D mask
+    replay = (m.training and m.dropout > 0) or (raw_mask is not None and raw_mask.dim() == 3)
 
     g_y = g_w = None
     for j, pos in enumerate(call.out_positions):  # leaves: (attn_output, attn_weights)
@@ -128,19 +188,14 @@ def attention_rule(call: Call) -> dict[str, Contribution]:
             kp = F.linear(xk, wk, bk).requires_grad_()
             vp = F.linear(xv, wv, bv).requires_grad_()
             leaves = (qp, kp, vp)
-        q = qp.view(B, L, H, Dh).transpose(1, 2)
-        k = kp.view(B, S, H, Dh).transpose(1, 2)
-        v = vp.view(B, S, H, Dh).transpose(1, 2)
-        scores = (q / math.sqrt(Dh)) @ k.transpose(-2, -1)
-        if mask is not None:
-            scores = scores + mask
-        if kpm is not None:
-            scores = scores + kpm.view(B, 1, 1, S)
-        attn = torch.softmax(scores, -1)
-        z = (attn @ v).transpose(1, 2).reshape(B, L, E)
+        if replay:
+            z, weights = _replayed(m, a, call.rng, qp, kp, vp)
+        else:
+            z, weights = _attend(qp, kp, vp, H, _additive(raw_mask, dtype),
+                                 _additive(a.get("key_padding_mask"), dtype), average)
         targets, cotangents = [z], [do]
         if g_w is not None and need_weights:
-            targets.append(attn.mean(1) if average else attn)
+            targets.append(weights)
             cotangents.append(in_dtype(g_w, dtype))
         grads = torch.autograd.grad(targets, leaves, cotangents, allow_unused=True)
     grads = tuple(

@@ -94,9 +94,10 @@ from torch.autograd import Variable
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .._validation import check_batch_size, check_choice, check_positive
-from . import _saved
+from . import _rng, _saved
 from ._base import Call, Contribution, outer_moments, outer_per_example
 from ._registry import Rule, _first_dim, _no_check, rule_for
+from .attention import attention_rule
 from .conv import conv_moments, conv_rule
 from .linear import linear_moments, linear_rule, linear_seq_moments
 from .norm import norm_moments, norm_rule
@@ -275,7 +276,7 @@ def _unpacked(record: _Record) -> _Record:
     flat = [_saved.unpack(t) if isinstance(t, _saved.SavedTensor) else t for t in saved]
     args, kwargs = tree_unflatten(flat, spec)
     return _Record(record.entry, args, kwargs, (), (), record.batch_size, record.uses,
-                   record.out_spec, record.positions, None, record.buffers)
+                   record.out_spec, record.positions, None, record.buffers, record.rng)
 
 
 def _clear(params: dict[int, nn.Parameter]) -> None:
@@ -308,6 +309,9 @@ class _Entry:
     # running call (:meth:`Tracker._buffer_versions`)
     buffers: tuple[tuple[str, Tensor], ...] = ()
     versions: tuple[int, ...] = ()
+    # nn.MultiheadAttention: the generator states before a call with active dropout
+    dropout: bool = False
+    rng: Any = None
 
 
 @dataclass(slots=True)
@@ -325,6 +329,7 @@ class _Record:
     # args and kwargs are unpacked from it when the output gradients arrive
     saved: Any = None
     buffers: dict[str, Tensor] | None = None  # see Call.buffers
+    rng: Any = None  # see Call.rng
 
 
 class _Pass:
@@ -479,9 +484,10 @@ class Tracker:
             if parametrized:  # buffers its forward may change (spectral norm's vectors)
                 entry.buffers = tuple(
                     module.parametrizations.named_buffers(prefix="parametrizations"))
-                if entry.buffers:
-                    self._handles.append(module.register_forward_pre_hook(
-                        _Hook(self._buffer_versions), with_kwargs=True))
+            entry.dropout = rule.compute is attention_rule  # replays its dropout masks
+            if entry.buffers or entry.dropout:
+                self._handles.append(module.register_forward_pre_hook(
+                    _Hook(self._before_call), with_kwargs=True))
             self._entries[module] = entry
             _ATTACHED[module] = weakref.ref(self)
             for n, p in owned:
@@ -698,6 +704,8 @@ class Tracker:
         )
         if entry.buffers:
             record.buffers = _changed(entry)
+        if entry.dropout:
+            record.rng = entry.rng
         return self._register(record, outs, leaves)
 
     def _register(self, record: _Record, outs: list[Tensor], leaves: list | None) -> Any:
@@ -785,14 +793,24 @@ class Tracker:
                 return None
         B = self._batch_of(entry, module, args, kwargs)
         record = _Record(entry, (), {}, (), (), B, self._count_uses(entry), spec, positions,
-                         (saved, in_spec), _changed(entry) if entry.buffers else None)
+                         (saved, in_spec), _changed(entry) if entry.buffers else None,
+                         entry.rng if entry.dropout else None)
         return self._register(record, outs, leaves)
 
-    def _buffer_versions(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook of a parametrized module: its buffers' versions before the call."""
+    def _before_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of a parametrized module (its buffers' versions before the call)
+        and of ``nn.MultiheadAttention`` (the generator states, when its dropout is active)."""
         entry = self._entries.get(module)
-        if entry is not None:
+        if entry is None:
+            return
+        if entry.buffers:
             entry.versions = tuple(b._version for _, b in entry.buffers)
+        if entry.dropout:
+            entry.rng = None
+            if module.training and module.dropout > 0 and torch.is_grad_enabled():
+                x = args[0] if args else kwargs.get("query")
+                if isinstance(x, Tensor):
+                    entry.rng = _rng.state(x.device)
 
     def _grad_hook(self, p: Tensor) -> None:
         if id(p) in self._params:  # not a copy of a tracked parameter (copy.deepcopy)
@@ -1012,6 +1030,7 @@ class Tracker:
             out_spec=record.out_spec,
             out_positions=record.positions,
             buffers=record.buffers,
+            rng=record.rng,
         )
         self._suspended += 1
         try:

@@ -1,0 +1,148 @@
+"""``nn.MultiheadAttention`` with active dropout (``nn.TransformerEncoderLayer``'s default 0.1):
+the rule reruns the attention from the generator states of the forward call, so with its
+dropout masks. Oracle in float64: per-example gradients from the *same* batched graph (one
+``autograd.grad`` of each example's loss with ``retain_graph``), so every example sees the masks
+the batch drew; a rerun with other masks differs by tens of percent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from stats_brute import rel_err
+from torch import nn
+
+import sgdlab.stats as stats
+
+B, T, D = 4, 5, 8
+
+
+def _same_graph_grads(losses, params):
+    rows = []
+    for b in range(losses.shape[0]):
+        gs = torch.autograd.grad(losses[b], params, retain_graph=True, allow_unused=True)
+        rows.append([torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)])
+    return [torch.stack(r) for r in zip(*rows, strict=True)]
+
+
+def _check(model, run, reduction="sum", seed=5):
+    """Statistics and per-example norms of ``run(model)`` (per-example losses [B]) against the
+    oracle, both forward passes from the generator seeded with ``seed``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(seed)
+    per = _same_graph_grads(run(model), params)
+    tracker = stats.track(model, reduction=reduction, per_example_norms=True)
+    torch.manual_seed(seed)
+    total = run(model).sum()
+    (total / B if reduction == "mean" else total).backward()
+    for (name, p), g in zip(model.named_parameters(), per, strict=True):
+        got = getattr(p, "grad_second_moment", None)
+        if got is None:  # unused by this call pattern
+            assert not g.any(), name
+            continue
+        assert rel_err(got, (g * g).mean(0)) < 1e-10, name
+    expected = sum(g.pow(2).flatten(1).sum(1) for g in per)
+    assert rel_err(tracker.per_example_sq_norms(), expected) < 1e-10
+    tracker.detach()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_encoder_layer_with_dropout_matches_per_example_gradients(norm_first, reduction):
+    """torch's encoder layer in training mode with dropout everywhere (attention, residual,
+    feed-forward), a key-padding mask and a causal mask."""
+    torch.manual_seed(1)
+    layer = nn.TransformerEncoderLayer(D, 2, 16, dropout=0.3, batch_first=True,
+                                       norm_first=norm_first).double()
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[1, 3:] = True
+    causal = torch.ones(T, T, dtype=torch.bool).triu(1)
+    _check(layer, lambda m: m(x, src_mask=causal, src_key_padding_mask=pad, is_causal=True)
+           .pow(2).sum((1, 2)), reduction)
+
+
+ATTENTION = {
+    "self-weights-averaged": (dict(), dict(need_weights=True)),
+    "self-weights-per-head": (dict(), dict(need_weights=True, average_attn_weights=False)),
+    "self-no-weights": (dict(), dict(need_weights=False)),
+    "seq-first": (dict(batch_first=False), dict(need_weights=False)),
+    "cross-kdim-vdim": (dict(kdim=3, vdim=6), dict(need_weights=True)),
+    "no-bias": (dict(bias=False), dict(need_weights=False)),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTENTION))
+def test_attention_with_dropout_matches_per_example_gradients(case):
+    """The loss reads the attention output and, when returned, the attention weights (dropped
+    out too); a key-padding mask on one example."""
+    make_kw, call_kw = ATTENTION[case]
+    make_kw = {"batch_first": True, **make_kw}
+    torch.manual_seed(2)
+    m = nn.MultiheadAttention(D, 2, dropout=0.4, **make_kw).double()
+    bf = make_kw["batch_first"]
+    shape = (B, T) if bf else (T, B)
+    q = torch.randn(*shape, D, dtype=torch.float64)
+    k = torch.randn(*shape, make_kw.get("kdim", D), dtype=torch.float64)
+    v = torch.randn(*shape, make_kw.get("vdim", D), dtype=torch.float64)
+    if "kdim" not in make_kw:
+        k = v = q
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[2, 1:3] = True
+
+    def run(mod):
+        out, w = mod(q, k, v, key_padding_mask=pad, **call_kw)
+        loss = out.pow(2).sum((1, 2) if bf else (0, 2))
+        if w is not None:
+            loss = loss + w.sin().flatten(1).sum(1)
+        return loss
+
+    _check(m, run)
+
+
+def test_per_example_3d_mask_with_and_without_dropout():
+    """A 3-D mask ``[B * heads, L, S]`` (a different mask per example and head) takes torch's
+    own attention in the rule, with or without dropout (it used to take the fallback, which
+    refused it)."""
+    torch.manual_seed(3)
+    mask = torch.randn(B * 2, T, T, dtype=torch.float64)
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    for p in (0.0, 0.25):
+        m = nn.MultiheadAttention(D, 2, dropout=p, batch_first=True).double()
+        _check(m, lambda mod: mod(x, x, x, attn_mask=mask)[0].pow(2).sum((1, 2)))
+
+
+def test_tracking_leaves_the_random_stream_and_the_gradients_unchanged():
+    """The rerun draws from a fork of the generator: the training run's next random numbers
+    and its gradients are those of an untracked run."""
+    torch.manual_seed(4)
+    plain = nn.TransformerEncoderLayer(D, 2, 16, dropout=0.2, batch_first=True)
+    tracked = nn.TransformerEncoderLayer(D, 2, 16, dropout=0.2, batch_first=True)
+    tracked.load_state_dict(plain.state_dict())
+    x = torch.randn(B, T, D)
+    draws = []
+    for model in (plain, tracked):
+        tracker = stats.track(model) if model is tracked else None
+        torch.manual_seed(6)
+        model(x).square().mean().backward()
+        draws.append(torch.rand(3))
+        if tracker is not None:
+            tracker.detach()
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
+    for a, b in zip(plain.parameters(), tracked.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_a_rerun_with_other_masks_would_be_wrong():
+    """The oracle tells masks apart: replaying from a different generator state changes the
+    statistics by far more than the tolerance."""
+    torch.manual_seed(7)
+    m = nn.MultiheadAttention(D, 2, dropout=0.4, batch_first=True).double()
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    params = list(m.parameters())
+    torch.manual_seed(8)
+    per = _same_graph_grads(m(x, x, x)[0].pow(2).sum((1, 2)), params)
+    tracker = stats.track(m, reduction="sum")
+    torch.manual_seed(9)  # the forward pass draws other masks than the oracle's
+    m(x, x, x)[0].pow(2).sum().backward()
+    assert rel_err(m.in_proj_weight.grad_second_moment, (per[0] ** 2).mean(0)) > 1e-2
+    tracker.detach()
