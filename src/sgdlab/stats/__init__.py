@@ -8,7 +8,8 @@ Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding, EmbeddingBag, LayerNorm, GroupNo
 InstanceNorm, BatchNorm in eval mode, PReLU, RNN/LSTM/GRU and their cells, MultiheadAttention;
 its rarer options hand over to the fallback) and a ``torch.func`` fallback for any other
 module; BatchNorm in training mode couples the examples and is refused
-(:func:`replace_batchnorm` swaps it for GroupNorm).
+(:func:`replace_batchnorm` swaps it for GroupNorm). :func:`clip_grad_norm_` clips the gradient
+and scales the statistics with it.
 :class:`NoiseMeter` turns the same statistics into the gradient noise scale (McCandlish et al.
 2018), per-group variances and the SGD temperature.
 
@@ -29,10 +30,12 @@ Example (batch-size-invariant RMSProp with the lecture's per-example second mome
 
 from __future__ import annotations
 
+from .clip import clip_grad_norm_
 from .convert import replace_batchnorm
 from .noise import NoiseMeter, NoiseReading, noise_statistics
 from .tracker import Tracker, track
 
 __all__ = [
-    "NoiseMeter", "NoiseReading", "Tracker", "noise_statistics", "replace_batchnorm", "track",
+    "NoiseMeter", "NoiseReading", "Tracker", "clip_grad_norm_", "noise_statistics",
+    "replace_batchnorm", "track",
 ]
