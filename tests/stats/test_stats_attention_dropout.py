@@ -146,3 +146,32 @@ def test_a_rerun_with_other_masks_would_be_wrong():
     m(x, x, x)[0].pow(2).sum().backward()
     assert rel_err(m.in_proj_weight.grad_second_moment, (per[0] ** 2).mean(0)) > 1e-2
     tracker.detach()
+
+
+class SeqFirstModel(nn.Module):
+    """torch's ``nn.Transformer`` with ``batch_first=False`` (its default): its feed-forward and
+    norm layers see ``[T, B, d]``; a head outside it sees ``[B, d]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transformer = nn.Transformer(D, 2, 1, 1, 16, dropout=0.2)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, src, tgt):
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[0], dtype=tgt.dtype)
+        return self.head(self.transformer(src, tgt, tgt_mask=causal).mean(0))
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")  # torch's, at construction
+@pytest.mark.parametrize("tgt_len", [B, B + 2], ids=["T-equals-B", "T-differs"])
+def test_seq_first_torch_transformer_matches_per_example_gradients(tgt_len):
+    """Inside torch's transformer modules built with ``batch_first=False`` the tracker reads
+    the batch from dimension 1 (before, ``T != B`` raised and ``T == B`` gave wrong
+    statistics)."""
+    torch.manual_seed(12)
+    model = SeqFirstModel().double()
+    src = torch.randn(B + 1, B, D, dtype=torch.float64)
+    tgt = torch.randn(tgt_len, B, D, dtype=torch.float64)
+    _check(model, lambda m: m(src, tgt).pow(2).sum(1))
+    layer = nn.TransformerEncoderLayer(D, 2, 16, dropout=0.1).double()
+    _check(layer, lambda m: m(tgt).pow(2).sum((0, 2)))

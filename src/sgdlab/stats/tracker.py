@@ -240,6 +240,25 @@ def _differentiable(output: Any) -> tuple[list[Tensor], tuple[int, ...], Any, li
     return [leaves[i] for i in positions], positions, spec, leaves
 
 
+def _seq_first_modules(model: nn.Module) -> set[nn.Module]:
+    """The modules inside torch's transformer modules built with ``batch_first=False`` (their
+    feed-forward and norm layers see ``[T, B, d]``); their attention reads its own flag."""
+    found: set[nn.Module] = set()
+    for module in model.modules():
+        layer = module
+        if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
+            layer = module.layers[0] if len(module.layers) else None
+        if isinstance(layer, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            seq_first = not layer.self_attn.batch_first
+        elif isinstance(module, nn.Transformer):
+            seq_first = not module.batch_first
+        else:
+            continue
+        if seq_first:
+            found.update(m for m in module.modules() if not isinstance(m, nn.MultiheadAttention))
+    return found
+
+
 def _refuse_hook_reparametrization(name: str, module: nn.Module) -> None:
     """The hook-based ``torch.nn.utils.weight_norm`` / ``spectral_norm`` set the weight as a
     plain attribute in a forward pre-hook, out of reach of the rules and of the fallback; their
@@ -309,6 +328,8 @@ class _Entry:
     # running call (:meth:`Tracker._buffer_versions`)
     buffers: tuple[tuple[str, Tensor], ...] = ()
     versions: tuple[int, ...] = ()
+    # 1: the module sees [T, B, ...] inputs (inside a torch transformer with batch_first=False)
+    batch_dim: int = 0
     # nn.MultiheadAttention: the generator states before a call with active dropout
     dropout: bool = False
     rng: Any = None
@@ -450,6 +471,7 @@ class Tracker:
         """Hooks on every module of ``model`` that owns parameters (see :meth:`__init__`)."""
         covered: set[nn.Module] = set()
         fallbacks: list[str] = []
+        seq_first = _seq_first_modules(model)
         for name, module in model.named_modules():
             if module in covered:
                 continue
@@ -476,7 +498,11 @@ class Tracker:
                 rule.check is _no_check and rule.batch_size is _first_dim,
                 rule.compute is linear_rule,
             )
-            entry.conv = rule.compute is conv_rule and self.conv_strategy != "grouped"
+            if module in seq_first:  # [T, B, ...] inputs: the general path, transposed
+                entry.batch_dim = 1
+                entry.plain = entry.linear = False
+            entry.conv = (rule.compute is conv_rule and self.conv_strategy != "grouped"
+                          and not entry.batch_dim)
             entry.norm = rule.compute is norm_rule and entry.plain  # not BatchNorm (checked)
             if entry.linear or entry.conv or entry.norm:
                 entry.has_weight = "weight" in entry.names
@@ -656,6 +682,14 @@ class Tracker:
                 _first_dim(module, args, kwargs)  # raises with the message
             return args[0].shape[0]
         entry.rule.check(module, args, kwargs)
+        if entry.batch_dim:
+            x = args[0] if args else next(iter(kwargs.values()))
+            if not isinstance(x, Tensor) or x.dim() < 2:
+                raise ValueError(
+                    f"{entry.label} is inside a transformer with batch_first=False and needs "
+                    f"a [T, B, ...] input, got {getattr(x, 'shape', type(x).__name__)}"
+                )
+            return x.shape[1]
         return entry.rule.batch_size(module, args, kwargs)
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -1015,9 +1049,13 @@ class Tracker:
             materialize = frozenset(
                 n for n, i in zip(entry.names, entry.ids, strict=True) if uses[i] > 1
             )
+        args = record.args
+        if entry.batch_dim:  # [T, B, ...] inputs and output gradients: the batch first
+            args = tuple(a.movedim(1, 0) if isinstance(a, Tensor) else a for a in args)
+            grads = tuple(g if g is None else g.movedim(1, 0) for g in grads)
         call = Call(
             module=entry.module,
-            args=record.args,
+            args=args,
             kwargs=record.kwargs,
             grads=grads,
             batch_size=B,
