@@ -24,9 +24,12 @@ def test_code_block_runs(i):
     with contextlib.redirect_stdout(out):
         exec(compile(BLOCKS[i], f"docs/stats.md block {i}", "exec"), {"__name__": "docs"})
     text = out.getvalue()
+    code = BLOCKS[i]
     if i == 0:
         assert "torch.Size([32, 8])" in text
-    if i == 1:
+    if "register_rule" in code:  # the Gate's statistic: four entries
+        assert text.startswith("tensor([") and text.count(",") == 3
+    if "replace_batchnorm" in code:
         assert text.startswith("GroupNorm(8, 16") and "torch.Size([16])" in text
-    if i == 2:
+    if "checkpoint(" in code:
         assert "torch.Size([16, 16])" in text

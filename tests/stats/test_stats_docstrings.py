@@ -9,7 +9,9 @@ import pytest
 
 
 @pytest.mark.parametrize(
-    "name", ["sgdlab.stats", "sgdlab.stats.tracker", "sgdlab.stats.noise", "sgdlab.stats.convert"]
+    "name",
+    ["sgdlab.stats", "sgdlab.stats.tracker", "sgdlab.stats.noise", "sgdlab.stats.convert",
+     "sgdlab.stats.custom"],
 )
 def test_docstring_examples(name):
     module = importlib.import_module(name)

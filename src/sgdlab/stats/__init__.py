@@ -6,7 +6,8 @@ gradients that batch-size-invariant RMSProp/Adam need (lecture, "Scaling eta wit
 for RMSProp"). Exact rules for every layer of ``torch.nn`` with parameters (Linear, Bilinear,
 Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding, EmbeddingBag, LayerNorm, GroupNorm, RMSNorm,
 InstanceNorm, BatchNorm in eval mode, PReLU, RNN/LSTM/GRU and their cells, MultiheadAttention;
-its rarer options hand over to the fallback) and a ``torch.func`` fallback for any other
+its rarer options hand over to the fallback; Hugging Face's ``Conv1D``), rules you register
+for your own layer types (:func:`register_rule`) and a ``torch.func`` fallback for any other
 module; BatchNorm in training mode couples the examples and is refused
 (:func:`replace_batchnorm` swaps it for GroupNorm). :func:`clip_grad_norm_` clips the gradient
 and scales the statistics with it.
@@ -32,10 +33,11 @@ from __future__ import annotations
 
 from .clip import clip_grad_norm_
 from .convert import replace_batchnorm
+from .custom import RuleHandle, register_rule
 from .noise import NoiseMeter, NoiseReading, noise_statistics
 from .tracker import Tracker, track
 
 __all__ = [
-    "NoiseMeter", "NoiseReading", "Tracker", "clip_grad_norm_", "noise_statistics",
-    "replace_batchnorm", "track",
+    "NoiseMeter", "NoiseReading", "RuleHandle", "Tracker", "clip_grad_norm_",
+    "noise_statistics", "register_rule", "replace_batchnorm", "track",
 ]

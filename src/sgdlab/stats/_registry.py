@@ -31,6 +31,7 @@ from .linear import linear_rule
 from .norm import check_batchnorm, check_instancenorm, norm_rule
 from .prelu import prelu_rule
 from .recurrent import check_rnn, rnn_batch_size, rnn_rule
+from .transposed_linear import is_hf_conv1d, transposed_linear_rule
 
 __all__ = ["Rule", "rule_for"]
 
@@ -122,10 +123,22 @@ def _base_forward(cls: type) -> Any:
     return None
 
 
+# rules registered by users (:func:`sgdlab.stats.register_rule`), by module type
+_CUSTOM: dict[type, Rule] = {}
+
+TRANSPOSED_LINEAR = Rule("transposed_linear", transposed_linear_rule)
+
+
 def rule_for(module: nn.Module) -> Rule:
-    """The dedicated rule of ``module``'s layer type, else the fallback."""
+    """The rule registered for ``module``'s type, else its dedicated rule, else the fallback."""
     if parametrize.is_parametrized(module):
         return FALLBACK
+    for cls in type(module).__mro__:
+        rule = _CUSTOM.get(cls)
+        if rule is not None and _base_forward(type(module)) is _base_forward(cls):
+            return rule
+    if is_hf_conv1d(module) and _base_forward(type(module)).__qualname__ == "Conv1D.forward":
+        return TRANSPOSED_LINEAR
     for cls, rule in _TABLE:
         if isinstance(module, cls) and _base_forward(type(module)) is _base_forward(cls):
             return rule

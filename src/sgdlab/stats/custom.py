@@ -1,0 +1,153 @@
+"""Rules for your own layer types: :func:`register_rule`.
+
+A module type without a dedicated rule takes the ``torch.func`` fallback, which is exact but
+reruns the module per example. Where example b's parameter gradient has a closed form in the
+module's inputs and output gradients (as ``d_b a_b^T`` for a linear map), register it:
+
+    >>> import torch, sgdlab.stats
+    >>> class Scale(torch.nn.Module):                 # y = x * s, one s per feature
+    ...     def __init__(self, n):
+    ...         super().__init__()
+    ...         self.s = torch.nn.Parameter(torch.ones(n))
+    ...     def forward(self, x):
+    ...         return x * self.s
+    >>> def scale_rule(module, inputs, grad_outputs):
+    ...     (x,), (d,) = inputs, grad_outputs         # [n, ..., features], n examples
+    ...     g = (x * d).reshape(len(x), -1, x.shape[-1]).sum(1)  # summed over positions
+    ...     return {"s": g}                           # per-example gradients [n, features]
+    >>> handle = sgdlab.stats.register_rule(Scale, scale_rule)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), Scale(4))
+    >>> with sgdlab.stats.track(model):
+    ...     model(torch.randn(8, 3)).square().mean().backward()
+    ...     print(model[1].s.grad_second_moment.shape)
+    torch.Size([4])
+    >>> handle.remove()
+
+The function gets the module, its positional inputs and the gradients of its outputs (those
+requiring grad, in the order of ``torch.utils._pytree.tree_leaves(output)``; ``None`` where one
+got no gradient), for a chunk of the batch: every tensor whose first dimension is the batch size
+is sliced to the chunk, others are passed whole, and chunks are sized so that the per-example
+gradients fit the tracker's ``memory_budget``. It returns, for each of the module's own
+parameters (``named_parameters(recurse=False)`` that require grad), the per-example gradients
+of the *summed* loss, shape ``[n, *param.shape]``; the tracker squares and sums them, applies
+the loss reduction, adds parameters used several times per example before squaring and forms the
+per-example norms. A registered rule takes precedence over sgdlab's own for its type and
+subclasses that keep its ``forward``; it applies to trackers attached after registration.
+(The same contract as Opacus's ``register_grad_sampler``.)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._base import Call, Contribution, chunk_size, scaled_ones
+from ._registry import _CUSTOM, Rule
+
+__all__ = ["RuleHandle", "register_rule"]
+
+PerExample = Callable[[nn.Module, tuple[Any, ...], tuple[Tensor | None, ...]],
+                      Mapping[str, Tensor]]
+
+
+class RuleHandle:
+    """Returned by :func:`register_rule`; :meth:`remove` unregisters the rule (and restores a
+    rule it replaced)."""
+
+    def __init__(self, module_type: type, previous: Rule | None) -> None:
+        self.module_type = module_type
+        self._previous = previous
+        self._rule = _CUSTOM.get(module_type)
+
+    def remove(self) -> None:
+        if _CUSTOM.get(self.module_type) is self._rule:
+            if self._previous is None:
+                del _CUSTOM[self.module_type]
+            else:
+                _CUSTOM[self.module_type] = self._previous
+
+
+def register_rule(module_type: type, per_example: PerExample) -> RuleHandle:
+    """Compute the statistics of ``module_type``'s parameters with ``per_example(module,
+    inputs, grad_outputs) -> {name: [n, *param.shape]}`` (see the module docstring)."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(
+            f"module_type must be a subclass of torch.nn.Module, got {module_type!r}"
+        )
+    if not callable(per_example):
+        raise TypeError(f"per_example must be callable, got {type(per_example).__name__}")
+    previous = _CUSTOM.get(module_type)
+    name = getattr(per_example, "__qualname__", type(per_example).__name__)
+    _CUSTOM[module_type] = Rule(f"custom:{name}", functools.partial(_compute, per_example))
+    return RuleHandle(module_type, previous)
+
+
+def _compute(per_example: PerExample, call: Call) -> dict[str, Contribution]:
+    m = call.module
+    B = call.batch_size
+    params = dict(m.named_parameters(recurse=False))
+    names = call.param_names
+    live = [g for g in call.grads if g is not None]
+    if not live:
+        return {}
+    numel = sum(params[n].numel() for n in names)
+    n = chunk_size(B, 2 * numel * params[names[0]].element_size(), call.memory_budget)
+
+    def cut(t: Any, s: slice) -> Any:
+        if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == B:
+            return t[s]
+        return t
+
+    kept: dict[str, list[Tensor]] = {nm: [] for nm in names}
+    moments: dict[str, Tensor] = {}
+    norms: dict[str, list[Tensor]] = {nm: [] for nm in names}
+    for i in range(0, B, n):
+        s = slice(i, min(B, i + n))
+        got = per_example(m, tuple(cut(a, s) for a in call.args),
+                          tuple(None if g is None else cut(g, s) for g in call.grads))
+        for nm in names:
+            v = _checked(m, got, nm, (s.stop - s.start, *params[nm].shape))
+            v = v.to(params[nm].dtype)
+            if nm in call.materialize:
+                kept[nm].append(v)
+                continue
+            sq = (v * v).reshape(v.shape[0], -1)
+            part = torch.mv(sq.T, scaled_ones(sq.shape[0], call.scale, sq))
+            moments[nm] = part if nm not in moments else moments[nm] + part
+            if call.norms:
+                norms[nm].append(sq.sum(1))
+    out: dict[str, Contribution] = {}
+    for nm in names:
+        if nm in call.materialize:
+            out[nm] = Contribution(per_example=torch.cat(kept[nm]))
+        else:
+            out[nm] = Contribution(
+                moment=moments[nm].view(params[nm].shape),
+                sq_norms=torch.cat(norms[nm]) if call.norms else None,
+            )
+    return out
+
+
+def _checked(module: nn.Module, got: Any, name: str, shape: tuple[int, ...]) -> Tensor:
+    kind = type(module).__name__
+    if not isinstance(got, Mapping):
+        raise TypeError(
+            f"the rule registered for {kind} must return a mapping from parameter names to "
+            f"per-example gradients, got {type(got).__name__}"
+        )
+    v = got.get(name)
+    if not isinstance(v, Tensor):
+        raise ValueError(
+            f"the rule registered for {kind} returned no per-example gradient for parameter "
+            f"{name!r} (it returned {sorted(got)})"
+        )
+    if tuple(v.shape) != shape:
+        raise ValueError(
+            f"the rule registered for {kind} returned shape {tuple(v.shape)} for parameter "
+            f"{name!r}; expected {shape} (examples in the chunk, then the parameter's shape)"
+        )
+    return v
