@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import sgdlab.stats as stats
 
@@ -111,8 +112,11 @@ def test_unbatched_input():
 def test_recurrent_refusals():
     lstm = nn.LSTM(2, 3, num_layers=2, dropout=0.5, batch_first=True)
     stats.track(lstm)
-    with pytest.raises(ValueError, match="dropout"):
-        lstm(torch.randn(2, 4, 2))
+    packed = pack_padded_sequence(torch.randn(2, 4, 2), [4, 2], batch_first=True)
+    with pytest.raises(ValueError, match="dropout=0.5 between layers in training mode on "
+                                         "packed sequences"):
+        lstm(packed)
+    lstm(torch.randn(2, 4, 2))  # padded inputs on the CPU: the masks are redrawn
     gru = nn.GRU(2, 3, batch_first=True)
     stats.track(gru)
     with pytest.raises(ValueError, match=r"shape \(4, 2\).*3 dimensions"):

@@ -14,32 +14,48 @@ the padded layout in the examples' own order with a mask: at a step ``t >= L_b``
 state is carried unchanged (``h_t = h_{t-1}``, so its final state is the one at ``L_b - 1``; the
 reverse direction starts at ``L_b - 1`` from the initial state), which is what the packed kernel
 computes; masked steps receive no gradient, so they add nothing to ``G_b``.
+
+Dropout between layers (``dropout > 0`` in training mode) is redrawn: the tracker records the
+random generator's state just before the call (:mod:`sgdlab.stats._rng`) and the rerun applies
+``torch.dropout`` to each layer's ``[T, B, D*H]`` output from that state, the operation, shape
+and order of torch's CPU kernel, so the masks are the forward pass's (tests check this against
+the same batch's own gradients). cuDNN draws its masks with a state of its own, and packed
+sequences drop out their packed data: both are refused with dropout.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from . import _rng
 from ._base import Call, Contribution, reduce_per_example, small_per_example
 
 __all__ = ["rnn_rule", "check_rnn", "rnn_batch_size"]
 
 
 def check_rnn(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Refuse what the rerun cannot reproduce: inputs without a batch, inter-layer dropout."""
+    """Refuse what the rerun cannot reproduce: inputs without a batch, inter-layer dropout
+    drawn by cuDNN or on packed data."""
     x = args[0] if args else kwargs.get("input")
-    if not isinstance(x, PackedSequence) and x.dim() != 3:
+    packed = isinstance(x, PackedSequence)
+    if not packed and x.dim() != 3:
         raise ValueError(
             f"{type(module).__name__} got an input of shape {tuple(x.shape)}; per-example "
             "statistics need a batched input with 3 dimensions"
         )
-    if module.training and module.dropout > 0 and module.num_layers > 1:
+    data = x.data if packed else x
+    if module.training and module.dropout > 0 and module.num_layers > 1 and (
+            packed or data.device.type != "cpu"):
+        where = "on packed sequences" if packed else f"on {data.device.type}"
         raise ValueError(
             f"{type(module).__name__} has dropout={module.dropout} between layers in training "
-            "mode; the random masks cannot be reproduced for per-example gradients: set "
-            "dropout=0 and apply nn.Dropout between single-layer modules instead"
+            f"mode {where}, whose random masks cannot be redrawn for per-example gradients "
+            "(they can on the CPU with padded inputs): set dropout=0 and apply nn.Dropout "
+            "between single-layer modules instead"
         )
 
 
@@ -109,7 +125,9 @@ def rnn_rule(call: Call) -> dict[str, Contribution]:
 
     # pre-activations (gi per layer/direction over all steps, gh per step), what they multiply
     record: dict[str, tuple[list[Tensor], list[Tensor], bool]] = {}
-    with torch.enable_grad():
+    dropout = m.dropout if m.training and L > 1 else 0.0
+    redraw = _rng.replay(call.rng) if dropout > 0 else contextlib.nullcontext()
+    with torch.enable_grad(), redraw:
         layer_in = x.detach()
         h_last, c_last = [], []
         for layer in range(L):
@@ -157,6 +175,8 @@ def rnn_rule(call: Call) -> dict[str, Contribution]:
                 if w_hr is not None:
                     record["hr" + sfx] = (projs, raws, False)
             layer_in = torch.cat(outs, -1) if D > 1 else outs[0]
+            if dropout > 0 and layer < L - 1:  # the kernel's draw, from the call's state
+                layer_in = torch.dropout(layer_in, dropout, True)
         seq_out = layer_in.transpose(0, 1) if m.batch_first and mask is None else layer_in
         outputs = [seq_out, torch.stack(h_last)]
         if lstm:

@@ -91,6 +91,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .._validation import check_batch_size, check_choice, check_positive
@@ -101,6 +102,7 @@ from .attention import attention_rule
 from .conv import conv_moments, conv_rule
 from .linear import linear_moments, linear_rule, linear_seq_moments
 from .norm import norm_moments, norm_rule
+from .recurrent import rnn_rule
 
 __all__ = ["Tracker", "track", "ATTRIBUTE"]
 
@@ -330,7 +332,7 @@ class _Entry:
     versions: tuple[int, ...] = ()
     # 1: the module sees [T, B, ...] inputs (inside a torch transformer with batch_first=False)
     batch_dim: int = 0
-    # nn.MultiheadAttention: the generator states before a call with active dropout
+    # attention and recurrent layers: the generator states before a call with active dropout
     dropout: bool = False
     rng: Any = None
 
@@ -510,7 +512,8 @@ class Tracker:
             if parametrized:  # buffers its forward may change (spectral norm's vectors)
                 entry.buffers = tuple(
                     module.parametrizations.named_buffers(prefix="parametrizations"))
-            entry.dropout = rule.compute is attention_rule  # replays its dropout masks
+            # attention and recurrent layers redraw their own dropout masks
+            entry.dropout = rule.compute in (attention_rule, rnn_rule)
             if entry.buffers or entry.dropout:
                 self._handles.append(module.register_forward_pre_hook(
                     _Hook(self._before_call), with_kwargs=True))
@@ -833,7 +836,8 @@ class Tracker:
 
     def _before_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of a parametrized module (its buffers' versions before the call)
-        and of ``nn.MultiheadAttention`` (the generator states, when its dropout is active)."""
+        and of attention and recurrent layers (the generator states, when their dropout is
+        active)."""
         entry = self._entries.get(module)
         if entry is None:
             return
@@ -842,7 +846,8 @@ class Tracker:
         if entry.dropout:
             entry.rng = None
             if module.training and module.dropout > 0 and torch.is_grad_enabled():
-                x = args[0] if args else kwargs.get("query")
+                x = args[0] if args else kwargs.get("query", kwargs.get("input"))
+                x = x.data if isinstance(x, PackedSequence) else x
                 if isinstance(x, Tensor):
                     entry.rng = _rng.state(x.device)
 

@@ -1,0 +1,77 @@
+"""Multi-layer RNN/LSTM/GRU with dropout between layers in training mode (the classic word
+language model's ``nn.LSTM(..., dropout=0.5)``): the rule redraws the masks from the generator
+state recorded before the call. Oracle: per-example gradients of the same batched graph (one
+``autograd.grad`` per example's loss with ``retain_graph``), both passes seeded alike; in
+float32 too, where the CPU kernel may run oneDNN's LSTM (its masks are drawn the same way)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from stats_brute import rel_err
+from torch import nn
+
+import sgdlab.stats as stats
+
+B, T = 4, 5
+
+LAYERS = {
+    "lstm-3layer-bidir-proj": lambda bf: nn.LSTM(3, 4, num_layers=3, bidirectional=True,
+                                                 proj_size=2, dropout=0.4, batch_first=bf),
+    "lstm-2layer": lambda bf: nn.LSTM(3, 4, num_layers=2, dropout=0.5, batch_first=bf),
+    "gru-2layer": lambda bf: nn.GRU(3, 4, num_layers=2, dropout=0.3, batch_first=bf),
+    "rnn-2layer-bidir": lambda bf: nn.RNN(3, 4, num_layers=2, bidirectional=True, dropout=0.3,
+                                          batch_first=bf),
+}
+
+
+def _losses(rnn, x):
+    out, h = rnn(x)
+    h = h[0] if isinstance(h, tuple) else h
+    dims = (1, 2) if rnn.batch_first else (0, 2)
+    return out.pow(2).sum(dims) + h.pow(2).sum((0, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_dropout_between_layers_matches_per_example_gradients(kind, batch_first, dtype):
+    torch.manual_seed(0)
+    rnn = LAYERS[kind](batch_first).to(dtype)
+    x = torch.randn(B, T, 3, dtype=dtype)
+    if not batch_first:
+        x = x.transpose(0, 1).contiguous()
+    params = list(rnn.parameters())
+    torch.manual_seed(5)
+    losses = _losses(rnn, x)
+    per = [torch.stack(r) for r in zip(*[
+        torch.autograd.grad(losses[b], params, retain_graph=True) for b in range(B)
+    ], strict=True)]
+    tracker = stats.track(rnn, reduction="sum", per_example_norms=True)
+    torch.manual_seed(5)
+    _losses(rnn, x).sum().backward()
+    tol = 1e-10 if dtype == torch.float64 else 1e-4  # other masks: errors of order one
+    for (name, p), g in zip(rnn.named_parameters(), per, strict=True):
+        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < tol, name
+    expected = sum(g.pow(2).flatten(1).sum(1) for g in per)
+    assert rel_err(tracker.per_example_sq_norms(), expected) < tol
+    tracker.detach()
+
+
+def test_redrawing_leaves_the_random_stream_and_gradients_unchanged():
+    torch.manual_seed(1)
+    plain = nn.LSTM(3, 4, num_layers=2, dropout=0.5, batch_first=True)
+    tracked = nn.LSTM(3, 4, num_layers=2, dropout=0.5, batch_first=True)
+    tracked.load_state_dict(plain.state_dict())
+    x = torch.randn(B, T, 3)
+    draws = []
+    for rnn in (plain, tracked):
+        tracker = stats.track(rnn) if rnn is tracked else None
+        torch.manual_seed(2)
+        _losses(rnn, x).mean().backward()
+        draws.append(torch.rand(3))
+        if tracker is not None:
+            tracker.detach()
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
+    for a, b in zip(plain.parameters(), tracked.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
