@@ -112,11 +112,12 @@ def test_unbatched_input():
 def test_recurrent_refusals():
     lstm = nn.LSTM(2, 3, num_layers=2, dropout=0.5, batch_first=True)
     stats.track(lstm)
-    packed = pack_padded_sequence(torch.randn(2, 4, 2), [4, 2], batch_first=True)
-    with pytest.raises(ValueError, match="dropout=0.5 between layers in training mode on "
-                                         "packed sequences"):
-        lstm(packed)
-    lstm(torch.randn(2, 4, 2))  # padded inputs on the CPU: the masks are redrawn
+    lstm(torch.randn(2, 4, 2))  # dropout between layers on the CPU: the masks are redrawn
+    lstm(pack_padded_sequence(torch.randn(2, 4, 2), [4, 2], batch_first=True))
+    meta = nn.LSTM(2, 3, num_layers=2, dropout=0.5, batch_first=True, device="meta")
+    stats.track(meta)
+    with pytest.raises(ValueError, match="dropout=0.5 between layers in training mode on meta"):
+        meta(torch.randn(2, 4, 2, device="meta"))
     gru = nn.GRU(2, 3, batch_first=True)
     stats.track(gru)
     with pytest.raises(ValueError, match=r"shape \(4, 2\).*3 dimensions"):

@@ -75,3 +75,35 @@ def test_redrawing_leaves_the_random_stream_and_gradients_unchanged():
     torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
     for a, b in zip(plain.parameters(), tracked.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sort", [False, True], ids=["unsorted", "sorted"])
+@pytest.mark.parametrize("kind", ["lstm-3layer-bidir-proj", "gru-2layer"])
+def test_dropout_between_layers_on_packed_sequences(kind, sort):
+    """The kernel drops out each layer's packed data; the rerun draws on the same packed
+    layout (examples of unequal lengths, sorted or not)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(3)
+    rnn = LAYERS[kind](True).double()
+    lengths = torch.tensor([5, 4, 2, 1]) if sort else torch.tensor([2, 5, 1, 4])
+    x = torch.randn(B, T, 3, dtype=torch.float64)
+
+    def losses(m):
+        out, h = m(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=sort))
+        h = h[0] if isinstance(h, tuple) else h
+        pad = pad_packed_sequence(out, batch_first=True)[0]
+        return pad.pow(2).sum((1, 2)) + h.pow(2).sum((0, 2))
+
+    params = list(rnn.parameters())
+    torch.manual_seed(6)
+    ls = losses(rnn)
+    per = [torch.stack(r) for r in zip(*[
+        torch.autograd.grad(ls[b], params, retain_graph=True) for b in range(B)
+    ], strict=True)]
+    tracker = stats.track(rnn, reduction="sum")
+    torch.manual_seed(6)
+    losses(rnn).sum().backward()
+    for (name, p), g in zip(rnn.named_parameters(), per, strict=True):
+        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10, name
+    tracker.detach()

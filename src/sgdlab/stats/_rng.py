@@ -22,7 +22,7 @@ RngState = tuple[torch.Tensor, torch.device, "torch.Tensor | None"]
 
 def state(device: torch.device) -> RngState:
     """The CPU generator's state and, for an accelerator ``device``, its generator's state."""
-    if device.type == "cpu":
+    if device.type in ("cpu", "meta"):  # meta tensors draw nothing
         return torch.get_rng_state(), device, None
     module = torch.get_device_module(device.type)
     return torch.get_rng_state(), device, module.get_rng_state(device)

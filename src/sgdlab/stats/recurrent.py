@@ -17,10 +17,10 @@ computes; masked steps receive no gradient, so they add nothing to ``G_b``.
 
 Dropout between layers (``dropout > 0`` in training mode) is redrawn: the tracker records the
 random generator's state just before the call (:mod:`sgdlab.stats._rng`) and the rerun applies
-``torch.dropout`` to each layer's ``[T, B, D*H]`` output from that state, the operation, shape
-and order of torch's CPU kernel, so the masks are the forward pass's (tests check this against
-the same batch's own gradients). cuDNN draws its masks with a state of its own, and packed
-sequences drop out their packed data: both are refused with dropout.
+``torch.dropout`` to each layer's output from that state, the operation, shape and order of
+torch's CPU kernel (on ``[T, B, D*H]``, or on the packed data of a packed sequence), so the masks
+are the forward pass's (tests check this against the same batch's own gradients). cuDNN draws
+its masks with a state of its own: refused with dropout.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ __all__ = ["rnn_rule", "check_rnn", "rnn_batch_size"]
 
 def check_rnn(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Refuse what the rerun cannot reproduce: inputs without a batch, inter-layer dropout
-    drawn by cuDNN or on packed data."""
+    drawn by cuDNN (on an accelerator)."""
     x = args[0] if args else kwargs.get("input")
     packed = isinstance(x, PackedSequence)
     if not packed and x.dim() != 3:
@@ -48,14 +48,13 @@ def check_rnn(module: nn.Module, args: tuple, kwargs: dict) -> None:
             "statistics need a batched input with 3 dimensions"
         )
     data = x.data if packed else x
-    if module.training and module.dropout > 0 and module.num_layers > 1 and (
-            packed or data.device.type != "cpu"):
-        where = "on packed sequences" if packed else f"on {data.device.type}"
+    if module.training and module.dropout > 0 and module.num_layers > 1 and \
+            data.device.type != "cpu":
         raise ValueError(
             f"{type(module).__name__} has dropout={module.dropout} between layers in training "
-            f"mode {where}, whose random masks cannot be redrawn for per-example gradients "
-            "(they can on the CPU with padded inputs): set dropout=0 and apply nn.Dropout "
-            "between single-layer modules instead"
+            f"mode on {data.device.type}, whose random masks (drawn inside the fused kernel) "
+            "cannot be redrawn for per-example gradients (they can on the CPU): set dropout=0 "
+            "and apply nn.Dropout between single-layer modules instead"
         )
 
 
@@ -71,6 +70,16 @@ def _padded(x: PackedSequence, data: Tensor) -> tuple[Tensor, Tensor]:
     (zeros past each example's length), and the lengths ``[B]`` (on the CPU)."""
     packed = PackedSequence(data, x.batch_sizes, x.sorted_indices, x.unsorted_indices)
     return pad_packed_sequence(packed, total_length=len(x.batch_sizes))
+
+
+def _packed_dropout(x: PackedSequence, padded: Tensor, p: float) -> Tensor:
+    """``torch.dropout`` of ``padded`` (``[T, B, F]``, the examples' order) as the kernel draws
+    it for a packed sequence: on the packed data, then padded again."""
+    order = x.sorted_indices
+    if order is None:
+        order = torch.arange(padded.shape[1], device=padded.device)
+    rows = [padded[t, order[:n]] for t, n in enumerate(x.batch_sizes.tolist())]
+    return _padded(x, torch.dropout(torch.cat(rows), p, True))[0]
 
 
 def _cell(
@@ -99,6 +108,7 @@ def rnn_rule(call: Call) -> dict[str, Contribution]:
     hx = args[1] if len(args) > 1 else kwargs.get("hx")
     grads = list(call.grads)
     mask = None
+    packed = None
     if isinstance(x, PackedSequence):
         packed = x
         x, lengths = _padded(packed, packed.data)  # [T, B, in], the examples' own order
@@ -176,7 +186,10 @@ def rnn_rule(call: Call) -> dict[str, Contribution]:
                     record["hr" + sfx] = (projs, raws, False)
             layer_in = torch.cat(outs, -1) if D > 1 else outs[0]
             if dropout > 0 and layer < L - 1:  # the kernel's draw, from the call's state
-                layer_in = torch.dropout(layer_in, dropout, True)
+                if packed is None:
+                    layer_in = torch.dropout(layer_in, dropout, True)
+                else:
+                    layer_in = _packed_dropout(packed, layer_in, dropout)
         seq_out = layer_in.transpose(0, 1) if m.batch_first and mask is None else layer_in
         outputs = [seq_out, torch.stack(h_last)]
         if lstm:
