@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -124,21 +125,34 @@ def test_recurrent_refusals():
         gru(torch.randn(4, 2))
 
 
-def test_active_dropout_inside_a_recomputed_module_is_refused():
-    class Noisy(nn.Module):
+def test_random_draws_a_fallback_cannot_reproduce_are_refused():
+    """Dropout calls inside a fallback module are redrawn (test_stats_fallback_dropout.py);
+    other random draws, fused attention dropout and attention dropout without a rule are
+    refused with the reason."""
+
+    class Jitter(nn.Module):  # noise injection: not a dropout call
         def __init__(self):
             super().__init__()
             self.w = nn.Parameter(torch.ones(4))
-            self.drop = nn.Dropout(0.5)
 
         def forward(self, x):
-            return self.drop(x * self.w)
+            return x * self.w + 0.1 * torch.randn_like(x)
 
-    model = Noisy()
-    with pytest.warns(UserWarning, match="fallback"):
-        stats.track(model)
-    with pytest.raises(ValueError, match="dropout"):
-        model(torch.randn(2, 4))
+    class FusedDrop(nn.Module):  # attention dropout inside the fused kernel
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            q = (x * self.w).unsqueeze(1)
+            return F.scaled_dot_product_attention(q, q, q, dropout_p=0.2).squeeze(1)
+
+    for module, match in ((Jitter(), "draws random numbers other than through dropout"),
+                          (FusedDrop(), "dropout_p > 0 inside a module on the per-example")):
+        with pytest.warns(UserWarning, match="fallback"):
+            stats.track(module)
+        with pytest.raises(ValueError, match=match):
+            module(torch.randn(2, 3, 4)).sum().backward()
     # attention dropout in a configuration that takes the fallback (add_bias_kv); the
     # dedicated rule replays it (tests/stats/test_stats_attention_dropout.py)
     attention = nn.MultiheadAttention(4, 2, dropout=0.1, add_bias_kv=True, batch_first=True)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["state", "replay"]
+__all__ = ["replay", "restore", "state"]
 
 RngState = tuple[torch.Tensor, torch.device, "torch.Tensor | None"]
 
@@ -28,14 +28,20 @@ def state(device: torch.device) -> RngState:
     return torch.get_rng_state(), device, module.get_rng_state(device)
 
 
+def restore(saved: RngState) -> None:
+    """Set the generators to the states ``saved`` (no fork)."""
+    cpu, device, accel = saved
+    torch.set_rng_state(cpu)
+    if accel is not None:
+        torch.get_device_module(device.type).set_rng_state(accel, device)
+
+
 @contextlib.contextmanager
 def replay(saved: RngState) -> Iterator[None]:
     """Run the body from the generator states ``saved``; restore the current states after."""
-    cpu, device, accel = saved
+    _, device, accel = saved
     devices = [] if accel is None else [device]
     kind = None if accel is None else device.type
     with torch.random.fork_rng(devices=devices, device_type=kind or "cuda"):
-        torch.set_rng_state(cpu)
-        if accel is not None:
-            torch.get_device_module(device.type).set_rng_state(accel, device)
+        restore(saved)
         yield

@@ -13,7 +13,9 @@ example, also inside tuples, lists and dicts (a recurrent state ``(h, c)``); oth
 shared by all examples, flags) are passed whole. ``nn.MultiheadAttention``
 configurations without a dedicated rule (see :mod:`sgdlab.stats.attention`) come here; with
 ``batch_first=False`` they take the batch from dimension 1 of ``query``, ``key``, ``value``.
-Randomness inside the module (dropout in training mode) cannot be reproduced and is refused.
+Dropout inside the module (``nn.Dropout`` and its kin, ``F.dropout`` calls) applies the forward
+pass's masks to each example (:mod:`sgdlab.stats._dropout_masks`); dropout inside fused kernels
+(attention, multi-layer recurrent modules) and other random draws are refused.
 
 Parametrized modules (``torch.nn.utils.parametrize``: weight norm, spectral norm, orthogonal)
 come here with the parameters the parametrization computes from (``parametrizations.weight.
@@ -26,6 +28,7 @@ norm's power iteration is not repeated, and sigma is the one the forward pass us
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,7 +38,9 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from . import _rng
 from ._base import Call, Contribution, chunk_size
+from ._dropout_masks import Capture, NeedMasks, Substitute
 
 __all__ = ["fallback_rule", "check_fallback", "fallback_batch_size", "fallback_params"]
 
@@ -77,19 +82,24 @@ def _parametrizations_in_eval(module: nn.Module) -> Iterator[None]:
 
 
 def check_fallback(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Refuse modules with active dropout: the masks cannot be reproduced per example."""
+    """Refuse dropout drawn inside fused kernels, whose masks cannot be reproduced per example
+    (``nn.Dropout`` and ``F.dropout`` calls can: :mod:`sgdlab.stats._dropout_masks`)."""
     for name, sub in module.named_modules():
-        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.training and sub.p > 0:
+        if not sub.training:
+            continue
+        if isinstance(sub, nn.MultiheadAttention) and sub.dropout > 0:
+            where = f" ({name})" if name else ""
             raise ValueError(
-                f"{type(module).__name__} takes the torch.func fallback but contains active "
-                f"dropout ({name or 'itself'}, p={sub.p}); its random mask cannot be reproduced "
-                "per example: put the dropout in eval mode or outside the module"
+                f"MultiheadAttention{where} has dropout={sub.dropout} in training mode inside "
+                f"{type(module).__name__}, which takes the per-example fallback; its random "
+                "attention mask cannot be reproduced per example: use dropout=0 or eval mode"
             )
-    if isinstance(module, nn.MultiheadAttention) and module.dropout > 0 and module.training:
-        raise ValueError(
-            f"MultiheadAttention has dropout={module.dropout} in training mode; its random "
-            "attention mask cannot be reproduced per example: use dropout=0 or eval mode"
-        )
+        if isinstance(sub, nn.RNNBase) and sub.dropout > 0 and sub.num_layers > 1:
+            raise ValueError(
+                f"{type(sub).__name__} ({name or 'itself'}) has dropout={sub.dropout} between "
+                f"layers inside {type(module).__name__}, which takes the per-example fallback; "
+                "its masks cannot be reproduced per example: use dropout=0 there"
+            )
 
 
 def _batch_dims(module: nn.Module, args: tuple, kwargs: dict, B: int) -> list[int | None]:
@@ -130,6 +140,38 @@ def fallback_batch_size(module: nn.Module, args: tuple, kwargs: dict) -> int:
     return int(x.shape[0])
 
 
+def _guarded(module: nn.Module, per_example: Any, *args: Any) -> Any:
+    """``per_example(*args)``, with vmap's refusal of a random draw explained."""
+    try:
+        return per_example(*args)
+    except RuntimeError as e:
+        if "randomness" not in str(e):
+            raise
+        raise ValueError(
+            f"{type(module).__name__} takes the per-example fallback and draws random numbers "
+            f"other than through dropout (nn.Dropout, F.dropout), which cannot be reproduced "
+            f"per example: {e}"
+        ) from None
+
+
+def _dropout_maps(call: Call, module: nn.Module, theta: tuple[Tensor, ...],
+                  names: tuple[str, ...], buffers: dict[str, Tensor]
+                  ) -> list[tuple[Tensor, Tensor]]:
+    """The affine maps of the call's active dropout calls, from a rerun of the batched call
+    from the generator states recorded before it (none when no state was recorded)."""
+    if call.rng is None:
+        raise ValueError(
+            f"{type(call.module).__name__} takes the per-example fallback and applies dropout, "
+            "but was called in eval mode or without grad, when the tracker does not record the "
+            "random generator: put the dropout in eval mode too, or the module in training mode"
+        )
+    capture = Capture(call.rng[1])
+    with torch.no_grad(), _parametrizations_in_eval(module), _rng.replay(call.rng), capture:
+        functional_call(module, {**buffers, **dict(zip(names, theta, strict=True))},
+                        tuple(call.args), dict(call.kwargs))
+    return capture.maps
+
+
 def fallback_rule(call: Call) -> dict[str, Contribution]:
     """Per-example statistics of a module's parameters by ``vmap(grad(functional_call))``."""
     module = call.module
@@ -147,19 +189,24 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
     seq_first = isinstance(module, nn.MultiheadAttention) and not module.batch_first
     out_dims = tuple(1 if seq_first and positions[j] == 0 else 0 for j in live)
 
-    def one(theta_: tuple[Tensor, ...], leaves_: list, cot_: tuple) -> Tensor:
+    def one(captured: bool, theta_: tuple[Tensor, ...], leaves_: list, cot_: tuple,
+            maps_: list) -> Tensor:
         a, k = tree_unflatten(
             [x.unsqueeze(d) if d is not None else x for x, d in zip(leaves_, dims, strict=True)],
             in_spec,
         )
-        out = functional_call(module, {**buffers, **dict(zip(names, theta_, strict=True))}, a, k)
+        # the masks of this example (a batch axis of size one, as its inputs)
+        kept = [(x.unsqueeze(0) if d0 else x, y.unsqueeze(0) if d1 else y)
+                for (x, y), (d0, d1) in zip(maps_, map_dims, strict=True)]
+        with Substitute(kept if captured else None, type(module).__name__):
+            out = functional_call(module, {**buffers, **dict(zip(names, theta_, strict=True))},
+                                  a, k)
         leaves, _ = tree_flatten(out)
         total = theta_[0].new_zeros(())
         for j, c, d in zip(live, cot_, out_dims, strict=True):
             total = total + (leaves[positions[j]] * c.unsqueeze(d)).sum()
         return total
 
-    per_example = vmap(grad(one), in_dims=(None, dims, out_dims), randomness="error")
     numel = sum(t.numel() for t in theta)
     n = chunk_size(B, 4 * numel * theta[0].element_size(), call.memory_budget)
 
@@ -168,27 +215,43 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
             return x.detach() if isinstance(x, Tensor) else x
         return x.detach().narrow(d, s.start, s.stop - s.start)
 
-    kept: dict[str, list[Tensor]] = {nm: [] for nm in names}
-    moments = {nm: torch.zeros_like(t) for nm, t in zip(names, theta, strict=True)}
-    norms: list[Tensor] = []
-    with torch.enable_grad(), _parametrizations_in_eval(module):
-        for i in range(0, B, n):
-            s = slice(i, min(B, i + n))
-            a = [cut(x, d, s) for x, d in zip(leaves_in, dims, strict=True)]
-            c = tuple(cut(call.grads[j], d, s) for j, d in zip(live, out_dims, strict=True))
-            vs = per_example(theta, a, c)
-            chunk_norm = None
-            for nm, v in zip(names, vs, strict=True):
-                if nm in call.materialize:
-                    kept[nm].append(v)
-                    continue
-                sq = v * v
-                moments[nm].add_(sq.sum(0), alpha=call.scale)
-                if call.norms:
-                    part = sq.reshape(sq.shape[0], -1).sum(1)
-                    chunk_norm = part if chunk_norm is None else chunk_norm + part
-            if chunk_norm is not None:
-                norms.append(chunk_norm)
+    # without dropout masks first; a module that turns out to draw some raises NeedMasks, and
+    # the chunks are computed again with the masks of the batched call
+    maps: list[tuple[Tensor, Tensor]] | None = None
+    while True:
+        map_dims = [(0 if a.dim() and a.shape[0] == B else None,
+                     0 if c.dim() and c.shape[0] == B else None) for a, c in maps or []]
+        per_example = vmap(grad(functools.partial(one, maps is not None)),
+                           in_dims=(None, dims, out_dims, map_dims), randomness="error")
+        kept: dict[str, list[Tensor]] = {nm: [] for nm in names}
+        moments = {nm: torch.zeros_like(t) for nm, t in zip(names, theta, strict=True)}
+        norms: list[Tensor] = []
+        try:
+            with torch.enable_grad(), _parametrizations_in_eval(module):
+                for i in range(0, B, n):
+                    s = slice(i, min(B, i + n))
+                    a = [cut(x, d, s) for x, d in zip(leaves_in, dims, strict=True)]
+                    c = tuple(cut(call.grads[j], d, s)
+                              for j, d in zip(live, out_dims, strict=True))
+                    ms = [(cut(x, da, s), cut(y, dc, s)) for (x, y), (da, dc) in
+                          zip(maps or [], map_dims, strict=True)]
+                    vs = _guarded(module, per_example, theta, a, c, ms)
+                    chunk_norm = None
+                    for nm, v in zip(names, vs, strict=True):
+                        if nm in call.materialize:
+                            kept[nm].append(v)
+                            continue
+                        sq = v * v
+                        moments[nm].add_(sq.sum(0), alpha=call.scale)
+                        if call.norms:
+                            part = sq.reshape(sq.shape[0], -1).sum(1)
+                            chunk_norm = part if chunk_norm is None else chunk_norm + part
+                    if chunk_norm is not None:
+                        norms.append(chunk_norm)
+        except NeedMasks:
+            maps = _dropout_maps(call, module, theta, names, buffers)
+            continue
+        break
     out: dict[str, Contribution] = {}
     total_norms = torch.cat(norms) if norms else None
     first = True

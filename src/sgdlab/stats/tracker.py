@@ -512,8 +512,9 @@ class Tracker:
             if parametrized:  # buffers its forward may change (spectral norm's vectors)
                 entry.buffers = tuple(
                     module.parametrizations.named_buffers(prefix="parametrizations"))
-            # attention and recurrent layers redraw their own dropout masks
-            entry.dropout = rule.compute in (attention_rule, rnn_rule)
+            # attention and recurrent layers redraw their own dropout masks, the fallback those
+            # of dropout calls inside the module
+            entry.dropout = rule.compute in (attention_rule, rnn_rule) or rule.is_fallback
             if entry.buffers or entry.dropout:
                 self._handles.append(module.register_forward_pre_hook(
                     _Hook(self._before_call), with_kwargs=True))
@@ -836,8 +837,8 @@ class Tracker:
 
     def _before_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of a parametrized module (its buffers' versions before the call)
-        and of attention and recurrent layers (the generator states, when their dropout is
-        active)."""
+        and of attention layers, recurrent layers and fallback modules (the generator states,
+        when they may draw dropout masks: in training mode)."""
         entry = self._entries.get(module)
         if entry is None:
             return
@@ -845,11 +846,16 @@ class Tracker:
             entry.versions = tuple(b._version for _, b in entry.buffers)
         if entry.dropout:
             entry.rng = None
-            if module.training and module.dropout > 0 and torch.is_grad_enabled():
-                x = args[0] if args else kwargs.get("query", kwargs.get("input"))
-                x = x.data if isinstance(x, PackedSequence) else x
-                if isinstance(x, Tensor):
-                    entry.rng = _rng.state(x.device)
+            if module.training and torch.is_grad_enabled() and (
+                    entry.rule.is_fallback or module.dropout > 0):
+                first = args[0] if args else next(iter(kwargs.values()), None)
+                if isinstance(first, PackedSequence):
+                    first = first.data
+                if not isinstance(first, Tensor):
+                    first = next((t for t in tree_flatten((args, kwargs))[0]
+                                  if isinstance(t, Tensor)), None)
+                device = first.device if first is not None else torch.device("cpu")
+                entry.rng = _rng.state(device)
 
     def _grad_hook(self, p: Tensor) -> None:
         if id(p) in self._params:  # not a copy of a tracked parameter (copy.deepcopy)

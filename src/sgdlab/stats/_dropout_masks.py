@@ -1,0 +1,119 @@
+"""Dropout inside a module on the ``torch.func`` fallback: the forward pass's masks, per example.
+
+The fallback reruns a module once per example (``vmap``), where a dropout call cannot redraw
+the masks the batched forward pass drew. So the batched call is rerun first, from the generator
+states recorded just before it (:mod:`sgdlab.stats._rng`), under :class:`Capture`: each active
+dropout call (``F.dropout``, ``dropout1d/2d/3d``, ``alpha_dropout``, ``feature_alpha_dropout``,
+``torch.dropout``; so ``nn.Dropout`` and its kin) draws as it did in the forward pass, and its
+effect is recorded as the affine map ``y = A * x + C`` it applied (``A = f(1) - f(0)``,
+``C = f(0)``, each evaluated from the same generator state, then ``f(x)`` from it again, so the
+draws that follow are unchanged; ``C`` is zero except for alpha dropout). In the per-example
+rerun :class:`Substitute` replaces the k-th active call by ``A_k[b] * x + C_k[b]`` (masks whose
+first dimension is not the batch, such as a dropped-out weight, apply whole). Random draws of
+any other kind are refused by ``vmap(randomness="error")``; dropout inside fused kernels
+(attention's ``dropout_p``) is refused here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from . import _rng
+
+__all__ = ["Capture", "NeedMasks", "Substitute"]
+
+_DROPOUTS = {
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+    F.feature_alpha_dropout, torch.dropout,
+}
+
+
+def _active(func: Any, args: tuple, kwargs: dict) -> Tensor | None:
+    """The input of an active dropout call, else ``None``."""
+    if func not in _DROPOUTS:
+        if func is F.scaled_dot_product_attention:
+            p = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
+            if p and p > 0:
+                raise ValueError(
+                    "scaled_dot_product_attention with dropout_p > 0 inside a module on the "
+                    "per-example fallback: its masks are drawn inside the fused kernel and "
+                    "cannot be reproduced per example; use dropout_p=0 (or nn.Dropout on the "
+                    "attention weights, or nn.MultiheadAttention, which has a rule)"
+                )
+        return None
+    names = ("input", "p", "train") if func is torch.dropout else ("input", "p", "training")
+    bound = dict(zip(names, args, strict=False))
+    bound.update(kwargs)
+    p = bound.get("p", 0.5)
+    training = bound.get(names[2], func is torch.dropout)
+    return bound["input"] if training and p > 0 else None
+
+
+class Capture(TorchFunctionMode):
+    """Rerun of the batched call: records ``(A, C)`` of each active dropout call in order."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+        self.maps: list[tuple[Tensor, Tensor]] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        x = _active(func, args, kwargs)
+        if x is None:
+            return func(*args, **kwargs)
+        state = _rng.state(self.device)
+        rest, rest_kw = args[1:], {k: v for k, v in kwargs.items() if k != "inplace"}
+        zero = func(torch.zeros_like(x), *rest, **rest_kw)
+        _rng.restore(state)
+        one = func(torch.ones_like(x), *rest, **rest_kw)
+        _rng.restore(state)
+        self.maps.append((one - zero, zero))
+        return func(*args, **kwargs)
+
+
+class NeedMasks(Exception):
+    """Raised by :class:`Substitute` without maps at the first active dropout call: the
+    fallback then records the maps (:class:`Capture`) and starts again."""
+
+
+class Substitute(TorchFunctionMode):
+    """Per-example rerun: the k-th active dropout call applies the k-th recorded map
+    (``maps=None``: none recorded yet, raise :class:`NeedMasks` at an active call)."""
+
+    def __init__(self, maps: list[tuple[Tensor, Tensor]] | None, what: str) -> None:
+        super().__init__()
+        self.maps = maps
+        self.what = what
+        self.k = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        x = _active(func, args, kwargs)
+        if x is None:
+            return func(*args, **kwargs)
+        if self.maps is None:
+            raise NeedMasks
+        if self.k >= len(self.maps):
+            raise RuntimeError(
+                f"{self.what}: more active dropout calls per example than in the batched "
+                "call; the module's dropout must not depend on the batch"
+            )
+        a, c = self.maps[self.k]
+        self.k += 1
+        if torch.broadcast_shapes(x.shape, a.shape, c.shape) != x.shape:
+            raise ValueError(
+                f"{self.what}: a dropout call inside the module acts on a tensor of shape "
+                f"{tuple(a.shape)} whose first dimension is not the batch; its masks cannot be "
+                "split per example"
+            )
+        if kwargs.get("inplace", False):
+            return x.mul_(a).add_(c)
+        return x * a + c
