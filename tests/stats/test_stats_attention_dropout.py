@@ -175,3 +175,17 @@ def test_seq_first_torch_transformer_matches_per_example_gradients(tgt_len):
     _check(model, lambda m: m(src, tgt).pow(2).sum(1))
     layer = nn.TransformerEncoderLayer(D, 2, 16, dropout=0.1).double()
     _check(layer, lambda m: m(tgt).pow(2).sum((0, 2)))
+
+
+def test_a_redraw_that_does_not_reproduce_the_draws_is_refused():
+    """The rerun checks that the generator ends where the call left it: here a pre-hook
+    registered after the tracker's draws inside the call's bracket, as a compiled module drawing
+    with inductor's generator would (tests/stats/test_stats_compile.py)."""
+    torch.manual_seed(13)
+    m = nn.MultiheadAttention(D, 2, dropout=0.3, batch_first=True).double()
+    tracker = stats.track(m)
+    m.register_forward_pre_hook(lambda module, args: torch.rand(1) and None)
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="did not draw what the forward pass drew"):
+        m(x, x, x)[0].square().mean().backward()
+    tracker.detach()

@@ -51,3 +51,17 @@ def test_compiled_model_gives_the_eager_statistics(ckpt):
                 for g, e in zip(got, eager, strict=True):
                     torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-15)
     assert not [w for w in caught if "does not know how to trace" in str(w.message)]
+
+
+def test_compiled_attention_dropout_is_refused_not_misread():
+    """Inductor draws a compiled module's dropout masks with its own generator, so rerunning
+    the attention in eager mode would use other masks: the rerun notices that the generator
+    did not end where the call left it and refuses (the statistics were silently wrong)."""
+    torch.manual_seed(1)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.3, batch_first=True).double()
+    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    with stats.track(layer):
+        torch._dynamo.reset()
+        compiled = torch.compile(layer)
+        with pytest.raises(RuntimeError, match="torch.compile"):
+            compiled(x).square().mean().backward()

@@ -78,8 +78,8 @@ class Call:
     # buffers the call's forward pass changed, as it left them (a parametrized module's
     # spectral-norm vectors), by name relative to the module; ``None``: none changed
     buffers: dict[str, Tensor] | None = None
-    # generator states just before the call (:mod:`sgdlab.stats._rng`), for a rule that reruns
-    # the call's dropout (``nn.MultiheadAttention``); ``None``: no active dropout
+    # generator states just before and just after the call (:mod:`sgdlab.stats._rng`), for a
+    # rule that reruns the call's dropout; ``None``: none recorded (no active dropout)
     rng: Any = None
 
 

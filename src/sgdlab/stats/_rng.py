@@ -4,8 +4,9 @@ A rule that reruns a module with active dropout needs the masks of the forward p
 activation checkpointing does (``torch.utils.checkpoint``, ``preserve_rng_state``), the tracker
 records the generator states just before the call (:func:`state`), and the rule reruns the same
 random operations on tensors of the same shapes from those states (:func:`replay`), which draws
-the same masks. The rerun happens inside a fork of the generators, so the training run's own
-random stream is the same as without the tracker.
+the same masks, and checks that the generators end where the call left them (a call compiled by
+``torch.compile`` draws with inductor's own generator: refused). The rerun happens inside a fork
+of the generators, so the training run's own random stream is the same as without the tracker.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["replay", "restore", "state"]
+__all__ = ["recorded", "replay", "restore", "state"]
 
 RngState = tuple[torch.Tensor, torch.device, "torch.Tensor | None"]
 
@@ -36,12 +37,32 @@ def restore(saved: RngState) -> None:
         torch.get_device_module(device.type).set_rng_state(accel, device)
 
 
+def recorded(before: RngState | None) -> tuple[RngState, RngState] | None:
+    """``(before, now)``: the states before a call and after it (taken now), for
+    :func:`replay`."""
+    return None if before is None else (before, state(before[1]))
+
+
 @contextlib.contextmanager
-def replay(saved: RngState) -> Iterator[None]:
-    """Run the body from the generator states ``saved``; restore the current states after."""
-    _, device, accel = saved
+def replay(saved: tuple[RngState, RngState], what: str) -> Iterator[None]:
+    """Run the body from the generator states before the call, ``saved[0]``; check that it
+    left the generators where the call left them, ``saved[1]`` (so it drew what the call drew);
+    restore the current states after."""
+    before, after = saved
+    _, device, accel = before
     devices = [] if accel is None else [device]
     kind = None if accel is None else device.type
     with torch.random.fork_rng(devices=devices, device_type=kind or "cuda"):
-        restore(saved)
+        restore(before)
         yield
+        now = state(device)
+        if not all(a is b or torch.equal(a, b) for a, b in
+                   ((now[0], after[0]), (now[2], after[2]))):
+            raise RuntimeError(
+                f"sgdlab.stats: rerunning {what} to redraw its dropout masks did not draw what "
+                "the forward pass drew (the random generator ended in another state), so the "
+                "statistics would use other masks. Is it compiled with torch.compile (inductor "
+                "draws dropout masks with a generator of its own), or does a forward hook draw "
+                "random numbers? Keep the module out of torch.compile while it is tracked, or "
+                "set its dropout to 0"
+            )

@@ -89,7 +89,7 @@ def _replayed(m: nn.MultiheadAttention, a: dict[str, Any], rng: Any, qp: Tensor,
             "MultiheadAttention: the generator states of a call with active dropout were not "
             "recorded (was the module called while the tracker was paused?)"
         )
-    with _rng.replay(rng) if dropout > 0 else contextlib.nullcontext():
+    with _rng.replay(rng, "MultiheadAttention") if dropout > 0 else contextlib.nullcontext():
         z, w = F.multi_head_attention_forward(
             qp.transpose(0, 1), kp.transpose(0, 1), vp.transpose(0, 1), E, m.num_heads,
             None, None, None, None, False, dropout, eye, None, training=dropout > 0,

@@ -165,8 +165,9 @@ def _dropout_maps(call: Call, module: nn.Module, theta: tuple[Tensor, ...],
             "but was called in eval mode or without grad, when the tracker does not record the "
             "random generator: put the dropout in eval mode too, or the module in training mode"
         )
-    capture = Capture(call.rng[1])
-    with torch.no_grad(), _parametrizations_in_eval(module), _rng.replay(call.rng), capture:
+    capture = Capture(call.rng[0][1])
+    redraw = _rng.replay(call.rng, type(module).__name__)
+    with torch.no_grad(), _parametrizations_in_eval(module), redraw, capture:
         functional_call(module, {**buffers, **dict(zip(names, theta, strict=True))},
                         tuple(call.args), dict(call.kwargs))
     return capture.maps

@@ -136,7 +136,8 @@ def rnn_rule(call: Call) -> dict[str, Contribution]:
     # pre-activations (gi per layer/direction over all steps, gh per step), what they multiply
     record: dict[str, tuple[list[Tensor], list[Tensor], bool]] = {}
     dropout = m.dropout if m.training and L > 1 else 0.0
-    redraw = _rng.replay(call.rng) if dropout > 0 else contextlib.nullcontext()
+    redraw = (_rng.replay(call.rng, type(m).__name__) if dropout > 0
+              else contextlib.nullcontext())
     with torch.enable_grad(), redraw:
         layer_in = x.detach()
         h_last, c_last = [], []

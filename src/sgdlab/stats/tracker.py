@@ -743,7 +743,7 @@ class Tracker:
         if entry.buffers:
             record.buffers = _changed(entry)
         if entry.dropout:
-            record.rng = entry.rng
+            record.rng = _rng.recorded(entry.rng)
         return self._register(record, outs, leaves)
 
     def _register(self, record: _Record, outs: list[Tensor], leaves: list | None) -> Any:
@@ -832,7 +832,7 @@ class Tracker:
         B = self._batch_of(entry, module, args, kwargs)
         record = _Record(entry, (), {}, (), (), B, self._count_uses(entry), spec, positions,
                          (saved, in_spec), _changed(entry) if entry.buffers else None,
-                         entry.rng if entry.dropout else None)
+                         _rng.recorded(entry.rng) if entry.dropout else None)
         return self._register(record, outs, leaves)
 
     def _before_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
