@@ -189,3 +189,18 @@ def test_a_redraw_that_does_not_reproduce_the_draws_is_refused():
     with pytest.raises(RuntimeError, match="did not draw what the forward pass drew"):
         m(x, x, x)[0].square().mean().backward()
     tracker.detach()
+
+
+def test_dropout_raised_after_attaching_asks_to_attach_again():
+    """Layers attached with dropout 0 get no pre-hook; raising the dropout later is caught."""
+    m = nn.MultiheadAttention(D, 2, dropout=0.0, batch_first=True)
+    rnn = nn.LSTM(D, D, num_layers=2, dropout=0.0, batch_first=True)
+    x = torch.randn(B, T, D)
+    for module, run in ((m, lambda: m(x, x, x)[0]), (rnn, lambda: rnn(x)[0])):
+        tracker = stats.track(module)
+        module.dropout = 0.2
+        with pytest.raises(RuntimeError, match="attach the tracker again"):
+            run().square().mean().backward()
+        tracker.detach()
+        with stats.track(module):  # attached again: the masks are redrawn
+            run().square().mean().backward()

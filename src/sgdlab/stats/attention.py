@@ -87,7 +87,8 @@ def _replayed(m: nn.MultiheadAttention, a: dict[str, Any], rng: Any, qp: Tensor,
     if dropout > 0 and rng is None:
         raise RuntimeError(
             "MultiheadAttention: the generator states of a call with active dropout were not "
-            "recorded (was the module called while the tracker was paused?)"
+            "recorded (its dropout was raised from 0 after the tracker was attached: attach "
+            "the tracker again)"
         )
     with _rng.replay(rng, "MultiheadAttention") if dropout > 0 else contextlib.nullcontext():
         z, w = F.multi_head_attention_forward(

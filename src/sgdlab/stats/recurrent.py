@@ -136,6 +136,12 @@ def rnn_rule(call: Call) -> dict[str, Contribution]:
     # pre-activations (gi per layer/direction over all steps, gh per step), what they multiply
     record: dict[str, tuple[list[Tensor], list[Tensor], bool]] = {}
     dropout = m.dropout if m.training and L > 1 else 0.0
+    if dropout > 0 and call.rng is None:
+        raise RuntimeError(
+            f"{type(m).__name__}: the generator states of a call with dropout between layers "
+            "were not recorded (its dropout was raised from 0 after the tracker was attached: "
+            "attach the tracker again)"
+        )
     redraw = (_rng.replay(call.rng, type(m).__name__) if dropout > 0
               else contextlib.nullcontext())
     with torch.enable_grad(), redraw:

@@ -512,9 +512,11 @@ class Tracker:
             if parametrized:  # buffers its forward may change (spectral norm's vectors)
                 entry.buffers = tuple(
                     module.parametrizations.named_buffers(prefix="parametrizations"))
-            # attention and recurrent layers redraw their own dropout masks, the fallback those
-            # of dropout calls inside the module
-            entry.dropout = rule.compute in (attention_rule, rnn_rule) or rule.is_fallback
+            # attention and recurrent layers with dropout redraw their own masks, the fallback
+            # those of dropout calls inside the module (layers without dropout get no pre-hook:
+            # a host call per step saved)
+            entry.dropout = rule.is_fallback or (
+                rule.compute in (attention_rule, rnn_rule) and module.dropout > 0)
             if entry.buffers or entry.dropout:
                 self._handles.append(module.register_forward_pre_hook(
                     _Hook(self._before_call), with_kwargs=True))
