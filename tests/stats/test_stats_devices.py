@@ -225,3 +225,41 @@ def test_rules_on_the_short_paths_never_wait_for_the_device(device):
     # equal up to the order of atomic additions (index_add on a GPU)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7)
                for a, b in zip(flat[:half], flat[half:], strict=True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_redraw_on_each_device(device):
+    """Attention dropout (SDPA's kernel on a GPU, philox offsets) and dropout in a fallback
+    module are redrawn from the device generator's recorded state: statistics against the
+    per-example gradients of the same batched graph, in float64."""
+
+    class Gate(nn.Module):  # a fallback module with dropout inside
+        def __init__(self) -> None:
+            super().__init__()
+            self.g = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+            self.drop = nn.Dropout(0.3)
+
+        def forward(self, x):
+            return self.drop(x) * self.g
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.3, batch_first=True),
+                          Gate()).double().to(device)
+    x = torch.randn(4, 5, 8, dtype=torch.float64, device=device)
+    params = list(model.parameters())
+
+    def losses():
+        return model(x).pow(2).sum((1, 2))
+
+    torch.manual_seed(3)
+    ls = losses()
+    per = [torch.stack(r) for r in zip(*[
+        torch.autograd.grad(ls[b], params, retain_graph=True) for b in range(4)
+    ], strict=True)]
+    with pytest.warns(UserWarning, match="fallback"):
+        tracker = stats.track(model, reduction="sum")
+    torch.manual_seed(3)
+    losses().sum().backward()
+    for (name, p), g in zip(model.named_parameters(), per, strict=True):
+        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10, name
+    tracker.detach()
