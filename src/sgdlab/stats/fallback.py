@@ -158,7 +158,7 @@ def _dropout_maps(call: Call, module: nn.Module, theta: tuple[Tensor, ...],
                   names: tuple[str, ...], buffers: dict[str, Tensor]
                   ) -> list[tuple[Tensor, Tensor]]:
     """The affine maps of the call's active dropout calls, from a rerun of the batched call
-    from the generator states recorded before it (none when no state was recorded)."""
+    from the generator states recorded before it (refused when none were recorded)."""
     if call.rng is None:
         raise ValueError(
             f"{type(call.module).__name__} takes the per-example fallback and applies dropout, "
@@ -197,7 +197,7 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
             in_spec,
         )
         # the masks of this example (a batch axis of size one, as its inputs)
-        kept = [(x.unsqueeze(0) if d0 else x, y.unsqueeze(0) if d1 else y)
+        kept = [(x if d0 is None else x.unsqueeze(0), y if d1 is None else y.unsqueeze(0))
                 for (x, y), (d0, d1) in zip(maps_, map_dims, strict=True)]
         with Substitute(kept if captured else None, type(module).__name__):
             out = functional_call(module, {**buffers, **dict(zip(names, theta_, strict=True))},
