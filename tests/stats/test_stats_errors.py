@@ -73,6 +73,45 @@ def test_parameter_used_outside_its_module_call():
         model(torch.randn(4, 3)).sum().backward()
 
 
+class MatmulTiedLM(nn.Module):
+    """An embedding whose weight is also the output head, used directly (``F.linear(h,
+    emb.weight)``) rather than through a module; ``log`` reads a weight norm as a number."""
+
+    def __init__(self, direct: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+        self.direct = direct
+
+    def forward(self, idx):
+        h = torch.tanh(self.lin(self.emb(idx)))
+        self.logged = self.lin.weight.norm().item()  # a use that does not reach the loss
+        with torch.no_grad():
+            self.emb.weight.mul_(1.0)  # nor does an update without grad
+        return F.linear(h, self.emb.weight) if self.direct else self.head(h)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-use", "through-the-module"])
+def test_parameter_also_used_outside_its_module_is_named(direct):
+    """The embedding's own calls contribute, so the coverage check cannot see the direct use;
+    the first forward pass watches uses outside the modules' calls, and those that reach the
+    loss are refused (before: the statistics silently missed the head's part)."""
+    model = MatmulTiedLM(direct)
+    tracker = stats.track(model)
+    idx = torch.randint(0, 10, (3, 5))
+    if direct:
+        with pytest.raises(ValueError, match=r"emb.weight \(linear\).*nn.Linear whose weight"):
+            model(idx).square().mean().backward()
+    else:
+        for _ in range(2):
+            model(idx).square().mean().backward()
+        assert model.emb.weight.grad_second_moment.shape == (10, 4)
+    tracker.detach()
+    assert not model.emb._forward_pre_hooks and not model._forward_hooks
+
+
 def test_inconsistent_batch_dimension_names_batch_first():
     model = nn.Sequential(nn.Linear(3, 4), nn.GRU(4, 2))  # GRU reads [T, B, in]
     stats.track(model)

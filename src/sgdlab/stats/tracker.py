@@ -95,7 +95,7 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .._validation import check_batch_size, check_choice, check_positive
-from . import _rng, _saved
+from . import _rng, _saved, _stray
 from ._base import Call, Contribution, outer_moments, outer_per_example
 from ._registry import Rule, _first_dim, _no_check, rule_for
 from .attention import attention_rule
@@ -448,6 +448,7 @@ class Tracker:
         self._entries: dict[nn.Module, _Entry] = {}
         self._handles: list[Any] = []
         self._coverage_handles: list[Any] = []
+        self._watch: _stray.Watch | None = None
         self._uses: dict[int, int] = {}
         self._pass: _Pass | None = None
         self._suspended = 0
@@ -544,6 +545,12 @@ class Tracker:
         self._coverage_handles = [
             p.register_post_accumulate_grad_hook(self._grad_hook) for _, p in self._params.values()
         ]
+        # and the uses of a parameter outside its module's calls (_stray), on the first forward
+        owners: dict[int, tuple[str, set[nn.Module]]] = {}
+        for module, entry in self._entries.items():
+            for pid in entry.ids:
+                owners.setdefault(pid, (self._params[pid][0], set()))[1].add(module)
+        self._watch = _stray.Watch(model, owners, _Hook)
         if fallbacks and warn_fallback:
             warnings.warn(
                 "sgdlab.stats: no dedicated rule for "
@@ -600,6 +607,8 @@ class Tracker:
             h.remove()
         self._handles = []
         self._coverage_handles = []
+        if self._watch is not None:
+            self._watch.remove()
         for module in self._entries:
             ref = _ATTACHED.get(module)
             if ref is not None and ref() is self:
@@ -1167,6 +1176,16 @@ class Tracker:
                 h.remove()
             self._coverage_handles = []
             missing = state.got_grad - state.contributed
+            stray = sorted({f"{name} ({op})" for name, op in self._watch.used})
+            self._watch.remove()
+            if stray and not missing:
+                raise ValueError(
+                    f"parameters used outside a call of their module, in operations that reached "
+                    f"the loss: {', '.join(stray)}; their per-example gradients through those "
+                    "uses are not tracked, so the statistics would be wrong. Use the module "
+                    "(for an output head tied to an embedding: an nn.Linear whose weight is the "
+                    "embedding's), or a module that owns the parameter"
+                )
         if missing:
             names = sorted(self._params[pid][0] for pid in missing)
             raise RuntimeError(
