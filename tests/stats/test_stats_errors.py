@@ -165,17 +165,17 @@ def test_recurrent_refusals():
 
 
 def test_random_draws_a_fallback_cannot_reproduce_are_refused():
-    """Dropout calls inside a fallback module are redrawn (test_stats_fallback_dropout.py);
-    other random draws, fused attention dropout and attention dropout without a rule are
-    refused with the reason."""
+    """Dropout calls and draws of the default generator inside a fallback module are replayed
+    (test_stats_fallback_dropout.py); a permutation, fused attention dropout and attention
+    dropout without a rule are refused with the reason."""
 
-    class Jitter(nn.Module):  # noise injection: not a dropout call
+    class Jitter(nn.Module):  # a random permutation of the features: not replayable
         def __init__(self):
             super().__init__()
             self.w = nn.Parameter(torch.ones(4))
 
         def forward(self, x):
-            return x * self.w + 0.1 * torch.randn_like(x)
+            return (x * self.w)[..., torch.randperm(4)]
 
     class FusedDrop(nn.Module):  # attention dropout inside the fused kernel
         def __init__(self):
@@ -186,7 +186,7 @@ def test_random_draws_a_fallback_cannot_reproduce_are_refused():
             q = (x * self.w).unsqueeze(1)
             return F.scaled_dot_product_attention(q, q, q, dropout_p=0.2).squeeze(1)
 
-    for module, match in ((Jitter(), "draws random numbers other than through dropout"),
+    for module, match in ((Jitter(), "cannot be replayed per example"),
                           (FusedDrop(), "dropout_p > 0 inside a module on the per-example")):
         with pytest.warns(UserWarning, match="fallback"):
             stats.track(module)

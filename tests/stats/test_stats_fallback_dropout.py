@@ -1,7 +1,8 @@
-"""Dropout inside a module on the ``torch.func`` fallback: the per-example rerun applies the
-masks the batched forward pass drew (element, channel and alpha dropout, in place or not, and a
-dropped-out weight shared by the batch). Oracle in float64: per-example gradients of the same
-batched graph, both passes seeded alike."""
+"""Dropout and random draws inside a module on the ``torch.func`` fallback: the per-example
+rerun applies the masks and draws of the batched forward pass (element, channel and alpha
+dropout, in place or not, a dropped-out weight shared by the batch, stochastic depth, noise).
+Oracle in float64: per-example gradients of the same batched graph, both passes seeded
+alike."""
 
 from __future__ import annotations
 
@@ -97,4 +98,53 @@ def test_random_stream_and_eval_mode():
     _run(tracked, x).mean().backward()
     for p, g in zip(tracked.parameters(), per, strict=True):
         assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10
+    tracker.detach()
+
+
+def _drop_path(x, p, training):
+    """Stochastic depth as image models write it: one draw per example, in place."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1 - p
+    r = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * r.div_(keep)
+
+
+class Root(nn.Module):
+    """A model with direct parameters (a class token and a position embedding: the fallback
+    over the whole model), stochastic depth in its blocks and noise injection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 6, 4) * 0.1)
+        self.cls = nn.Parameter(torch.zeros(1, 1, 4))
+        self.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+
+    def forward(self, x):
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x + self.pos[:, 1:]], 1)
+        for block in self.blocks:
+            x = x + _drop_path(torch.tanh(block(x)), 0.3, self.training)
+        x = x + 0.01 * torch.randn_like(x)
+        return x.mean(1)
+
+
+def test_stochastic_depth_and_noise_are_replayed():
+    torch.manual_seed(0)
+    model = nn.Sequential(Root(), nn.Linear(4, 2)).double()
+    x = torch.randn(B, 5, 4, dtype=torch.float64)
+    params = list(model.parameters())
+    torch.manual_seed(3)
+    losses = model(x).pow(2).sum(1)
+    per = [torch.stack(r) for r in zip(*[
+        torch.autograd.grad(losses[b], params, retain_graph=True) for b in range(B)
+    ], strict=True)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracker = stats.track(model, reduction="sum", per_example_norms=True)
+    torch.manual_seed(3)
+    model(x).pow(2).sum().backward()
+    for (name, p), g in zip(model.named_parameters(), per, strict=True):
+        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10, name
+    expected = sum(g.pow(2).flatten(1).sum(1) for g in per)
+    assert rel_err(tracker.per_example_sq_norms(), expected) < 1e-10
     tracker.detach()

@@ -1,4 +1,5 @@
-"""Dropout inside a module on the ``torch.func`` fallback: the forward pass's masks, per example.
+"""Dropout and random draws inside a module on the ``torch.func`` fallback: the forward pass's
+masks and draws, per example.
 
 The fallback reruns a module once per example (``vmap``), where a dropout call cannot redraw
 the masks the batched forward pass drew. So the batched call is rerun first, from the generator
@@ -9,9 +10,13 @@ effect is recorded as the affine map ``y = A * x + C`` it applied (``A = f(1) - 
 ``C = f(0)``, each evaluated from the same generator state, then ``f(x)`` from it again, so the
 draws that follow are unchanged; ``C`` is zero except for alpha dropout). In the per-example
 rerun :class:`Substitute` replaces the k-th active call by ``A_k[b] * x + C_k[b]`` (masks whose
-first dimension is not the batch, such as a dropped-out weight, apply whole). Random draws of
-any other kind are refused by ``vmap(randomness="error")``; dropout inside fused kernels
-(attention's ``dropout_p``) is refused here.
+first dimension is not the batch, such as a dropped-out weight, apply whole). Other random
+draws of the default generators (``torch.rand``, ``randn``, ``bernoulli`` and their ``_like``
+forms, in-place fills such as ``x.new_empty(shape).bernoulli_(p)`` of stochastic depth) are
+recorded as they come out and handed back, example b's share, in the per-example rerun. Draws
+of other kinds (``randperm``, ``multinomial``, a generator of one's own) are refused by
+``vmap(randomness="error")`` or here, as is dropout inside fused kernels (attention's
+``dropout_p``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,28 @@ _DROPOUTS = {
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
     F.feature_alpha_dropout, torch.dropout,
 }
+# random fills of a tensor in place, and functions returning a fresh random tensor
+_FILLS = {
+    torch.Tensor.bernoulli_, torch.Tensor.uniform_, torch.Tensor.normal_,
+    torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.cauchy_,
+    torch.Tensor.log_normal_, torch.Tensor.random_,
+}
+_DRAWS = {
+    torch.bernoulli, torch.rand, torch.randn, torch.rand_like, torch.randn_like, torch.randint,
+    torch.randint_like, torch.normal, torch.poisson, torch.Tensor.bernoulli,
+}
+
+
+def _draw(func: Any, kwargs: dict) -> bool:
+    """Whether ``func`` is a random draw this module replays (of the default generators)."""
+    if func not in _FILLS and func not in _DRAWS:
+        return False
+    if kwargs.get("generator") is not None:
+        raise ValueError(
+            "a random draw with a generator of its own inside a module on the per-example "
+            "fallback cannot be reproduced per example; draw from the default generator"
+        )
+    return True
 
 
 def _active(func: Any, args: tuple, kwargs: dict) -> Tensor | None:
@@ -55,16 +82,21 @@ def _active(func: Any, args: tuple, kwargs: dict) -> Tensor | None:
 
 
 class Capture(TorchFunctionMode):
-    """Rerun of the batched call: records ``(A, C)`` of each active dropout call in order."""
+    """Rerun of the batched call: records ``(A, C)`` of each active dropout call and ``(R,)``
+    of each other random draw, in order."""
 
     def __init__(self, device: torch.device) -> None:
         super().__init__()
         self.device = device
-        self.maps: list[tuple[Tensor, Tensor]] = []
+        self.maps: list[tuple[Tensor, ...]] = []
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if _draw(func, kwargs):
+            out = func(*args, **kwargs)
+            self.maps.append((out.detach().clone(),))
+            return out
         x = _active(func, args, kwargs)
         if x is None:
             return func(*args, **kwargs)
@@ -87,7 +119,7 @@ class Substitute(TorchFunctionMode):
     """Per-example rerun: the k-th active dropout call applies the k-th recorded map
     (``maps=None``: none recorded yet, raise :class:`NeedMasks` at an active call)."""
 
-    def __init__(self, maps: list[tuple[Tensor, Tensor]] | None, what: str) -> None:
+    def __init__(self, maps: list[tuple[Tensor, ...]] | None, what: str) -> None:
         super().__init__()
         self.maps = maps
         self.what = what
@@ -96,18 +128,25 @@ class Substitute(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        x = _active(func, args, kwargs)
-        if x is None:
+        draw = _draw(func, kwargs)
+        x = None if draw else _active(func, args, kwargs)
+        if x is None and not draw:
             return func(*args, **kwargs)
         if self.maps is None:
             raise NeedMasks
-        if self.k >= len(self.maps):
+        if self.k >= len(self.maps) or len(self.maps[self.k]) != (1 if draw else 2):
             raise RuntimeError(
-                f"{self.what}: more active dropout calls per example than in the batched "
-                "call; the module's dropout must not depend on the batch"
+                f"{self.what}: the random draws per example differ from those of the batched "
+                "call; the module's randomness must not depend on the batch"
             )
-        a, c = self.maps[self.k]
+        recorded = self.maps[self.k]
         self.k += 1
+        if draw:  # the forward pass's draw, this example's share
+            r = recorded[0]
+            if func in _FILLS:
+                return args[0].copy_(r)
+            return r.clone()
+        a, c = recorded
         if torch.broadcast_shapes(x.shape, a.shape, c.shape) != x.shape:
             raise ValueError(
                 f"{self.what}: a dropout call inside the module acts on a tensor of shape "

@@ -13,9 +13,10 @@ example, also inside tuples, lists and dicts (a recurrent state ``(h, c)``); oth
 shared by all examples, flags) are passed whole. ``nn.MultiheadAttention``
 configurations without a dedicated rule (see :mod:`sgdlab.stats.attention`) come here; with
 ``batch_first=False`` they take the batch from dimension 1 of ``query``, ``key``, ``value``.
-Dropout inside the module (``nn.Dropout`` and its kin, ``F.dropout`` calls) applies the forward
-pass's masks to each example (:mod:`sgdlab.stats._dropout_masks`); dropout inside fused kernels
-(attention, multi-layer recurrent modules) and other random draws are refused.
+Dropout inside the module (``nn.Dropout`` and its kin, ``F.dropout`` calls) and random draws of
+the default generator (stochastic depth, noise) apply the forward pass's masks and draws to each
+example (:mod:`sgdlab.stats._dropout_masks`); dropout inside fused kernels (attention,
+multi-layer recurrent modules) and draws that cannot be split per example are refused.
 
 Parametrized modules (``torch.nn.utils.parametrize``: weight norm, spectral norm, orthogonal)
 come here with the parameters the parametrization computes from (``parametrizations.weight.
@@ -149,14 +150,14 @@ def _guarded(module: nn.Module, per_example: Any, *args: Any) -> Any:
             raise
         raise ValueError(
             f"{type(module).__name__} takes the per-example fallback and draws random numbers "
-            f"other than through dropout (nn.Dropout, F.dropout), which cannot be reproduced "
-            f"per example: {e}"
+            "in a way that cannot be replayed per example (dropout, rand/randn/bernoulli and "
+            f"random fills can; randperm, multinomial and the like cannot): {e}"
         ) from None
 
 
 def _dropout_maps(call: Call, module: nn.Module, theta: tuple[Tensor, ...],
                   names: tuple[str, ...], buffers: dict[str, Tensor]
-                  ) -> list[tuple[Tensor, Tensor]]:
+                  ) -> list[tuple[Tensor, ...]]:
     """The affine maps of the call's active dropout calls, from a rerun of the batched call
     from the generator states recorded before it (refused when none were recorded)."""
     if call.rng is None:
@@ -196,9 +197,9 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
             [x.unsqueeze(d) if d is not None else x for x, d in zip(leaves_, dims, strict=True)],
             in_spec,
         )
-        # the masks of this example (a batch axis of size one, as its inputs)
-        kept = [(x if d0 is None else x.unsqueeze(0), y if d1 is None else y.unsqueeze(0))
-                for (x, y), (d0, d1) in zip(maps_, map_dims, strict=True)]
+        # the masks and draws of this example (a batch axis of size one, as its inputs)
+        kept = [tuple(t if d is None else t.unsqueeze(0) for t, d in zip(m, md, strict=True))
+                for m, md in zip(maps_, map_dims, strict=True)]
         with Substitute(kept if captured else None, type(module).__name__):
             out = functional_call(module, {**buffers, **dict(zip(names, theta_, strict=True))},
                                   a, k)
@@ -218,10 +219,10 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
 
     # without dropout masks first; a module that turns out to draw some raises NeedMasks, and
     # the chunks are computed again with the masks of the batched call
-    maps: list[tuple[Tensor, Tensor]] | None = None
+    maps: list[tuple[Tensor, ...]] | None = None
     while True:
-        map_dims = [(0 if a.dim() and a.shape[0] == B else None,
-                     0 if c.dim() and c.shape[0] == B else None) for a, c in maps or []]
+        map_dims = [tuple(0 if t.dim() and t.shape[0] == B else None for t in m)
+                    for m in maps or []]
         per_example = vmap(grad(functools.partial(one, maps is not None)),
                            in_dims=(None, dims, out_dims, map_dims), randomness="error")
         kept: dict[str, list[Tensor]] = {nm: [] for nm in names}
@@ -234,8 +235,8 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
                     a = [cut(x, d, s) for x, d in zip(leaves_in, dims, strict=True)]
                     c = tuple(cut(call.grads[j], d, s)
                               for j, d in zip(live, out_dims, strict=True))
-                    ms = [(cut(x, da, s), cut(y, dc, s)) for (x, y), (da, dc) in
-                          zip(maps or [], map_dims, strict=True)]
+                    ms = [tuple(cut(t, d, s) for t, d in zip(m, md, strict=True))
+                          for m, md in zip(maps or [], map_dims, strict=True)]
                     vs = _guarded(module, per_example, theta, a, c, ms)
                     chunk_norm = None
                     for nm, v in zip(names, vs, strict=True):
