@@ -282,6 +282,8 @@ def _refuse_hook_reparametrization(name: str, module: nn.Module) -> None:
 def _changed(entry: _Entry) -> dict[str, Tensor] | None:
     """Copies of the buffers of a parametrized module that its call just changed (spectral
     norm's power iteration): the call's statistics are computed with these values later."""
+    if len(entry.versions) != len(entry.buffers):  # the pre-hook did not see this call
+        return None
     changed = {
         n: b.detach().clone()
         for (n, b), v in zip(entry.buffers, entry.versions, strict=True)
