@@ -271,6 +271,39 @@ def square_sum(v: Tensor, scale: float) -> Tensor:
     return torch.mv(v.T, scaled_ones(v.shape[0], scale, v))
 
 
+class ChunkSums:
+    """Per-example gradients arriving in chunks of examples (the fallback, registered rules):
+    for each parameter, ``Call.scale`` times the sum of their squares and the per-example
+    squared norms, or, for a parameter in ``Call.materialize``, the chunks themselves."""
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.kept: dict[str, list[Tensor]] = {}
+        self.moments: dict[str, Tensor] = {}
+        self.norms: dict[str, list[Tensor]] = {}
+
+    def add(self, name: str, v: Tensor) -> None:
+        """Per-example gradients ``v`` ``[n, *shape]`` of the next chunk's examples."""
+        if name in self.call.materialize:
+            self.kept.setdefault(name, []).append(v)
+            return
+        sq = (v * v).reshape(v.shape[0], -1)
+        part = torch.mv(sq.T, scaled_ones(sq.shape[0], self.call.scale, sq))
+        prev = self.moments.get(name)
+        self.moments[name] = part if prev is None else prev.add_(part)
+        if self.call.norms:
+            self.norms.setdefault(name, []).append(sq.sum(1))
+
+    def contributions(self, shapes: dict[str, torch.Size]) -> dict[str, Contribution]:
+        """One contribution per parameter added, of shape ``shapes[name]``."""
+        out = {nm: Contribution(per_example=torch.cat(vs)) for nm, vs in self.kept.items()}
+        for nm, m in self.moments.items():
+            out[nm] = Contribution(moment=m.view(shapes[nm]),
+                                   sq_norms=torch.cat(self.norms[nm]) if self.call.norms
+                                   else None)
+        return out
+
+
 def unread(like: Tensor) -> Tensor:
     """A cached 0-dim tensor for the ``input`` of ``addmm(..., beta=0)``, which is never read."""
     key = ("unread", like.dtype, like.device)

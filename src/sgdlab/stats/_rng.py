@@ -1,4 +1,5 @@
-"""Replaying a call's random draws (the attention dropout of ``nn.MultiheadAttention``).
+"""Replaying a call's random draws (dropout inside attention, between recurrent layers and in
+fallback modules).
 
 A rule that reruns a module with active dropout needs the masks of the forward pass. As
 activation checkpointing does (``torch.utils.checkpoint``, ``preserve_rng_state``), the tracker

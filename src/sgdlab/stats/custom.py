@@ -42,10 +42,9 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from ._base import Call, Contribution, chunk_size, scaled_ones
+from ._base import Call, ChunkSums, Contribution, chunk_size
 from ._registry import _CUSTOM, Rule
 
 __all__ = ["RuleHandle", "register_rule"]
@@ -102,34 +101,15 @@ def _compute(per_example: PerExample, call: Call) -> dict[str, Contribution]:
             return t[s]
         return t
 
-    kept: dict[str, list[Tensor]] = {nm: [] for nm in names}
-    moments: dict[str, Tensor] = {}
-    norms: dict[str, list[Tensor]] = {nm: [] for nm in names}
+    sums = ChunkSums(call)
     for i in range(0, B, n):
         s = slice(i, min(B, i + n))
         got = per_example(m, tuple(cut(a, s) for a in call.args),
                           tuple(None if g is None else cut(g, s) for g in call.grads))
         for nm in names:
             v = _checked(m, got, nm, (s.stop - s.start, *params[nm].shape))
-            v = v.to(params[nm].dtype)
-            if nm in call.materialize:
-                kept[nm].append(v)
-                continue
-            sq = (v * v).reshape(v.shape[0], -1)
-            part = torch.mv(sq.T, scaled_ones(sq.shape[0], call.scale, sq))
-            moments[nm] = part if nm not in moments else moments[nm] + part
-            if call.norms:
-                norms[nm].append(sq.sum(1))
-    out: dict[str, Contribution] = {}
-    for nm in names:
-        if nm in call.materialize:
-            out[nm] = Contribution(per_example=torch.cat(kept[nm]))
-        else:
-            out[nm] = Contribution(
-                moment=moments[nm].view(params[nm].shape),
-                sq_norms=torch.cat(norms[nm]) if call.norms else None,
-            )
-    return out
+            sums.add(nm, v.to(params[nm].dtype))
+    return sums.contributions({nm: params[nm].shape for nm in names})
 
 
 def _checked(module: nn.Module, got: Any, name: str, shape: tuple[int, ...]) -> Tensor:

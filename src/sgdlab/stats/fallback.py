@@ -40,7 +40,7 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import _rng
-from ._base import Call, Contribution, chunk_size
+from ._base import Call, ChunkSums, Contribution, chunk_size
 from ._dropout_masks import Capture, NeedMasks, Substitute
 
 __all__ = ["fallback_rule", "check_fallback", "fallback_batch_size", "fallback_params"]
@@ -225,9 +225,7 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
                     for m in maps or []]
         per_example = vmap(grad(functools.partial(one, maps is not None)),
                            in_dims=(None, dims, out_dims, map_dims), randomness="error")
-        kept: dict[str, list[Tensor]] = {nm: [] for nm in names}
-        moments = {nm: torch.zeros_like(t) for nm, t in zip(names, theta, strict=True)}
-        norms: list[Tensor] = []
+        sums = ChunkSums(call)
         try:
             with torch.enable_grad(), _parametrizations_in_eval(module):
                 for i in range(0, B, n):
@@ -238,35 +236,10 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
                     ms = [tuple(cut(t, d, s) for t, d in zip(m, md, strict=True))
                           for m, md in zip(maps or [], map_dims, strict=True)]
                     vs = _guarded(module, per_example, theta, a, c, ms)
-                    chunk_norm = None
                     for nm, v in zip(names, vs, strict=True):
-                        if nm in call.materialize:
-                            kept[nm].append(v)
-                            continue
-                        sq = v * v
-                        moments[nm].add_(sq.sum(0), alpha=call.scale)
-                        if call.norms:
-                            part = sq.reshape(sq.shape[0], -1).sum(1)
-                            chunk_norm = part if chunk_norm is None else chunk_norm + part
-                    if chunk_norm is not None:
-                        norms.append(chunk_norm)
+                        sums.add(nm, v)
         except NeedMasks:
             maps = _dropout_maps(call, module, theta, names, buffers)
             continue
         break
-    out: dict[str, Contribution] = {}
-    total_norms = torch.cat(norms) if norms else None
-    first = True
-    for nm in names:
-        if nm in call.materialize:
-            out[nm] = Contribution(per_example=torch.cat(kept[nm]))
-        else:
-            # the summed per-example norm of all non-materialised parameters rides on the first
-            out[nm] = Contribution(
-                moment=moments[nm],
-                sq_norms=(total_norms if first else torch.zeros_like(total_norms))
-                if total_norms is not None
-                else None,
-            )
-            first = False
-    return out
+    return sums.contributions({nm: t.shape for nm, t in zip(names, theta, strict=True)})

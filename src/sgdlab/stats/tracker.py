@@ -329,12 +329,13 @@ class _Entry:
     conv: bool = False  # a convolution (unfold strategy): calls take _on_moments_grad
     norm: bool = False  # LayerNorm, RMSNorm, GroupNorm: calls take _on_moments_grad
     # a parametrized module: its parametrizations' buffers and their versions before the
-    # running call (:meth:`Tracker._buffer_versions`)
+    # running call (:meth:`Tracker._before_call`)
     buffers: tuple[tuple[str, Tensor], ...] = ()
     versions: tuple[int, ...] = ()
     # 1: the module sees [T, B, ...] inputs (inside a torch transformer with batch_first=False)
     batch_dim: int = 0
-    # attention and recurrent layers: the generator states before a call with active dropout
+    # attention and recurrent layers with dropout, fallback modules: the generator states
+    # before the running call (:meth:`Tracker._before_call`)
     dropout: bool = False
     rng: Any = None
 
