@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from stats_brute import rel_err
+from stats_brute import assert_statistics, rel_err, same_graph_grads
 from torch import nn
 
 import sgdlab.stats as stats
@@ -16,32 +16,17 @@ import sgdlab.stats as stats
 B, T, D = 4, 5, 8
 
 
-def _same_graph_grads(losses, params):
-    rows = []
-    for b in range(losses.shape[0]):
-        gs = torch.autograd.grad(losses[b], params, retain_graph=True, allow_unused=True)
-        rows.append([torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)])
-    return [torch.stack(r) for r in zip(*rows, strict=True)]
-
-
 def _check(model, run, reduction="sum", seed=5):
     """Statistics and per-example norms of ``run(model)`` (per-example losses [B]) against the
     oracle, both forward passes from the generator seeded with ``seed``."""
     params = [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(seed)
-    per = _same_graph_grads(run(model), params)
+    per = same_graph_grads(run(model), params)
     tracker = stats.track(model, reduction=reduction, per_example_norms=True)
     torch.manual_seed(seed)
     total = run(model).sum()
     (total / B if reduction == "mean" else total).backward()
-    for (name, p), g in zip(model.named_parameters(), per, strict=True):
-        got = getattr(p, "grad_second_moment", None)
-        if got is None:  # unused by this call pattern
-            assert not g.any(), name
-            continue
-        assert rel_err(got, (g * g).mean(0)) < 1e-10, name
-    expected = sum(g.pow(2).flatten(1).sum(1) for g in per)
-    assert rel_err(tracker.per_example_sq_norms(), expected) < 1e-10
+    assert_statistics(model, per, tracker, unused_ok=True)  # some unused by a call pattern
     tracker.detach()
 
 
@@ -140,7 +125,7 @@ def test_a_rerun_with_other_masks_would_be_wrong():
     x = torch.randn(B, T, D, dtype=torch.float64)
     params = list(m.parameters())
     torch.manual_seed(8)
-    per = _same_graph_grads(m(x, x, x)[0].pow(2).sum((1, 2)), params)
+    per = same_graph_grads(m(x, x, x)[0].pow(2).sum((1, 2)), params)
     tracker = stats.track(m, reduction="sum")
     torch.manual_seed(9)  # the forward pass draws other masks than the oracle's
     m(x, x, x)[0].pow(2).sum().backward()

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from stats_brute import rel_err
+from stats_brute import assert_statistics, rel_err, same_graph_grads
 from torch import nn
 
 import sgdlab.stats as stats
@@ -56,9 +56,7 @@ def test_fallback_applies_the_forward_pass_masks(reduction, budget):
     params = list(model.parameters())
     torch.manual_seed(7)
     losses = _run(model, x)
-    per = [torch.stack(r) for r in zip(*[
-        torch.autograd.grad(losses[b], params, retain_graph=True) for b in range(B)
-    ], strict=True)]
+    per = same_graph_grads(losses, params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tracker = stats.track(model, reduction=reduction, per_example_norms=True,
@@ -66,10 +64,7 @@ def test_fallback_applies_the_forward_pass_masks(reduction, budget):
     torch.manual_seed(7)
     total = _run(model, x).sum()
     (total / B if reduction == "mean" else total).backward()
-    for (name, p), g in zip(model.named_parameters(), per, strict=True):
-        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10, name
-    expected = sum(g.pow(2).flatten(1).sum(1) for g in per)
-    assert rel_err(tracker.per_example_sq_norms(), expected) < 1e-10
+    assert_statistics(model, per, tracker)
     tracker.detach()
 
 
@@ -135,16 +130,11 @@ def test_stochastic_depth_and_noise_are_replayed():
     params = list(model.parameters())
     torch.manual_seed(3)
     losses = model(x).pow(2).sum(1)
-    per = [torch.stack(r) for r in zip(*[
-        torch.autograd.grad(losses[b], params, retain_graph=True) for b in range(B)
-    ], strict=True)]
+    per = same_graph_grads(losses, params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tracker = stats.track(model, reduction="sum", per_example_norms=True)
     torch.manual_seed(3)
     model(x).pow(2).sum().backward()
-    for (name, p), g in zip(model.named_parameters(), per, strict=True):
-        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10, name
-    expected = sum(g.pow(2).flatten(1).sum(1) for g in per)
-    assert rel_err(tracker.per_example_sq_norms(), expected) < 1e-10
+    assert_statistics(model, per, tracker)
     tracker.detach()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from stats_brute import rel_err
+from stats_brute import assert_statistics
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -71,10 +71,7 @@ def test_packed_sequences_match_per_example_loop(kind, sort, batch_first, reduct
     tracker = stats.track(model, reduction=reduction, per_example_norms=True)
     total = model(x, lengths).sum()
     (total / B if reduction == "mean" else total).backward()
-    for (name, p), g in zip(model.named_parameters(), per, strict=True):
-        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10, name
-    expected = sum(g.pow(2).flatten(1).sum(1) for g in per)
-    assert rel_err(tracker.per_example_sq_norms(), expected) < 1e-10
+    assert_statistics(model, per, tracker)
     tracker.detach()
 
 
@@ -102,8 +99,7 @@ def test_packed_sequences_with_an_initial_state(kind):
     ], strict=True)]
     tracker = stats.track(rnn, reduction="sum")
     loss(x, lengths, list(range(B))).backward()
-    for (name, prm), g in zip(rnn.named_parameters(), per, strict=True):
-        assert rel_err(prm.grad_second_moment, (g * g).mean(0)) < 1e-10, name
+    assert_statistics(rnn, per)
     tracker.detach()
 
 
@@ -142,8 +138,5 @@ def test_packed_text_classifier_matches_per_example_loop():
     ], strict=True)]
     tracker = stats.track(model, per_example_norms=True)
     F.cross_entropy(model(tokens, lengths), y).backward()
-    for (name, p), g in zip(model.named_parameters(), per, strict=True):
-        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10, name
-    expected = sum(g.pow(2).flatten(1).sum(1) for g in per)
-    assert rel_err(tracker.per_example_sq_norms(), expected) < 1e-10
+    assert_statistics(model, per, tracker)
     tracker.detach()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from stats_brute import rel_err
+from stats_brute import assert_statistics, same_graph_grads
 from torch import nn
 
 import sgdlab.stats as stats
@@ -44,17 +44,12 @@ def test_dropout_between_layers_matches_per_example_gradients(kind, batch_first,
     params = list(rnn.parameters())
     torch.manual_seed(5)
     losses = _losses(rnn, x)
-    per = [torch.stack(r) for r in zip(*[
-        torch.autograd.grad(losses[b], params, retain_graph=True) for b in range(B)
-    ], strict=True)]
+    per = same_graph_grads(losses, params)
     tracker = stats.track(rnn, reduction="sum", per_example_norms=True)
     torch.manual_seed(5)
     _losses(rnn, x).sum().backward()
     tol = 1e-10 if dtype == torch.float64 else 1e-4  # other masks: errors of order one
-    for (name, p), g in zip(rnn.named_parameters(), per, strict=True):
-        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < tol, name
-    expected = sum(g.pow(2).flatten(1).sum(1) for g in per)
-    assert rel_err(tracker.per_example_sq_norms(), expected) < tol
+    assert_statistics(rnn, per, tracker, tol=tol)
     tracker.detach()
 
 
@@ -98,12 +93,9 @@ def test_dropout_between_layers_on_packed_sequences(kind, sort):
     params = list(rnn.parameters())
     torch.manual_seed(6)
     ls = losses(rnn)
-    per = [torch.stack(r) for r in zip(*[
-        torch.autograd.grad(ls[b], params, retain_graph=True) for b in range(B)
-    ], strict=True)]
+    per = same_graph_grads(ls, params)
     tracker = stats.track(rnn, reduction="sum")
     torch.manual_seed(6)
     losses(rnn).sum().backward()
-    for (name, p), g in zip(rnn.named_parameters(), per, strict=True):
-        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10, name
+    assert_statistics(rnn, per)
     tracker.detach()
