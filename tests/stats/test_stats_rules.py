@@ -599,3 +599,44 @@ def test_position_wise_shortcut_fails_on_correlated_sequences():
     (sq_loss(lin(x), y) / 4).backward()
     assert rel_err(lin.weight.grad_second_moment, exact) < 1e-10
     tracker.detach()
+
+
+def _channels_last(x):
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _odd_unit_strides(x):
+    """The same values with odd strides on a dim of size 1 (torch still calls it contiguous)."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2) if x.shape[2] == 1 else x
+
+
+LAYOUT_CASES = [
+    ("channels-last, groups, padding", lambda: nn.Conv2d(4, 2, 1, padding=1, groups=2),
+     lambda: torch.randn(3, 4, 5, 5), _channels_last),
+    ("channels-last, 3x3, stride 2", lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
+     lambda: torch.randn(3, 4, 7, 6), _channels_last),
+    ("length 1 from a transpose", lambda: nn.Conv1d(2, 2, 3, padding=2),
+     lambda: torch.randn(4, 1, 2).transpose(1, 2), lambda x: x),
+    ("1x1 spatial, odd strides", lambda: nn.Conv2d(3, 4, 3, padding=1, groups=1),
+     lambda: torch.randn(5, 3, 1, 1), _odd_unit_strides),
+]
+
+
+@pytest.mark.parametrize("budget", [None, 200], ids=["one-chunk", "chunks"])
+@pytest.mark.parametrize("strategy", ["unfold", "grouped"])
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=[c[0] for c in LAYOUT_CASES])
+def test_conv_inputs_in_other_memory_layouts(case, strategy, budget):
+    """Channels-last inputs and inputs whose size-1 dims carry odd strides (made by a
+    transpose): the im2col rows and the grouped weight-gradient convolution took their
+    strides as given and failed in a view or in a CPU kernel that needs standard strides."""
+    _, make_model, make_x, layout = case
+    torch.manual_seed(5)
+    conv = make_model().double()
+    x = layout(make_x().double())
+    y = _target(conv, x)
+    per = per_example_grads(conv, sq_loss, x, y)
+    tracker = stats.track(conv, conv_strategy=strategy, memory_budget=budget)
+    (sq_loss(conv(x), y) / x.shape[0]).backward()
+    for p, g in zip(conv.parameters(), per, strict=True):
+        assert rel_err(p.grad_second_moment, (g * g).mean(0)) < 1e-10
+    tracker.detach()

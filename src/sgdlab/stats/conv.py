@@ -107,8 +107,8 @@ def conv_rule(call: Call) -> dict[str, Contribution]:
             shape = (n * c_out, c_in // groups, *w.shape[2:])
             fake = w.new_empty(()).expand(shape)
             _, gw, _ = torch.ops.aten.convolution_backward(
-                ds.reshape(1, n * c_out, *ds.shape[2:]),
-                xs.reshape(1, n * c_in, *xs.shape[2:]),
+                _dense(ds.reshape(1, n * c_out, *ds.shape[2:])),
+                _dense(xs.reshape(1, n * c_in, *xs.shape[2:])),
                 fake,
                 None,
                 list(module.stride),
@@ -125,6 +125,19 @@ def conv_rule(call: Call) -> dict[str, Contribution]:
     if "bias" in names:
         out["bias"] = _bias(call, d)
     return out
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t`` with the strides of a fresh contiguous tensor: torch counts a tensor with odd
+    strides on dims of size 1 (an input made by a transpose) as contiguous, and CPU kernels of
+    ``convolution_backward`` then refuse it."""
+    strides, step = [], 1
+    for size in reversed(t.shape):
+        strides.append(step)
+        step *= size
+    if tuple(reversed(strides)) == t.stride():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _bias(call: Call, d: Tensor) -> Contribution:
@@ -158,13 +171,14 @@ def _im2col(
 
 def _zero_pad(xp: Tensor, padding: list[int]) -> Tensor:
     """``xp`` (padded as the module's forward pads it) with the zero padding the convolution
-    adds, contiguous: the input of :func:`_im2col`, padded once for the whole batch."""
+    adds, contiguous: the input of :func:`_im2col`, padded once for the whole batch (a
+    channels-last input is padded in its own layout, then made contiguous)."""
     if not any(padding):
         return xp.contiguous()
     pads: list[int] = []
     for p in reversed(padding):
         pads += [p, p]
-    return F.pad(xp, pads)
+    return F.pad(xp, pads).contiguous()
 
 
 def _im2col_bytes(x: Tensor, d: Tensor, kernel: tuple[int, ...]) -> int:
@@ -183,7 +197,7 @@ def _example_grads(module: nn.Module, xp: Tensor, dg: Tensor, out_sizes: tuple[i
     n = xs.shape[0]
     groups = module.groups
     if groups > 1:
-        xs = xs.view(n * groups, xs.shape[1] // groups, xs.shape[2])
+        xs = xs.reshape(n * groups, xs.shape[1] // groups, xs.shape[2])
     return torch.bmm(dg, xs.transpose(1, 2)).view(n, -1)
 
 
