@@ -10,9 +10,16 @@ tracker warns which modules take it.
 
 Tensors among the call's arguments whose leading dimension equals the batch size are split per
 example, also inside tuples, lists and dicts (a recurrent state ``(h, c)``); others (masks
-shared by all examples, flags) are passed whole. ``nn.MultiheadAttention``
-configurations without a dedicated rule (see :mod:`sgdlab.stats.attention`) come here; with
-``batch_first=False`` they take the batch from dimension 1 of ``query``, ``key``, ``value``.
+shared by all examples, flags) are passed whole. The rule checks its own assumptions on every call
+(:class:`_RerunCheck`): each example's rerun must give the batched call's output for that
+example, to rounding; a module that couples the examples, a shared argument whose first
+dimension equals the batch size by chance, or a random draw not laid out along the batch fails
+the check with a clear error instead of giving wrong statistics. A forward pass that changes
+the module's buffers (a running mean) is refused by the tracker before the rule runs.
+
+``nn.MultiheadAttention`` configurations without a dedicated rule (see
+:mod:`sgdlab.stats.attention`) come here; with ``batch_first=False`` they take the batch
+from dimension 1 of ``query``, ``key``, ``value``.
 Dropout inside the module (``nn.Dropout`` and its kin, ``F.dropout`` calls) and random draws of
 the default generator (stochastic depth, noise) apply the forward pass's masks and draws to each
 example (:mod:`sgdlab.stats._dropout_masks`); dropout inside fused kernels (attention,
@@ -113,7 +120,7 @@ def _batch_dims(module: nn.Module, args: tuple, kwargs: dict, B: int) -> list[in
             return None
         if mha_seq_first and name in (0, 1, 2, "query", "key", "value"):
             return 1
-        if isinstance(module, nn.MultiheadAttention) and name == "attn_mask":
+        if isinstance(module, nn.MultiheadAttention) and name in ("attn_mask", 5):
             if t.dim() == 3:
                 raise ValueError(
                     "MultiheadAttention with a per-example 3-D attn_mask is not supported by "
@@ -155,6 +162,61 @@ def _guarded(module: nn.Module, per_example: Any, *args: Any) -> Any:
         ) from None
 
 
+# largest difference of the rerun's outputs from the batched call's, relative to the largest
+# output, that passes (rounding of other summation orders, TF32 products on GPUs)
+_RERUN_RTOL = {torch.float64: 1e-6, torch.float32: 1e-2}
+
+
+class _RerunCheck:
+    """The fallback's own check: each example's rerun (:func:`fallback_rule`) must give the
+    batched call's output for that example. It does not where the module couples the examples
+    (statistics over the batch), where an argument shared by all examples has a first
+    dimension equal to the batch size by chance (it is split), or where a random draw is not
+    laid out along the batch. Differences are gathered on the device and read once."""
+
+    def __init__(self, call: Call, live: list[int], out_dims: tuple[int, ...]) -> None:
+        self.call = call
+        self.outputs = None if call.outputs is None else [call.outputs[j] for j in live]
+        self.dims = out_dims
+        self.ratios: list[Tensor] = []
+
+    def add(self, s: slice, rerun: tuple[Tensor, ...]) -> None:
+        """The rerun outputs of the examples ``s`` (``[n, *per-example shape]``)."""
+        if self.outputs is None:
+            return
+        for o, r, d in zip(self.outputs, rerun, self.dims, strict=True):
+            want = o.narrow(d, s.start, s.stop - s.start)
+            got = r.squeeze(d + 1).movedim(0, d) if r.dim() == o.dim() + 1 else r
+            if got.shape != want.shape:
+                self._fail(f"an output of shape {tuple(got.shape)} instead of "
+                           f"{tuple(want.shape)}")
+            got = got.to(want.dtype)
+            same = (got == want) | (got.isnan() & want.isnan())
+            diff = torch.where(same, 0.0, (got - want).abs()).nan_to_num(float("inf"))
+            scale = o.abs().nan_to_num(0.0, 0.0, 0.0).amax().clamp_min(1e-30)
+            self.ratios.append(diff.amax() / scale)
+
+    def verify(self) -> None:
+        if not self.ratios:
+            return
+        worst = float(torch.stack([r.float().cpu() for r in self.ratios]).max())
+        dtype = self.outputs[0].dtype if self.outputs else torch.float32
+        if not worst <= _RERUN_RTOL.get(dtype, 5e-2):
+            self._fail(f"outputs that differ by {worst:.2g} relative to the largest output")
+
+    def _fail(self, what: str) -> None:
+        raise ValueError(
+            f"{type(self.call.module).__name__} takes the per-example fallback, whose rerun of "
+            f"one example at a time gave {what}: its statistics would be wrong. Causes: the "
+            "output of one example depends on other examples (statistics over the batch); an "
+            "argument shared by all examples has a first dimension equal to the batch size "
+            "(it is split per example: give it another shape, or make it a buffer or "
+            "attribute of the module); a random draw on a tensor whose first dimension is not "
+            "the batch. Give the module a rule (sgdlab.stats.register_rule) if it is exact in "
+            "another way"
+        )
+
+
 def _dropout_maps(call: Call, module: nn.Module, theta: tuple[Tensor, ...],
                   names: tuple[str, ...], buffers: dict[str, Tensor]
                   ) -> list[tuple[Tensor, ...]]:
@@ -162,9 +224,10 @@ def _dropout_maps(call: Call, module: nn.Module, theta: tuple[Tensor, ...],
     from the generator states recorded before it (refused when none were recorded)."""
     if call.rng is None:
         raise ValueError(
-            f"{type(call.module).__name__} takes the per-example fallback and applies dropout, "
-            "but was called in eval mode or without grad, when the tracker does not record the "
-            "random generator: put the dropout in eval mode too, or the module in training mode"
+            f"{type(call.module).__name__} takes the per-example fallback and draws random "
+            "numbers (dropout, noise), but was called in eval mode or without grad mode, when "
+            "the tracker does not record the random generator: make its draws follow "
+            "self.training (as nn.Dropout does), or call it in training mode"
         )
     capture = Capture(call.rng[0][1])
     redraw = _rng.replay(call.rng, type(module).__name__)
@@ -207,7 +270,7 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
         total = theta_[0].new_zeros(())
         for j, c, d in zip(live, cot_, out_dims, strict=True):
             total = total + (leaves[positions[j]] * c.unsqueeze(d)).sum()
-        return total
+        return total, tuple(leaves[positions[j]] for j in live)
 
     numel = sum(t.numel() for t in theta)
     n = chunk_size(B, 4 * numel * theta[0].element_size(), call.memory_budget)
@@ -223,9 +286,10 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
     while True:
         map_dims = [tuple(0 if t.dim() and t.shape[0] == B else None for t in m)
                     for m in maps or []]
-        per_example = vmap(grad(functools.partial(one, maps is not None)),
+        per_example = vmap(grad(functools.partial(one, maps is not None), has_aux=True),
                            in_dims=(None, dims, out_dims, map_dims), randomness="error")
         sums = ChunkSums(call)
+        check = _RerunCheck(call, live, out_dims)
         try:
             with torch.enable_grad(), _parametrizations_in_eval(module):
                 for i in range(0, B, n):
@@ -235,11 +299,13 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
                               for j, d in zip(live, out_dims, strict=True))
                     ms = [tuple(cut(t, d, s) for t, d in zip(m, md, strict=True))
                           for m, md in zip(maps or [], map_dims, strict=True)]
-                    vs = _guarded(module, per_example, theta, a, c, ms)
+                    vs, rerun = _guarded(module, per_example, theta, a, c, ms)
+                    check.add(s, rerun)
                     for nm, v in zip(names, vs, strict=True):
                         sums.add(nm, v)
         except NeedMasks:
             maps = _dropout_maps(call, module, theta, names, buffers)
             continue
         break
+    check.verify()
     return sums.contributions({nm: t.shape for nm, t in zip(names, theta, strict=True)})

@@ -292,6 +292,32 @@ def _changed(entry: _Entry) -> dict[str, Tensor] | None:
     return changed or None
 
 
+def _check_state(entry: _Entry) -> None:
+    """Refuse a call of a fallback module whose forward pass changed one of its buffers (in
+    place or by assigning a new tensor): the fallback reruns the forward once per example,
+    which would update the state again from one example, with other values than the batched
+    call used (a running mean of the batch), and leave the module holding its tensors."""
+    state, entry.state = entry.state, None
+    module = entry.module
+    changed = []
+    for name, buffer, version in state or ():
+        try:
+            now = module.get_buffer(name)
+        except AttributeError:
+            now = None
+        if now is not buffer or buffer._version != version:
+            changed.append(name)
+    if changed:
+        raise ValueError(
+            f"sgdlab.stats: {entry.name + ' ' if entry.name else ''}({type(module).__name__}) "
+            f"changed its buffers "
+            f"{changed} in its forward pass; it takes the per-example fallback, which reruns "
+            "the forward once per example and cannot reproduce a state update (it may depend "
+            "on the whole batch, as a running mean does). Update the state outside the "
+            "module's forward, or give the module a rule (sgdlab.stats.register_rule)"
+        )
+
+
 def _unpacked(record: _Record) -> _Record:
     """``record`` with its saved inputs (:meth:`Tracker._saved_forward`) unpacked into
     ``args`` and ``kwargs``."""
@@ -338,6 +364,9 @@ class _Entry:
     # before the running call (:meth:`Tracker._before_call`)
     dropout: bool = False
     rng: Any = None
+    # fallback modules: their buffers and versions before the running call (a forward pass
+    # that changes them is refused: :func:`_check_state`)
+    state: tuple[tuple[str, Tensor, int], ...] | None = None
 
 
 @dataclass(slots=True)
@@ -356,6 +385,7 @@ class _Record:
     saved: Any = None
     buffers: dict[str, Tensor] | None = None  # see Call.buffers
     rng: Any = None  # see Call.rng
+    outputs: tuple[Tensor, ...] | None = None  # see Call.outputs
 
 
 class _Pass:
@@ -720,6 +750,8 @@ class Tracker:
             return self._saved_forward(module, args, kwargs, output, None)
         if self._suspended or not torch.is_grad_enabled():
             return None
+        if entry.state:
+            _check_state(entry)
         if kwargs:
             args, kwargs = _positional(module, args, kwargs)
         found = _differentiable(output)
@@ -758,6 +790,8 @@ class Tracker:
             record.buffers = _changed(entry)
         if entry.dropout:
             record.rng = _rng.recorded(entry.rng)
+        if entry.rule.is_fallback:  # its rerun is checked against them
+            record.outputs = tuple(o.detach() for o in outs)
         return self._register(record, outs, leaves)
 
     def _register(self, record: _Record, outs: list[Tensor], leaves: list | None) -> Any:
@@ -834,6 +868,8 @@ class Tracker:
         saved = [_saved.save(t) if isinstance(t, Tensor) else t for t in flat]
         if self._suspended or _saved.recomputing(active):
             return None
+        if entry.state:
+            _check_state(entry)
         if fast is not None and spec is None and output.grad_fn is not None and not kwargs \
                 and len(args) == 1 and isinstance(args[0], Tensor) and not self.per_example_norms:
             on_grad, ndim, on_more = fast
@@ -858,6 +894,11 @@ class Tracker:
             return
         if entry.buffers:
             entry.versions = tuple(b._version for _, b in entry.buffers)
+        if entry.rule.is_fallback:
+            entry.state = tuple(
+                (n, b, b._version) for n, b in module.named_buffers()
+                if "parametrizations." not in n  # a parametrization's: Call.buffers
+            ) if torch.is_grad_enabled() else None
         if entry.dropout:
             entry.rng = None
             if module.training and torch.is_grad_enabled() and (
@@ -1075,9 +1116,12 @@ class Tracker:
                 n for n, i in zip(entry.names, entry.ids, strict=True) if uses[i] > 1
             )
         args = record.args
+        outputs = record.outputs
         if entry.batch_dim:  # [T, B, ...] inputs and output gradients: the batch first
             args = tuple(a.movedim(1, 0) if isinstance(a, Tensor) else a for a in args)
             grads = tuple(g if g is None else g.movedim(1, 0) for g in grads)
+            if outputs is not None:
+                outputs = tuple(o.movedim(1, 0) for o in outputs)
         call = Call(
             module=entry.module,
             args=args,
@@ -1094,6 +1138,7 @@ class Tracker:
             out_positions=record.positions,
             buffers=record.buffers,
             rng=record.rng,
+            outputs=outputs,
         )
         self._suspended += 1
         try:
