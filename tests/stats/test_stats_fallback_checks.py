@@ -102,31 +102,41 @@ def test_a_shared_argument_is_exact_or_refused(T):
     tracker.detach()
 
 
-@pytest.mark.parametrize("d", [B, 3], ids=["d==B", "d!=B"])
-def test_noise_shared_by_the_batch_is_exact_or_refused(d):
+class DropConnect(nn.Module):
+    """Dropout on the weight: one mask for the whole batch."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(rows, 3))
+
+    def forward(self, x):
+        return torch.tanh(x @ torch.nn.functional.dropout(self.w, 0.5).T)
+
+
+@pytest.mark.parametrize("size", [B, 3], ids=["size==B", "size!=B"])
+@pytest.mark.parametrize("make", [FeatureNoise, DropConnect, lambda n: SeqFirstNoise()],
+                         ids=["feature-noise", "drop-connect", "noise-on-[T,B,d]"])
+def test_draws_are_split_along_the_batch_wherever_it_is(make, size):
+    """Each recorded draw or mask is split along the axis that holds the batch in the batched
+    call and is 1 for one example; one of the same shape for both is shared by the batch.
+    Before, only a first dimension equal to the batch size was split: noise per feature and
+    a dropped-out weight with as many rows as the batch has examples were split (50-70% off),
+    noise on a ``[T, B, d]`` tensor was applied whole to each example (15x off)."""
     torch.manual_seed(2)
-    m = FeatureNoise(d).double()
-    x = torch.randn(B, d, dtype=torch.float64)
-    if d == B:
-        def run():
-            torch.manual_seed(9)
-            return m(x)
-        _refused(m, run)
-        return
-    torch.manual_seed(9)
-    per = same_graph_grads(m(x).pow(2).sum(1), list(m.parameters()))
-    tracker = _track(m)
-    torch.manual_seed(9)
-    (m(x).pow(2).sum() / B).backward()
-    assert_statistics(m, per)
+    m = make(size).double()
+    x = torch.randn(B, 5, size if make is FeatureNoise else 3, dtype=torch.float64)
+    if make is DropConnect:
+        x = x[:, 0]
+
+    def run():
+        torch.manual_seed(9)
+        return m(x).pow(2).flatten(1).sum(1)
+
+    per = same_graph_grads(run(), list(m.parameters()))
+    tracker = _track(m, per_example_norms=True)
+    (run().sum() / B).backward()
+    assert_statistics(m, per, tracker)
     tracker.detach()
-
-
-def test_noise_drawn_across_the_batch_dimension_is_refused():
-    torch.manual_seed(3)
-    m = SeqFirstNoise().double()
-    x = torch.randn(B, 5, 3, dtype=torch.float64)
-    _refused(m, lambda: m(x))
 
 
 class Rebinds(nn.Module):

@@ -9,8 +9,11 @@ dropout call (``F.dropout``, ``dropout1d/2d/3d``, ``alpha_dropout``, ``feature_a
 effect is recorded as the affine map ``y = A * x + C`` it applied (``A = f(1) - f(0)``,
 ``C = f(0)``, each evaluated from the same generator state, then ``f(x)`` from it again, so the
 draws that follow are unchanged; ``C`` is zero except for alpha dropout). In the per-example
-rerun :class:`Substitute` replaces the k-th active call by ``A_k[b] * x + C_k[b]`` (masks whose
-first dimension is not the batch, such as a dropped-out weight, apply whole). Other random
+rerun :class:`Substitute` replaces the k-th active call by ``A_k[b] * x + C_k[b]``, split along
+the axis that holds the batch; masks shared by the batch (a dropped-out weight) apply whole. Which
+axis holds the batch comes from an eager rerun of one example under :class:`Probe`, which
+records the shapes of its draws (:func:`batch_axes`), not from sizes alone (a weight with as many
+rows as the batch has examples is still shared). Other random
 draws of the default generators (``torch.rand``, ``randn``, ``bernoulli`` and their ``_like``
 forms, in-place fills such as ``x.new_empty(shape).bernoulli_(p)`` of stochastic depth) are
 recorded as they come out and handed back, example b's share, in the per-example rerun. Draws
@@ -30,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import _rng
 
-__all__ = ["Capture", "NeedMasks", "Substitute"]
+__all__ = ["Capture", "NeedMasks", "Probe", "Substitute", "batch_axes"]
 
 _DROPOUTS = {
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
@@ -110,6 +113,67 @@ class Capture(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class Probe(TorchFunctionMode):
+    """Eager rerun of one example (its inputs with a batch axis of size one): the shape of each
+    active dropout call's input and of each other random draw, in order, so that each recorded
+    map is split along the axis where the batched call had the batch (:func:`batch_axes`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[torch.Size] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if _draw(func, kwargs):
+            out = func(*args, **kwargs)
+            self.shapes.append(out.shape)
+            return out
+        x = _active(func, args, kwargs)
+        if x is not None:
+            self.shapes.append(x.shape)
+        return func(*args, **kwargs)
+
+
+def batch_axes(maps: list[tuple[Tensor, ...]], shapes: list[torch.Size], B: int, what: str
+               ) -> list[tuple[int | None, ...]]:
+    """For each recorded map, the axis of each of its tensors that holds the batch (``None``:
+    shared by the examples, applied whole), from the batched call's shape and one example's
+    (``shapes``, :class:`Probe`): the same shape is a draw shared by the batch (noise per
+    feature, a dropped-out weight, whatever its size); one axis of size B that is 1 for the
+    example is the batch, wherever it is. Anything else cannot be split: refused."""
+    if len(shapes) != len(maps):
+        raise RuntimeError(
+            f"{what}: the random draws per example differ from those of the batched call; the "
+            "module's randomness must not depend on the batch"
+        )
+    axes: list[tuple[int | None, ...]] = []
+    for m, one in zip(maps, shapes, strict=True):
+        full = m[0].shape
+        if len(m) == 2:  # a dropout map (A, C) broadcasts against its input
+            full = torch.broadcast_shapes(m[0].shape, m[1].shape, one)
+        if full == one:
+            axes.append((None,) * len(m))
+            continue
+        diff = [k for k in range(len(full)) if len(full) == len(one) and full[k] != one[k]]
+        if len(diff) != 1 or full[diff[0]] != B or one[diff[0]] != 1:
+            raise ValueError(
+                f"{what}: a random draw or dropout call inside the module has shape "
+                f"{tuple(full)} in the batched call and {tuple(one)} for one example; it "
+                "cannot be split per example"
+            )
+        axes.append(tuple(_aligned(t, diff[0] - len(full), B) for t in m))
+    return axes
+
+
+def _aligned(t: Tensor, k: int, B: int) -> int | None:
+    """The axis of ``t`` that broadcasts to axis ``k`` (counted from the end) of the call's
+    shape, if ``t`` has the batch there; ``None``: ``t`` is shared along it (size one or
+    missing)."""
+    axis = t.dim() + k
+    return axis if axis >= 0 and t.shape[axis] == B else None
+
+
 class NeedMasks(Exception):
     """Raised by :class:`Substitute` without maps at the first active dropout call: the
     fallback then records the maps (:class:`Capture`) and starts again."""
@@ -150,8 +214,8 @@ class Substitute(TorchFunctionMode):
         if torch.broadcast_shapes(x.shape, a.shape, c.shape) != x.shape:
             raise ValueError(
                 f"{self.what}: a dropout call inside the module acts on a tensor of shape "
-                f"{tuple(a.shape)} whose first dimension is not the batch; its masks cannot be "
-                "split per example"
+                f"{tuple(x.shape)} for one example, against masks of shape {tuple(a.shape)}; "
+                "they cannot be split per example"
             )
         if kwargs.get("inplace", False):
             return x.mul_(a).add_(c)

@@ -48,7 +48,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import _rng
 from ._base import Call, ChunkSums, Contribution, chunk_size
-from ._dropout_masks import Capture, NeedMasks, Substitute
+from ._dropout_masks import Capture, NeedMasks, Probe, Substitute, batch_axes
 
 __all__ = ["fallback_rule", "check_fallback", "fallback_batch_size", "fallback_params"]
 
@@ -237,6 +237,20 @@ def _dropout_maps(call: Call, module: nn.Module, theta: tuple[Tensor, ...],
     return capture.maps
 
 
+def _probe(module: nn.Module, theta: tuple[Tensor, ...], names: tuple[str, ...],
+           buffers: dict[str, Tensor], leaves: list, in_spec: Any) -> list[torch.Size]:
+    """The shapes of the random draws and dropout inputs of one example's call (``leaves``:
+    its inputs, batch axes of size one), eager, in a fork of the generators."""
+    args, kwargs = tree_unflatten(leaves, in_spec)
+    probe = Probe()
+    devices = [t.device for t in theta if t.device.type != "cpu"]
+    with torch.no_grad(), _parametrizations_in_eval(module), \
+            torch.random.fork_rng(devices=devices[:1]), probe:
+        functional_call(module, {**buffers, **dict(zip(names, theta, strict=True))}, args,
+                        kwargs)
+    return probe.shapes
+
+
 def fallback_rule(call: Call) -> dict[str, Contribution]:
     """Per-example statistics of a module's parameters by ``vmap(grad(functional_call))``."""
     module = call.module
@@ -261,7 +275,7 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
             in_spec,
         )
         # the masks and draws of this example (a batch axis of size one, as its inputs)
-        kept = [tuple(t if d is None else t.unsqueeze(0) for t, d in zip(m, md, strict=True))
+        kept = [tuple(t if d is None else t.unsqueeze(d) for t, d in zip(m, md, strict=True))
                 for m, md in zip(maps_, map_dims, strict=True)]
         with Substitute(kept if captured else None, type(module).__name__):
             out = functional_call(module, {**buffers, **dict(zip(names, theta_, strict=True))},
@@ -283,9 +297,8 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
     # without dropout masks first; a module that turns out to draw some raises NeedMasks, and
     # the chunks are computed again with the masks of the batched call
     maps: list[tuple[Tensor, ...]] | None = None
+    map_dims: list[tuple[int | None, ...]] = []
     while True:
-        map_dims = [tuple(0 if t.dim() and t.shape[0] == B else None for t in m)
-                    for m in maps or []]
         per_example = vmap(grad(functools.partial(one, maps is not None), has_aux=True),
                            in_dims=(None, dims, out_dims, map_dims), randomness="error")
         sums = ChunkSums(call)
@@ -305,6 +318,9 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
                         sums.add(nm, v)
         except NeedMasks:
             maps = _dropout_maps(call, module, theta, names, buffers)
+            first = [cut(x, d, slice(0, 1)) for x, d in zip(leaves_in, dims, strict=True)]
+            map_dims = batch_axes(maps, _probe(module, theta, names, buffers, first, in_spec),
+                                  B, type(module).__name__)
             continue
         break
     check.verify()
