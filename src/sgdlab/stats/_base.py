@@ -81,9 +81,10 @@ class Call:
     # generator states just before and just after the call (:mod:`sgdlab.stats._rng`), for a
     # rule that reruns the call's dropout; ``None``: none recorded (no active dropout)
     rng: Any = None
-    # the call's differentiable outputs (detached, in the order of ``grads``) for a rule that
-    # checks its rerun against them (the fallback); ``None``: not kept
-    outputs: tuple[Tensor, ...] | None = None
+    # the call's differentiable outputs (detached, in the order of ``grads``) with their
+    # versions when the call returned them, for a rule that checks its rerun against them (the
+    # fallback; an output changed in place since is not compared); ``None``: not kept
+    outputs: tuple[tuple[Tensor, int], ...] | None = None
 
 
 @dataclass(slots=True)

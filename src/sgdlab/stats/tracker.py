@@ -95,7 +95,7 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .._validation import check_batch_size, check_choice, check_positive
-from . import _rng, _saved, _stray
+from . import _rng, _saved, _stray, _tap
 from ._base import Call, Contribution, outer_moments, outer_per_example
 from ._registry import Rule, _first_dim, _no_check, rule_for
 from .attention import attention_rule
@@ -385,7 +385,7 @@ class _Record:
     saved: Any = None
     buffers: dict[str, Tensor] | None = None  # see Call.buffers
     rng: Any = None  # see Call.rng
-    outputs: tuple[Tensor, ...] | None = None  # see Call.outputs
+    outputs: tuple[tuple[Tensor, int], ...] | None = None  # see Call.outputs
 
 
 class _Pass:
@@ -393,7 +393,7 @@ class _Pass:
 
     __slots__ = (
         "batch_size", "moments", "pending", "kind", "norms", "got_grad", "contributed",
-        "first_module", "scale", "stash", "stash_bytes", "cleared", "partial", "factors", "rows",
+        "first_module", "scale", "stash", "stash_bytes", "cleared", "factors", "rows",
     )
 
     def __init__(self) -> None:
@@ -413,9 +413,6 @@ class _Pass:
         # parameters whose gradient was cleared since the last pass: their statistic restarts
         # (replaced at the end of the pass, or removed if this pass gives it nothing)
         self.cleared: dict[int, nn.Parameter] = {}
-        # calls with several outputs, by id of their record: (record, output grads so far,
-        # [number arrived]); completed at the end of the pass
-        self.partial: dict[int, tuple[Any, list[Tensor | None], list[int]]] = {}
         # per-example gradients of shared parameters as outer-product factors, per use
         self.factors: dict[int, list[tuple[Tensor, Tensor]]] = {}
         # per-example gradients of shared lookup tables as sparse rows, per use
@@ -700,8 +697,7 @@ class Tracker:
                 return general(module, args, kwargs, output)
             if output.grad_fn is None:
                 return None  # nothing requires grad (or grad mode is off)
-            self._register_fast(entry, handler, x, x._version, x.shape[0], output)
-            return None
+            return self._register_fast(entry, handler, x, x._version, x.shape[0], output, x)
 
         return hook
 
@@ -713,14 +709,27 @@ class Tracker:
         return uses
 
     def _register_fast(self, entry: _Entry, handler: Any, x: Any, version: int | None, B: int,
-                       output: Tensor) -> None:
+                       output: Tensor, live: Tensor) -> Tensor | None:
         """A call on a short path: a pre-hook on the output's node hands ``(entry, input, its
         version, batch size, use counts)`` to :meth:`_on_fast_grad` (``x`` a SavedTensor and
-        ``version`` None under saved-tensor hooks)."""
+        ``version`` None under saved-tensor hooks; ``live`` the input itself). An output that
+        is a view is listened for where an in-place operation on it cannot hide its gradient
+        (:mod:`sgdlab.stats._tap`); returns the replacement output, if any."""
         record = (entry, x, version, B, self._count_uses(entry))
-        output.grad_fn.register_prehook(
-            functools.partial(self._on_fast_grad, handler, record, output.output_nr)
-        )
+        if output._base is None:
+            output.grad_fn.register_prehook(
+                functools.partial(self._on_fast_grad, handler, record, output.output_nr)
+            )
+            return None
+        found = _tap.view_source(output, (live,))
+        if found is not None:  # nn.Linear on [B, T, in]: its product, before the reshape
+            node, nr = found
+            node.register_prehook(functools.partial(
+                self._on_fast_view_grad, handler, record, nr, output.shape))
+            return None
+        (tapped,) = _tap.Tap.apply(
+            functools.partial(self._on_fast_grad, handler, record, 0), output)
+        return tapped
 
     @staticmethod
     def _batch_of(entry: _Entry, module: nn.Module, args: tuple, kwargs: dict) -> int:
@@ -791,61 +800,47 @@ class Tracker:
         if entry.dropout:
             record.rng = _rng.recorded(entry.rng)
         if entry.rule.is_fallback:  # its rerun is checked against them
-            record.outputs = tuple(o.detach() for o in outs)
+            record.outputs = tuple((o.detach(), o._version) for o in outs)
         return self._register(record, outs, leaves)
 
-    def _register(self, record: _Record, outs: list[Tensor], leaves: list | None) -> Any:
-        """Have the output gradients of a recorded call delivered to :meth:`_on_grads`.
-
-        A call with several differentiable outputs returns each as a view of itself (the
-        forward hook's return value replaces the output), and the hooks watch the views: a
-        module may compute one output from another (torch's ``LSTMCell`` on the CPU returns
-        ``c`` and computes ``h`` from it), and a hook on the output's own node would see, besides
-        the gradient from outside the module, the gradient through the other output. Returns
-        the replacement output, or ``None``."""
+    def _register(self, record: _Record, outs: list[Tensor], leaves: list | None,
+                  inputs: tuple[Tensor, ...] | None = None) -> Any:
+        """Have the output gradients of a recorded call delivered to :meth:`_on_grads`, as the
+        call returned its outputs, also when they are modified in place later
+        (:mod:`sgdlab.stats._tap`): a pre-hook on the node that produced a single output that
+        is not a view (or on the node of the tensor a ``torch.nn`` module's output view
+        reshapes); otherwise the outputs are replaced by the aliases of one :class:`Tap`, whose
+        backward delivers the gradients of all of them at once. That also keeps the gradient of
+        each output apart from gradients that reach it through another output (torch's
+        ``LSTMCell`` on the CPU returns ``c`` and computes ``h`` from it). Returns the
+        replacement output, or ``None``. ``inputs``: the call's tensor inputs, where
+        ``record.inputs`` does not hold them (saved-tensor hooks)."""
         if len(outs) == 1:
             out = outs[0]
-            node, nr = out.grad_fn, out.output_nr
+            node = out.grad_fn
             if node is None:  # the module returned a leaf tensor
                 out.register_hook(lambda g: self._on_grads(record, (g,)))
-            else:
-                # a pre-hook on the node that produced the output sees the gradient of the
-                # output as returned (also when the output is later modified in place)
+                return None
+            if out._base is None:
+                nr = out.output_nr
                 node.register_prehook(lambda gs: self._on_grads(record, (gs[nr],)))
-        else:
-            # several outputs: gathered per pass (:meth:`_on_output_grad`), computed when all
-            # have arrived or at the end of the pass (torch's register_multi_grad_hook never
-            # fires inside the nested backward pass of reentrant checkpointing)
-            assert leaves is not None  # several outputs come from tree_flatten
-            outs = [o.view_as(o) for o in outs]
-            leaves = list(leaves)
-            for i, o in zip(record.positions, outs, strict=True):
-                leaves[i] = o
-            n = len(outs)
-            for i, out in enumerate(outs):  # a view always has a node (grad mode is on)
-                out.grad_fn.register_prehook(functools.partial(
-                    self._on_output_grad, record, i, n, out.output_nr))
-            return tree_unflatten(leaves, record.out_spec)
-        return None
-
-    def _on_output_grad(self, record: _Record, i: int, n: int, nr: int, grads: tuple) -> None:
-        """Output ``i`` of ``n`` of a recorded call got its gradient ``grads[nr]`` (``None``:
-        none), seen by a pre-hook on the node of the output's view."""
-        g = grads[nr]
-        try:
-            state = self._pass or self._begin()
-            key = id(record)
-            slot = state.partial.get(key)
-            if slot is None:
-                slot = state.partial[key] = (record, [None] * n, [0])
-            slot[1][i] = g
-            slot[2][0] += 1
-            if slot[2][0] == n:
-                del state.partial[key]
-                self._on_grads_inner(record, tuple(slot[1]), state)
-        except BaseException:
-            self._abort()
-            raise
+                return None
+            found = None
+            if type(record.entry.module).__module__.startswith("torch.nn"):
+                found = _tap.view_source(out, record.inputs if inputs is None else inputs)
+            if found is not None:
+                base_node, nr = found
+                shape = out.shape
+                base_node.register_prehook(lambda gs: self._on_grads(
+                    record, (None if gs[nr] is None else gs[nr].reshape(shape),)))
+                return None
+        tapped = _tap.Tap.apply(lambda gs: self._on_grads(record, gs), *outs)
+        if leaves is None:
+            return tapped[0]
+        leaves = list(leaves)
+        for i, o in zip(record.positions, tapped, strict=True):
+            leaves[i] = o
+        return tree_unflatten(leaves, record.out_spec)
 
     def _saved_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any,
                        fast: tuple | None) -> None:
@@ -877,13 +872,14 @@ class Tracker:
             dim = x.dim()
             handler = on_grad if dim == ndim else on_more if on_more and dim > ndim else None
             if handler is not None:
-                self._register_fast(entry, handler, saved[0], None, x.shape[0], output)
-                return None
+                return self._register_fast(entry, handler, saved[0], None, x.shape[0], output,
+                                           x)
         B = self._batch_of(entry, module, args, kwargs)
         record = _Record(entry, (), {}, (), (), B, self._count_uses(entry), spec, positions,
                          (saved, in_spec), _changed(entry) if entry.buffers else None,
                          _rng.recorded(entry.rng) if entry.dropout else None)
-        return self._register(record, outs, leaves)
+        return self._register(record, outs, leaves,
+                              tuple(t for t in flat if isinstance(t, Tensor)))
 
     def _before_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of a parametrized module (its buffers' versions before the call)
@@ -980,6 +976,13 @@ class Tracker:
         except BaseException:
             self._abort()
             raise
+
+    def _on_fast_view_grad(self, on_grad: Any, record: tuple, nr: int, shape: torch.Size,
+                           grads: tuple) -> None:
+        """:meth:`_on_fast_grad` for an output that reshapes the tensor ``grads[nr]`` is the
+        gradient of."""
+        g = grads[nr]
+        self._on_fast_grad(on_grad, record, 0, (None if g is None else g.reshape(shape),))
 
     def _on_linear_grad(self, state: _Pass, record: tuple, d: Tensor) -> None:
         """A 2-D ``nn.Linear`` call: stashed, computed in :meth:`_flush` together with the
@@ -1121,7 +1124,7 @@ class Tracker:
             args = tuple(a.movedim(1, 0) if isinstance(a, Tensor) else a for a in args)
             grads = tuple(g if g is None else g.movedim(1, 0) for g in grads)
             if outputs is not None:
-                outputs = tuple(o.movedim(1, 0) for o in outputs)
+                outputs = tuple((o.movedim(1, 0), v) for o, v in outputs)
         call = Call(
             module=entry.module,
             args=args,
@@ -1206,9 +1209,6 @@ class Tracker:
             raise
 
     def _finish_pass(self, state: _Pass) -> None:
-        while state.partial:  # calls some of whose outputs got no gradient in this pass
-            _, (record, grads, _) = state.partial.popitem()
-            self._on_grads_inner(record, tuple(grads), state)
         if state.stash:
             self._flush(state)
         cleared = state.cleared
