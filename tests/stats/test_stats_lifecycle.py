@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from stats_brute import per_example_grads, rel_err
+from stats_brute import per_example_grads, rel_err, same_graph_grads
 from torch import nn
 
 import sgdlab.stats as stats
@@ -283,6 +283,39 @@ def test_an_empty_batch_gives_zero_statistics(kind):
         loss(model(batch(3))).backward()
         assert tracker.num_examples == 3
         assert all(p.grad_second_moment.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["embedding", "bag"])
+def test_a_table_used_twice_on_a_batch_without_lookups(kind):
+    """A lookup table used twice in a pass whose examples look up nothing (sequences of length
+    0, empty bags): zero statistics, as the zero gradient (the rows of both uses were
+    reshaped with an inferred width and failed); a pass with lookups then gives the
+    per-example loop's statistics."""
+    torch.manual_seed(8)
+    if kind == "embedding":
+        table = nn.Embedding(5, 3).double()
+
+        def run(n):
+            idx = torch.randint(0, 5, (3, n))
+            return table(idx).sum((1, 2)) + table(idx.flip(1)).pow(2).sum((1, 2))
+    else:
+        table = nn.EmbeddingBag(5, 3, mode="sum").double()
+
+        def run(n):
+            idx = torch.randint(0, 5, (3 * n,))
+            offsets = torch.arange(3) * n
+            return table(idx, offsets).sum(1) + table(idx, offsets).pow(2).sum(1)
+    with stats.track(table, reduction="sum", per_example_norms=True) as tracker:
+        run(0).sum().backward()
+        assert torch.equal(table.weight.grad_second_moment, torch.zeros_like(table.weight))
+        assert torch.equal(tracker.per_example_sq_norms(), torch.zeros(3, dtype=torch.float64))
+        table.zero_grad(set_to_none=True)
+        torch.manual_seed(9)
+        run(2).sum().backward()
+        got = table.weight.grad_second_moment.clone()
+    torch.manual_seed(9)
+    (g,) = same_graph_grads(run(2), [table.weight])
+    assert rel_err(got, (g * g).mean(0)) < 1e-10
 
 
 def test_a_second_tracker_on_a_tracked_module_is_refused():

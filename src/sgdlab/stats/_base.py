@@ -26,6 +26,7 @@ mean-reduced loss over N examples, ``g_b = v_b`` for a summed loss).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -199,7 +200,8 @@ def _row_moments(rows: list[tuple[Tensor, Tensor, Tensor]], shape: torch.Size, s
     and squared (:func:`row_sums`, :func:`row_moments`)."""
     R = shape[0]
     key = torch.cat([ex * R + row for ex, row, _ in rows])
-    vec = torch.cat([v.reshape(v.shape[0], -1) for _, _, v in rows])
+    width = math.prod(shape[1:])  # explicit: a batch without lookups has zero rows
+    vec = torch.cat([v.reshape(v.shape[0], width) for _, _, v in rows])
     moment, nb = row_moments(*row_sums(key, vec), R, scale, norms, batch_size)
     return moment.view(shape), nb
 
