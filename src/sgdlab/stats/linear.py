@@ -166,7 +166,7 @@ def linear_seq_moments(
     :func:`linear_rule`.
     """
     x, d = in_param_dtype(module, x, d)
-    B = d.shape[0]
+    B = x.shape[0]  # d may come flattened, [B * T, out] (the tracker's view source)
     w = module.weight
     if weight and B * w.numel() * d.element_size() > memory_budget:
         return None  # chunks: the general rule

@@ -724,8 +724,11 @@ class Tracker:
         found = _tap.view_source(output, (live,))
         if found is not None:  # nn.Linear on [B, T, in]: its product, before the reshape
             node, nr = found
-            node.register_prehook(functools.partial(
-                self._on_fast_view_grad, handler, record, nr, output.shape))
+            node.register_prehook(
+                functools.partial(self._on_fast_grad, handler, record, nr) if entry.linear
+                # (the Linear rules take the product's gradient [B * T, out] as it is)
+                else functools.partial(self._on_fast_view_grad, handler, record, nr,
+                                       output.shape))
             return None
         (tapped,) = _tap.Tap.apply(
             functools.partial(self._on_fast_grad, handler, record, 0), output)
