@@ -440,3 +440,41 @@ def test_a_shallow_copy_is_not_recorded_as_the_original():
         other(torch.randn(7, 3)).square().mean().backward()  # shares the parameters and hooks
         for p, b in zip(model.parameters(), before, strict=True):
             assert torch.equal(p.grad_second_moment, b)  # nothing added for the copy's pass
+
+
+def test_a_parameter_shared_with_another_trackers_module_is_refused():
+    """Two trackers on modules that share a weight (a head tied to an embedding) would each
+    square their own use and both add to grad_second_moment (26-85% off): the second is
+    refused, and the first keeps its statistics."""
+    torch.manual_seed(12)
+    emb, head = nn.Embedding(6, 4).double(), nn.Linear(4, 6, bias=False).double()
+    head.weight = emb.weight
+    first = stats.track(emb)
+    idx = torch.randint(0, 6, (3, 2))
+    head(emb(idx)).pow(2).sum().backward()
+    kept = emb.weight.grad_second_moment.clone()
+    with pytest.raises(ValueError, match="already tracked by another Tracker"):
+        stats.track(head)
+    assert torch.equal(emb.weight.grad_second_moment, kept)
+    first.detach()
+    both = nn.ModuleDict({"emb": emb, "head": head})
+    with stats.track(both):  # one tracker over both: allowed
+        pass
+
+
+def test_calls_made_before_detach_write_nothing_after_it():
+    """A forward pass inside ``with track(model)`` and its backward pass after the block: the
+    hooks left on that pass's autograd nodes do nothing (they wrote a statistic that nothing
+    updated later, which an optimizer with second_moment='per_example' then reused)."""
+    import sgdlab
+
+    torch.manual_seed(13)
+    model = nn.Linear(3, 4).double()
+    opt = sgdlab.Adam(model.parameters(), lr=1e-3, second_moment="per_example")
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with stats.track(model):
+        loss = model(x).pow(2).mean()
+    loss.backward()
+    assert not hasattr(model.weight, "grad_second_moment")
+    with pytest.raises(ValueError, match="needs p.grad_second_moment"):
+        opt.step()

@@ -121,6 +121,23 @@ DEFER_BYTES = 2**20
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
 
 
+# id of each tracked parameter -> (the parameter, its tracker), weakly: a parameter shared by
+# modules of two trackers (a head tied to an embedding) would get two statistics added
+_TRACKED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+# the autograd engine's running graph task (-1: none); a call recorded while one runs is a
+# reentrant checkpoint's recomputation (:meth:`Tracker._recomputed_call`)
+_graph_task = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def _tracker_of(p: Tensor) -> Tracker | None:
+    found = _TRACKED.get(id(p))
+    if found is None or found[0]() is not p:
+        return None
+    tracker = found[1]()
+    return tracker if tracker is not None and tracker._handles else None
+
+
 def _attached(module: nn.Module) -> Tracker | None:
     ref = _ATTACHED.get(module)
     tracker = ref() if ref is not None else None
@@ -480,6 +497,8 @@ class Tracker:
         self._coverage_handles: list[Any] = []
         self._watch: _stray.Watch | None = None
         self._uses: dict[int, int] = {}
+        self._session: set[int] | None = None  # see _recomputed_call
+        self._detached = False  # hooks on autograd nodes of earlier calls then do nothing
         self._pass: _Pass | None = None
         self._suspended = 0
         self._grad_versions: dict[int, int] = {}
@@ -496,8 +515,8 @@ class Tracker:
                 )
         try:
             self._attach(model, warn_fallback)
-        except BaseException:  # no hooks left behind by a model that cannot be tracked
-            self.detach()
+        except BaseException:  # no hooks left behind by a model that cannot be tracked (and
+            self.detach(clear=False)  # no statistic of another tracker's parameters cleared)
             raise
 
     def _attach(self, model: nn.Module, warn_fallback: bool) -> None:
@@ -569,6 +588,16 @@ class Tracker:
             self._handles.append(module.register_forward_hook(_Hook(hook), with_kwargs=True))
         if not self._entries:
             raise ValueError("model has no trainable parameters to track")
+        for name, p in self._params.values():
+            if _tracker_of(p) not in (None, self):
+                raise ValueError(
+                    f"parameter {name!r} is already tracked by another Tracker through a module "
+                    "that shares it (a head tied to an embedding): each would square only its "
+                    "own use and both would add to grad_second_moment. Track the modules that "
+                    "share it with one tracker (their common parent)"
+                )
+        for pid, (_, p) in self._params.items():
+            _TRACKED[pid] = (weakref.ref(p), weakref.ref(self))
         self._plist = [(pid, p) for pid, (_, p) in self._params.items()]
         # coverage check (a parameter whose gradient bypasses its module's call) on the first
         # backward pass; the hooks are removed after it, so later steps pay nothing for them
@@ -643,6 +672,12 @@ class Tracker:
             ref = _ATTACHED.get(module)
             if ref is not None and ref() is self:
                 del _ATTACHED[module]
+        for pid in self._params:
+            found = _TRACKED.get(pid)
+            if found is not None and found[1]() in (self, None):
+                del _TRACKED[pid]
+        self._detached = True
+        self._pass = None  # a pass running now (detached mid-backward) is dropped
         if clear:
             for _, p in self._params.values():
                 if hasattr(p, ATTRIBUTE):
@@ -704,9 +739,36 @@ class Tracker:
     def _count_uses(self, entry: _Entry) -> dict[int, int]:
         """One more call of ``entry``'s parameters in this forward pass; the use counts."""
         uses = self._uses
+        if _graph_task() != -1:
+            self._recomputed_call(entry, uses)
         for pid in entry.ids:
             uses[pid] = uses.get(pid, 0) + 1
         return uses
+
+    def _recomputed_call(self, entry: _Entry, uses: dict[int, int]) -> None:
+        """A call recorded while a backward pass runs: the forward of a reentrant checkpoint
+        (``use_reentrant=True``), rerun when the backward pass reaches it, whose gradients
+        then arrive in a backward pass nested in the outer one. The pass's end is queued here,
+        on the outer pass (queued from the nested one, it ended with it: two passes, norms
+        lost). A parameter whose uses span regions or the rest of the model is refused: its
+        gradients arrive before its other uses are known (a "session" is one region's
+        recomputation: the calls recorded until gradients flow again)."""
+        session = self._session
+        if session is None:
+            session = self._session = set()
+        for pid in entry.ids:
+            if uses.get(pid, 0) and pid not in session:
+                raise ValueError(
+                    f"{entry.label}: its parameter {self._params[pid][0]!r} is used inside a "
+                    "reentrant checkpoint (use_reentrant=True) and elsewhere in the pass (outside "
+                    "it, or in another region); the region's calls are recorded only when the "
+                    "backward pass recomputes it, after the gradients of the other uses, so "
+                    "their per-example gradients cannot be summed before squaring. Use "
+                    "checkpoint(..., use_reentrant=False)"
+                )
+            session.add(pid)
+        if self._pass is None:
+            self._begin()
 
     def _register_fast(self, entry: _Entry, handler: Any, x: Any, version: int | None, B: int,
                        output: Tensor, live: Tensor) -> Tensor | None:
@@ -943,6 +1005,9 @@ class Tracker:
         return state
 
     def _on_grads(self, record: _Record, grads: tuple[Tensor | None, ...]) -> None:
+        if self._detached:
+            return
+        self._session = None
         try:
             self._on_grads_inner(record, grads)
         except BaseException:
@@ -961,6 +1026,9 @@ class Tracker:
         """Output gradient of a call on a short path (``record`` = entry, input, its version,
         batch size, use counts, from :meth:`_fast_hook`): the checks of every call, then
         ``on_grad(state, record, d)`` unless the output got no gradient."""
+        if self._detached:
+            return
+        self._session = None
         try:
             state = self._pass or self._begin()
             entry, x, version, B, uses = record
@@ -1203,6 +1271,7 @@ class Tracker:
     def _finish(self) -> None:
         state, self._pass = self._pass, None
         self._uses = {}
+        self._session = None
         if state is None:
             return
         try:
