@@ -226,15 +226,19 @@ class BatchScaledOptimizer(Optimizer):
         return hp
 
     def _carry_momentum(self, group: dict[str, Any], new: float) -> None:
-        """Carry heavy-ball buffers across a change of the momentum coefficient.
+        """Carry heavy-ball buffers across a change of the momentum coefficient that a change
+        of batch size made.
 
         A heavy-ball buffer ``b = m b + g`` is ``N mu`` with ``mu`` the running average of the
         gradient and ``N = 1/(1-m)``. When a batch-size change moves ``m_old -> m_new``, the
-        average ``mu`` carries over, so ``b`` is multiplied by ``(1 - m_old) / (1 - m_new)``.
-        A buffer is dropped when either coefficient is 0 (no average to carry).
+        average ``mu`` carries over, so ``b`` is multiplied by ``(1 - m_old) / (1 - m_new)``;
+        a buffer is dropped when either coefficient is 0 (no average to carry). A change of
+        ``group["momentum"]`` itself (a scheduler cycling it, as ``OneCycleLR`` does, or an
+        edit) keeps the buffer as it is, as torch.optim does.
         """
         prev = group.get("momentum_in_use")
-        if prev is not None and prev != new:
+        asked = group["momentum"]
+        if prev is not None and prev != new and group.get("momentum_asked", asked) == asked:
             for p in group["params"]:
                 buf = self.state[p].get("momentum_buffer") if p in self.state else None
                 if buf is None:
@@ -245,6 +249,7 @@ class BatchScaledOptimizer(Optimizer):
                 else:
                     buf.mul_((1.0 - prev) / (1.0 - new))
         group["momentum_in_use"] = new
+        group["momentum_asked"] = asked
 
     # ------------------------------------------------------------------ step
     def _use_foreach(self, group: dict[str, Any], params: list[torch.Tensor]) -> bool:
