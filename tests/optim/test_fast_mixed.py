@@ -60,6 +60,56 @@ def test_low_precision_params_follow_a_float32_master(dtype, cls, kwargs):
     assert not torch.equal(m, m.to(dtype).float())
 
 
+@pytest.mark.parametrize("write", ["load_state_dict", "clamp_", "copy_ one of two"])
+@pytest.mark.parametrize("cls", [sgdlab.Adam, sgdlab.SGD, sgdlab.RMSProp],
+                         ids=["adam", "sgd", "rmsprop"])
+def test_low_precision_params_written_in_place_keep_the_write(cls, write):
+    """A bfloat16 parameter written in place between steps (a loaded checkpoint, weight
+    clipping) gets its float32 master from the write; the other parameters keep theirs.
+    Before, the next step wrote the old master back (weights restored after a load)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)).to(torch.bfloat16)
+    opt = cls(model.parameters(), lr=1e-3, fused=True)
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+        opt.step()
+
+    for _ in range(3):
+        step()
+    params = list(model.parameters())
+    kept = [opt.state[p]["master_param"].clone() for p in params]
+    with torch.no_grad():
+        if write == "load_state_dict":
+            model.load_state_dict({k: torch.full_like(v, 0.5) for k, v in
+                                   model.state_dict().items()})
+        elif write == "clamp_":
+            for p in params:
+                p.clamp_(-0.01, 0.01)
+        else:
+            params[0].copy_(torch.full_like(params[0], 0.25))
+    written = [p.detach().float().clone() for p in params]
+    ref = [w.clone().requires_grad_() for w in written]
+    opt_ref = cls(ref, lr=1e-3, foreach=False)
+    for q, p in zip(ref, params, strict=True):  # the reference continues from the writes
+        opt_ref.state[q] = {k: v.float().clone() if torch.is_tensor(v) else v
+                            for k, v in opt.state[p].items() if k != "master_param"}
+    step()
+    for q, p in zip(ref, params, strict=True):
+        q.grad = p.grad.float()
+    opt_ref.step()
+    changed = range(len(params)) if write != "copy_ one of two" else [0]
+    for i, (p, q) in enumerate(zip(params, ref, strict=True)):
+        master = opt.state[p]["master_param"]
+        if i in changed:
+            assert torch.allclose(master, q.detach(), rtol=0, atol=1e-6), i
+        else:  # untouched: stepped from its own master, not from the rounded parameter
+            assert not torch.equal(kept[i], master)
+            assert (master - kept[i]).abs().max() < 1e-2
+        assert torch.equal(p.detach(), master.to(torch.bfloat16))
+
+
 def test_grad_scaler_skips_inf_steps_and_unscales_exactly():
     """``torch.amp.GradScaler("cpu")``: a finite step equals the unscaled float32 step (the
     scale is a power of two); a step with an inf leaves parameters and state untouched and

@@ -15,8 +15,12 @@ copied in before the step with one ``torch._foreach_copy_``.
 
 Low precision (bfloat16/float16 parameters): the state is float32 and a float32 master copy of
 the parameters is kept in ``state[p]["master_param"]``; the parameter is the master rounded to
-its dtype after every step. A master that no longer rounds to the parameter (the parameter was
-changed from outside) is re-initialised from the parameter when the buffers are rebuilt.
+its dtype after every step. A parameter written in place since the last step
+(``model.load_state_dict``, ``p.copy_``/``p.clamp_`` under ``no_grad``: its version counter
+moved) gets its master re-initialised from it before the next step (:meth:`FlatGroup.
+sync_master`), and so does a master that no longer rounds to the parameter when the buffers
+are rebuilt. Writes through ``p.data`` do not move the version counter and are not seen (the
+step would write the old weights back): write to ``p`` itself under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
@@ -118,6 +122,22 @@ class FlatGroup:
                 v.copy_(p.detach())
             state[p]["master_param"] = v
         self.flat_master = flat
+        self.master_views = views
+        self.versions = [p._version for p in self.params]
+
+    def sync_master(self) -> None:
+        """Re-initialise the master copy of every parameter written in place since the last
+        step (its version counter moved; the kernel writes the flat buffer, not ``p``, so its
+        own writes do not move it)."""
+        versions = self.versions
+        stale = [i for i, p in enumerate(self.params) if p._version != versions[i]]
+        if not stale:
+            return
+        with torch.no_grad():
+            torch._foreach_copy_([self.master_views[i] for i in stale],
+                                 [self.params[i].detach() for i in stale])
+        for i in stale:
+            versions[i] = self.params[i]._version
 
     def adopt_steps(self, state: dict, dtype: torch.dtype, on_device: bool = False) -> list[float]:
         """Hold every parameter's ``state[p]["step"]`` (0 when absent) in one tensor, so a

@@ -180,6 +180,8 @@ def _prepare(opt: Any, group: dict, params: list[torch.Tensor], keys: dict[str, 
             return None
     for fg in entry.fgs:
         fg.gather_grads()
+        if fg.flat_master is not None:
+            fg.sync_master()
     return entry.fgs
 
 
