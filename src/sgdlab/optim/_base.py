@@ -156,9 +156,19 @@ class BatchScaledOptimizer(Optimizer):
         return []
 
     # ------------------------------------------------------------------ torch plumbing
+    def _drop_fast_cache(self) -> None:
+        """Let the fused path rebuild its flat buffers at the next step, after writing the
+        device-side counters of capturable groups (Adam's debiasing products and lecture
+        counts) back into the state, which the rebuild starts from."""
+        if self.__dict__.get("_fast_cache"):
+            from sgdlab.optim._fast import sync_host_state
+
+            sync_host_state(self)
+        self.__dict__.pop("_fast_cache", None)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self.__dict__.pop("_fast_cache", None)
+        self._drop_fast_cache()
         group = self.param_groups[-1]
         for key in ("batch_size", "ref_batch_size"):
             if group[key] is not None:
@@ -245,7 +255,7 @@ class BatchScaledOptimizer(Optimizer):
                     continue
                 if new == 0.0 or prev == 0.0:
                     del self.state[p]["momentum_buffer"]
-                    self.__dict__.pop("_fast_cache", None)
+                    self._drop_fast_cache()
                 else:
                     buf.mul_((1.0 - prev) / (1.0 - new))
         group["momentum_in_use"] = new
