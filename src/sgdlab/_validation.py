@@ -17,7 +17,10 @@ def _fmt(value: Any) -> str:
 
 
 def check_finite(name: str, value: Any) -> float:
-    """Return ``value`` as a float, or raise if it is not a finite real number."""
+    """Return ``value`` as a float, or raise if it is not a finite real number (a string or
+    a bool is not one, though ``float`` would convert it)."""
+    if isinstance(value, str | bytes | bool):
+        raise ValueError(f"{name} must be a finite real number, got {_fmt(value)}")
     try:
         x = float(value)
     except (TypeError, ValueError):

@@ -168,6 +168,8 @@ BAD = [
     (sgdlab.Adam, dict(betas=0.9), r"betas must be a pair"),
     (sgdlab.Adam, dict(bias_correction="kingma"), r"bias_correction must be one of .*'kingma'"),
     (sgdlab.Adam, dict(lr=float("inf")), r"lr must be a finite real number, got inf"),
+    (sgdlab.SGD, dict(lr="0.1"), r"lr must be a finite real number, got '0\.1'"),
+    (sgdlab.Adam, dict(eps=True), r"eps must be a finite real number, got True"),
 ]
 
 

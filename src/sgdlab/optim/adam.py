@@ -199,9 +199,11 @@ class Adam(BatchScaledOptimizer):
     r"""Adam / AdamW with the lecture's options.
 
     A drop-in replacement for :class:`torch.optim.Adam` (and ``AdamW`` with
-    ``decoupled_weight_decay=True``): with default options it performs the same arithmetic
-    (identical in float64) with the same state names (``step``, ``exp_avg``, ``exp_avg_sq``,
-    ``max_exp_avg_sq``), so checkpoints move between the two.
+    ``decoupled_weight_decay=True``): with default options it performs the same update, to
+    rounding (the bias correction uses the running product of the betas, which a change of
+    batch size may move, where torch computes ``beta**step``: the two differ in the last bit,
+    about 1e-16 in float64), with the same state names (``step``, ``exp_avg``,
+    ``exp_avg_sq``, ``max_exp_avg_sq``), so checkpoints move between the two.
 
     Args:
         params: parameters or param groups.
