@@ -8,6 +8,7 @@ many steps later.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -65,7 +66,9 @@ def check_horizon(name: str, value: Any) -> float:
 
 
 def check_batch_size(name: str, value: Any) -> int:
-    """A batch size: an integer >= 1."""
+    """A batch size: an integer >= 1 (numpy's integers too)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be an integer >= 1, got {_fmt(value)}")
     if isinstance(value, float) and (not math.isfinite(value) or value != int(value)):

@@ -213,3 +213,21 @@ def test_every_torch_keyword_is_accepted_at_its_default(ours, theirs):
         ours([w], **{**kwargs, "differentiable": True})
     if "capturable" in kwargs:  # implemented: the fused path with device-side counters
         assert ours([w], **{**kwargs, "capturable": True}).param_groups[0]["capturable"]
+
+
+def test_numpy_integers_are_batch_sizes():
+    """A batch size from numpy (np.arange, a config array) is an integer: it was refused with
+    a message saying it was not one."""
+    import numpy as np
+
+    from sgdlab import dynamics
+
+    params = make_params(0)
+    opt = sgdlab.SGD(params, lr=0.1, momentum=0.9, ref_batch_size=np.int64(8),
+                     batch_size=np.int32(16))
+    set_grads(params, 0)
+    opt.step(batch_size=np.int64(32))
+    assert opt.param_groups[0]["batch_size"] == 32
+    assert type(opt.param_groups[0]["batch_size"]) is int
+    assert dynamics.excess_loss(1.0, 1.0, 0.1, np.int64(4)) == dynamics.excess_loss(1.0, 1.0,
+                                                                                     0.1, 4)

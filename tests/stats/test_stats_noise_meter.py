@@ -160,3 +160,77 @@ def test_meter_matches_per_example_gradients_in_float32_with_a_sparse_embedding(
     assert bg.dtype == bd.dtype == torch.float64
     assert bg.numel() == bd.numel() == max(p.numel() for p in net.parameters())
     tracker.detach()
+
+
+def test_optimizer_groups_with_the_same_name_are_refused():
+    """Two groups named alike were one entry of a dict: the meter covered the last group only,
+    with the first one's learning rate."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "name": "g", "lr": 0.1},
+                           {"params": model[1].parameters(), "name": "g", "lr": 1.0}])
+    with pytest.raises(ValueError, match=r"same name \['g'\]"):
+        stats.NoiseMeter(opt, batch_size=4)
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "name": "group1"},
+                           {"params": model[1].parameters()}], lr=0.1)  # default name group1
+    with pytest.raises(ValueError, match="group1"):
+        stats.NoiseMeter(opt, batch_size=4)
+
+
+def test_parameters_without_gradient_are_skipped_and_overflow_steps_kept_out():
+    """A frozen parameter (or a whole frozen group) is skipped as torch.optim skips it (it was
+    an error that asked to attach the tracker); a step with non-finite gradients is reported
+    as it is and kept out of the moving averages (they stayed NaN for good)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "name": "a"},
+                           {"params": model[2].parameters(), "name": "b"}], lr=0.1)
+    tracker = stats.track(model)
+    meter = stats.NoiseMeter(opt, batch_size=8, beta=0.5)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    readings = []
+    for step in range(4):
+        model.zero_grad(set_to_none=True)
+        model(x).pow(2).mean().backward()
+        if step == 1:
+            model[2].weight.grad[0, 0] = float("inf")
+        readings.append(meter.update())
+    assert not math.isfinite(readings[1].tr_sigma)
+    assert all(math.isfinite(r.b_simple_smoothed) for r in readings)
+    assert meter.updates == 3
+    for p in model[0].parameters():  # a whole group frozen
+        p.requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    model(x).pow(2).mean().backward()
+    r = meter.update()
+    assert r.tr_sigma_groups["a"] == 0.0
+    w = model[2].weight
+    expected_t = (w.grad_second_moment - w.grad**2).sum().item() * 8 / 7
+    assert r.tr_sigma_groups["b"] == pytest.approx(expected_t, rel=1e-12)
+    tracker.detach()
+
+
+def test_accumulated_micro_batches_need_the_trackers_batch_size():
+    """With mean losses over micro-batches, p.grad is a sum of means; without
+    tracker.batch_size the meter divided by all examples as if it were one mean (tr Sigma 2x,
+    |G|^2 14x off): refused. With it, the concatenated batch's figures."""
+    torch.manual_seed(6)
+    model = nn.Linear(3, 2).double()
+    x = torch.randn(15, 3, dtype=torch.float64)
+    tracker = stats.track(model)
+    meter = stats.NoiseMeter(model, batch_size=tracker)
+    for chunk in x.split(5):
+        model(chunk).pow(2).mean().backward()
+    with pytest.raises(ValueError, match="tracker.batch_size"):
+        meter.update()
+    model.zero_grad(set_to_none=True)
+    tracker.batch_size = 15
+    for chunk in x.split(5):
+        (model(chunk).pow(2).sum() / 15).backward()
+    r = meter.update()
+    per = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+        model(x[b:b + 1]).pow(2).sum(), list(model.parameters()))]) for b in range(15)])
+    mean = per.mean(0)
+    assert r.tr_sigma == pytest.approx(((per - mean) ** 2).sum(1).mean().item() * 15 / 14,
+                                       rel=1e-10)
+    tracker.detach()

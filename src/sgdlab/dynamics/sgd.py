@@ -32,6 +32,7 @@ True
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -112,6 +113,8 @@ def simulate_sgd(
     R = check_batch_size("chains", chains)
     check_choice("sampling", sampling, ("replacement", "reshuffle", "full"))
     Ng = check_horizon("momentum_horizon", momentum_horizon)
+    if isinstance(burn_in, numbers.Integral) and not isinstance(burn_in, bool):
+        burn_in = int(burn_in)
     if not isinstance(burn_in, int) or isinstance(burn_in, bool) or not 0 <= burn_in < steps:
         raise ValueError(f"burn_in must be an integer with 0 <= burn_in < steps={steps}, "
                          f"got {burn_in!r}")

@@ -28,6 +28,7 @@ Example (inside a training loop; ``params`` a flat tensor, ``grad`` its minibatc
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,8 @@ class FluctuationDissipationTest:
         self.keep = check_positive("keep", keep)
         if self.keep > 1:
             raise ValueError(f"keep must satisfy 0 < keep <= 1, got {keep}")
+        if isinstance(batches, numbers.Integral) and not isinstance(batches, bool):
+            batches = int(batches)
         if not isinstance(batches, int) or batches < 2:
             raise ValueError(f"batches must be an integer >= 2, got {batches!r}")
         self.batches = batches

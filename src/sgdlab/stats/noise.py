@@ -41,6 +41,7 @@ exactly as the uninterrupted one would (the readings' ``history`` is not part of
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -160,10 +161,15 @@ def _groups(source: Any) -> tuple[dict[str, list[nn.Parameter]], list[dict] | No
         named = [(n, p) for n, p in source.named_parameters() if p.requires_grad]
         return {n: [p] for n, p in named}, None
     if isinstance(source, torch.optim.Optimizer):
-        groups = {
-            str(g.get("name", f"group{i}")): list(g["params"])
-            for i, g in enumerate(source.param_groups)
-        }
+        names = [str(g.get("name", f"group{i}")) for i, g in enumerate(source.param_groups)]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(
+                f"the optimizer's param groups have the same name {twice} (a group's default "
+                "name is group<i>); the meter reports per group: give each group its own "
+                "'name'"
+            )
+        groups = {n: list(g["params"]) for n, g in zip(names, source.param_groups, strict=True)}
         return groups, source.param_groups
     if isinstance(source, Mapping):
         return {str(k): list(v) for k, v in source.items()}, None
@@ -204,6 +210,8 @@ class NoiseMeter:
         self.groups, self._param_groups = _groups(groups)
         if not self.groups or not all(self.groups.values()):
             raise ValueError("groups must contain at least one parameter per group")
+        if isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool):
+            batch_size = int(batch_size)
         if not isinstance(batch_size, int) and not hasattr(batch_size, "num_examples"):
             raise ValueError(
                 "batch_size must be an integer >= 2 or a Tracker (has num_examples), got "
@@ -226,6 +234,17 @@ class NoiseMeter:
         self.history: list[NoiseReading] = []
 
     def _batch_size(self) -> int:
+        tracker = self._batch
+        if (not isinstance(tracker, int) and getattr(tracker, "_passes", 1) > 1
+                and getattr(tracker, "batch_size", None) is None
+                and getattr(tracker, "reduction", "mean") == "mean"):
+            raise ValueError(
+                f"the tracker accumulated {tracker._passes} backward passes (micro-batches) "
+                "without tracker.batch_size: p.grad is then a sum of per-micro-batch means, not "
+                "the mean over the examples the meter would divide by. Set tracker.batch_size "
+                "to the examples of all micro-batches (the statistics are then those of the "
+                "concatenated batch)"
+            )
         b = self._batch if isinstance(self._batch, int) else int(self._batch.num_examples)
         if b < 2:
             raise ValueError(f"batch_size must be >= 2 to estimate a variance, got {b}")
@@ -249,19 +268,28 @@ class NoiseMeter:
         for name, params in self.groups.items():
             grads, moments = [], []
             for p in params:
+                if p.grad is None:  # no gradient this step (frozen, unused): as torch.optim
+                    continue
                 m = getattr(p, "grad_second_moment", None)
-                if p.grad is None or m is None:
+                if m is None:
                     raise ValueError(
-                        f"parameter of group {name!r} lacks grad or grad_second_moment; attach "
-                        "sgdlab.stats.track(model) before the backward pass"
+                        f"a parameter of group {name!r} has a gradient but no "
+                        "grad_second_moment; attach sgdlab.stats.track(model) before the "
+                        "backward pass (a tracker tracks the parameters that require grad when "
+                        "it is attached)"
                     )
                 grads.append(p.grad.detach())
                 moments.append(m.detach())
             per_group.append((grads, moments))
+        if not any(grads for grads, _ in per_group):
+            raise ValueError("no parameter of the meter's groups has a gradient: call update() "
+                             "after the backward pass")
         # float64 work one tensor at a time in shared buffers, one read from the device
         scratch = _scratch(g for grads, _ in per_group for g in grads)
-        sums = [torch.stack(_sums(g, m, None, scratch)) for g, m in per_group]
-        first = sums[0].device
+        first = next(g[0].device for g, _ in per_group if g)
+        # a group without gradients this step (all frozen or unused) contributes zero
+        sums = [torch.stack(_sums(g, m, None, scratch)) if g
+                else torch.zeros(2, dtype=torch.float64, device=first) for g, m in per_group]
         values = torch.stack([t.to(first) for t in sums]).tolist()
         for i, (name, (t, s)) in enumerate(zip(self.groups, values, strict=True)):
             tr_g[name], sq_g[name] = _unbiased(t, s, B)
@@ -269,12 +297,16 @@ class NoiseMeter:
             if lr is not None:
                 temp_g[name] = lr * tr_g[name] / (2 * B)
         tr_total, sq_total = sum(tr_g.values()), sum(sq_g.values())
-        self._ema_tr = self.beta * self._ema_tr + (1 - self.beta) * tr_total
-        self._ema_sq = self.beta * self._ema_sq + (1 - self.beta) * sq_total
+        if math.isfinite(tr_total) and math.isfinite(sq_total):
+            self._ema_tr = self.beta * self._ema_tr + (1 - self.beta) * tr_total
+            self._ema_sq = self.beta * self._ema_sq + (1 - self.beta) * sq_total
+            self.updates += 1
+        # else a step with inf/NaN gradients (a loss scaler's overflow, which the optimizer
+        # skips): reported as it is, kept out of the moving averages
         self.step = self.step + 1 if step is None else int(step) + 1
-        self.updates += 1
         debias = 1 - self.beta ** self.updates
-        tr_s, sq_s = self._ema_tr / debias, self._ema_sq / debias
+        tr_s = self._ema_tr / debias if self.updates else math.nan
+        sq_s = self._ema_sq / debias if self.updates else math.nan
         reading = NoiseReading(
             step=self.step - 1,
             batch_size=B,

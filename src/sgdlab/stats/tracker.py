@@ -504,6 +504,7 @@ class Tracker:
         self._grad_versions: dict[int, int] = {}
         self._norms: list[Tensor] = []
         self._examples = 0
+        self._passes = 0  # backward passes in _examples (micro-batches)
         self._params: dict[int, tuple[str, nn.Parameter]] = {}
         for name, module in model.named_modules():
             if _attached(module) is not None:
@@ -658,6 +659,7 @@ class Tracker:
                 setattr(p, ATTRIBUTE, None)
         self._norms = []
         self._examples = 0
+        self._passes = 0
         self._grad_versions.clear()
 
     def detach(self, clear: bool = True) -> None:
@@ -1002,6 +1004,7 @@ class Tracker:
         if cleared:
             self._norms = []
             self._examples = 0
+            self._passes = 0
         return state
 
     def _on_grads(self, record: _Record, grads: tuple[Tensor | None, ...]) -> None:
@@ -1368,6 +1371,7 @@ class Tracker:
         if self.per_example_norms and state.norms is not None:
             self._norms.append(state.norms * nscale)
         self._examples += B
+        self._passes += 1
 
 
 def track(
