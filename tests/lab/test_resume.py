@@ -65,6 +65,48 @@ def test_crash_mid_experiment_then_resume_and_force(tmp_path: Path, monkeypatch)
     assert other["status"] == "finished" and calls == [1, 1]
 
 
+def test_interrupted_forced_rerun_keeps_the_finished_result(tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """``--force`` (or another config) interrupted mid-run: the last finished results.json
+    stays until a new one replaces it (it was deleted before the rerun started, while the
+    report still listed the experiment)."""
+    run_experiment("one_d", tmp_path, preset="tiny")
+    expdir = tmp_path / "one_d"
+    saved = (expdir / "results.json").read_text()
+    mod = registry.get("one_d")
+
+    def interrupted(config, outdir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "run", interrupted)
+    for kwargs in ({"force": True}, {"overrides": {"draws": 3000}}):
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment("one_d", tmp_path, preset="tiny", **kwargs)
+        assert (expdir / "results.json").read_text() == saved
+    assert is_finished(expdir, make_config("one_d", "tiny"))
+
+
+def test_cli_interrupt_and_bad_out_are_short_messages(tmp_path: Path, capsys,
+                                                      monkeypatch) -> None:
+    from sgdlab.lab import cli
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (str(afile), str(afile / "sub"), ""):
+        assert cli.main(["run", "one_d", "--preset", "tiny", "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("sgdlab: error: --out") and "Traceback" not in err
+    assert not (Path.cwd() / "one_d").exists()
+    mod = registry.get("one_d")
+
+    def interrupted(config, outdir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "run", interrupted)
+    assert cli.main(["run", "one_d", "--preset", "tiny", "--out", str(tmp_path / "o")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
 def test_stale_temporary_from_a_hard_kill_is_removed(tmp_path: Path) -> None:
     expdir = tmp_path / "one_d"
     expdir.mkdir()

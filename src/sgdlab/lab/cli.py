@@ -31,6 +31,7 @@ data-parallel; the message lists what is valid); under ``--nproc`` torchrun's ex
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -178,6 +179,25 @@ def _run_rank_inner(args: argparse.Namespace, sets: dict[str, str]) -> int:
     return 0
 
 
+def _check_out(out: str) -> None:
+    """``--out``: a directory that exists or can be made (not empty: ``""`` would write into
+    the working directory)."""
+    if not out.strip():
+        raise ConfigError("--out must name a directory, got an empty string")
+    path = Path(out)
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out {out!r}: {str(parent)!r} exists and is not a directory")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out!r}: cannot make the directory ({exc.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out!r} is not writable")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sgdlab`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -186,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runner import make_config, reproduce, run_experiment
 
     try:
+        if getattr(args, "out", None) is not None:
+            _check_out(args.out)
         if args.command == "list":
             return _cmd_list()
         if args.command == "run":
@@ -229,6 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"{args.dir!r} holds no finished experiment results")
             print(f"report: {build_report(d).resolve()}")
             return 0
+    except KeyboardInterrupt:
+        print("sgdlab: interrupted; finished experiments and their results are kept",
+              file=sys.stderr)
+        return 130
     except (ConfigError, registry.UnknownExperimentError) as exc:
         print(f"sgdlab: error: {exc}", file=sys.stderr)
         if isinstance(exc, registry.UnknownExperimentError):

@@ -136,9 +136,9 @@ def run_experiment(
     if not force and is_finished(expdir, config):
         saved = read_json(expdir / "results.json")
         return {"name": name, "status": "skipped", "wall_time_s": saved["meta"]["wall_time_s"]}
-    old = expdir / "results.json"
-    if old.exists():
-        old.unlink()
+    # a finished results.json stays until the new one replaces it in one rename: a rerun
+    # (--force, another config) that is interrupted or fails leaves the last finished result,
+    # which records its own config
     cfg = to_jsonable(config_to_dict(config))
     atomic_write_json(expdir / "config.json", {"experiment": name, "preset": preset, **cfg})
     _seed_everything(config.seed)
