@@ -418,8 +418,10 @@ def test_public_names():
     }
 
 
-@pytest.mark.parametrize("T,M", [(300, 7), (10, 3), (300, 3), (60, 60)])
+@pytest.mark.parametrize("T,M", [(300, 7), (10, 3), (300, 3), (60, 60), (61, 60)])
 def test_snapshot_count_is_as_documented(T, M):
-    """M snapshots where M divides T, M - 1 where the last cycle is cut short at T."""
+    """M snapshots where M divides T, floor(T / ceil(T/M)) (fewer) otherwise."""
     s = CyclicCosine.snapshot_ensemble(0.1, total_steps=T, snapshots=M)
-    assert len(s.snapshot_steps(T)) == (M if T % M == 0 else M - 1)
+    count = len(s.snapshot_steps(T))
+    assert count == T // math.ceil(T / M)
+    assert count == M if T % M == 0 else count < M

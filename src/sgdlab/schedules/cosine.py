@@ -97,8 +97,9 @@ class CyclicCosine(Schedule):
     @classmethod
     def snapshot_ensemble(cls, base: float, total_steps: int, snapshots: int) -> CyclicCosine:
         r"""Huang et al. 2017: ``snapshots`` (M) equal cycles of :math:`\lceil T/M\rceil` steps
-        (their eq. 2). Where M does not divide T the last cycle is cut short at T and ends no
-        cycle: :meth:`snapshot_steps` then has M - 1 entries (T = 300, M = 7: six). Choose T a
+        (their eq. 2). Where M does not divide T the cycles that end within T number
+        :math:`\lfloor T / \lceil T/M\rceil\rfloor < M`, and so do the entries of
+        :meth:`snapshot_steps` (T = 300, M = 7: six; T = 61, M = 60: thirty). Choose T a
         multiple of M for M snapshots."""
         T = check_step_count("total_steps", total_steps)
         M = check_step_count("snapshots", snapshots)
