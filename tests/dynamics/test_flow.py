@@ -14,6 +14,7 @@ from sgdlab.dynamics import (
     convergence_order,
     flow_errors,
     gradient_flow,
+    simulate_sgd,
 )
 
 torch.set_num_threads(1)
@@ -92,3 +93,33 @@ def test_bad_input():
         flow_errors(p, [0.3], 1.0, [1.0])
     with pytest.raises(ValueError, match="step sizes"):
         convergence_order([0.1], [0.2])
+
+
+def test_flow_at_repeated_and_zero_times_on_the_ode_path():
+    """The solve_ivp path (a non-quadratic problem) at times that repeat or are all 0, as the
+    closed-form quadratic path allows (it failed in solve_ivp's argument checks)."""
+    well = DoubleWell()
+    at = gradient_flow(well, [0.5], [1.0, 0.0, 1.0, 0.5])
+    assert at.shape == (4, 1, 1)
+    assert torch.equal(at[0], at[2]) and at[1].item() == 0.5
+    assert torch.allclose(at[3], gradient_flow(well, [0.5], [0.5])[0], rtol=0, atol=1e-9)
+    assert gradient_flow(well, [0.5], [0.0, 0.0]).reshape(-1).tolist() == [0.5, 0.5]
+
+
+def test_weak_error_compares_each_chain_with_its_own_flow():
+    """With one starting point per chain, the weak error is |E f(Phi_K) - E f(Phi(t))| over
+    the chains' own flows (chain 0's flow was used for all: 24x too large); full-batch GD
+    runs one chain per starting point."""
+    q = Quadratic([1.0, 0.5], [1.0, 1.0])
+    R = 400
+    init = np.random.default_rng(0).standard_normal((R, 2)) * 3
+    e = flow_errors(q, [0.1], 2.0, init, chains=R)
+    run = simulate_sgd(q, 0.1, 1, 20, R, init=init, statistics=False, seed=0)
+    ref = gradient_flow(q, init, [2.0])[0]
+    expected = abs(float((q.loss(run.final) - q.loss(ref)).mean()))
+    assert e["weak_error"][0] == pytest.approx(expected, rel=1e-12)
+    full = flow_errors(q, [0.1], 2.0, init[:5], stochastic=False)
+    gd = simulate_sgd(q, 0.1, 1, 20, 5, init=init[:5], statistics=False, sampling="full")
+    assert full["rms_error"][0] == pytest.approx(
+        float(((gd.final - gradient_flow(q, init[:5], [2.0])[0]) ** 2).sum(-1).mean()) ** 0.5,
+        rel=1e-12)

@@ -156,3 +156,26 @@ def test_bad_input_raises_with_named_parameter(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         simulate_langevin(**args)
+
+
+def test_gibbs_expectations_on_a_wide_interval_find_a_narrow_mass():
+    """A narrow mass far from the midpoint of a wide interval given by hand: the quadrature of
+    expectations is told where the mode is (it returned 0 for E[x] and Var)."""
+    from sgdlab.dynamics import GibbsDensity, langevin_stationary_density
+
+    g = GibbsDensity(lambda x: 0.5 * (x - 37.0) ** 2, 1e-3, lower=-100.0, upper=100.0)
+    assert g.expect(lambda x: x) == pytest.approx(37.0, rel=1e-10)
+    assert g.variance() == pytest.approx(1e-3, rel=1e-8)
+    p = langevin_stationary_density(lambda x: 0.5 * (x - 5.0) ** 2, lr=2e-4, sigma2=1.0,
+                                    lower=-50, upper=50)
+    assert p.expect(lambda x: x) == pytest.approx(5.0, rel=1e-10)
+
+
+def test_zero_learning_rate_has_zero_stationary_covariance():
+    """lr = 0 is allowed (lr >= 0): the O(lr) limit, 0, as quadratic_variance and
+    ou_covariance give (the discrete Lyapunov solvers failed on the singular system)."""
+    from sgdlab.dynamics import excess_loss, reshuffling_excess_loss, stationary_covariance
+
+    assert stationary_covariance(1.0, 1.0, 0.0).tolist() == [[0.0]]
+    assert excess_loss([[2.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]], 0.0) == 0.0
+    assert reshuffling_excess_loss(1.0, 1.0, 0.0, n=5) == 0.0

@@ -80,14 +80,19 @@ def gradient_flow(problem: Problem, init: Any, times: Sequence[float], *,
             g = g + 0.5 * eta * problem.hessian_vector_product(phi, g)
         return (-g).numpy().reshape(-1)
 
-    order = np.argsort(t)
-    sol = solve_ivp(rhs, (0.0, float(t.max())), phi0.to(torch.float64).numpy().reshape(-1),
-                    method="DOP853", t_eval=t[order], rtol=rtol, atol=atol)
-    if not sol.success:
-        raise RuntimeError(f"solve_ivp failed: {sol.message}")
-    y = np.empty((t.size, R, d))
-    y[order] = sol.y.T.reshape(t.size, R, d)
-    return torch.as_tensor(y, dtype=dtype)
+    start = phi0.to(torch.float64).numpy().reshape(-1)
+    # solve_ivp wants strictly increasing times and a span of positive length: solve at the
+    # distinct times, then hand each requested time its value (times may repeat or be all 0)
+    uniq, back = np.unique(t, return_inverse=True)
+    if uniq[-1] == 0.0:
+        y = np.broadcast_to(start, (uniq.size, start.size))
+    else:
+        sol = solve_ivp(rhs, (0.0, float(uniq[-1])), start, method="DOP853", t_eval=uniq,
+                        rtol=rtol, atol=atol)
+        if not sol.success:
+            raise RuntimeError(f"solve_ivp failed: {sol.message}")
+        y = sol.y.T
+    return torch.as_tensor(np.ascontiguousarray(y[back]).reshape(t.size, R, d), dtype=dtype)
 
 
 def flow_errors(problem: Problem, lrs: Sequence[float], time: float, init: Any, *,
@@ -111,13 +116,19 @@ def flow_errors(problem: Problem, lrs: Sequence[float], time: float, init: Any, 
         K = int(round(time / eta))
         if abs(K * eta - time) > 1e-9 * time:
             raise ValueError(f"time / lr must be an integer, got time={time}, lr={eta}")
-        R = chains if stochastic else 1
+        # full-batch GD is deterministic: one chain per starting point given
+        starts = torch.as_tensor(init).reshape(-1, torch.as_tensor(init).shape[-1]).shape[0] \
+            if torch.as_tensor(init).dim() > 1 else 1
+        R = chains if stochastic else starts
         run = simulate_sgd(problem, eta, B, K, R, init=init, statistics=False, seed=seed + i,
                            sampling="replacement" if stochastic else "full")
         ref = gradient_flow(problem, init, [K * eta], modified_lr=eta if modified else None)[0]
         diff2 = ((run.final - ref) ** 2).sum(-1)
         fk = torch.as_tensor(f(run.final), dtype=torch.float64).reshape(R, -1).sum(-1)
-        fref = float(torch.as_tensor(f(ref[:1]), dtype=torch.float64).reshape(-1).sum())
+        # the flow from each chain's starting point (all alike unless init gives one per chain)
+        rows_ref = ref.reshape(-1, ref.shape[-1])
+        fref = float(torch.as_tensor(f(rows_ref), dtype=torch.float64)
+                     .reshape(rows_ref.shape[0], -1).sum(-1).mean())
         ms = float(diff2.mean())
         ms_se = float(diff2.std() / R**0.5) if R > 1 else 0.0
         rows["rms_error"].append(ms**0.5)

@@ -46,7 +46,10 @@ class GibbsDensity:
         self.lower, self.upper = lo, hi
         grid = np.linspace(lo, hi, 20001)
         self._shift = float(np.min(loss(grid)))
-        self.normaliser = quad(self._unnormalised, lo, hi, points=self._points(grid),
+        # break points for every integral: the mode (a narrow mass far from the midpoint of a
+        # wide interval is otherwise missed: expectations of 0) and the midpoint
+        self._breaks = sorted({*self._points(grid), 0.5 * (lo + hi)})
+        self.normaliser = quad(self._unnormalised, lo, hi, points=self._breaks,
                                limit=500, epsabs=0, epsrel=1e-12)[0]
         if not (np.isfinite(self.normaliser) and self.normaliser > 0):
             raise ValueError(f"the Gibbs density at T={T} cannot be normalised on [{lo}, {hi}]")
@@ -95,7 +98,7 @@ class GibbsDensity:
         from scipy.integrate import quad
 
         val = quad(lambda x: f(x) * self._unnormalised(x), self.lower, self.upper,
-                   points=[0.5 * (self.lower + self.upper)], limit=500,
+                   points=self._breaks, limit=500,
                    epsabs=1e-14 * self.normaliser, epsrel=1e-10)[0]
         return val / self.normaliser
 

@@ -60,6 +60,8 @@ def stationary_covariance(hessian: Any, noise_covariance: Any, lr: float,
     eta = check_nonnegative("lr", lr)
     B = check_batch_size("batch_size", batch_size)
     _check_stable(H, eta)
+    if eta == 0.0:  # no step: the limit of S = O(eta) (the Lyapunov system is singular)
+        return np.zeros_like(H)
     A = np.eye(H.shape[0]) - eta * H
     S = solve_discrete_lyapunov(A, eta**2 * C / B)
     return 0.5 * (S + S.T)

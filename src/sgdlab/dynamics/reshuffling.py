@@ -55,6 +55,8 @@ def reshuffling_covariances(hessian: Any, noise_covariance: Any, lr: float, n: i
         raise ValueError(f"need H positive definite and eta h_max < 2, got eigenvalues {w}, "
                          f"lr={eta}")
     M = n // B
+    if eta == 0.0:  # no step: the limit of the covariances, O(eta) (the system is singular)
+        return np.zeros((M, d, d))
     I = np.eye(d)
     A = I - eta * H
     P = np.zeros((d, d))
