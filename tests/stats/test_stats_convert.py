@@ -72,3 +72,33 @@ def test_a_bare_batchnorm_and_bad_num_groups():
     for bad in (0, 2.5, True, "4"):
         with pytest.raises(ValueError, match="num_groups must be an integer >= 1"):
             stats.replace_batchnorm(nn.Sequential(nn.BatchNorm1d(4)), num_groups=bad)
+
+
+def test_a_shared_batchnorm_becomes_one_shared_groupnorm_and_lazy_is_refused():
+    """A BatchNorm held in two places becomes one GroupNorm held in both (the second place
+    kept its BatchNorm: named_children lists a module once); an uninitialised lazy BatchNorm
+    is refused (it became GroupNorm(g, 0), failing at the next forward pass)."""
+    bn = nn.BatchNorm1d(4)
+    with torch.no_grad():
+        bn.weight.uniform_()
+    model = nn.Sequential(bn, nn.Linear(4, 4), bn)
+    stats.replace_batchnorm(model, num_groups=2)
+    assert isinstance(model[0], nn.GroupNorm) and model[0] is model[2]
+    assert torch.equal(model[0].weight, bn.weight)
+    assert sum(p.numel() for p in model.parameters()) == 8 + 20
+    with pytest.raises(ValueError, match="has not seen an input"):
+        stats.replace_batchnorm(nn.Sequential(nn.LazyBatchNorm1d()))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        stats.replace_batchnorm(None)
+
+
+def test_track_refuses_option_values_that_would_be_misread():
+    lin = nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="per_example_norms must be True or False"):
+        stats.track(lin, per_example_norms="False")
+    with pytest.raises(TypeError, match="warn_fallback"):
+        stats.track(lin, warn_fallback="x")
+    for bad in (0.5, 0, True, "8"):
+        with pytest.raises(ValueError, match="memory_budget"):
+            stats.track(lin, memory_budget=bad)
+    stats.track(lin, memory_budget=2e8).detach()

@@ -173,3 +173,37 @@ def test_hugging_face_conv1d_has_an_exact_rule(reduction):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _compare(flat, torch.randn(B, 3, dtype=torch.float64), y, reduction)
+
+
+def test_rule_handles_removed_in_any_order():
+    """Two rules registered for one type, removed oldest first: none is left (removing the
+    older handle did nothing while the newer was active, and the newer's removal then brought
+    the older back)."""
+    from sgdlab.stats import custom
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.g = nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return x * self.g
+
+    def rule_a(module, inputs, grads):
+        return {"g": inputs[0] * grads[0]}
+
+    def rule_b(module, inputs, grads):
+        return {"g": inputs[0] * grads[0]}
+
+    h1 = stats.register_rule(Odd, rule_a)
+    h2 = stats.register_rule(Odd, rule_b)
+    h1.remove()
+    assert "rule_b" in custom._CUSTOM[Odd].name
+    h2.remove()
+    assert Odd not in custom._CUSTOM
+    h3 = stats.register_rule(Odd, rule_a)
+    h4 = stats.register_rule(Odd, rule_b)
+    h4.remove()
+    assert "rule_a" in custom._CUSTOM[Odd].name
+    h3.remove()
+    assert Odd not in custom._CUSTOM

@@ -39,18 +39,34 @@ def replace_batchnorm(model: nn.Module, num_groups: int = 32) -> nn.Module:
         >>> net[1]
         GroupNorm(32, 64, eps=1e-05, affine=True...)
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     groups = check_batch_size("num_groups", num_groups)  # an integer >= 1
+    return _replace(model, groups, {})
+
+
+def _replace(model: nn.Module, groups: int, done: dict[int, nn.GroupNorm]) -> nn.Module:
+    """:func:`replace_batchnorm`; ``done``: the GroupNorm made for each BatchNorm (by id), so
+    that a BatchNorm used in several places becomes one GroupNorm, shared the same way."""
     if isinstance(model, _BatchNorm):
-        return _group_norm(model, groups)
-    for name, child in list(model.named_children()):
+        if id(model) not in done:
+            done[id(model)] = _group_norm(model, groups)
+        return done[id(model)]
+    # every slot, a module held twice included (named_children lists it once)
+    for name, child in list(model._modules.items()):
         if isinstance(child, _BatchNorm):
-            setattr(model, name, _group_norm(child, groups))
-        else:
-            replace_batchnorm(child, groups)
+            setattr(model, name, _replace(child, groups, done))
+        elif child is not None:
+            _replace(child, groups, done)
     return model
 
 
 def _group_norm(bn: _BatchNorm, num_groups: int) -> nn.GroupNorm:
+    if isinstance(bn, torch.nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
+        raise ValueError(
+            f"{type(bn).__name__} has not seen an input yet (its number of features is not "
+            "known): run one forward pass before replace_batchnorm"
+        )
     C = bn.num_features
     ref = bn.weight if bn.affine else bn.running_mean
     kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}

@@ -53,21 +53,28 @@ PerExample = Callable[[nn.Module, tuple[Any, ...], tuple[Tensor | None, ...]],
                       Mapping[str, Tensor]]
 
 
-class RuleHandle:
-    """Returned by :func:`register_rule`; :meth:`remove` unregisters the rule (and restores a
-    rule it replaced)."""
+# every rule registered for a type, oldest first; the newest still registered is the one used
+_STACKS: dict[type, list[Rule]] = {}
 
-    def __init__(self, module_type: type, previous: Rule | None) -> None:
+
+class RuleHandle:
+    """Returned by :func:`register_rule`; :meth:`remove` unregisters the rule, in any order:
+    the newest rule still registered for the type is used (none: the built-in rule or the
+    fallback)."""
+
+    def __init__(self, module_type: type, rule: Rule) -> None:
         self.module_type = module_type
-        self._previous = previous
-        self._rule = _CUSTOM.get(module_type)
+        self._rule = rule
 
     def remove(self) -> None:
-        if _CUSTOM.get(self.module_type) is self._rule:
-            if self._previous is None:
-                del _CUSTOM[self.module_type]
-            else:
-                _CUSTOM[self.module_type] = self._previous
+        stack = _STACKS.get(self.module_type, [])
+        if any(r is self._rule for r in stack):
+            stack[:] = [r for r in stack if r is not self._rule]
+        if stack:
+            _CUSTOM[self.module_type] = stack[-1]
+        else:
+            _STACKS.pop(self.module_type, None)
+            _CUSTOM.pop(self.module_type, None)
 
 
 def register_rule(module_type: type, per_example: PerExample) -> RuleHandle:
@@ -79,10 +86,11 @@ def register_rule(module_type: type, per_example: PerExample) -> RuleHandle:
         )
     if not callable(per_example):
         raise TypeError(f"per_example must be callable, got {type(per_example).__name__}")
-    previous = _CUSTOM.get(module_type)
     name = getattr(per_example, "__qualname__", type(per_example).__name__)
-    _CUSTOM[module_type] = Rule(f"custom:{name}", functools.partial(_compute, per_example))
-    return RuleHandle(module_type, previous)
+    rule = Rule(f"custom:{name}", functools.partial(_compute, per_example))
+    _STACKS.setdefault(module_type, []).append(rule)
+    _CUSTOM[module_type] = rule
+    return RuleHandle(module_type, rule)
 
 
 def _compute(per_example: PerExample, call: Call) -> dict[str, Contribution]:

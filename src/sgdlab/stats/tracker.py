@@ -82,6 +82,7 @@ import contextlib
 import functools
 import inspect
 import math
+import numbers
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -94,7 +95,7 @@ from torch.autograd import Variable
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .._validation import check_batch_size, check_choice, check_positive
+from .._validation import check_batch_size, check_choice
 from . import _rng, _saved, _stray, _tap
 from ._base import Call, Contribution, outer_moments, outer_per_example
 from ._registry import Rule, _first_dim, _no_check, rule_for
@@ -479,10 +480,19 @@ class Tracker:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.reduction = check_choice("reduction", reduction, ("mean", "sum"))
         self.batch_size = batch_size
-        self.per_example_norms = bool(per_example_norms)
-        self.memory_budget = (
-            None if memory_budget is None else int(check_positive("memory_budget", memory_budget))
-        )
+        for flag, value in (("per_example_norms", per_example_norms),
+                            ("warn_fallback", warn_fallback)):
+            if not isinstance(value, bool):  # "False" would switch it on
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
+        self.per_example_norms = per_example_norms
+        if isinstance(memory_budget, float) and memory_budget.is_integer():
+            memory_budget = int(memory_budget)  # 2e8
+        if memory_budget is not None and (
+                isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral)
+                or memory_budget < 1):
+            raise ValueError(f"memory_budget must be an integer number of bytes >= 1 (or None), "
+                             f"got {memory_budget!r}")
+        self.memory_budget = None if memory_budget is None else int(memory_budget)
         if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
             raise TypeError(
                 "grad_scaler must be a torch.amp.GradScaler (an object with get_scale()), got "
