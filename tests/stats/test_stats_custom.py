@@ -105,8 +105,11 @@ def test_removing_the_rule_restores_the_fallback_and_subclasses_that_override_fo
         (lambda m, i, g: {"s": g[0]}, r"no per-example gradient for parameter 't'"),
         (lambda m, i, g: {"s": g[0], "t": g[0].sum(0)}, r"shape \(3,\) for parameter 't'"),
         (lambda m, i, g: [g[0]], "must return a mapping"),
+        (lambda m, i, g: {"s": g[0], "t": g[0], "tt": g[0]}, r"\['tt'\], which are not"),
+        (lambda m, i, g: {"s": g[0], "t": g[0].numpy()}, r"returned ndarray for parameter 't'"),
+        (lambda m, i, g: {"s": g[0], "t": g[0].long()}, r"torch.int64 tensor for parameter"),
     ],
-    ids=["missing", "shape", "not-a-mapping"],
+    ids=["missing", "shape", "not-a-mapping", "misspelt", "numpy", "integer"],
 )
 def test_a_faulty_rule_is_named_in_the_error(rule, match):
     handle = stats.register_rule(Scale, rule)

@@ -114,6 +114,13 @@ def _compute(per_example: PerExample, call: Call) -> dict[str, Contribution]:
         s = slice(i, min(B, i + n))
         got = per_example(m, tuple(cut(a, s) for a in call.args),
                           tuple(None if g is None else cut(g, s) for g in call.grads))
+        if isinstance(got, Mapping):
+            unknown = sorted(str(k) for k in got if k not in params)
+            if unknown:
+                raise ValueError(
+                    f"the rule registered for {type(m).__name__} returned {unknown}, which are "
+                    f"not parameters of the module (its parameters: {sorted(params)})"
+                )
         for nm in names:
             v = _checked(m, got, nm, (s.stop - s.start, *params[nm].shape))
             sums.add(nm, v.to(params[nm].dtype))
@@ -128,10 +135,16 @@ def _checked(module: nn.Module, got: Any, name: str, shape: tuple[int, ...]) -> 
             f"per-example gradients, got {type(got).__name__}"
         )
     v = got.get(name)
-    if not isinstance(v, Tensor):
+    if v is None:
         raise ValueError(
             f"the rule registered for {kind} returned no per-example gradient for parameter "
             f"{name!r} (it returned {sorted(got)})"
+        )
+    if not isinstance(v, Tensor) or not v.is_floating_point():
+        what = type(v).__name__ if not isinstance(v, Tensor) else f"a {v.dtype} tensor"
+        raise TypeError(
+            f"the rule registered for {kind} returned {what} for parameter {name!r}; expected "
+            "a real floating-point torch.Tensor"
         )
     if tuple(v.shape) != shape:
         raise ValueError(
