@@ -159,3 +159,22 @@ BAD = [
 def test_invalid_values_raise_naming_parameter_value_and_allowed(call, pattern):
     with pytest.raises(ValueError, match=pattern):
         call()
+
+
+def test_numpy_and_torch_scalars_become_floats():
+    """Hyperparameters given as numpy or torch scalars are stored as floats (an np.float32 lr
+    came back from to_per_step, a float32 tensor lr went into the optimizer's param group)."""
+    import numpy as np
+    import torch
+
+    import sgdlab
+
+    c = hyper.Conjugate(np.float32(1e-3), n_g=np.float64(100.0), n_s=torch.tensor(1000.0))
+    assert all(type(v) is float for v in (c.eta_prime, c.n_g, c.n_s, c.eps))
+    step = hyper.to_per_step(c, 4, "exact")
+    assert all(type(v) is float for v in (step.lr, step.beta1, step.beta2, step.eps))
+    p = hyper.PerStep(torch.tensor(0.1), np.float32(0.9))
+    assert type(p.lr) is float and type(p.beta1) is float
+    opt = sgdlab.SGD.from_conjugate([torch.zeros(2, requires_grad=True)],
+                                    eta_prime=torch.tensor(1e-3), batch_size=4)
+    assert type(opt.param_groups[0]["lr"]) is float

@@ -118,10 +118,11 @@ class Conjugate:
     eps: float = 0.0
 
     def __post_init__(self) -> None:
-        check_positive("eta_prime", self.eta_prime)
-        check_horizon("n_g", self.n_g)
-        check_horizon("n_s", self.n_s)
-        check_nonnegative("eps", self.eps)
+        # stored as Python floats (numpy or torch scalars would travel into param groups)
+        object.__setattr__(self, "eta_prime", check_positive("eta_prime", self.eta_prime))
+        object.__setattr__(self, "n_g", float(check_horizon("n_g", self.n_g)))
+        object.__setattr__(self, "n_s", float(check_horizon("n_s", self.n_s)))
+        object.__setattr__(self, "eps", check_nonnegative("eps", self.eps))
 
 
 @dataclass(frozen=True)
@@ -141,10 +142,11 @@ class PerStep:
     eps: float = 0.0
 
     def __post_init__(self) -> None:
-        check_positive("lr", self.lr)
-        check_unit_interval("beta1", self.beta1)
-        check_unit_interval("beta2", self.beta2)
-        check_nonnegative("eps", self.eps)
+        # stored as Python floats (numpy or torch scalars would travel into param groups)
+        object.__setattr__(self, "lr", check_positive("lr", self.lr))
+        object.__setattr__(self, "beta1", check_unit_interval("beta1", self.beta1))
+        object.__setattr__(self, "beta2", check_unit_interval("beta2", self.beta2))
+        object.__setattr__(self, "eps", check_nonnegative("eps", self.eps))
 
 
 def _rule(rule: str) -> str:
