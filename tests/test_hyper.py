@@ -178,3 +178,10 @@ def test_numpy_and_torch_scalars_become_floats():
     opt = sgdlab.SGD.from_conjugate([torch.zeros(2, requires_grad=True)],
                                     eta_prime=torch.tensor(1e-3), batch_size=4)
     assert type(opt.param_groups[0]["lr"]) is float
+
+
+def test_rescale_names_its_inputs_when_float64_cannot_hold_the_result():
+    with pytest.raises(ValueError, match="from batch size 1152921504606846976 to 1"):
+        hyper.rescale(PerStep(1e-3, 0.9, 0.999), 2**60, 1, "lecture")
+    with pytest.raises(TypeError, match="step must be a PerStep"):
+        hyper.rescale(Conjugate(1e-3), 8, 8)

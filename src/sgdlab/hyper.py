@@ -320,10 +320,18 @@ def rescale(
         >>> round(s.lr, 12), round(s.beta1, 12), round(s.beta2, 12)
         (0.002, 0.6, 0.996)
     """
+    if not isinstance(step, PerStep):
+        raise TypeError(f"step must be a PerStep, got {type(step).__name__}")
     b0 = check_batch_size("from_batch_size", from_batch_size)
     b = check_batch_size("to_batch_size", to_batch_size)
     _rule(rule)
     _form(momentum_form)
     if b == b0:
         return replace(step)
-    return to_per_step(to_conjugate(step, b0, rule, momentum_form), b, rule, momentum_form)
+    try:
+        return to_per_step(to_conjugate(step, b0, rule, momentum_form), b, rule, momentum_form)
+    except (ValueError, OverflowError) as e:  # a value float64 cannot hold (beta^k == 1)
+        raise ValueError(
+            f"rescaling {step} from batch size {b0} to {b} with rule {rule!r} gives values "
+            f"float64 cannot represent ({e}); use a ratio closer to 1"
+        ) from None
