@@ -112,6 +112,14 @@ def test_meter_errors():
         meter.update()
     with pytest.raises(ValueError, match=">= 2"):
         stats.noise_statistics([torch.ones(2)], [torch.ones(2)], 1)
+    with pytest.raises(ValueError, match=">= 2 to estimate a variance"):
+        stats.NoiseMeter(lin, batch_size=1)
+    with pytest.raises(TypeError, match="iterable of parameters"):
+        stats.NoiseMeter("abc", batch_size=4)
+    with pytest.raises(TypeError, match=r"groups\['a'\] must be an iterable of parameters"):
+        stats.NoiseMeter({"a": lin.weight}, batch_size=4)  # its rows were taken as parameters
+    with pytest.raises(ValueError, match="step must be an integer >= 0"):
+        meter.update(step=-5)
 
 
 def test_meter_matches_per_example_gradients_in_float32_with_a_sparse_embedding():

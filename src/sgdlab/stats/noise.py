@@ -156,6 +156,18 @@ class NoiseReading:
     temperature_groups: dict[str, float] = field(default_factory=dict)
 
 
+def _params_of(name: str, value: Any) -> list[Tensor]:
+    """The tensors of an iterable of parameters (a single tensor would be read as its rows)."""
+    if isinstance(value, Tensor) or isinstance(value, str | bytes) or not isinstance(
+            value, Iterable):
+        raise TypeError(f"{name} must be an iterable of parameters, got {type(value).__name__}")
+    params = list(value)
+    for p in params:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{name} must hold tensors (parameters), got {type(p).__name__}")
+    return params
+
+
 def _groups(source: Any) -> tuple[dict[str, list[nn.Parameter]], list[dict] | None]:
     if isinstance(source, nn.Module):
         named = [(n, p) for n, p in source.named_parameters() if p.requires_grad]
@@ -172,9 +184,10 @@ def _groups(source: Any) -> tuple[dict[str, list[nn.Parameter]], list[dict] | No
         groups = {n: list(g["params"]) for n, g in zip(names, source.param_groups, strict=True)}
         return groups, source.param_groups
     if isinstance(source, Mapping):
-        return {str(k): list(v) for k, v in source.items()}, None
-    if isinstance(source, Iterable):
-        return {"all": list(source)}, None
+        groups = {str(k): _params_of(f"groups[{k!r}]", v) for k, v in source.items()}
+        return groups, None
+    if isinstance(source, Iterable) and not isinstance(source, str | bytes | Tensor):
+        return {"all": _params_of("groups", source)}, None
     raise TypeError(
         "groups must be a Module, an Optimizer, a mapping name -> parameters or an iterable of "
         f"parameters, got {type(source).__name__}"
@@ -219,6 +232,9 @@ class NoiseMeter:
             )
         if isinstance(batch_size, int):
             check_batch_size("batch_size", batch_size)
+            if batch_size < 2:
+                raise ValueError(f"batch_size must be >= 2 to estimate a variance, got "
+                                 f"{batch_size}")
         self._batch = batch_size
         self.lr = None if lr is None else check_positive("lr", lr)
         self.beta = check_unit_interval("beta", beta)
@@ -260,6 +276,9 @@ class NoiseMeter:
     @torch.no_grad()
     def update(self, step: int | None = None) -> NoiseReading:
         """Read the statistics of the last backward pass; returns and records a reading."""
+        if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral)
+                                 or step < 0):
+            raise ValueError(f"step must be an integer >= 0 (or None), got {step!r}")
         B = self._batch_size()
         tr_g: dict[str, float] = {}
         sq_g: dict[str, float] = {}
@@ -373,8 +392,8 @@ class NoiseMeter:
             v = state[key]
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise TypeError(f"state[{key!r}] must be a float, got {type(v).__name__}")
-            if math.isnan(v):
-                raise ValueError(f"state[{key!r}] must not be NaN")
+            if not math.isfinite(v):
+                raise ValueError(f"state[{key!r}] must be finite, got {v!r}")
             emas[key] = float(v)
         if emas["beta"] != self.beta:
             raise ValueError(f"state was recorded with beta={emas['beta']!r}, this meter has "
