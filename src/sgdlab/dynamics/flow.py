@@ -111,14 +111,14 @@ def flow_errors(problem: Problem, lrs: Sequence[float], time: float, init: Any, 
     B = check_batch_size("batch_size", batch_size)
     f = observable if observable is not None else problem.loss
     rows = {k: [] for k in ("rms_error", "rms_stderr", "weak_error", "weak_stderr", "steps")}
+    # full-batch GD is deterministic: one chain per starting point given
+    init_t = torch.as_tensor(init)
+    starts = init_t.reshape(-1, init_t.shape[-1]).shape[0] if init_t.dim() > 1 else 1
     for i, eta in enumerate(lrs):
         eta = check_positive(f"lrs[{i}]", eta)
         K = int(round(time / eta))
         if abs(K * eta - time) > 1e-9 * time:
             raise ValueError(f"time / lr must be an integer, got time={time}, lr={eta}")
-        # full-batch GD is deterministic: one chain per starting point given
-        starts = torch.as_tensor(init).reshape(-1, torch.as_tensor(init).shape[-1]).shape[0] \
-            if torch.as_tensor(init).dim() > 1 else 1
         R = chains if stochastic else starts
         run = simulate_sgd(problem, eta, B, K, R, init=init, statistics=False, seed=seed + i,
                            sampling="replacement" if stochastic else "full")
