@@ -84,12 +84,12 @@ def test_report_renders_in_chromium(tiny_run: Path, tmp_path: Path) -> None:
     url = index.resolve().as_uri()
     base = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run(
-        [*base, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True
+        [*base, "--dump-dom", url], capture_output=True, text=True, timeout=300, check=True
     ).stdout
     shot = tmp_path / "report.png"
     subprocess.run(
         [*base, f"--screenshot={shot}", "--window-size=1280,2400", url],
-        capture_output=True, timeout=120, check=True,
+        capture_output=True, timeout=300, check=True,
     )
     assert shot.is_file() and shot.stat().st_size > 10_000, "no screenshot written"
 
