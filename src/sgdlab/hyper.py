@@ -91,6 +91,8 @@ __all__ = [
     "to_per_step",
     "to_conjugate",
     "rescale",
+    "per_example_gain",
+    "per_example_kwargs",
 ]
 
 Rule = Literal["lecture", "exact", "sqrt", "linear"]
@@ -335,3 +337,105 @@ def rescale(
             f"rescaling {step} from batch size {b0} to {b} with rule {rule!r} gives values "
             f"float64 cannot represent ({e}); use a ratio closer to 1"
         ) from None
+
+
+def per_example_gain(batch_size: int, noise_scale: float | None = None) -> float:
+    r"""``rho = E[mean_b g_b^2] / E[g_hat^2]``: how much larger the per-example second moment
+    is than the square of the batch-mean gradient at batch size ``B0``.
+
+    Per coordinate ``E[g_hat^2] = G^2 + Sigma/B0`` and ``E[mean_b g_b^2] = G^2 + Sigma``
+    (:mod:`sgdlab.stats.noise`); summed over coordinates, with the simple noise scale
+    ``B_simple = tr Sigma / |G|^2``,
+
+        rho = (1 + B_simple) / (1 + B_simple / B0)     in [1, B0],
+
+    the gain ratio of AdaScale (Johnson et al. 2020) from batch size 1 to ``B0``. Where noise
+    dominates (``B_simple >> B0``, the default ``noise_scale=None``) ``rho = B0``.
+    """
+    b0 = check_batch_size("batch_size", batch_size)
+    if noise_scale is None:
+        return float(b0)
+    if isinstance(noise_scale, (int, float)) and noise_scale == math.inf:
+        return float(b0)
+    b = check_nonnegative("noise_scale", noise_scale)
+    return (1.0 + b) / (1.0 + b / b0)
+
+
+_TORCH_KEYS = {
+    "adam": ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"),
+    "adamw": ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"),
+    "rmsprop": ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize"),
+}
+_TORCH_DEFAULT_WD = {"adam": 0.0, "adamw": 1e-2, "rmsprop": 0.0}
+
+
+def per_example_kwargs(
+    optimizer: object,
+    batch_size: int,
+    *,
+    noise_scale: float | None = None,
+    **torch_kwargs: object,
+) -> dict[str, object]:
+    r"""Carry a ``torch.optim`` Adam, AdamW or RMSprop configuration tuned at batch size
+    ``B0`` over to ``second_moment="per_example"`` at ``B0``.
+
+    ``optimizer`` is a torch optimizer (its ``defaults`` are read) or one of the names
+    ``"Adam"``, ``"AdamW"``, ``"RMSprop"`` with the torch keyword arguments given here.
+    Returns keyword arguments for :class:`sgdlab.Adam` or :class:`sgdlab.RMSProp`.
+
+    The batch-mean second moment ``g_hat^2`` that torch divides by is, in expectation,
+    ``1/rho`` times the per-example one (:func:`per_example_gain`; ``rho = B0`` where noise
+    dominates, which a tuned small batch usually is). Dividing by ``s^(1/2) + eps`` instead of
+    ``(s/rho)^(1/2) + eps`` shrinks every step by ``rho^(1/2)``; the same steps are taken with
+
+        lr' = rho^(1/2) lr,     eps' = rho^(1/2) eps,     betas unchanged (same B0).
+
+    A centered RMSprop divides by the variance ``s - m^2`` (``Sigma/B0`` against ``Sigma``
+    per example), whose ratio is ``B0`` at any noise scale. Where the gradient dominates
+    (``B_simple << B0``) ``rho -> 1``: pass the measured ``noise_scale`` (``B_simple`` of
+    :class:`sgdlab.stats.NoiseMeter`) to use the exact ratio.
+
+    Example:
+        >>> from sgdlab import hyper
+        >>> kw = hyper.per_example_kwargs("Adam", 16, lr=1e-3, betas=(0.9, 0.999))
+        >>> round(kw["lr"], 12), kw["betas"], kw["second_moment"], kw["ref_batch_size"]
+        (0.004, (0.9, 0.999), 'per_example', 16)
+    """
+    if isinstance(optimizer, str):
+        kind = optimizer.lower()
+        given = dict(torch_kwargs)
+    else:
+        kind = type(optimizer).__name__.lower()
+        if torch_kwargs:
+            raise TypeError(
+                "per_example_kwargs takes keyword arguments only with an optimizer name, "
+                f"got a {type(optimizer).__name__} and {sorted(torch_kwargs)}"
+            )
+        given = dict(getattr(optimizer, "defaults", {}))
+    if kind not in _TORCH_KEYS:
+        raise ValueError(
+            f"optimizer must be torch.optim Adam, AdamW or RMSprop (or their names), "
+            f"got {optimizer!r}"
+        )
+    keys = _TORCH_KEYS[kind]
+    unknown = sorted(k for k in torch_kwargs if k not in keys)
+    if unknown:
+        raise ValueError(f"per_example_kwargs: {unknown} are not {kind} options; allowed: {keys}")
+    b0 = check_batch_size("batch_size", batch_size)
+    out: dict[str, object] = {k: given[k] for k in keys if k in given}
+    out.setdefault("lr", 1e-2 if kind == "rmsprop" else 1e-3)
+    out.setdefault("eps", 1e-8)
+    out.setdefault("weight_decay", _TORCH_DEFAULT_WD[kind])
+    lr = check_positive("lr", out["lr"])
+    eps = check_nonnegative("eps", out["eps"])
+    rho = float(b0) if out.get("centered") else per_example_gain(b0, noise_scale)
+    out["lr"] = lr * math.sqrt(rho)
+    out["eps"] = eps * math.sqrt(rho)
+    if "betas" in out:
+        out["betas"] = tuple(float(b) for b in out["betas"])  # type: ignore[union-attr]
+    if kind == "adamw":
+        # decoupled decay Phi *= 1 - lr wd: the same per step with lr' wd' = lr wd
+        out["weight_decay"] = float(out["weight_decay"]) / math.sqrt(rho)  # type: ignore[arg-type]
+        out["decoupled_weight_decay"] = True
+    out.update(second_moment="per_example", ref_batch_size=b0)
+    return out
