@@ -80,6 +80,8 @@ def test_contract_values_sums_and_validation(name):
         assert Schedule.partial_sum(s, T, power) == pytest.approx(exact, rel=1e-14)
     times = s.times(T)
     assert times[0] == 0.0 and times[-1] == pytest.approx(s.partial_sum(T), rel=1e-13)
+    # the shape is a method on every schedule (StepDrops' factor attribute once shadowed it)
+    np.testing.assert_allclose([s.shape(t) for t in range(T)], vals / s.base, rtol=1e-15)
     for bad in (-1, 1.5, True, "3", None):
         with pytest.raises(ValueError, match=r"t must be an integer step >= 0, got"):
             s(bad)

@@ -432,7 +432,8 @@ def per_example_kwargs(
     out["lr"] = lr * math.sqrt(rho)
     out["eps"] = eps * math.sqrt(rho)
     if "betas" in out:
-        out["betas"] = tuple(float(b) for b in out["betas"])  # type: ignore[union-attr]
+        betas: tuple[float, float] = out["betas"]  # type: ignore[assignment]
+        out["betas"] = (float(betas[0]), float(betas[1]))
     if kind == "adamw":
         # decoupled decay Phi *= 1 - lr wd: the same per step with lr' wd' = lr wd
         out["weight_decay"] = float(out["weight_decay"]) / math.sqrt(rho)  # type: ignore[arg-type]

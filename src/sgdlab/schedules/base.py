@@ -68,8 +68,9 @@ class Schedule(ABC):
     def __call__(self, t: int) -> float:
         return float(self.lr(check_step("t", t)))
 
-    def factor(self, t: int) -> float:
-        """The shape ``schedule(t) / base``, what multiplies a param group's own lr."""
+    def shape(self, t: int) -> float:
+        """The shape ``schedule(t) / base``, what multiplies a param group's own lr (a method
+        of its own name: ``StepDrops`` and ``BatchSizeRamp`` have a ``factor`` attribute)."""
         return self(t) / self.base
 
     def values(self, steps: int) -> np.ndarray:

@@ -75,7 +75,7 @@ class ScheduleLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def _factor(self, t: int) -> float:
-        return self.schedule(t) / self.schedule.base
+        return self.schedule.shape(t)
 
     def get_lr(self) -> list[Any]:
         t = self.last_epoch
