@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up the test environment (test extras, Debian's chromium for the report's browser test)
-# and run the whole test suite on two workers. Extra arguments go to pytest.
+# Set up the test environment (test extras, Debian's chromium for the report's browser test),
+# run the gates (ruff lint, mypy on the typed modules) and the whole test suite, docstring
+# examples included, on two workers. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh test
@@ -12,6 +13,8 @@ if ! command -v chromium >/dev/null 2>&1; then
     exit 1
   fi
 fi
+.venv/bin/ruff check src tests benchmarks
+.venv/bin/mypy
 # property tests draw the same examples on every run (tests/conftest.py)
 export SGDLAB_DERANDOMIZE=1
 exec .venv/bin/python -m pytest -n 2 -q "$@"
