@@ -190,6 +190,16 @@ class RMSProp(BatchScaledOptimizer):
     """
 
     _momentum_form = "heavy_ball"
+    _torch_name = "RMSprop"
+    _state_keys = {
+        "step": "step",
+        "square_avg": "param",
+        "momentum_buffer": "param",
+        "grad_avg": "param",
+        "master_param": "param",
+    }
+    _state_required = ("step", "square_avg")
+    _group_required = ("lr", "alpha", "eps", "weight_decay")
 
     def __init__(
         self,
