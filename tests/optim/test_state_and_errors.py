@@ -239,7 +239,7 @@ def _stepped(cls, seed=20, steps=3, **kwargs):
     params = make_params(seed)
     opt = cls(params, **kwargs)
     for t in range(steps):
-        set_grads(params, t)
+        set_grads(params, t, per_example=kwargs.get("second_moment") == "per_example")
         opt.step()
     return params, opt
 
@@ -343,3 +343,98 @@ def test_a_refused_param_group_is_not_added():
     with pytest.raises(ValueError, match=r"lr must be finite and >= 0, got -1"):
         opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "lr": -1})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize(
+    "ours,theirs,kwargs",
+    [
+        (sgdlab.Adam, torch.optim.Adam, dict(lr=0.01)),
+        (sgdlab.RMSProp, torch.optim.RMSprop, dict(lr=0.01, momentum=0.5)),
+    ],
+    ids=["Adam", "RMSProp"],
+)
+def test_a_float_step_of_an_older_checkpoint_is_converted_as_torch_does(ours, theirs, kwargs):
+    """Older torch checkpoints keep ``step`` as a Python number: Adam crashed on it and
+    RMSProp kept a float. torch.optim's __setstate__ makes it a tensor; so does sgdlab, and
+    the run continues as the uninterrupted one (float64)."""
+    params, opt = _stepped(ours, **kwargs)
+    saved = checkpoint(opt.state_dict())
+    for st in saved["state"].values():
+        st["step"] = float(st["step"].item())
+    resumed = [p.detach().clone().requires_grad_() for p in params]
+    opt2 = ours(resumed, **kwargs)
+    opt2.load_state_dict(saved)
+    torch_params = [p.detach().clone().requires_grad_() for p in params]
+    twin = theirs(torch_params, **kwargs)
+    twin.load_state_dict(checkpoint(saved))
+    for p in resumed:
+        step, torch_step = opt2.state[p]["step"], twin.state[torch_params[0]]["step"]
+        assert isinstance(step, torch.Tensor) and step.dtype == torch_step.dtype
+        assert step.item() == 3.0
+    for t in range(3, 7):
+        set_grads(params, t)
+        set_grads(resumed, t)
+        opt.step()
+        opt2.step()
+    for a, b in zip(params, resumed):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("copy_with", ["deepcopy", "pickle"])
+def test_deepcopy_and_pickle_keep_the_nonfinite_policy(copy_with):
+    """A copy reset nonfinite to "raise" (and skipped_steps to 0): a copied optimizer then
+    raised on the inf gradient the original skips."""
+    import copy
+    import pickle
+
+    params = make_params(22)
+    opt = sgdlab.Adam(params, nonfinite="skip")
+    set_grads(params, 0)
+    params[0].grad[0, 0] = float("inf")
+    opt.step()
+    if copy_with == "deepcopy":
+        params2, opt2 = copy.deepcopy((params, opt))
+    else:
+        params2, opt2 = pickle.loads(pickle.dumps((params, opt)))
+    assert (opt2.nonfinite, opt2.skipped_steps) == ("skip", 1)
+    set_grads(params2, 1)
+    params2[0].grad[0, 0] = float("inf")
+    before = [p.detach().clone() for p in params2]
+    opt2.step()  # skipped, not raised
+    assert opt2.skipped_steps == 2
+    assert all(torch.equal(p, b) for p, b in zip(params2, before))
+
+
+@pytest.mark.parametrize("name,cls,kwargs", CASES, ids=[c[0] for c in CASES])
+def test_state_dict_round_trips_through_load_state_dict(name, cls, kwargs):
+    """load_state_dict added a "differentiable" key to every group, so a reloaded state dict
+    never equalled the one loaded; now it is the same structure, also after a second load."""
+    params, opt = _stepped(cls, **kwargs)
+    saved = opt.state_dict()
+    opt2 = cls([p.detach().clone().requires_grad_() for p in params], **kwargs)
+    opt2.load_state_dict(checkpoint(saved))
+    assert same_structure(opt2.state_dict(), saved)
+    opt2.load_state_dict(checkpoint(saved))
+    assert same_structure(opt2.state_dict(), saved)
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [(sgdlab.SGD, torch.optim.SGD), (sgdlab.RMSProp, torch.optim.RMSprop),
+     (sgdlab.Adam, torch.optim.Adam)],
+)
+def test_positional_arguments_follow_torch(ours, theirs):
+    """RMSProp took capturable, foreach, maximize and differentiable by keyword only, where
+    torch.optim.RMSprop takes them by position: a positional call is a drop-in for each."""
+    import inspect
+
+    def positional(cls):
+        sig = inspect.signature(cls.__init__)
+        return [(n, p.default) for n, p in sig.parameters.items()
+                if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and n != "self"]
+
+    assert positional(ours) == positional(theirs)
+    if ours is sgdlab.RMSProp:
+        w = torch.nn.Parameter(torch.ones(3))
+        opt = ours([w], 0.01, 0.99, 1e-8, 0, 0, False, False, None, True, False)
+        assert opt.param_groups[0]["maximize"] is True
