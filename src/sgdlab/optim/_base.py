@@ -281,7 +281,10 @@ class BatchScaledOptimizer(Optimizer):
             for pi, p in enumerate(group["params"]):
                 if p in state["state"]:
                     self._check_state(gi, pi, p, state["state"][p], group)
+        had_differentiable = "differentiable" in defaults
         super().__setstate__(state)
+        if not had_differentiable:  # torch adds it; sgdlab's defaults round-trip unchanged
+            self.defaults.pop("differentiable", None)
         self.__dict__.pop("_fast_cache", None)  # flat buffers are rebuilt from the new state
         self.__dict__.setdefault("nonfinite", "raise")
         self.__dict__.setdefault("skipped_steps", 0)
@@ -292,7 +295,10 @@ class BatchScaledOptimizer(Optimizer):
         from sgdlab.optim._fast import sync_host_state
 
         sync_host_state(self)
-        return super().state_dict()
+        state_dict = super().state_dict()
+        # as torch.optim's: no entry for a parameter without state (the step may look one up)
+        state_dict["state"] = {k: v for k, v in state_dict["state"].items() if v}
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this class or of its torch.optim namesake.
