@@ -67,8 +67,14 @@ def _db_from_source() -> dict[str, tuple[Any, Any]]:
     assert spec is not None and spec.origin is not None
     with open(spec.origin, encoding="utf-8") as f:
         tree = ast.parse(f.read())
-    wanted = {"OptimizerInput", "OptimizerErrorEnum", "ErrorOptimizerInput", "_get_device_type",
-              "get_error_inputs_for_all_optims", "CUDA_CONFIG_GPUS"}
+    wanted = {
+        "OptimizerInput",
+        "OptimizerErrorEnum",
+        "ErrorOptimizerInput",
+        "_get_device_type",
+        "get_error_inputs_for_all_optims",
+        "CUDA_CONFIG_GPUS",
+    }
     for name in ("sgd", "rmsprop", "adam"):
         wanted |= {f"optim_inputs_func_{name}", f"optim_error_inputs_func_{name}"}
     body = []
@@ -76,12 +82,19 @@ def _db_from_source() -> dict[str, tuple[Any, Any]]:
         names = {t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)}
         if getattr(node, "name", None) in wanted or names & wanted:
             body.append(node)
-    namespace: dict[str, Any] = {"torch": torch, "Tensor": Tensor, "Parameter": Parameter,
-                                 "Enum": Enum, "Any": Any}
+    namespace: dict[str, Any] = {
+        "torch": torch,
+        "Tensor": Tensor,
+        "Parameter": Parameter,
+        "Enum": Enum,
+        "Any": Any,
+    }
     exec(compile(ast.Module(body=body, type_ignores=[]), spec.origin, "exec"), namespace)
     return {
-        torch_name: (namespace[f"optim_inputs_func_{name}"],
-                     namespace[f"optim_error_inputs_func_{name}"])
+        torch_name: (
+            namespace[f"optim_inputs_func_{name}"],
+            namespace[f"optim_error_inputs_func_{name}"],
+        )
         for torch_name, name in (("SGD", "sgd"), ("RMSprop", "rmsprop"), ("Adam", "adam"))
     }
 
@@ -109,22 +122,65 @@ CONFIGS = _configs()
 #: (torch name, description, path, dtype) -> reason, None matching any path or dtype. Strict:
 #: a fix turns the xfail into a failure, and its entry is then removed.
 KNOWN: dict[tuple[str, str, str | None, torch.dtype | None], str] = {
-    ("Adam", "Tensor lr with capturable and amsgrad", "capturable", torch.float64):
-        "issue 17 item 9: a float32 tensor lr gives torch a float32 step size; sgdlab's "
-        "capturable Adam uses the lr as a float64 (parameters 4.6e-11 apart after 6 steps)",
-    ("Adam", "Tensor lr, Tensor betas, with capturable and amsgrad", None, None):
-        "issue 17 item 9: tensor betas are refused",
-    ("Adam", "Tensor lr, Tensor betas, with capturable", None, None):
-        "issue 17 item 9: tensor betas are refused",
-    ("Adam", "lr as Tensor doesn't work with foreach & not capturable", None, None):
-        "issue 17 item 9: a tensor lr with foreach=True is accepted where torch refuses it",
+    (
+        "Adam",
+        "Tensor lr with capturable and amsgrad",
+        "capturable",
+        torch.float64,
+    ): "issue 17 item 9: a float32 tensor lr gives torch a float32 step size; sgdlab's "
+    "capturable Adam uses the lr as a float64 (parameters 4.6e-11 apart after 6 steps)",
+    (
+        "Adam",
+        "Tensor lr, Tensor betas, with capturable and amsgrad",
+        None,
+        None,
+    ): "issue 17 item 9: tensor betas are refused",
+    (
+        "Adam",
+        "Tensor lr, Tensor betas, with capturable",
+        None,
+        None,
+    ): "issue 17 item 9: tensor betas are refused",
+    (
+        "Adam",
+        "lr as Tensor doesn't work with foreach & not capturable",
+        None,
+        None,
+    ): "issue 17 item 9: a tensor lr with foreach=True is accepted where torch refuses it",
+    ("RMSprop", "complex parameters", None, None): "issue 17 item 2: g*g instead of |g|^2",
+    ("Adam", "complex parameters", None, None): "issue 17 item 2: g*g, amsgrad crashes",
+    **{
+        (name, "zero-size parameter", path, None): "issue 17 item 10: the non-finite check "
+        "crashes in _foreach_norm on an empty gradient"
+        for name in OURS
+        for path in ("reference", "foreach", "fused")
+    },
+    **{
+        (name, "meta parameters", None, None): "issue 17 item 10: Tensor.item() on meta"
+        for name in OURS
+    },
+    **{
+        (name, "numpy hyperparameters", None, None): "issue 17 item 9: numpy scalars refused"
+        for name in OURS
+    },
+    **{
+        (name, "dense then sparse group", None, None): "issue 17 item 11: the dense group "
+        "is stepped before the sparse one is refused"
+        for name in ("RMSprop", "Adam")
+    },
+    ("Adam", "momentum-cycling scheduler", None, None): "issue 17 item 7: bias correction "
+    "1 - prod beta1(t) where torch uses 1 - beta1^t",
 }
 
 
 def _known(name: str, desc: str, path: str | None = None, dtype: Any = None) -> list[Any]:
     """The strict xfail mark of a known failure, if any."""
-    for key in ((name, desc, path, dtype), (name, desc, path, None), (name, desc, None, dtype),
-                (name, desc, None, None)):
+    for key in (
+        (name, desc, path, dtype),
+        (name, desc, path, None),
+        (name, desc, None, dtype),
+        (name, desc, None, None),
+    ):
         if key in KNOWN:
             return [pytest.mark.xfail(strict=True, reason=KNOWN[key])]
     return []
@@ -139,8 +195,11 @@ def _cases() -> list[Any]:
         for path in paths:
             for dtype in (torch.float64, torch.float32):
                 tag = f"{name}-{desc}-{path}-{str(dtype).split('.')[-1]}".replace(" ", "_")
-                cases.append(pytest.param(name, kwargs, path, dtype, id=tag,
-                                          marks=_known(name, desc, path, dtype)))
+                cases.append(
+                    pytest.param(
+                        name, kwargs, path, dtype, id=tag, marks=_known(name, desc, path, dtype)
+                    )
+                )
     return cases
 
 
@@ -175,13 +234,18 @@ def _twins(name, kwargs, path, dtype, seed=0):
     ours_kwargs.update(PATH_KWARGS[path])
     theirs_kwargs = {k: v for k, v in copy.deepcopy(kwargs).items() if k not in PATH_KEYS}
     theirs_kwargs["foreach"] = False
-    return ours_p, OURS[name](ours_p, **ours_kwargs), theirs_p, THEIRS[name](theirs_p,
-                                                                             **theirs_kwargs)
+    return (
+        ours_p,
+        OURS[name](ours_p, **ours_kwargs),
+        theirs_p,
+        THEIRS[name](theirs_p, **theirs_kwargs),
+    )
 
 
 def _tol(dtype: torch.dtype) -> dict[str, float]:
-    return {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 1e-5,
-                                                                           "rtol": 1e-5}
+    return (
+        {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
+    )
 
 
 def _close(a: Any, b: Any, dtype: torch.dtype) -> None:
@@ -269,9 +333,11 @@ ALL_PATHS = [
     if not (name == "SGD" and path == "capturable")
 ]
 #: options under which every optimizer moves (momentum etc. where it has them)
-RICH = {"SGD": dict(lr=0.05, momentum=0.9, weight_decay=0.01),
-        "RMSprop": dict(lr=0.01, momentum=0.5, centered=True),
-        "Adam": dict(lr=0.01, amsgrad=True, weight_decay=0.01)}
+RICH = {
+    "SGD": dict(lr=0.05, momentum=0.9, weight_decay=0.01),
+    "RMSprop": dict(lr=0.01, momentum=0.5, centered=True),
+    "Adam": dict(lr=0.01, amsgrad=True, weight_decay=0.01),
+}
 
 
 def _ours(name, params, path, **kwargs):
@@ -348,8 +414,9 @@ def test_param_groups_with_their_own_options_match_torch(name, path):
     extra = {"lr": 0.003, "weight_decay": 0.1, "maximize": True}
     ours_p, theirs_p = _model(torch.float64), _model(torch.float64)
     ours = _ours(name, [{"params": ours_p[:2]}, {"params": ours_p[2:], **extra}], path)
-    theirs = THEIRS[name]([{"params": theirs_p[:2]}, {"params": theirs_p[2:], **extra}],
-                          **RICH[name], foreach=False)
+    theirs = THEIRS[name](
+        [{"params": theirs_p[:2]}, {"params": theirs_p[2:], **extra}], **RICH[name], foreach=False
+    )
     for t in range(STEPS):
         for ps, o in ((ours_p, ours), (theirs_p, theirs)):
             _set_grads(ps, t)
@@ -414,3 +481,105 @@ def test_nonfinite_gradient_raises_where_torch_steps():
             with pytest.raises(sgdlab.optim.NonFiniteGradientError):
                 cls([w]).step()
             assert torch.equal(w.detach(), torch.ones(2))
+
+
+# ------------------------------------------------- inputs torch accepts (known defects: KNOWN)
+def _prop(test: str, name: str, path: str | None = None) -> Any:
+    tag = f"{name}-{path}" if path else name
+    return pytest.param(name, path, id=tag, marks=_known(name, test, path))
+
+
+def _all_paths(test: str) -> list[Any]:
+    return [
+        _prop(test, name, path)
+        for name in OURS
+        for path in PATH_KWARGS
+        if not (name == "SGD" and path == "capturable")
+    ]
+
+
+def _run_both(name, path, ours_p, theirs_p, grads, steps=3, **kwargs):
+    ours = _ours(name, ours_p, path, **kwargs)
+    theirs = THEIRS[name](theirs_p, **{**RICH[name], **kwargs}, foreach=False)
+    for _ in range(steps):
+        for ps, o in ((ours_p, ours), (theirs_p, theirs)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            o.step()
+    for a, b in zip(ours_p, theirs_p):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name,path", _all_paths("complex parameters"))
+def test_complex_parameters_match_torch(name, path):
+    """test_optim's test_complex: torch optimizes a complex tensor as its real view."""
+    g = torch.Generator().manual_seed(3)
+    start = torch.randn(3, 2, generator=g, dtype=torch.complex128)
+    grad = torch.randn(3, 2, generator=g, dtype=torch.complex128)
+    ours_p, theirs_p = [start.clone().requires_grad_()], [start.clone().requires_grad_()]
+    _run_both(name, path, ours_p, theirs_p, [grad])
+
+
+@pytest.mark.parametrize("name,path", _all_paths("zero-size parameter"))
+def test_a_zero_size_parameter_is_stepped(name, path):
+    g = torch.randn(3, 2, dtype=torch.float64)
+    ours_p = [
+        torch.ones(3, 2, dtype=torch.float64, requires_grad=True),
+        torch.zeros(0, 4, dtype=torch.float64, requires_grad=True),
+    ]
+    theirs_p = [p.detach().clone().requires_grad_() for p in ours_p]
+    _run_both(name, path, ours_p, theirs_p, [g, torch.zeros(0, 4, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("name,path", [_prop("meta parameters", n) for n in OURS])
+def test_meta_parameters_are_stepped(name, path):
+    """torch.optim steps meta tensors (shape dry runs)."""
+    w = torch.empty(3, 2, device="meta", requires_grad=True)
+    w.grad = torch.empty(3, 2, device="meta")
+    _ours(name, [w], "reference").step()
+
+
+@pytest.mark.parametrize("name,path", [_prop("numpy hyperparameters", n) for n in OURS])
+def test_numpy_scalar_hyperparameters_are_accepted(name, path):
+    import numpy as np
+
+    kwargs = {k: np.float32(v) if isinstance(v, float) else v for k, v in RICH[name].items()}
+    if name == "Adam":
+        kwargs["betas"] = (np.float32(0.9), np.float32(0.99))
+    THEIRS[name]([Parameter(torch.ones(2))], **kwargs)
+    OURS[name]([Parameter(torch.ones(2))], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name,path", [_prop("dense then sparse group", n) for n in ("RMSprop", "Adam")]
+)
+def test_a_sparse_group_is_refused_before_the_dense_one_moves(name, path):
+    dense = Parameter(torch.ones(3, dtype=torch.float64))
+    sparse = Parameter(torch.ones(4, 2, dtype=torch.float64))
+    dense.grad = torch.ones(3, dtype=torch.float64)
+    sparse.grad = torch.sparse_coo_tensor([[0]], torch.ones(1, 2, dtype=torch.float64), (4, 2))
+    opt = OURS[name]([{"params": [dense]}, {"params": [sparse]}])
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
+    assert torch.equal(dense.detach(), torch.ones(3, dtype=torch.float64))
+    assert opt.state_dict()["state"] == {}
+
+
+@pytest.mark.parametrize(
+    "name,path", [_prop("momentum-cycling scheduler", "Adam", p) for p in PATH_KWARGS]
+)
+def test_adam_under_one_cycle_lr_matches_torch(name, path):
+    ours_p, theirs_p = _model(torch.float64), _model(torch.float64)
+    ours = _ours(name, ours_p, path)
+    theirs = THEIRS[name](theirs_p, **RICH[name], foreach=False)
+    scheds = [
+        torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=STEPS)
+        for o in (ours, theirs)
+    ]
+    for t in range(STEPS):
+        for ps, o, s in zip((ours_p, theirs_p), (ours, theirs), scheds):
+            _set_grads(ps, t)
+            o.step()
+            s.step()
+    for a, b in zip(ours_p, theirs_p):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=1e-12)
