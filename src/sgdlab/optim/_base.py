@@ -15,7 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from sgdlab import hyper as _hyper
-from sgdlab._validation import check_batch_size, check_choice
+from sgdlab._validation import check_batch_size, check_choice, check_finite
 
 __all__ = [
     "BatchScaledOptimizer",
@@ -58,6 +58,19 @@ def check_torch_only_flags(name: str, *, differentiable: bool = False) -> None:
         )
 
 
+def _check_like(name: str, value: Any, p: torch.Tensor) -> None:
+    """A state tensor must match its parameter: shape, device and dtype (float32 also for a
+    bfloat16/float16 parameter, whose fused-path state and master copy are float32)."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor like its parameter, got {type(value).__name__}")
+    dtypes = (p.dtype, torch.float32) if p.dtype in (torch.float16, torch.bfloat16) else (p.dtype,)
+    if value.shape != p.shape or value.dtype not in dtypes or value.device != p.device:
+        raise ValueError(
+            f"{name} is {tuple(value.shape)} {value.dtype} on {value.device}; its parameter is "
+            f"{tuple(p.shape)} {p.dtype} on {p.device}"
+        )
+
+
 class BatchScaledOptimizer(Optimizer):
     """Base class: a torch optimizer whose per-step hyperparameters were tuned at
     ``ref_batch_size`` (B0) and are moved to the current ``batch_size`` (B) by ``scaling``.
@@ -69,6 +82,15 @@ class BatchScaledOptimizer(Optimizer):
     """
 
     _momentum_form: str = "ema"
+    #: the torch.optim namesake, for messages
+    _torch_name: str = ""
+    #: the keys of a parameter's state: "param" (a tensor like the parameter), "step" (a
+    #: one-element count tensor) or "scalar" (a host number)
+    _state_keys: dict[str, str] = {}
+    #: keys every non-empty state holds (as in the namesake's state)
+    _state_required: tuple[str, ...] = ()
+    #: keys every saved param group holds (the namesake's options that torch never defaults)
+    _group_required: tuple[str, ...] = ("lr",)
 
     def __init__(
         self,
@@ -84,39 +106,21 @@ class BatchScaledOptimizer(Optimizer):
         fused: bool | None = None,
         capturable: bool = False,
     ) -> None:
-        if batch_size is not None:
-            batch_size = check_batch_size("batch_size", batch_size)
-        if ref_batch_size is not None:
-            ref_batch_size = check_batch_size("ref_batch_size", ref_batch_size)
+        # Defaults are filled in here (a batch size is checked first, so that the message
+        # names the argument given); the options are checked per param group by
+        # _check_group, the same check a loaded state dict goes through.
+        for key, value in (("batch_size", batch_size), ("ref_batch_size", ref_batch_size)):
+            if value is not None:
+                check_batch_size(key, value)
         if batch_size is None:
             batch_size = ref_batch_size
         if ref_batch_size is None:
             ref_batch_size = batch_size
         if scaling is None:
             scaling = default_scaling
-        check_choice("scaling", scaling, _hyper.RULES)
-        if capturable not in (True, False):
-            raise ValueError(f"capturable must be True or False, got {capturable!r}")
         if nonfinite is None:
             nonfinite = "ignore" if capturable else "raise"
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-        if capturable and nonfinite != "ignore":
-            raise ValueError(
-                f"nonfinite must be 'ignore' with capturable=True, got {nonfinite!r}: checking "
-                "the gradients on the host needs a device sync, which a CUDA graph cannot "
-                "hold (torch.amp.GradScaler skips steps with inf/NaN gradients instead)"
-            )
-        if capturable and (fused is False or foreach):
-            raise ValueError(
-                f"capturable=True runs on the fused path; got fused={fused!r}, "
-                f"foreach={foreach!r} (leave both unset)"
-            )
-        if foreach not in (None, True, False):
-            raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
-        if fused not in (None, True, False):
-            raise ValueError(f"fused must be None, True or False, got {fused!r}")
-        if fused and foreach:
-            raise ValueError("fused=True and foreach=True cannot both be set; pass one of them")
         defaults = dict(defaults)
         defaults.update(
             batch_size=batch_size,
@@ -125,8 +129,8 @@ class BatchScaledOptimizer(Optimizer):
             foreach=foreach,
             fused=fused,
         )
-        if capturable:
-            defaults["capturable"] = True
+        if capturable is not False:
+            defaults["capturable"] = capturable
         self.nonfinite = nonfinite
         #: number of steps skipped because of non-finite gradients (``nonfinite="skip"``)
         self.skipped_steps = 0
@@ -166,26 +170,124 @@ class BatchScaledOptimizer(Optimizer):
             sync_host_state(self)
         self.__dict__.pop("_fast_cache", None)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        self._drop_fast_cache()
-        group = self.param_groups[-1]
+    def _check_group(self, group: dict[str, Any], nonfinite: str | None) -> None:
+        """Check (and normalise) every option of a param group: the constructor's arguments,
+        a group added by ``add_param_group`` and a loaded group all pass through here.
+
+        ``nonfinite``: the optimizer's policy, checked against ``capturable``; ``None`` for a
+        loaded group (a capturable checkpoint may continue in an optimizer that checks the
+        gradients on the host: eagerly, not in a CUDA graph)."""
         for key in ("batch_size", "ref_batch_size"):
             if group[key] is not None:
                 group[key] = check_batch_size(key, group[key])
         check_choice("scaling", group["scaling"], _hyper.RULES)
+        foreach, fused = group["foreach"], group["fused"]
+        capturable = group.get("capturable", False)
+        check_torch_only_flags(
+            type(self).__name__, differentiable=group.get("differentiable", False)
+        )
+        if capturable not in (True, False):
+            raise ValueError(f"capturable must be True or False, got {capturable!r}")
+        if foreach not in (None, True, False):
+            raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        if capturable and nonfinite not in (None, "ignore"):
+            raise ValueError(
+                f"nonfinite must be 'ignore' with capturable=True, got {nonfinite!r}: checking "
+                "the gradients on the host needs a device sync, which a CUDA graph cannot "
+                "hold (torch.amp.GradScaler skips steps with inf/NaN gradients instead)"
+            )
+        if capturable and (fused is False or foreach):
+            raise ValueError(
+                f"capturable=True runs on the fused path; got fused={fused!r}, "
+                f"foreach={foreach!r} (leave both unset)"
+            )
+        if fused and foreach:
+            raise ValueError("fused=True and foreach=True cannot both be set; pass one of them")
         self._validate_group(group)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1], self.nonfinite)
+        except Exception:
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
+        self._drop_fast_cache()
+
+    def _check_state(
+        self, gi: int, pi: int, p: torch.Tensor, st: dict[str, Any], group: dict[str, Any]
+    ) -> None:
+        """Check one parameter's loaded state against the keys this class keeps and against
+        the parameter (shape, dtype, device); converts a number ``step`` (older torch
+        checkpoints) to a tensor, as torch.optim's ``__setstate__`` does."""
+        name = f"sgdlab.{type(self).__name__}"
+        where = f"state of param group {gi}, parameter {pi}"
+        for key in st:
+            if key not in self._state_keys:
+                known = ", ".join(repr(k) for k in self._state_keys)
+                raise ValueError(
+                    f"{where} has {key!r}, which {name} does not keep ({known}): "
+                    "a state dict of another optimizer?"
+                )
+        missing = [k for k in self._state_required if k not in st]
+        if st and missing:
+            raise ValueError(f"{where} lacks {missing[0]!r}: not a state dict of {name}")
+        for key, value in st.items():
+            kind = self._state_keys[key]
+            if kind == "scalar":
+                st[key] = check_finite(f"{where}: {key}", value)
+            elif kind == "step":
+                if not isinstance(value, torch.Tensor):
+                    value = torch.tensor(
+                        check_finite(f"{where}: step", value), dtype=scalar_dtype()
+                    )
+                if value.numel() != 1 or not bool(torch.isfinite(value)) or value < 0:
+                    raise ValueError(f"{where}: step must be one finite count >= 0, got {value!r}")
+                st[key] = value
+            else:
+                _check_like(f"{where}: {key}", value, p)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pickle and deepcopy: the options set at construction travel with the state
+        from sgdlab.optim._fast import sync_host_state
+
+        sync_host_state(self)
+        state = super().__getstate__()
+        state.update(nonfinite=self.nonfinite, skipped_steps=self.skipped_steps)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Also reached by load_state_dict: a checkpoint of the torch.optim namesake lacks
-        # sgdlab's keys, which take this optimizer's defaults.
+        """Adopt ``state`` (unpickling, or ``load_state_dict``'s groups and state) after
+        checking all of it, so a bad state raises before anything changes.
+
+        A checkpoint of the torch.optim namesake lacks sgdlab's keys, which take this
+        optimizer's defaults; a group or state of another optimizer class is refused (torch
+        raises a ``KeyError`` for it, at loading or at the first step)."""
+        defaults = state.get("defaults", self.__dict__.get("defaults", {}))
+        name = f"sgdlab.{type(self).__name__}"
+        for gi, group in enumerate(state["param_groups"]):
+            missing = [k for k in self._group_required if k not in group]
+            if missing:
+                raise ValueError(
+                    f"param group {gi} lacks {missing[0]!r}: not a state dict "
+                    f"of {name} or torch.optim.{self._torch_name}"
+                )
+            for key, value in defaults.items():
+                if key != "differentiable":  # torch's default, not an option of the group
+                    group.setdefault(key, value)
+            self._check_group(group, None)
+            for pi, p in enumerate(group["params"]):
+                if p in state["state"]:
+                    self._check_state(gi, pi, p, state["state"][p], group)
+        had_differentiable = "differentiable" in defaults
         super().__setstate__(state)
+        if not had_differentiable:  # torch adds it; sgdlab's defaults round-trip unchanged
+            self.defaults.pop("differentiable", None)
         self.__dict__.pop("_fast_cache", None)  # flat buffers are rebuilt from the new state
         self.__dict__.setdefault("nonfinite", "raise")
         self.__dict__.setdefault("skipped_steps", 0)
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
 
     def state_dict(self) -> dict[str, Any]:
         # capturable groups keep their debiasing counters on the device: copy them into the
@@ -193,9 +295,19 @@ class BatchScaledOptimizer(Optimizer):
         from sgdlab.optim._fast import sync_host_state
 
         sync_host_state(self)
-        return super().state_dict()
+        state_dict = super().state_dict()
+        # as torch.optim's: no entry for a parameter without state (the step may look one up)
+        state_dict["state"] = {k: v for k, v in state_dict["state"].items() if v}
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this class or of its torch.optim namesake.
+
+        As torch.optim, the saved hyperparameters replace the constructor's (an Adam
+        checkpoint with ``amsgrad=True`` gives ``amsgrad=True``). Unlike torch, everything is
+        checked before anything changes: each group as the constructor checks its arguments,
+        each state entry against the keys this class keeps and against its parameter's shape,
+        dtype and device; a state dict of another optimizer class is refused."""
         super().load_state_dict(state_dict)
         # float32 state of low-precision parameters (fused path) stays float32
         from sgdlab.optim._fast.flat import restore_float32_state

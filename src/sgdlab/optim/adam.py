@@ -237,6 +237,20 @@ class Adam(BatchScaledOptimizer):
     """
 
     _momentum_form = "ema"
+    _torch_name = "Adam"
+    _state_keys = {
+        "step": "step",
+        "exp_avg": "param",
+        "exp_avg_sq": "param",
+        "max_exp_avg_sq": "param",
+        "master_param": "param",
+        "beta1_prod": "scalar",
+        "beta2_prod": "scalar",
+        "lecture_count1": "scalar",
+        "lecture_count2": "scalar",
+    }
+    _state_required = ("step", "exp_avg", "exp_avg_sq")
+    _group_required = ("lr", "betas", "eps", "weight_decay")
 
     def __init__(
         self,

@@ -159,6 +159,7 @@ class RMSProp(BatchScaledOptimizer):
     A drop-in replacement for :class:`torch.optim.RMSprop`: with default options it performs
     the same arithmetic (identical in float64) and uses the same state names (``step``,
     ``square_avg``, ``momentum_buffer``, ``grad_avg``), so state dicts move between the two.
+    The arguments up to ``differentiable`` may be given by position, in torch's order.
 
     Args:
         params: parameters or param groups.
@@ -190,6 +191,16 @@ class RMSProp(BatchScaledOptimizer):
     """
 
     _momentum_form = "heavy_ball"
+    _torch_name = "RMSprop"
+    _state_keys = {
+        "step": "step",
+        "square_avg": "param",
+        "momentum_buffer": "param",
+        "grad_avg": "param",
+        "master_param": "param",
+    }
+    _state_required = ("step", "square_avg")
+    _group_required = ("lr", "alpha", "eps", "weight_decay")
 
     def __init__(
         self,
@@ -200,19 +211,19 @@ class RMSProp(BatchScaledOptimizer):
         weight_decay: float = 0.0,
         momentum: float = 0.0,
         centered: bool = False,
-        *,
+        capturable: bool = False,
+        foreach: bool | None = None,
         maximize: bool = False,
+        differentiable: bool = False,
+        *,
         eps_placement: str = "outside",
         power: float = 0.5,
         second_moment: str = "batch",
         batch_size: int | None = None,
         ref_batch_size: int | None = None,
         scaling: str | None = None,
-        foreach: bool | None = None,
         nonfinite: str | None = None,
         fused: bool | None = None,
-        capturable: bool = False,
-        differentiable: bool = False,
     ) -> None:
         check_torch_only_flags("RMSProp", differentiable=differentiable)
         check_choice("second_moment", second_moment, SECOND_MOMENTS)

@@ -140,6 +140,10 @@ class SGD(BatchScaledOptimizer):
     """
 
     _momentum_form = "heavy_ball"
+    _torch_name = "SGD"
+    _state_keys = {"momentum_buffer": "param", "master_param": "param"}
+    _state_required = ()
+    _group_required = ("lr", "momentum", "dampening", "weight_decay")
 
     def __init__(
         self,
