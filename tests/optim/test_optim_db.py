@@ -14,10 +14,8 @@ strict xfails: they turn into failures once fixed, and the table is then emptied
 
 from __future__ import annotations
 
-import ast
 import copy
 import pickle
-from enum import Enum
 from typing import Any
 
 import pytest
@@ -44,58 +42,14 @@ STEPS = 6
 
 # ---------------------------------------------------------------------------- the database
 def _load_db() -> dict[str, tuple[Any, Any]]:
-    """``{torch name: (optim_inputs_func, optim_error_inputs_func)}`` from torch's optim_db.
+    """``{torch name: (optim_inputs_func, optim_error_inputs_func)}`` from torch's optim_db
+    (its import needs ``expecttest``, in the test extra)."""
+    from torch.testing._internal.common_optimizers import optim_db
 
-    Importing common_optimizers needs torch's test-only dependencies (``expecttest``); where
-    they are missing, the same functions are taken from the installed module's source (its
-    constructors of inputs only use torch)."""
-    try:
-        from torch.testing._internal.common_optimizers import optim_db
-    except ImportError:
-        return _db_from_source()
     return {
         info.optim_cls.__name__: (info.optim_inputs_func, info.optim_error_inputs_func)
         for info in optim_db
         if info.optim_cls.__name__ in OURS
-    }
-
-
-def _db_from_source() -> dict[str, tuple[Any, Any]]:
-    import importlib.util
-
-    spec = importlib.util.find_spec("torch.testing._internal.common_optimizers")
-    assert spec is not None and spec.origin is not None
-    with open(spec.origin, encoding="utf-8") as f:
-        tree = ast.parse(f.read())
-    wanted = {
-        "OptimizerInput",
-        "OptimizerErrorEnum",
-        "ErrorOptimizerInput",
-        "_get_device_type",
-        "get_error_inputs_for_all_optims",
-        "CUDA_CONFIG_GPUS",
-    }
-    for name in ("sgd", "rmsprop", "adam"):
-        wanted |= {f"optim_inputs_func_{name}", f"optim_error_inputs_func_{name}"}
-    body = []
-    for node in tree.body:
-        names = {t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)}
-        if getattr(node, "name", None) in wanted or names & wanted:
-            body.append(node)
-    namespace: dict[str, Any] = {
-        "torch": torch,
-        "Tensor": Tensor,
-        "Parameter": Parameter,
-        "Enum": Enum,
-        "Any": Any,
-    }
-    exec(compile(ast.Module(body=body, type_ignores=[]), spec.origin, "exec"), namespace)
-    return {
-        torch_name: (
-            namespace[f"optim_inputs_func_{name}"],
-            namespace[f"optim_error_inputs_func_{name}"],
-        )
-        for torch_name, name in (("SGD", "sgd"), ("RMSprop", "rmsprop"), ("Adam", "adam"))
     }
 
 
