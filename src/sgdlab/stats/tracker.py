@@ -300,6 +300,31 @@ def _refuse_hook_reparametrization(name: str, module: nn.Module) -> None:
             )
 
 
+def _innermost(claims: list[tuple[str, nn.Module, Rule, list]]) -> list[tuple]:
+    """The modules that own parameters, each with the parameters it is responsible for: a
+    parameter that a module registers as its own and one of its submodules too (Opacus's
+    DPRNN names its cells' weights ``weight_ih_l0``...; ``self.w = self.lin.weight``) is the
+    innermost module's, whose calls use it; the outer module would differentiate through them
+    again and count each use twice. A use of it in the outer module's own forward is then a
+    use outside a call of its module (refused on the first pass). Modules left with no
+    parameter are dropped."""
+    holders: dict[int, list[str]] = {}
+    for name, _, _, owned in claims:
+        for _, p in owned:
+            holders.setdefault(id(p), []).append(name)
+
+    def inner(name: str, pid: int) -> bool:
+        prefix = f"{name}." if name else ""
+        return any(other != name and other.startswith(prefix) for other in holders[pid])
+
+    out = []
+    for name, module, rule, owned in claims:
+        kept = [(n, p) for n, p in owned if not inner(name, id(p))]
+        if kept:
+            out.append((name, module, rule, kept))
+    return out
+
+
 def _changed(entry: _Entry) -> dict[str, Tensor] | None:
     """Copies of the buffers of a parametrized module that its call just changed (spectral
     norm's power iteration): the call's statistics are computed with these values later."""
@@ -562,6 +587,7 @@ class Tracker:
         covered: set[nn.Module] = set()
         fallbacks: list[str] = []
         seq_first = _seq_first_modules(model)
+        claims = []
         for name, module in model.named_modules():
             if module in covered:
                 continue
@@ -569,14 +595,17 @@ class Tracker:
             owned = rule.params(module)
             if not owned:
                 continue
-            _refuse_hook_reparametrization(name, module)
-            parametrized = torch.nn.utils.parametrize.is_parametrized(module)
-            if parametrized:  # the fallback differentiates through the parametrizations
+            if torch.nn.utils.parametrize.is_parametrized(module):
+                # the fallback differentiates through the parametrizations
                 covered.update(module.parametrizations.modules())
-            if rule.is_fallback:
-                fallbacks.append(f"{name or '<root>'} ({type(module).__name__})")
             if isinstance(module, nn.MultiheadAttention):  # owns out_proj's parameters
                 covered.update(module.modules())
+            claims.append((name, module, rule, owned))
+        for name, module, rule, owned in _innermost(claims):
+            _refuse_hook_reparametrization(name, module)
+            parametrized = torch.nn.utils.parametrize.is_parametrized(module)
+            if rule.is_fallback:
+                fallbacks.append(f"{name or '<root>'} ({type(module).__name__})")
             entry = _Entry(
                 module,
                 name,
