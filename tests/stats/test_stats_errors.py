@@ -220,6 +220,12 @@ def test_tracker_recovers_after_a_failed_backward():
     out, _ = model(x)
     out.sum().backward()
     assert model[0].weight.grad_second_moment.shape == (4, 3)
+    # the failed pass wrote the GRU's gradients: no statistic until they are cleared
+    assert model[1].weight_hh_l0.grad is not None
+    assert getattr(model[1].weight_hh_l0, "grad_second_moment", None) is None
+    model.zero_grad()
+    out, _ = model(x)
+    out.sum().backward()
     assert model[1].weight_hh_l0.grad_second_moment.shape == (6, 2)
 
 

@@ -39,7 +39,10 @@ backward pass *adds* ``(1/N) sum_{b in micro-batch} g_b^2``. Hence
 Lifetime. A backward pass starts from zero instead of adding when ``p.grad`` is ``None`` (the
 default ``optimizer.zero_grad()``) or was zeroed in place (``zero_grad(set_to_none=False)``)
 since the last backward; :meth:`Tracker.zero` clears explicitly. So the second moment never
-outlives the gradient it belongs to.
+outlives the gradient it belongs to. A backward pass that raises (an exception in a hook or a
+custom Function, anomaly mode, ``KeyboardInterrupt``) writes no statistic and removes those of
+earlier passes; a parameter with a gradient then gets none until its gradient is cleared (the
+failed pass may have added to it), and the next pass starts clean.
 
 Exactness. Layer rules are exact (no position-wise shortcut). A parameter used several times in
 one backward pass (weight tying, a module called twice, a recurrent cell stepped in a loop) is
@@ -297,6 +300,31 @@ def _refuse_hook_reparametrization(name: str, module: nn.Module) -> None:
             )
 
 
+def _innermost(claims: list[tuple[str, nn.Module, Rule, list]]) -> list[tuple]:
+    """The modules that own parameters, each with the parameters it is responsible for: a
+    parameter that a module registers as its own and one of its submodules too (Opacus's
+    DPRNN names its cells' weights ``weight_ih_l0``...; ``self.w = self.lin.weight``) is the
+    innermost module's, whose calls use it; the outer module would differentiate through them
+    again and count each use twice. A use of it in the outer module's own forward is then a
+    use outside a call of its module (refused on the first pass). Modules left with no
+    parameter are dropped."""
+    holders: dict[int, list[str]] = {}
+    for name, _, _, owned in claims:
+        for _, p in owned:
+            holders.setdefault(id(p), []).append(name)
+
+    def inner(name: str, pid: int) -> bool:
+        prefix = f"{name}." if name else ""
+        return any(other != name and other.startswith(prefix) for other in holders[pid])
+
+    out = []
+    for name, module, rule, owned in claims:
+        kept = [(n, p) for n, p in owned if not inner(name, id(p))]
+        if kept:
+            out.append((name, module, rule, kept))
+    return out
+
+
 def _changed(entry: _Entry) -> dict[str, Tensor] | None:
     """Copies of the buffers of a parametrized module that its call just changed (spectral
     norm's power iteration): the call's statistics are computed with these values later."""
@@ -351,6 +379,27 @@ def _clear(params: dict[int, nn.Parameter]) -> None:
     for p in params.values():
         if getattr(p, ATTRIBUTE, None) is not None:
             setattr(p, ATTRIBUTE, None)
+
+
+class _PassEnd:
+    """The end-of-pass callback queued on the autograd engine by a pass's first hook. A
+    backward pass that fails (an exception in a tensor hook or a custom Function's backward,
+    anomaly mode's NaN check, a KeyboardInterrupt) drops its queued callbacks unrun: the engine
+    releases this object then, before the exception reaches the caller, and its deletion aborts
+    the pass (:meth:`Tracker._abort`)."""
+
+    __slots__ = ("tracker", "state", "ran")
+
+    def __init__(self, tracker: Tracker, state: _Pass) -> None:
+        self.tracker, self.state, self.ran = tracker, state, False
+
+    def __call__(self) -> None:
+        self.ran = True
+        self.tracker._finish()
+
+    def __del__(self) -> None:
+        if not self.ran:
+            self.tracker._abort(self.state)
 
 
 _NONE: frozenset[str] = frozenset()
@@ -512,6 +561,9 @@ class Tracker:
         self._pass: _Pass | None = None
         self._suspended = 0
         self._grad_versions: dict[int, int] = {}
+        # parameters whose gradient a failed backward pass may have written to: no statistic
+        # until that gradient is cleared (:meth:`_abort`)
+        self._unknown: set[int] = set()
         self._norms: list[Tensor] = []
         self._examples = 0
         self._passes = 0  # backward passes in _examples (micro-batches)
@@ -535,6 +587,7 @@ class Tracker:
         covered: set[nn.Module] = set()
         fallbacks: list[str] = []
         seq_first = _seq_first_modules(model)
+        claims = []
         for name, module in model.named_modules():
             if module in covered:
                 continue
@@ -542,14 +595,17 @@ class Tracker:
             owned = rule.params(module)
             if not owned:
                 continue
-            _refuse_hook_reparametrization(name, module)
-            parametrized = torch.nn.utils.parametrize.is_parametrized(module)
-            if parametrized:  # the fallback differentiates through the parametrizations
+            if torch.nn.utils.parametrize.is_parametrized(module):
+                # the fallback differentiates through the parametrizations
                 covered.update(module.parametrizations.modules())
-            if rule.is_fallback:
-                fallbacks.append(f"{name or '<root>'} ({type(module).__name__})")
             if isinstance(module, nn.MultiheadAttention):  # owns out_proj's parameters
                 covered.update(module.modules())
+            claims.append((name, module, rule, owned))
+        for name, module, rule, owned in _innermost(claims):
+            _refuse_hook_reparametrization(name, module)
+            parametrized = torch.nn.utils.parametrize.is_parametrized(module)
+            if rule.is_fallback:
+                fallbacks.append(f"{name or '<root>'} ({type(module).__name__})")
             entry = _Entry(
                 module,
                 name,
@@ -671,6 +727,7 @@ class Tracker:
         self._examples = 0
         self._passes = 0
         self._grad_versions.clear()
+        self._unknown.clear()
 
     def detach(self, clear: bool = True) -> None:
         """Remove all hooks; with ``clear`` also delete the ``grad_second_moment`` attributes."""
@@ -995,23 +1052,25 @@ class Tracker:
         if state is not None:
             return state
         state = self._pass = _Pass()
-        Variable._execution_engine.queue_callback(self._finish)
+        Variable._execution_engine.queue_callback(_PassEnd(self, state))
         versions = self._grad_versions
         cleared = state.cleared
         written: list[tuple[nn.Parameter, Tensor]] = []  # since the last pass: zeroed?
+        unknown = self._unknown
         for pid, p in self._plist:
             g = p.grad
             if g is None:
                 cleared[pid] = p
             else:
                 v = versions.get(pid)
-                if v is not None and g._version != v:
+                if (v is not None and g._version != v) or (unknown and pid in unknown):
                     written.append((p, g))
         if written:
             for p in _zeroed(written):
                 cleared[id(p)] = p
         # a gradient that was cleared (None, or zeroed in place) clears its statistic
         if cleared:
+            self._unknown.difference_update(cleared)
             self._norms = []
             self._examples = 0
             self._passes = 0
@@ -1027,13 +1086,30 @@ class Tracker:
             self._abort()
             raise
 
-    def _abort(self) -> None:
-        """A failed backward pass never reaches its end-of-pass callback: forget it, so that
-        the next backward pass starts clean."""
-        state, self._pass = self._pass, None
+    def _abort(self, state: _Pass | None = None) -> None:
+        """Forget a failed backward pass (``state``; default: the running one), which never
+        reaches its end-of-pass callback, so that the next forward and backward passes start
+        clean; none of its statistics is written. The statistics of earlier passes are removed:
+        the failed pass may have added to the gradients they belong to, so a parameter that has
+        a gradient gets none until its gradient is cleared (a per-example optimizer step then
+        refuses it, instead of taking a stale value for the gradient's)."""
+        if state is None:
+            state = self._pass
+        elif state is not self._pass:
+            return  # already aborted (the tracker's own error), or the tracker detached
+        self._pass = None
         self._uses = {}
-        if state is not None:
-            _clear(state.cleared)
+        self._session = None
+        if state is None:
+            return
+        for pid, p in self._plist:
+            if p.grad is not None:
+                self._unknown.add(pid)
+            if getattr(p, ATTRIBUTE, None) is not None:
+                setattr(p, ATTRIBUTE, None)
+        self._norms = []
+        self._examples = 0
+        self._passes = 0
 
     def _on_fast_grad(self, on_grad: Any, record: tuple, nr: int, grads: tuple) -> None:
         """Output gradient of a call on a short path (``record`` = entry, input, its version,
@@ -1368,7 +1444,10 @@ class Tracker:
                 m.mul_(inv.to(m.device, m.dtype))
             if state.norms is not None:
                 state.norms = state.norms * inv.to(state.norms.device, state.norms.dtype)
+        unknown = self._unknown
         for pid, m in state.moments.items():
+            if pid in unknown:  # its gradient holds a failed pass's part (_abort)
+                continue
             _, p = self._params[pid]
             old = None if pid in cleared else getattr(p, ATTRIBUTE, None)
             if old is None:
