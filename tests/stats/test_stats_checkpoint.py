@@ -129,7 +129,8 @@ def test_exact_under_checkpointing_and_offloading(kind, mode):
 @pytest.mark.parametrize("mode", ["non-reentrant", "reentrant", "save_on_cpu"])
 def test_same_statistics_and_paths_as_without_hooks(kind, mode, monkeypatch):
     """Each call takes the path it takes without checkpointing (a checkpoint's rerun is not
-    a second use of the parameters), so the statistics are bitwise those of the plain pass."""
+    a second use of the parameters), so the statistics are those of the plain pass: bitwise,
+    except that attention's rerun may take another CPU kernel (1e-16 apart on some CPUs)."""
     model, x, y = _problem(kind, "none")
     with stats.track(model, warn_fallback=False):
         _step(model, x, y, "none")
@@ -145,8 +146,11 @@ def test_same_statistics_and_paths_as_without_hooks(kind, mode, monkeypatch):
         model.mode = mode
         _step(model, x, y, mode)
         assert general == []
-        for p, r in zip(model.parameters(), ref, strict=True):
-            assert torch.equal(p.grad_second_moment, r)
+        for (name, p), r in zip(model.named_parameters(), ref, strict=True):
+            if ".att." in name:
+                assert rel_err(p.grad_second_moment, r) <= 1e-14
+            else:
+                assert torch.equal(p.grad_second_moment, r)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "seq", "cnn"])
