@@ -24,38 +24,77 @@ from sgdlab.distributed import DataParallel
 CASES: dict[str, dict[str, Any]] = {
     # momentum SGD with weight decay; lr tuned at B0 = 4, moved to B = 8 by the lecture rule
     "sgd-unequal": dict(
-        opt="sgd", kw=dict(lr=0.05, momentum=0.9, weight_decay=0.01, ref_batch_size=4,
-                           scaling="lecture"),
-        sizes=(5, 3), k=1, no_sync=True, steps=3, meter=False,
+        opt="sgd",
+        kw=dict(lr=0.05, momentum=0.9, weight_decay=0.01, ref_batch_size=4, scaling="lecture"),
+        sizes=(5, 3),
+        k=1,
+        no_sync=True,
+        steps=3,
+        meter=False,
     ),
     # batch-size-invariant RMSProp reading global per-example second moments
     "rmsprop-per-example": dict(
-        opt="rmsprop", kw=dict(lr=0.01, momentum=0.5, second_moment="per_example",
-                               weight_decay=0.02, ref_batch_size=6, scaling="linear"),
-        sizes=(7, 5), k=1, no_sync=True, steps=3, meter=True,
+        opt="rmsprop",
+        kw=dict(
+            lr=0.01,
+            momentum=0.5,
+            second_moment="per_example",
+            weight_decay=0.02,
+            ref_batch_size=6,
+            scaling="linear",
+        ),
+        sizes=(7, 5),
+        k=1,
+        no_sync=True,
+        steps=3,
+        meter=True,
     ),
     # 4 micro-batches with DDP's no_sync: equals one batch of 16
     "adam-accumulate-no-sync": dict(
-        opt="adam", kw=dict(lr=0.01, second_moment="per_example", ref_batch_size=16),
-        sizes=(8, 8), k=4, no_sync=True, steps=3, meter=True,
+        opt="adam",
+        kw=dict(lr=0.01, second_moment="per_example", ref_batch_size=16),
+        sizes=(8, 8),
+        k=4,
+        no_sync=True,
+        steps=3,
+        meter=True,
     ),
     # 4 micro-batches of unequal sizes, gradients all-reduced in every micro-batch
     "adam-accumulate-sync-unequal": dict(
-        opt="adam", kw=dict(lr=0.01, second_moment="per_example", power=1.0,
-                            eps_placement="inside", ref_batch_size=8, scaling="sqrt"),
-        sizes=(9, 6), k=4, no_sync=False, steps=3, meter=True,
+        opt="adam",
+        kw=dict(
+            lr=0.01,
+            second_moment="per_example",
+            power=1.0,
+            eps_placement="inside",
+            ref_batch_size=8,
+            scaling="sqrt",
+        ),
+        sizes=(9, 6),
+        k=4,
+        no_sync=False,
+        steps=3,
+        meter=True,
     ),
     # the trajectory a killed run resumes (uninterrupted here)
     "resume": dict(
-        opt="adam", kw=dict(lr=0.02, second_moment="per_example", ref_batch_size=8,
-                            scaling="linear"),
-        sizes=(4, 4), k=2, no_sync=True, steps=8, meter=False,
+        opt="adam",
+        kw=dict(lr=0.02, second_moment="per_example", ref_batch_size=8, scaling="linear"),
+        sizes=(4, 4),
+        k=2,
+        no_sync=True,
+        steps=8,
+        meter=False,
     ),
     # ranks stay bit-identical for 50 steps
     "identical-50": dict(
-        opt="rmsprop", kw=dict(lr=0.01, second_moment="per_example", centered=True,
-                               ref_batch_size=8),
-        sizes=(6, 4), k=2, no_sync=True, steps=50, meter=True,
+        opt="rmsprop",
+        kw=dict(lr=0.01, second_moment="per_example", centered=True, ref_batch_size=8),
+        sizes=(6, 4),
+        k=2,
+        no_sync=True,
+        steps=50,
+        meter=True,
     ),
 }
 
@@ -96,7 +135,8 @@ def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     """Parameters, per-example second moments and optimizer state (cloned)."""
     params = [p.detach().clone() for p in model.parameters()]
     moments = [
-        None if getattr(p, "grad_second_moment", None) is None
+        None
+        if getattr(p, "grad_second_moment", None) is None
         else p.grad_second_moment.detach().clone()
         for p in model.parameters()
     ]
@@ -140,10 +180,13 @@ def run_case(name: str, rank: int, world: int, *, seed: int | None = None) -> di
     """Train a case with DataParallel on this rank; returns its snapshot and readings."""
     case = CASES[name]
     model = build_model(rank if seed is None else seed)  # rank 1 starts elsewhere: DDP
-    opt = build_optimizer(case, model)                   # broadcasts rank 0's parameters
+    opt = build_optimizer(case, model)  # broadcasts rank 0's parameters
     sizes = case["sizes"] if world > 1 else (sum(case["sizes"]),)
     dp = DataParallel(
-        model, opt, accumulation_steps=case["k"], no_sync=case["no_sync"],
+        model,
+        opt,
+        accumulation_steps=case["k"],
+        no_sync=case["no_sync"],
         noise_meter=case["meter"],
     )
     readings, batch_sizes, trajectory = [], [], []
@@ -152,8 +195,9 @@ def run_case(name: str, rank: int, world: int, *, seed: int | None = None) -> di
         _, reading = dp.train_step(x, y, loss_fn)
         batch_sizes.append(dp.num_examples)
         flat = [p.detach().reshape(-1) for p in model.parameters()]
-        flat += [v.reshape(-1) for st in opt.state.values() for v in st.values()
-                 if torch.is_tensor(v)]
+        flat += [
+            v.reshape(-1) for st in opt.state.values() for v in st.values() if torch.is_tensor(v)
+        ]
         trajectory.append(torch.cat(flat).clone())
         if reading is not None:
             readings.append(reading_numbers(reading))
@@ -246,3 +290,64 @@ def job_stalled(rank: int, world: int) -> None:
         time.sleep(120)
     x, y = local_batch(0, case["sizes"], rank)
     dp.train_step(x, y, loss_fn)
+
+
+# A rank that declares begin_step(8) but feeds other micro-batches; the others feed 8.
+MISCOUNTS: dict[str, dict[str, Any]] = {
+    "short": dict(k=1, no_sync=True, bad=(4,)),  # the one exchange is the last
+    "short-no-sync": dict(k=2, no_sync=True, bad=(4, 2)),  # found at the last micro-batch
+    "over-sync": dict(k=2, no_sync=False, bad=(8, 1)),  # found before the first exchange
+    "short-sync": dict(k=2, no_sync=False, bad=(2, 2)),  # found at the last (first exchanged)
+}
+DECLARED = 8
+
+
+def one_correct_step(world: int, k: int) -> list[torch.Tensor]:
+    """The single-process reference: one step on the concatenated batch of ``DECLARED``
+    examples per rank, from ``build_model(0)`` (case "resume"'s Adam)."""
+    model = build_model(0)
+    opt = build_optimizer(CASES["resume"], model)
+    tracker = sgdlab.stats.track(model)
+    B = DECLARED * world
+    x, y = global_batch(0, B)
+    loss_fn(model(x), y).backward()
+    opt.step(batch_size=B)
+    tracker.detach()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def job_miscount(rank: int, world: int, out: str) -> None:
+    """Each MISCOUNTS case on a fresh model: the miscounted step (its error, and whether the
+    parameters and the optimizer stayed untouched), then a correct step of the same
+    DataParallel (its parameters)."""
+    results: dict[str, Any] = {}
+    sizes = (DECLARED,) * world
+    for name, m in MISCOUNTS.items():
+        model = build_model(0)
+        opt = build_optimizer(CASES["resume"], model)
+        dp = DataParallel(model, opt, accumulation_steps=m["k"], no_sync=m["no_sync"])
+        before = [p.detach().clone() for p in model.parameters()]
+        x, y = local_batch(0, sizes, rank)
+        micro = m["bad"] if rank == world - 1 else (DECLARED // m["k"],) * m["k"]
+        error = None
+        try:
+            dp.begin_step(DECLARED)
+            a = 0
+            for n in micro:
+                with dp.accumulate(n):
+                    dp.backward(loss_fn(dp(x[a : a + n]), y[a : a + n]))
+                a += n
+            dp.step()
+        except ValueError as e:
+            error = str(e)
+        untouched = not opt.state and all(
+            torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True)
+        )
+        dp.train_step(x, y, loss_fn)
+        results[name] = {
+            "error": error,
+            "untouched": untouched,
+            "params": [p.detach().clone() for p in model.parameters()],
+        }
+        dp.close()
+    torch.save(results, Path(out) / f"rank{rank}.pt")

@@ -144,8 +144,9 @@ def test_meter_matches_per_example_gradients_in_float32_with_a_sparse_embedding(
     B = 10
     net = Net()
     x, y = torch.randint(0, 12, (B, 3)), torch.randn(B, 2)
-    per = per_example_grads(net.double(), lambda out, t: 0.5 * (out - t).pow(2).sum(), x,
-                            y.double())
+    per = per_example_grads(
+        net.double(), lambda out, t: 0.5 * (out - t).pow(2).sum(), x, y.double()
+    )
     per = [g.to_dense() if g.is_sparse else g for g in per]
     net.float()
     tr_true = sum(float(g.var(0, unbiased=True).sum()) for g in per)
@@ -164,7 +165,7 @@ def test_meter_matches_per_example_gradients_in_float32_with_a_sparse_embedding(
         assert r.tr_sigma == pytest.approx(tr_true, rel=1e-5)
         assert r.grad_sq_norm == pytest.approx(sq_true, rel=1e-5)
         assert sum(r.tr_sigma_groups.values()) == pytest.approx(r.tr_sigma, rel=1e-12)
-    (bg, bd), = _scratch(p.grad for p in net.parameters()).values()
+    ((bg, bd),) = _scratch(p.grad for p in net.parameters()).values()
     assert bg.dtype == bd.dtype == torch.float64
     assert bg.numel() == bd.numel() == max(p.numel() for p in net.parameters())
     tracker.detach()
@@ -174,12 +175,18 @@ def test_optimizer_groups_with_the_same_name_are_refused():
     """Two groups named alike were one entry of a dict: the meter covered the last group only,
     with the first one's learning rate."""
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-    opt = torch.optim.SGD([{"params": model[0].parameters(), "name": "g", "lr": 0.1},
-                           {"params": model[1].parameters(), "name": "g", "lr": 1.0}])
+    opt = torch.optim.SGD(
+        [
+            {"params": model[0].parameters(), "name": "g", "lr": 0.1},
+            {"params": model[1].parameters(), "name": "g", "lr": 1.0},
+        ]
+    )
     with pytest.raises(ValueError, match=r"same name \['g'\]"):
         stats.NoiseMeter(opt, batch_size=4)
-    opt = torch.optim.SGD([{"params": model[0].parameters(), "name": "group1"},
-                           {"params": model[1].parameters()}], lr=0.1)  # default name group1
+    opt = torch.optim.SGD(
+        [{"params": model[0].parameters(), "name": "group1"}, {"params": model[1].parameters()}],
+        lr=0.1,
+    )  # default name group1
     with pytest.raises(ValueError, match="group1"):
         stats.NoiseMeter(opt, batch_size=4)
 
@@ -190,8 +197,13 @@ def test_parameters_without_gradient_are_skipped_and_overflow_steps_kept_out():
     as it is and kept out of the moving averages (they stayed NaN for good)."""
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    opt = torch.optim.SGD([{"params": model[0].parameters(), "name": "a"},
-                           {"params": model[2].parameters(), "name": "b"}], lr=0.1)
+    opt = torch.optim.SGD(
+        [
+            {"params": model[0].parameters(), "name": "a"},
+            {"params": model[2].parameters(), "name": "b"},
+        ],
+        lr=0.1,
+    )
     tracker = stats.track(model)
     meter = stats.NoiseMeter(opt, batch_size=8, beta=0.5)
     x = torch.randn(8, 3, dtype=torch.float64)
@@ -236,9 +248,93 @@ def test_accumulated_micro_batches_need_the_trackers_batch_size():
     for chunk in x.split(5):
         (model(chunk).pow(2).sum() / 15).backward()
     r = meter.update()
-    per = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
-        model(x[b:b + 1]).pow(2).sum(), list(model.parameters()))]) for b in range(15)])
+    per = torch.stack(
+        [
+            torch.cat(
+                [
+                    g.flatten()
+                    for g in torch.autograd.grad(
+                        model(x[b : b + 1]).pow(2).sum(), list(model.parameters())
+                    )
+                ]
+            )
+            for b in range(15)
+        ]
+    )
     mean = per.mean(0)
-    assert r.tr_sigma == pytest.approx(((per - mean) ** 2).sum(1).mean().item() * 15 / 14,
-                                       rel=1e-10)
+    assert r.tr_sigma == pytest.approx(
+        ((per - mean) ** 2).sum(1).mean().item() * 15 / 14, rel=1e-10
+    )
     tracker.detach()
+
+
+def _least_squares(B: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(B, 4, generator=gen, dtype=torch.float64)
+    return X, X @ torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64) + torch.randn(
+        B, generator=gen, dtype=torch.float64
+    )
+
+
+def _closed_form(model: nn.Linear, X: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Loss (1/B) sum_b (x_b.w - y_b)^2 / 2 at fixed w: g_b = r_b x_b with r = Xw - y, so
+    tr Sigma_hat = sum_i of the unbiased variance of r_b x_bi, |G|^2_hat = |g_bar|^2 - tr/B."""
+    g = (X @ model.weight.detach().ravel() - y)[:, None] * X
+    tr = float(g.var(0, unbiased=True).sum())
+    return tr, float(g.mean(0).pow(2).sum()) - tr / len(X)
+
+
+def _backward(model: nn.Linear, X: torch.Tensor, y: torch.Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    (0.5 * (model(X).ravel() - y).pow(2).mean()).backward()
+
+
+def test_meter_follows_the_batch_size():
+    """tr Sigma and |G|^2 of least-squares batches of 32 then 128 at fixed parameters against
+    the closed form. The meter kept the B it was built with (B_simple -1925 at 128): now it
+    follows the tracker's pass, else the optimizer's batch size, else the fixed number, and
+    an assignment to meter.batch_size that would be ignored is refused."""
+    import sgdlab
+
+    model = nn.Linear(4, 1, bias=False).double()
+    opt = sgdlab.SGD(model.parameters(), lr=0.1, batch_size=32)
+    tracker = stats.track(model)
+    by_opt = stats.NoiseMeter(opt, batch_size=32)
+    by_fixed = stats.NoiseMeter(model, batch_size=32)  # the tracker takes precedence
+    for B, seed in ((32, 0), (128, 1), (32, 2)):
+        X, y = _least_squares(B, seed)
+        opt.set_batch_size(B)
+        _backward(model, X, y)
+        for meter in (by_opt, by_fixed):
+            r = meter.update()
+            assert (r.tr_sigma, r.grad_sq_norm) == pytest.approx(
+                _closed_form(model, X, y), rel=1e-10
+            )
+            assert r.batch_size == B
+    assert by_opt.batch_size == by_fixed.batch_size == 32
+    with pytest.raises(AttributeError, match="tracker of its parameters"):
+        by_fixed.batch_size = 64
+    assert by_fixed.batch_size == 32
+    # without a tracker (moments kept after detach): the optimizer's current batch size
+    X, y = _least_squares(128, 3)
+    _backward(model, X, y)
+    tracker.detach(clear=False)
+    tr, _ = _closed_form(model, X, y)
+    opt.step(batch_size=128)  # stays in force, as set_batch_size (the gradients stay)
+    assert by_opt.batch_size == 128
+    assert by_opt.update().tr_sigma == pytest.approx(tr, rel=1e-10)
+    with pytest.raises(AttributeError, match="optimizer.set_batch_size"):
+        by_opt.batch_size = 32
+    assert by_opt.batch_size == 128
+    # neither: the fixed number, which an assignment sets
+    assert by_fixed.batch_size == 32
+    by_fixed.batch_size = 128
+    r = by_fixed.update()
+    assert (r.batch_size, r.tr_sigma) == pytest.approx((128, tr), rel=1e-10)
+    with pytest.raises(ValueError, match=r"meter.batch_size must be >= 2.*got 1"):
+        by_fixed.batch_size = 1
+    assert by_fixed.batch_size == 128
+    unsized = stats.NoiseMeter(model)
+    with pytest.raises(ValueError, match="no batch size"):
+        unsized.update()
+    assert unsized.step == 0 and unsized.history == []

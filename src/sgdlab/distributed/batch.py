@@ -36,7 +36,7 @@ import torch.distributed as dist
 from .._validation import check_batch_size
 from ._group import comm_device, is_distributed, rank_and_size
 
-__all__ = ["GlobalBatch", "gather_batch"]
+__all__ = ["GlobalBatch", "check_examples", "gather_batch"]
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,9 @@ def gather_batch(
         rows = [(n, k)]
     sizes = tuple(r[0] for r in rows)
     steps = tuple(r[1] for r in rows)
-    table = ", ".join(f"rank {i}: {a} examples in {b} micro-batches" for i, (a, b) in
-                      enumerate(rows))
+    table = ", ".join(
+        f"rank {i}: {a} examples in {b} micro-batches" for i, (a, b) in enumerate(rows)
+    )
     if len(set(steps)) > 1:
         raise ValueError(
             "accumulation_steps must be equal on every rank (each micro-batch's backward pass "
@@ -125,3 +126,36 @@ def gather_batch(
             f"accumulation_steps on every rank, got {table}"
         )
     return GlobalBatch(local_sizes=sizes, accumulation_steps=k, rank=rank)
+
+
+def check_examples(seen: int, declared: int, remaining: int, *, group: Any = None) -> None:
+    """Every rank's examples so far in a step against the ``local_size`` it declared: one small
+    all-gather, called by every rank before a backward pass that exchanges gradients.
+
+    A rank is wrong when ``seen + remaining`` (one example for each micro-batch still to come)
+    exceeds ``declared``, or, at the last micro-batch (``remaining = 0``), differs from it.
+
+    Raises:
+        ValueError: on every rank, the same message (each rank's ``seen of declared``), when
+            any rank is wrong; nothing has been exchanged by this step's backward pass yet.
+    """
+    rank, world = rank_and_size(group)
+    if is_distributed(group) and world > 1:
+        mine = torch.tensor(
+            [seen, declared, remaining], dtype=torch.int64, device=comm_device(group)
+        )
+        parts = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(parts, mine, group=group)
+        rows = [tuple(int(v) for v in t) for t in parts]
+    else:
+        rows = [(seen, declared, remaining)]
+    bad = [i for i, (a, n, r) in enumerate(rows) if a + r > n or (r == 0 and a != n)]
+    if bad:
+        table = ", ".join(
+            f"rank {i}: {a} of {n}" + (f" and {r} micro-batches to come" if r else "")
+            for i, (a, n, r) in enumerate(rows)
+        )
+        raise ValueError(
+            f"micro-batch examples must add up to begin_step's local_size on every rank; rank "
+            f"{bad[0]} differs ({table}); the step is abandoned on every rank"
+        )

@@ -7,8 +7,9 @@ single-process step on the ``B`` concatenated examples:
 * **Batch size.** :meth:`DataParallel.begin_step` all-gathers every rank's example count
   (:func:`sgdlab.distributed.gather_batch`), giving ``B = sum_r n_r`` (``per-rank batch x W x
   k`` for equal micro-batches), and sets ``optimizer.set_batch_size(B)`` so the batch-size
-  scaling rules of :mod:`sgdlab.hyper` see the global batch. Ranks with different ``k`` raise
-  a ``ValueError`` on every rank before any gradient is exchanged.
+  scaling rules of :mod:`sgdlab.hyper` see the global batch. Ranks with different ``k``, or a
+  rank whose micro-batches do not add up to the ``local_size`` it declared, raise the same
+  ``ValueError`` on every rank before any gradient is exchanged (:meth:`DataParallel.accumulate`).
 * **Gradients.** The loss is assumed to be the *mean* over the examples of the micro-batch.
   :meth:`DataParallel.backward` multiplies it by ``W n / B`` (``n`` the micro-batch size), so
   after DDP's uniform average over ranks and the accumulation over micro-batches
@@ -74,7 +75,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .._validation import check_batch_size
 from ..stats import NoiseMeter, NoiseReading, Tracker, track
 from ._group import is_distributed, rank_and_size
-from .batch import GlobalBatch, gather_batch
+from .batch import GlobalBatch, check_examples, gather_batch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .moments import SecondMomentReducer
 
@@ -232,9 +233,7 @@ class DataParallel:
     @staticmethod
     def _check_tracker(tracker: Tracker, model: nn.Module) -> None:
         if not isinstance(tracker, Tracker):
-            raise TypeError(
-                f"tracker must be a sgdlab.stats.Tracker, got {type(tracker).__name__}"
-            )
+            raise TypeError(f"tracker must be a sgdlab.stats.Tracker, got {type(tracker).__name__}")
         ids = {id(p) for p in model.parameters()}
         if any(id(p) not in ids for p in tracker.parameters):
             raise ValueError("tracker must be attached to the model given to DataParallel")
@@ -297,7 +296,14 @@ class DataParallel:
     def accumulate(self, micro_batch_size: int) -> Iterator[None]:
         """Context for the forward and backward pass of one micro-batch of
         ``micro_batch_size`` examples; DDP's gradient all-reduce is skipped (``no_sync``) in
-        all but the last micro-batch of the step."""
+        all but the last micro-batch of the step.
+
+        Before a micro-batch whose backward pass exchanges gradients (the last; every one
+        without ``no_sync``) the ranks all-gather their example counts: when a rank's
+        micro-batches do not add up to its ``begin_step(local_size)`` every rank raises the same
+        ``ValueError`` here, before the exchange, and the step is abandoned. (Without
+        ``no_sync`` a shortfall shows only at the last micro-batch, after the earlier ones
+        exchanged; nothing is applied.)"""
         if not self._open:
             raise RuntimeError("accumulate outside a step; call begin_step(local_size) first")
         if self._in_micro:
@@ -310,6 +316,16 @@ class DataParallel:
                 "after the last one"
             )
         last = self._micro == k - 1
+        if last or (self.ddp is not None and not self.no_sync):
+            # this micro-batch's backward exchanges gradients: every rank checks its count first
+            assert self.batch is not None
+            try:
+                check_examples(
+                    self._seen + n, self.batch.local_size, k - 1 - self._micro, group=self.group
+                )
+            except ValueError:
+                self._open = False  # the step is abandoned; begin_step starts a new one
+                raise
         self._in_micro, self._micro_n, self._did_backward = True, n, False
         self._armed, self._queued = last and self.reducer is not None, False
         if self.tracker is not None:
@@ -339,8 +355,11 @@ class DataParallel:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(
                 "loss must be a one-element tensor (the mean loss of the micro-batch), got "
-                + (f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else
-                   type(loss).__name__)
+                + (
+                    f"shape {tuple(loss.shape)}"
+                    if isinstance(loss, Tensor)
+                    else type(loss).__name__
+                )
             )
         assert self.batch is not None
         scale = self.batch.loss_scale(self._micro_n)
@@ -379,7 +398,8 @@ class DataParallel:
                 "remaining ones before step()"
             )
         assert self.batch is not None
-        if self._seen != self.batch.local_size:
+        if self._seen != self.batch.local_size:  # accumulate checked it on every rank
+            self._open = False
             raise ValueError(
                 f"the micro-batches of this step hold {self._seen} examples, but begin_step "
                 f"declared local_size={self.batch.local_size}"

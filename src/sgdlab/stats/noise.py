@@ -97,8 +97,13 @@ def _scratch(tensors: Iterable[Tensor]) -> dict[torch.device, tuple[Tensor, Tens
     sizes: dict[torch.device, int] = {}
     for t in tensors:
         sizes[t.device] = max(sizes.get(t.device, 1), t.numel())
-    return {dev: (torch.empty(n, dtype=torch.float64, device=dev),
-                  torch.empty(n, dtype=torch.float64, device=dev)) for dev, n in sizes.items()}
+    return {
+        dev: (
+            torch.empty(n, dtype=torch.float64, device=dev),
+            torch.empty(n, dtype=torch.float64, device=dev),
+        )
+        for dev, n in sizes.items()
+    }
 
 
 def _sums(
@@ -158,14 +163,51 @@ class NoiseReading:
 
 def _params_of(name: str, value: Any) -> list[Tensor]:
     """The tensors of an iterable of parameters (a single tensor would be read as its rows)."""
-    if isinstance(value, Tensor) or isinstance(value, str | bytes) or not isinstance(
-            value, Iterable):
+    if (
+        isinstance(value, Tensor)
+        or isinstance(value, str | bytes)
+        or not isinstance(value, Iterable)
+    ):
         raise TypeError(f"{name} must be an iterable of parameters, got {type(value).__name__}")
     params = list(value)
     for p in params:
         if not isinstance(p, Tensor):
             raise TypeError(f"{name} must hold tensors (parameters), got {type(p).__name__}")
     return params
+
+
+def _meter_batch(name: str, value: Any) -> int:
+    """A fixed batch size: an integer >= 2 (one example has no variance)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(
+            f"{name} must be an integer >= 2 or a Tracker (has num_examples), got {value!r}"
+        )
+    b = check_batch_size(name, int(value))
+    if b < 2:
+        raise ValueError(f"{name} must be >= 2 to estimate a variance, got {b}")
+    return b
+
+
+def _tracker_batch(tracker: Any) -> int | None:
+    """N of the mean of the tracker's last backward pass: ``tracker.batch_size`` if set, else
+    the examples it saw (None: it saw none)."""
+    n = int(tracker.num_examples)
+    if n == 0:
+        return None
+    fixed = getattr(tracker, "batch_size", None)
+    if (
+        fixed is None
+        and getattr(tracker, "_passes", 1) > 1
+        and getattr(tracker, "reduction", "mean") == "mean"
+    ):
+        raise ValueError(
+            f"the tracker accumulated {tracker._passes} backward passes (micro-batches) "
+            "without tracker.batch_size: p.grad is then a sum of per-micro-batch means, not "
+            "the mean over the examples the meter would divide by. Set tracker.batch_size "
+            "to the examples of all micro-batches (the statistics are then those of the "
+            "concatenated batch)"
+        )
+    return n if fixed is None else int(fixed)
 
 
 def _groups(source: Any) -> tuple[dict[str, list[nn.Parameter]], list[dict] | None]:
@@ -202,19 +244,32 @@ class NoiseMeter:
             learning rates read at every update), a mapping ``name -> parameters``, or an
             iterable of parameters (one group).
         batch_size: B, the number of examples ``p.grad`` and ``p.grad_second_moment`` average
-            over; or an object with ``num_examples`` (a :class:`~sgdlab.stats.Tracker`).
+            over, used when nothing below gives it; or an object with ``num_examples`` (a
+            :class:`~sgdlab.stats.Tracker`) to read it from. See "Batch size" below.
         lr: learning rate for the temperature (default: the optimizer's per group; without
             either the temperature is ``None``).
         beta: smoothing factor of the moving averages, ``0 <= beta < 1``.
         writer: optional object with ``add_scalar`` (a TensorBoard ``SummaryWriter``).
         prefix: tag prefix for the writer.
+
+    Batch size. Every :meth:`update` takes B, in this order, from
+
+    1. the tracker's last backward pass: ``tracker.batch_size`` if set (the N of its mean),
+       else the examples it saw (:attr:`Tracker.num_examples`); the tracker given as
+       ``batch_size``, else the one that tracks the meter's parameters;
+    2. the optimizer's current batch size (an sgdlab optimizer: ``set_batch_size`` or
+       ``step(batch_size=)``; read before the step, so set it before ``update``);
+    3. the fixed ``batch_size``.
+
+    :attr:`batch_size` reads the B the next update would use; assigning it sets the fixed
+    number, and is refused while a tracker or the optimizer's batch size takes precedence.
     """
 
     def __init__(
         self,
         groups: Any,
         *,
-        batch_size: int | Any,
+        batch_size: int | Any | None = None,
         lr: float | None = None,
         beta: float = 0.99,
         writer: ScalarWriter | None = None,
@@ -223,19 +278,17 @@ class NoiseMeter:
         self.groups, self._param_groups = _groups(groups)
         if not self.groups or not all(self.groups.values()):
             raise ValueError("groups must contain at least one parameter per group")
-        if isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool):
-            batch_size = int(batch_size)
-        if not isinstance(batch_size, int) and not hasattr(batch_size, "num_examples"):
-            raise ValueError(
-                "batch_size must be an integer >= 2 or a Tracker (has num_examples), got "
-                f"{batch_size!r}"
-            )
-        if isinstance(batch_size, int):
-            check_batch_size("batch_size", batch_size)
-            if batch_size < 2:
-                raise ValueError(f"batch_size must be >= 2 to estimate a variance, got "
-                                 f"{batch_size}")
-        self._batch = batch_size
+        #: an object with num_examples given as batch_size (a Tracker, a DataParallel)
+        self._source: Any = None
+        self._fixed: int | None = None
+        if (
+            batch_size is not None
+            and not isinstance(batch_size, numbers.Integral)
+            and hasattr(batch_size, "num_examples")
+        ):
+            self._source = batch_size
+        elif batch_size is not None:
+            self._fixed = _meter_batch("batch_size", batch_size)
         self.lr = None if lr is None else check_positive("lr", lr)
         self.beta = check_unit_interval("beta", beta)
         if writer is not None and not callable(getattr(writer, "add_scalar", None)):
@@ -249,21 +302,91 @@ class NoiseMeter:
         self._ema_sq = 0.0
         self.history: list[NoiseReading] = []
 
-    def _batch_size(self) -> int:
-        tracker = self._batch
-        if (not isinstance(tracker, int) and getattr(tracker, "_passes", 1) > 1
-                and getattr(tracker, "batch_size", None) is None
-                and getattr(tracker, "reduction", "mean") == "mean"):
-            raise ValueError(
-                f"the tracker accumulated {tracker._passes} backward passes (micro-batches) "
-                "without tracker.batch_size: p.grad is then a sum of per-micro-batch means, not "
-                "the mean over the examples the meter would divide by. Set tracker.batch_size "
-                "to the examples of all micro-batches (the statistics are then those of the "
-                "concatenated batch)"
+    # ------------------------------------------------------------------ batch size
+    @property
+    def batch_size(self) -> int | None:
+        """The B the next :meth:`update` divides by (None if nothing gives one yet)."""
+        b, _ = self._resolve()
+        return b
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        b = _meter_batch("meter.batch_size", value)
+        source = self._precedence()
+        if source is not None:
+            raise AttributeError(
+                f"meter.batch_size = {value!r} would be ignored: the meter follows {source}"
             )
-        b = self._batch if isinstance(self._batch, int) else int(self._batch.num_examples)
+        self._fixed = b
+
+    def _precedence(self) -> str | None:
+        """What takes precedence over the fixed batch size, in words (None: nothing)."""
+        if self._source is not None:
+            return f"the {type(self._source).__name__} given as batch_size"
+        if self._trackers():
+            return "the tracker of its parameters (it counts each backward pass's examples)"
+        if self._optimizer_batch() is not None:
+            return "the optimizer's batch size; change it with optimizer.set_batch_size"
+        return None
+
+    def _trackers(self) -> list[Any]:
+        """The trackers attached to the meter's parameters (each once)."""
+        from .tracker import _tracker_of
+
+        found: dict[int, Any] = {}
+        for params in self.groups.values():
+            for p in params:
+                t = _tracker_of(p)
+                if t is not None:
+                    found.setdefault(id(t), t)
+        return list(found.values())
+
+    def _optimizer_batch(self) -> int | None:
+        """The optimizer's current batch size (None: not an sgdlab optimizer, or unset)."""
+        if self._param_groups is None:
+            return None
+        sizes = sorted(
+            {g["batch_size"] for g in self._param_groups if g.get("batch_size") is not None}
+        )
+        if len(sizes) > 1:
+            raise ValueError(
+                f"the optimizer's param groups have the batch sizes {sizes}; the "
+                "meter needs one B for all (optimizer.set_batch_size sets all)"
+            )
+        return sizes[0] if sizes else None
+
+    def _resolve(self) -> tuple[int | None, str]:
+        """``(B, where from)``: a tracker's last pass, else the optimizer, else the fixed B."""
+        trackers = [self._source] if self._source is not None else self._trackers()
+        seen = {}
+        for t in trackers:
+            b = _tracker_batch(t)
+            if b is not None:
+                seen[b] = type(t).__name__
+        if len(seen) > 1:
+            raise ValueError(
+                f"the trackers of the meter's parameters saw different batch "
+                f"sizes {sorted(seen)} in their last backward pass"
+            )
+        if seen:
+            ((b, name),) = seen.items()
+            return b, name
+        b = self._optimizer_batch()
+        if b is not None:
+            return b, "the optimizer"
+        return self._fixed, "batch_size"
+
+    def _batch_size(self) -> int:
+        b, source = self._resolve()
+        if b is None:
+            raise ValueError(
+                "the meter has no batch size: give batch_size=B, track the model "
+                "(sgdlab.stats.track) or use an sgdlab optimizer with a batch size"
+            )
         if b < 2:
-            raise ValueError(f"batch_size must be >= 2 to estimate a variance, got {b}")
+            raise ValueError(
+                f"batch_size must be >= 2 to estimate a variance, got {b} (from {source})"
+            )
         return b
 
     def _group_lr(self, i: int) -> float | None:
@@ -276,8 +399,9 @@ class NoiseMeter:
     @torch.no_grad()
     def update(self, step: int | None = None) -> NoiseReading:
         """Read the statistics of the last backward pass; returns and records a reading."""
-        if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral)
-                                 or step < 0):
+        if step is not None and (
+            isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0
+        ):
             raise ValueError(f"step must be an integer >= 0 (or None), got {step!r}")
         B = self._batch_size()
         tr_g: dict[str, float] = {}
@@ -301,14 +425,20 @@ class NoiseMeter:
                 moments.append(m.detach())
             per_group.append((grads, moments))
         if not any(grads for grads, _ in per_group):
-            raise ValueError("no parameter of the meter's groups has a gradient: call update() "
-                             "after the backward pass")
+            raise ValueError(
+                "no parameter of the meter's groups has a gradient: call update() "
+                "after the backward pass"
+            )
         # float64 work one tensor at a time in shared buffers, one read from the device
         scratch = _scratch(g for grads, _ in per_group for g in grads)
         first = next(g[0].device for g, _ in per_group if g)
         # a group without gradients this step (all frozen or unused) contributes zero
-        sums = [torch.stack(_sums(g, m, None, scratch)) if g
-                else torch.zeros(2, dtype=torch.float64, device=first) for g, m in per_group]
+        sums = [
+            torch.stack(_sums(g, m, None, scratch))
+            if g
+            else torch.zeros(2, dtype=torch.float64, device=first)
+            for g, m in per_group
+        ]
         values = torch.stack([t.to(first) for t in sums]).tolist()
         for i, (name, (t, s)) in enumerate(zip(self.groups, values, strict=True)):
             tr_g[name], sq_g[name] = _unbiased(t, s, B)
@@ -323,7 +453,7 @@ class NoiseMeter:
         # else a step with inf/NaN gradients (a loss scaler's overflow, which the optimizer
         # skips): reported as it is, kept out of the moving averages
         self.step = self.step + 1 if step is None else int(step) + 1
-        debias = 1 - self.beta ** self.updates
+        debias = 1 - self.beta**self.updates
         tr_s = self._ema_tr / debias if self.updates else math.nan
         sq_s = self._ema_sq / debias if self.updates else math.nan
         reading = NoiseReading(
@@ -371,12 +501,15 @@ class NoiseMeter:
                 ``beta`` / the groups differ from this meter's.
         """
         if not isinstance(state, Mapping):
-            raise TypeError(f"state must be a mapping (NoiseMeter.state_dict()), got "
-                            f"{type(state).__name__}")
+            raise TypeError(
+                f"state must be a mapping (NoiseMeter.state_dict()), got {type(state).__name__}"
+            )
         missing = [k for k in _STATE_KEYS if k not in state]
         if missing:
-            raise ValueError(f"state is missing {', '.join(missing)}; expected the keys of "
-                             f"NoiseMeter.state_dict(): {', '.join(_STATE_KEYS)}")
+            raise ValueError(
+                f"state is missing {', '.join(missing)}; expected the keys of "
+                f"NoiseMeter.state_dict(): {', '.join(_STATE_KEYS)}"
+            )
         if state["format"] != STATE_FORMAT:
             raise ValueError(f"state format must be {STATE_FORMAT!r}, got {state['format']!r}")
         counts = {}
@@ -396,14 +529,17 @@ class NoiseMeter:
                 raise ValueError(f"state[{key!r}] must be finite, got {v!r}")
             emas[key] = float(v)
         if emas["beta"] != self.beta:
-            raise ValueError(f"state was recorded with beta={emas['beta']!r}, this meter has "
-                             f"beta={self.beta!r}; build the meter with the same beta")
+            raise ValueError(
+                f"state was recorded with beta={emas['beta']!r}, this meter has "
+                f"beta={self.beta!r}; build the meter with the same beta"
+            )
         groups = state["groups"]
         if not isinstance(groups, list | tuple) or not all(isinstance(g, str) for g in groups):
             raise TypeError(f"state['groups'] must be a list of group names, got {groups!r}")
         if list(groups) != list(self.groups):
-            raise ValueError(f"state holds the groups {list(groups)}, this meter has "
-                             f"{list(self.groups)}")
+            raise ValueError(
+                f"state holds the groups {list(groups)}, this meter has {list(self.groups)}"
+            )
         self.step, self.updates = counts["step"], counts["updates"]
         self._ema_tr, self._ema_sq = emas["ema_tr_sigma"], emas["ema_grad_sq_norm"]
 

@@ -370,7 +370,7 @@ def _adam_capturable(fgs: list[FlatGroup], hp: dict, per_example: bool) -> None:
 _RULES = {"sgd": _sgd, "rmsprop": _rmsprop, "adam": _adam}
 
 
-@torch._dynamo.disable
+@torch._disable_dynamo  # imports dynamo at the first call, not with sgdlab
 def fused_update(opt: Any, algo: str, group: dict, hp: dict, params: list[torch.Tensor],
                  enabled: bool) -> bool:
     """Perform ``group``'s step on flat buffers when ``enabled`` and possible (``True``), or
@@ -394,7 +394,7 @@ def _sum_of(g: torch.Tensor) -> torch.Tensor:
     return g.sum()
 
 
-@torch._dynamo.disable
+@torch._disable_dynamo  # imports dynamo at the first call, not with sgdlab
 def grads_all_finite(opt: Any) -> bool:
     """One sum per flat gradient buffer: ``True`` when every gradient is finite and the
     flat buffers of all param groups already exist (gradients are gathered into them, which
