@@ -338,3 +338,18 @@ def test_meter_follows_the_batch_size():
     with pytest.raises(ValueError, match="no batch size"):
         unsized.update()
     assert unsized.step == 0 and unsized.history == []
+
+
+def test_temperature_uses_the_lr_the_step_applies():
+    """T = eta tr Sigma / (2B) with eta the lr the step applies: lr = 0.1 tuned at B0 = 8 is
+    0.4 at B = 32 under the linear rule (the meter used group["lr"], 0.1: T 4x too small)."""
+    import sgdlab
+
+    model = nn.Linear(4, 1, bias=False).double()
+    opt = sgdlab.SGD(model.parameters(), lr=0.1, ref_batch_size=8, batch_size=32)
+    with stats.track(model):
+        meter = stats.NoiseMeter(opt)
+        X, y = _least_squares(32, 0)
+        _backward(model, X, y)
+        r = meter.update()
+    assert r.temperature == pytest.approx(0.4 * r.tr_sigma / (2 * 32), rel=1e-14)

@@ -246,8 +246,9 @@ class NoiseMeter:
         batch_size: B, the number of examples ``p.grad`` and ``p.grad_second_moment`` average
             over, used when nothing below gives it; or an object with ``num_examples`` (a
             :class:`~sgdlab.stats.Tracker`) to read it from. See "Batch size" below.
-        lr: learning rate for the temperature (default: the optimizer's per group; without
-            either the temperature is ``None``).
+        lr: learning rate for the temperature (default: the lr each group of the optimizer
+            applies, after an sgdlab optimizer's batch-size rule; without either the
+            temperature is ``None``).
         beta: smoothing factor of the moving averages, ``0 <= beta < 1``.
         writer: optional object with ``add_scalar`` (a TensorBoard ``SummaryWriter``).
         prefix: tag prefix for the writer.
@@ -276,6 +277,10 @@ class NoiseMeter:
         prefix: str = "noise/",
     ) -> None:
         self.groups, self._param_groups = _groups(groups)
+        # an sgdlab optimizer knows the lr its steps apply (its batch-size rule on top of
+        # group["lr"]): the temperature uses that one
+        applied = getattr(groups, "effective_hyperparameters", None)
+        self._applied: Any = applied if callable(applied) else None
         if not self.groups or not all(self.groups.values()):
             raise ValueError("groups must contain at least one parameter per group")
         #: an object with num_examples given as batch_size (a Tracker, a DataParallel)
@@ -392,9 +397,12 @@ class NoiseMeter:
     def _group_lr(self, i: int) -> float | None:
         if self.lr is not None:
             return self.lr
-        if self._param_groups is not None:
-            return float(self._param_groups[i]["lr"])
-        return None
+        if self._param_groups is None:
+            return None
+        group = self._param_groups[i]
+        if self._applied is not None:
+            return float(self._applied(group)["lr"])
+        return float(group["lr"])
 
     @torch.no_grad()
     def update(self, step: int | None = None) -> NoiseReading:
