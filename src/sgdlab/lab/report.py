@@ -7,6 +7,9 @@ claims), then the lecture's errata each with the measurement that settles it.
 
 A figure listed in an experiment's ``results.json`` but missing on disk is redrawn from the
 saved measurements by the experiment's ``plot`` function before it is embedded.
+
+A results directory is untrusted input (a user can edit any results.json): every value that
+reaches the page is HTML-escaped (quotes included) and class names come from a fixed set.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 from . import registry
 from .atomic import atomic_write_text, read_json
+from .claims import VERDICTS
 from .runner import collect
 
 __all__ = ["build_report", "format_number"]
@@ -77,8 +81,12 @@ def _e(s: Any) -> str:
     return html.escape(str(s), quote=True)
 
 
-def _vclass(verdict: str) -> str:
-    return "v-" + verdict.replace(" ", "-")
+def _vclass(verdict: Any) -> str:
+    """The row's CSS class: one of the known verdicts' classes, ``v-unknown`` for anything else
+    (the verdict is read from a results.json, which a user can edit)."""
+    if isinstance(verdict, str) and verdict in VERDICTS:
+        return "v-" + verdict.replace(" ", "-")
+    return "v-unknown"
 
 
 def _pm(c: dict[str, Any]) -> str:
