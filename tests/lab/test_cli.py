@@ -70,11 +70,13 @@ def test_run_with_overrides_records_config_seed_and_versions(capsys, tmp_path: P
     assert top["claims"] and all(fields <= set(c) for c in top["claims"])
     assert (tmp_path / "index.html").is_file()
     # `sgdlab report DIR` rebuilds the page from the saved results, redrawing a lost figure.
-    (tmp_path / "one_d" / "variance.png").unlink()
+    (fig,) = rec["figures"]
+    assert fig.startswith("variance.") and fig.endswith(".png")
+    (tmp_path / "one_d" / fig).unlink()
     (tmp_path / "index.html").unlink()
     assert main(["report", str(tmp_path)]) == 0
     assert (tmp_path / "index.html").is_file()
-    assert (tmp_path / "one_d" / "variance.png").is_file()
+    assert (tmp_path / "one_d" / fig).read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("item", ["device=tpu", "seed=-1"])

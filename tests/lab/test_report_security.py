@@ -3,6 +3,7 @@ every value that reaches HTML and restricts class names to the known verdicts.""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -122,3 +123,53 @@ def test_verdict_payload_cannot_leave_the_class_attribute(out: Path, payload: st
     page = build_report(out).read_text()
     check_no_injection(page)
     assert "class='claim-row v-unknown'" in page
+
+
+def _set_figures(out: Path, figures: list[Any]) -> None:
+    path = out / "one_d" / "results.json"
+    rec = json.loads(path.read_text())
+    rec["figures"] = figures
+    path.write_text(json.dumps(rec))
+
+
+def test_figures_outside_the_experiment_directory_are_skipped(
+    out: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Absolute paths, ``..``, links pointing out, other file types: named and skipped."""
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG\r\n\x1a\n" + b"TOP-SECRET" * 50)
+    (out / "secret.png").write_bytes(secret.read_bytes())
+    (out / "one_d" / "link.png").symlink_to(secret)
+    (out / "one_d" / "text.png").write_text("TOP-SECRET plain text")
+    (out / "one_d" / "sub.png").mkdir()
+    rec = json.loads((out / "one_d" / "results.json").read_text())
+    good = rec["figures"][0]
+    bad = [
+        str(secret),
+        "/etc/passwd",
+        "../secret.png",
+        "../../secret.png",
+        "link.png",
+        "text.png",
+        "config.json",
+        "sub.png",
+        ".hidden.png",
+        "a/b.png",
+        "",
+    ]
+    _set_figures(out, [*bad, good])
+    page = build_report(out).read_text()
+    check_no_injection(page)
+    leaked = {
+        base64.b64encode(secret.read_bytes()).decode()[:40],
+        base64.b64encode(Path("/etc/passwd").read_bytes()).decode()[:40],
+        base64.b64encode(b"TOP-SECRET plain text").decode()[:20],
+    }
+    for piece in leaked:
+        assert piece not in page
+    assert page.count("<img ") == 1  # the experiment's own figure only
+    err = capsys.readouterr().err
+    for name in bad:
+        assert f"figure {name!r} skipped" in err
+    assert page.count(" skipped: ") == len(bad)
+    assert secret.read_bytes().startswith(b"\x89PNG")  # nothing written through the link

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,7 +152,11 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
     removed = []
     if d.is_dir():
         for p in d.iterdir():
-            if p.name.startswith(TMP_PREFIX) and p.is_file():
+            if not p.name.startswith(TMP_PREFIX):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
                 p.unlink()
-                removed.append(p)
+            removed.append(p)
     return removed

@@ -18,13 +18,14 @@ import base64
 import html
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from . import registry
 from .atomic import atomic_write_text, read_json
 from .claims import VERDICTS
-from .runner import collect
+from .runner import FIGURE_NAME, collect, draw_figures
 
 __all__ = ["build_report", "format_number"]
 
@@ -134,17 +135,51 @@ def _claims_table(claims: list[dict[str, Any]], table_id: str, with_experiment: 
     )
 
 
-def _figure_html(expdir: Path, name: str, rec: dict[str, Any], mod: Any) -> str:
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _figure_problem(expdir: Path, name: Any) -> str | None:
+    """Why ``name`` (from a results.json) may not be embedded, or None when it may: a plain
+    file name ``STEM[.TAG].png`` of a regular PNG file (not a link) inside ``expdir``."""
+    if not isinstance(name, str) or FIGURE_NAME.fullmatch(name) is None:
+        return "not a figure name STEM.png inside the experiment directory"
     path = expdir / name
-    if not path.is_file():
-        mod.plot(rec["measurements"], expdir)
-    if not path.is_file():
-        return f"<p class='meta'>figure {_e(name)} could not be drawn</p>"
+    if path.is_symlink():
+        return "a symbolic link"
+    if path.exists() and not path.is_file():
+        return "not a regular file"
+    if path.is_file():
+        with open(path, "rb") as fh:
+            if fh.read(len(_PNG_MAGIC)) != _PNG_MAGIC:
+                return "not a PNG image"
+    return None
+
+
+def _figure_html(expdir: Path, name: Any, rec: dict[str, Any], mod: Any) -> str:
+    """The figure embedded as a data URI; a missing one is redrawn from the saved measurements,
+    one that may not be embedded (:func:`_figure_problem`) is named and skipped."""
+    why = _figure_problem(expdir, name)
+    if why is not None:
+        _warn(f"{expdir / 'results.json'}: figure {name!r} skipped ({why})")
+        return f"<p class='meta'>figure {_e(name)} skipped: {_e(why)}</p>"
+    path = expdir / name
+    if not path.exists():
+        m = FIGURE_NAME.fullmatch(name)
+        try:
+            draw_figures(mod, rec["measurements"], expdir, m["tag"] or "", only=name)
+        except Exception as exc:  # the saved measurements are damaged: say so, draw the rest
+            _warn(f"{expdir / 'results.json'}: figure {name!r} could not be drawn ({exc})")
+        if _figure_problem(expdir, name) is not None or not path.is_file():
+            return f"<p class='meta'>figure {_e(name)} could not be drawn</p>"
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return (
         f"<figure><img class='fig' alt='{_e(name)}' src='data:image/png;base64,{data}'>"
         f"<figcaption class='meta'>{_e(name)}</figcaption></figure>"
     )
+
+
+def _warn(message: str) -> None:
+    print(f"sgdlab: warning: {message}", file=sys.stderr)
 
 
 def build_report(out: str | os.PathLike[str]) -> Path:

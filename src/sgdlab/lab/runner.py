@@ -4,7 +4,7 @@ Layout of a results directory ``DIR``::
 
     DIR/<experiment>/config.json     the typed config of the run
     DIR/<experiment>/results.json    measurements, claims, figures, metadata (written last)
-    DIR/<experiment>/*.png           figures, drawn from the saved measurements
+    DIR/<experiment>/STEM.TAG.png    figures, drawn from the saved measurements
     DIR/results.json                 every claim of every finished experiment + errata
     DIR/index.html                   the report
 
@@ -12,16 +12,25 @@ An experiment is *finished* when its ``results.json`` exists and records the sam
 one requested; :func:`run_experiment` skips finished experiments unless ``force``. Every file is
 written atomically (:mod:`sgdlab.lab.atomic`), so a run killed at any moment leaves finished
 experiments intact and no half-written file.
+
+A results.json and its figures are committed together: a figure's name carries ``TAG``, a hash
+of the record it belongs to, and results.json (naming its figures) is written last. A run killed
+between the two leaves the last finished results.json with its own figures, plus new figures no
+results.json names; those orphans are deleted when the next run of the experiment starts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
+import re
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -31,6 +40,7 @@ from typing import Any
 
 from . import registry
 from .atomic import (
+    TMP_PREFIX,
     atomic_write_json,
     from_jsonable,
     read_json,
@@ -42,7 +52,9 @@ from .errata import ERRATA
 from .progress import bar
 
 __all__ = [
+    "FIGURE_NAME",
     "collect",
+    "draw_figures",
     "is_finished",
     "make_config",
     "reproduce",
@@ -105,6 +117,63 @@ def run_metadata(device: str) -> dict[str, Any]:
     return meta
 
 
+# A figure's file name: ``STEM.png`` as the experiment's ``plot`` names it, saved as
+# ``STEM.TAG.png`` with TAG the first 12 hex digits of the sha256 of its record.
+FIGURE_NAME = re.compile(r"(?P<stem>[A-Za-z0-9_][A-Za-z0-9_-]*)(?:\.(?P<tag>[0-9a-f]{12}))?\.png")
+
+
+def _record_tag(record: Mapping[str, Any]) -> str:
+    """12 hex digits of the sha256 of ``record`` (as saved, without its figures)."""
+    body = {k: v for k, v in record.items() if k != "figures"}
+    text = json.dumps(to_jsonable(body), sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def draw_figures(
+    mod: Any, measurements: Any, expdir: Path, tag: str, only: str | None = None
+) -> list[str]:
+    """Draw ``mod``'s figures of ``measurements`` and move each into ``expdir`` as
+    ``STEM.TAG.png`` (``STEM.png`` for an empty tag); return those names (``only``: move just
+    the figure saved as that name).
+
+    The figures are drawn in a temporary directory inside ``expdir`` (removed afterwards), so a
+    figure of the committed record is never overwritten by one of another record.
+    """
+    stage = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-figures.", dir=expdir))
+    try:
+        names = []
+        for drawn in mod.plot(measurements, stage):
+            m = FIGURE_NAME.fullmatch(drawn)
+            if m is None or m["tag"] is not None:
+                raise ValueError(f"{mod.NAME}: plot returned {drawn!r}, not a name STEM.png")
+            name = f"{m['stem']}.{tag}.png" if tag else drawn
+            if only is None or name == only:
+                os.replace(stage / drawn, expdir / name)
+                names.append(name)
+        return names
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def remove_orphan_figures(expdir: Path) -> list[Path]:
+    """Delete the tagged figures in ``expdir`` that its results.json does not name (left by a
+    run killed before it committed); keep everything when results.json cannot be read."""
+    path = expdir / "results.json"
+    keep: set[str] = set()
+    if path.exists():
+        try:
+            keep = set(read_json(path)["figures"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+    removed = []
+    for p in expdir.iterdir():
+        m = FIGURE_NAME.fullmatch(p.name)
+        if m and m["tag"] and p.name not in keep and not p.is_dir():
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
 def is_finished(expdir: str | os.PathLike[str], config: Any) -> bool:
     """True when ``expdir/results.json`` exists and records exactly ``config``."""
     path = Path(expdir) / "results.json"
@@ -133,6 +202,7 @@ def run_experiment(
     expdir = Path(out) / name
     expdir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(expdir)
+    remove_orphan_figures(expdir)
     if not force and is_finished(expdir, config):
         saved = read_json(expdir / "results.json")
         return {"name": name, "status": "skipped", "wall_time_s": saved["meta"]["wall_time_s"]}
@@ -149,7 +219,6 @@ def run_experiment(
     wall = time.perf_counter() - t0
     # Round-trip through JSON: figures and claims see exactly what is saved.
     saved_measurements = from_jsonable(json.loads(json.dumps(to_jsonable(measurements))))
-    figures = mod.plot(saved_measurements, expdir)
     claims = [c.to_dict() for c in mod.claims(saved_measurements)]
     meta = run_metadata(config.device)
     meta.update(
@@ -165,10 +234,12 @@ def run_experiment(
         "config": cfg,
         "measurements": saved_measurements,
         "claims": claims,
-        "figures": figures,
         "meta": meta,
     }
+    # figures first, under names tied to this record; results.json commits them
+    record["figures"] = draw_figures(mod, saved_measurements, expdir, _record_tag(record))
     atomic_write_json(expdir / "results.json", record)
+    remove_orphan_figures(expdir)
     if collect_after:
         collect(out)
     return {"name": name, "status": "finished", "wall_time_s": wall}
