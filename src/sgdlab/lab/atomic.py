@@ -1,9 +1,11 @@
 """Atomic file writes: a reader (or a resumed run) never sees a half-written file.
 
-Each write goes to a temporary file in the destination directory (``.tmp-`` prefix), is
-flushed and ``fsync``-ed, then moved over the destination with :func:`os.replace`, which is
-atomic on POSIX file systems. On an exception the temporary file is removed; after a hard kill
-a stale temporary may remain, and :func:`remove_stale_temporaries` deletes it on the next run.
+Each write goes to a temporary file in the destination directory (``.tmp-PID-`` prefix, PID
+the writer's process id), is flushed and ``fsync``-ed, then moved over the destination with
+:func:`os.replace`, which is atomic on POSIX file systems. On an exception the temporary file is
+removed; after a hard kill a stale temporary may remain, and :func:`remove_stale_temporaries`
+deletes it on the next run (only those whose writer is gone: another live process's in-flight
+temporary is kept).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "from_jsonable",
+    "pid_alive",
     "read_json",
     "remove_stale_temporaries",
+    "temporary_owner",
     "to_jsonable",
 ]
 
@@ -64,7 +68,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(
-        prefix=TMP_PREFIX + dest.name + ".", suffix=dest.suffix, dir=dest.parent
+        prefix=f"{TMP_PREFIX}{os.getpid()}-{dest.name}.", suffix=dest.suffix, dir=dest.parent
     )
     os.close(fd)
     tmp = Path(tmp_name)
@@ -146,17 +150,40 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return from_jsonable(json.load(fh))
 
 
+def temporary_owner(name: str) -> int | None:
+    """The process id in a temporary's name ``.tmp-PID-...``; None when it has none."""
+    head = name[len(TMP_PREFIX) :].split("-", 1)[0]
+    return int(head) if name.startswith(TMP_PREFIX) and head.isdigit() else None
+
+
+def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` exists (a zombie counts as alive until reaped)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
-    """Delete temporaries left in ``directory`` by a killed writer; return what was removed."""
+    """Delete the temporaries (files or staging directories) left in ``directory`` by a killed
+    writer, those whose process is gone or whose name carries no process id; return them."""
     d = Path(directory)
     removed = []
     if d.is_dir():
         for p in d.iterdir():
             if not p.name.startswith(TMP_PREFIX):
                 continue
+            owner = temporary_owner(p.name)
+            if owner is not None and pid_alive(owner):
+                continue
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
-                p.unlink()
+                p.unlink(missing_ok=True)
             removed.append(p)
     return removed

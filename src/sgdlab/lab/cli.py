@@ -23,9 +23,14 @@ start the ranks with torchrun directly (``docs/distributed.md``)::
     sgdlab run data_parallel --nproc 4
     sgdlab run data_parallel --nproc 8 --device cuda --preset full
 
+One run at a time per ``--out`` directory: ``run``, ``reproduce`` and ``report`` hold a lock on
+it (:mod:`sgdlab.lab.lock`); a second one fails at once, naming the process that holds it, and
+does not wait. The workers of ``reproduce --jobs N`` end with it, ``kill -9`` included.
+
 Exit codes: 0 success, 2 bad usage (unknown experiment, unknown config key, value of the wrong
 type, ``--nproc`` that is not an integer >= 1 or > 1 for an experiment that is not
-data-parallel; the message lists what is valid); under ``--nproc`` torchrun's exit code.
+data-parallel; the message lists what is valid; ``--out`` in use by another run); under
+``--nproc`` torchrun's exit code.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from pathlib import Path
 
 from . import registry
 from .config import PRESET_NAMES, ConfigError, describe_fields
+from .lock import output_lock
 
 __all__ = ["main"]
 
@@ -158,11 +164,12 @@ def _run_rank_inner(args: argparse.Namespace, sets: dict[str, str]) -> int:
                   timeout=config.timeout)
     try:
         if dist.get_rank() == 0:
-            todo = [args.force or not is_finished(Path(args.out) / args.name, config)]
-            dist.broadcast_object_list(todo, src=0)
-            res = run_experiment(args.name, args.out, args.preset, sets, args.seed,
-                                 args.device, force=bool(todo[0]))
-            build_report(args.out)
+            with output_lock(args.out):
+                todo = [args.force or not is_finished(Path(args.out) / args.name, config)]
+                dist.broadcast_object_list(todo, src=0)
+                res = run_experiment(args.name, args.out, args.preset, sets, args.seed,
+                                     args.device, force=bool(todo[0]))
+                build_report(args.out)
             print(
                 f"{res['name']}: {res['status']} ({res['wall_time_s']:.1f} s, "
                 f"{dist.get_world_size()} ranks); results in {Path(args.out) / args.name}; "
@@ -221,10 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if nproc > 1:
                 return _launch(argv, args, sets, nproc)
             make_config(args.name, args.preset, sets, args.seed, args.device)  # validate first
-            res = run_experiment(
-                args.name, args.out, args.preset, sets, args.seed, args.device, args.force
-            )
-            build_report(args.out)
+            with output_lock(args.out):
+                res = run_experiment(
+                    args.name, args.out, args.preset, sets, args.seed, args.device, args.force
+                )
+                build_report(args.out)
             print(
                 f"{res['name']}: {res['status']} ({res['wall_time_s']:.1f} s); "
                 f"results in {Path(args.out) / args.name}; report {Path(args.out) / 'index.html'}"

@@ -25,6 +25,7 @@ from typing import Any
 from . import registry
 from .atomic import atomic_write_text, read_json
 from .claims import VERDICTS
+from .lock import output_lock
 from .runner import FIGURE_NAME, collect, draw_figures
 
 __all__ = ["build_report", "format_number"]
@@ -183,8 +184,15 @@ def _warn(message: str) -> None:
 
 
 def build_report(out: str | os.PathLike[str]) -> Path:
-    """Write ``out/index.html`` from the saved results under ``out``; return its path."""
-    out = Path(out)
+    """Write ``out/index.html`` from the saved results under ``out``; return its path.
+
+    Holds the lock of ``out`` (:mod:`sgdlab.lab.lock`): a run writing there is not read half-way.
+    """
+    with output_lock(out):
+        return _build_report(Path(out))
+
+
+def _build_report(out: Path) -> Path:
     summary = collect(out)
     claims = summary["claims"]
     counts = {v: sum(c["verdict"] == v for c in claims) for v in

@@ -22,6 +22,7 @@ results.json names; those orphans are deleted when the next run of the experimen
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as _dt
 import hashlib
 import json
@@ -29,8 +30,11 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -49,6 +53,7 @@ from .atomic import (
 )
 from .config import build_config, config_to_dict
 from .errata import ERRATA
+from .lock import output_lock
 from .progress import bar
 
 __all__ = [
@@ -196,7 +201,28 @@ def run_experiment(
     force: bool = False,
     collect_after: bool = True,
 ) -> dict[str, Any]:
-    """Run one experiment into ``out/<name>`` unless finished; return a short summary."""
+    """Run one experiment into ``out/<name>`` unless finished; return a short summary.
+
+    Holds the lock of ``out`` (:mod:`sgdlab.lab.lock`) and first removes the temporaries that
+    killed runs left in ``out``; an invalid config fails before anything is written.
+    """
+    make_config(name, preset, overrides, seed, device)
+    with output_lock(out):
+        remove_stale_temporaries(out)
+        return _run_locked(name, out, preset, overrides, seed, device, force, collect_after)
+
+
+def _run_locked(
+    name: str,
+    out: str | os.PathLike[str],
+    preset: str,
+    overrides: Mapping[str, Any] | None,
+    seed: int | None,
+    device: str | None,
+    force: bool,
+    collect_after: bool,
+) -> dict[str, Any]:
+    """:func:`run_experiment` under the lock of ``out`` (held by this process or its parent)."""
     mod = registry.get(name)
     config = make_config(name, preset, overrides, seed, device)
     expdir = Path(out) / name
@@ -275,7 +301,11 @@ def _seed_everything(seed: int) -> None:
 
 def collect(out: str | os.PathLike[str]) -> dict[str, Any]:
     """Gather every finished experiment's claims into ``out/results.json`` and return it."""
-    out = Path(out)
+    with output_lock(out):
+        return _collect(Path(out))
+
+
+def _collect(out: Path) -> dict[str, Any]:
     experiments: dict[str, Any] = {}
     claims: list[dict[str, Any]] = []
     for name in registry.names():
@@ -320,9 +350,37 @@ def collect(out: str | os.PathLike[str]) -> dict[str, Any]:
     return summary
 
 
-def _worker(name: str, out: str, preset: str, force: bool) -> dict[str, Any]:
+def _die_with_parent(parent: int) -> None:
+    """Make this worker process end when ``parent`` does, even on ``kill -9`` of the parent.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere a daemon thread polls the parent
+    id once a second. A parent that died before either was set up ends the worker at once.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        armed = libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0
+    if not armed:
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="sgdlab-parent-watch", daemon=True).start()
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _worker_init(parent: int) -> None:
     os.environ.setdefault("SGDLAB_PROGRESS", "0")
-    return run_experiment(name, out, preset=preset, force=force, collect_after=False)
+    _die_with_parent(parent)
+
+
+def _worker(name: str, out: str, preset: str, force: bool) -> dict[str, Any]:
+    """One experiment of ``reproduce --jobs N``; the parent holds the lock of ``out``."""
+    return _run_locked(name, out, preset, None, None, None, force, collect_after=False)
 
 
 def reproduce(
@@ -336,17 +394,25 @@ def reproduce(
     """Run every experiment (or ``names``), collect the claims and build the report.
 
     With ``jobs > 1`` experiments run in separate processes (spawn context, one torch thread
-    each). Returns ``out/results.json`` as a dict plus ``"runs"``, the per-experiment summaries.
+    each), which end with this process (:func:`_die_with_parent`). Holds the lock of ``out``
+    throughout. Returns ``out/results.json`` as a dict plus ``"runs"``, the per-experiment
+    summaries.
     """
-    from .report import build_report
-
     if jobs < 1:
         raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
     todo = list(names) if names is not None else registry.names()
     for n in todo:
         registry.get(n)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        remove_stale_temporaries(out)
+        return _reproduce(Path(out), preset, jobs, force, todo, device)
+
+
+def _reproduce(
+    out: Path, preset: str, jobs: int, force: bool, todo: list[str], device: str | None
+) -> dict[str, Any]:
+    from .report import build_report
+
     runs: list[dict[str, Any]] = []
     if jobs == 1:
         for n in bar(todo, desc="experiments"):
@@ -357,11 +423,13 @@ def reproduce(
         if device is not None and device != "cpu":
             raise ValueError("--jobs > 1 runs on the CPU; use --jobs 1 with --device cuda")
         ctx = get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(
+            max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
+        ) as pool:
             futures = {pool.submit(_worker, n, str(out), preset, force): n for n in todo}
             for fut in bar(as_completed(futures), desc="experiments", total=len(futures)):
                 runs.append(fut.result())
-    summary = collect(out)
+    summary = _collect(out)
     build_report(out)
     summary["runs"] = runs
     return summary
