@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runner import make_config, reproduce, run_experiment
 
     try:
-        if getattr(args, "out", None) is not None:
+        if getattr(args, "out", None) is not None and args.command != "run":
             _check_out(args.out)
         if args.command == "list":
             return _cmd_list()
@@ -223,11 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             nproc = _parse_nproc(args.nproc)
             _check_device(args.device)
             sets = _parse_sets(args.sets)
+            if nproc == 1 and not launched_by_torchrun():
+                make_config(args.name, args.preset, sets, args.seed, args.device)  # validate
+            _check_out(args.out)  # made only for a valid run
             if launched_by_torchrun():
                 return _run_rank(args, sets)
             if nproc > 1:
                 return _launch(argv, args, sets, nproc)
-            make_config(args.name, args.preset, sets, args.seed, args.device)  # validate first
             with output_lock(args.out):
                 res = run_experiment(
                     args.name, args.out, args.preset, sets, args.seed, args.device, args.force
