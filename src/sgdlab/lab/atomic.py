@@ -24,6 +24,7 @@ import numpy as np
 
 __all__ = [
     "TMP_PREFIX",
+    "WriteError",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -58,28 +59,50 @@ def _umask() -> int:
     return mask
 
 
+class WriteError(OSError):
+    """``path`` could not be written (disk full, read-only file system, ...); whatever was
+    there before is unchanged."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        super().__init__(reason)
+        self.path, self.reason = os.fspath(path), reason
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path}: {self.reason}"
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str], exc: OSError) -> WriteError:
+        return exc if isinstance(exc, WriteError) else cls(path, exc.strerror or str(exc))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
 
     The caller writes the temporary (e.g. ``fig.savefig(tmp)``); the file is fsync-ed and
-    moved into place when the block exits without an exception, and deleted otherwise.
+    moved into place when the block exits without an exception, and deleted otherwise. An
+    ``OSError`` while writing is raised as :class:`WriteError` naming ``path``.
     """
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f"{TMP_PREFIX}{os.getpid()}-{dest.name}.", suffix=dest.suffix, dir=dest.parent
-    )
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f"{TMP_PREFIX}{os.getpid()}-{dest.name}.", suffix=dest.suffix, dir=dest.parent
+        )
+    except OSError as exc:
+        raise WriteError.of(dest, exc) from exc
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         yield tmp
         with open(tmp, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
+    except OSError as exc:
+        raise WriteError.of(dest, exc) from exc
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -29,8 +29,9 @@ does not wait. The workers of ``reproduce --jobs N`` end with it, ``kill -9`` in
 
 Exit codes: 0 success, 2 bad usage (unknown experiment, unknown config key, value of the wrong
 type, ``--nproc`` that is not an integer >= 1 or > 1 for an experiment that is not
-data-parallel; the message lists what is valid; ``--out`` in use by another run); under
-``--nproc`` torchrun's exit code.
+data-parallel; the message lists what is valid; ``--out`` in use by another run; a file that
+cannot be written, ``cannot write PATH: reason``, the file left as it was); under ``--nproc``
+torchrun's exit code.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import registry
+from .atomic import WriteError
 from .config import PRESET_NAMES, ConfigError, describe_fields
 from .lock import output_lock
 
@@ -265,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("sgdlab: interrupted; finished experiments and their results are kept",
               file=sys.stderr)
         return 130
-    except (ConfigError, registry.UnknownExperimentError) as exc:
+    except (ConfigError, registry.UnknownExperimentError, WriteError) as exc:
         print(f"sgdlab: error: {exc}", file=sys.stderr)
         if isinstance(exc, registry.UnknownExperimentError):
             print("run `sgdlab list` for the experiments and their keys", file=sys.stderr)

@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from .atomic import WriteError
 from .config import ConfigError
 
 __all__ = ["LOCK_NAME", "DirectoryBusyError", "output_lock"]
@@ -40,7 +41,6 @@ def _holder(fd: int) -> str:
 def output_lock(out: str | os.PathLike[str]) -> Iterator[None]:
     """Hold the lock of results directory ``out`` (made if missing) for the block."""
     d = Path(out)
-    d.mkdir(parents=True, exist_ok=True)
     key = str(d.resolve())
     if key in _held:
         _held[key] += 1
@@ -49,7 +49,11 @@ def output_lock(out: str | os.PathLike[str]) -> Iterator[None]:
         finally:
             _held[key] -= 1
         return
-    fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise WriteError.of(d / LOCK_NAME, exc) from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

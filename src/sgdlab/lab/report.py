@@ -9,7 +9,9 @@ A figure listed in an experiment's ``results.json`` but missing on disk is redra
 saved measurements by the experiment's ``plot`` function before it is embedded.
 
 A results directory is untrusted input (a user can edit any results.json): every value that
-reaches the page is HTML-escaped (quotes included) and class names come from a fixed set.
+reaches the page is HTML-escaped (quotes included) and class names come from a fixed set. A
+results.json that cannot be used (:func:`~sgdlab.lab.runner.load_result`) is listed with why
+and skipped; the other experiments are reported as usual.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from . import registry
-from .atomic import atomic_write_text, read_json
+from .atomic import atomic_write_text
 from .claims import VERDICTS
 from .lock import output_lock
-from .runner import FIGURE_NAME, collect, draw_figures
+from .runner import FIGURE_NAME, collect, draw_figures, load_result
 
 __all__ = ["build_report", "format_number"]
 
@@ -179,6 +181,21 @@ def _figure_html(expdir: Path, name: Any, rec: dict[str, Any], mod: Any) -> str:
     )
 
 
+def _damaged_html(damaged: list[dict[str, str]]) -> str:
+    """The results that could not be used, each named with why (also on stderr)."""
+    if not damaged:
+        return ""
+    items = []
+    for d in damaged:
+        _warn(f"{d['path']} skipped: {d['why']}")
+        items.append(f"<li><code>{_e(d['path'])}</code>: {_e(d['why'])}</li>")
+    return (
+        "<h2 id='damaged'>Results that could not be read</h2><ul class='damaged'>"
+        + "".join(items)
+        + "</ul><p>Rerun those experiments (<code>sgdlab run NAME</code>) to replace them.</p>"
+    )
+
+
 def _warn(message: str) -> None:
     print(f"sgdlab: warning: {message}", file=sys.stderr)
 
@@ -211,14 +228,13 @@ def _build_report(out: Path) -> Path:
         "<p class='summary'>"
         + "".join(f"<span>{_e(k)}: <b>{v}</b></span>" for k, v in counts.items())
         + f"<span>experiments: <b>{len(summary['experiments'])}</b></span></p>",
+        _damaged_html(summary["damaged"]),
         "<h2 id='claims'>Claims</h2>",
         _claims_table(claims, "claims-table", with_experiment=True),
     ]
-    for name in registry.names():
+    for name in summary["experiments"]:
         expdir = out / name
-        if not (expdir / "results.json").is_file():
-            continue
-        rec = read_json(expdir / "results.json")
+        rec = load_result(expdir)  # collect() read it under the same lock
         mod = registry.get(name)
         meta = rec["meta"]
         parts.append(f"<h2 id='exp-{_e(name)}'>{_e(rec['title'])}</h2>")

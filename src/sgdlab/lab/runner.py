@@ -9,8 +9,10 @@ Layout of a results directory ``DIR``::
     DIR/index.html                   the report
 
 An experiment is *finished* when its ``results.json`` exists and records the same config as the
-one requested; :func:`run_experiment` skips finished experiments unless ``force``. Every file is
-written atomically (:mod:`sgdlab.lab.atomic`), so a run killed at any moment leaves finished
+one requested (a damaged one, :func:`load_result`, is not finished: it is run again, and skipped
+with its reason by :func:`collect` and the report, never fatal to the others);
+:func:`run_experiment` skips finished experiments unless ``force``. Every file is written
+atomically (:mod:`sgdlab.lab.atomic`), so a run killed at any moment leaves finished
 experiments intact and no half-written file.
 
 A results.json and its figures are committed together: a figure's name carries ``TAG``, a hash
@@ -45,6 +47,7 @@ from typing import Any
 from . import registry
 from .atomic import (
     TMP_PREFIX,
+    WriteError,
     atomic_write_json,
     from_jsonable,
     read_json,
@@ -58,9 +61,11 @@ from .progress import bar
 
 __all__ = [
     "FIGURE_NAME",
+    "DamagedResultError",
     "collect",
     "draw_figures",
     "is_finished",
+    "load_result",
     "make_config",
     "reproduce",
     "run_experiment",
@@ -144,7 +149,10 @@ def draw_figures(
     The figures are drawn in a temporary directory inside ``expdir`` (removed afterwards), so a
     figure of the committed record is never overwritten by one of another record.
     """
-    stage = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-figures.", dir=expdir))
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-figures.", dir=expdir))
+    except OSError as exc:
+        raise WriteError.of(expdir, exc) from exc
     try:
         names = []
         for drawn in mod.plot(measurements, stage):
@@ -153,7 +161,10 @@ def draw_figures(
                 raise ValueError(f"{mod.NAME}: plot returned {drawn!r}, not a name STEM.png")
             name = f"{m['stem']}.{tag}.png" if tag else drawn
             if only is None or name == only:
-                os.replace(stage / drawn, expdir / name)
+                try:
+                    os.replace(stage / drawn, expdir / name)
+                except OSError as exc:
+                    raise WriteError.of(expdir / name, exc) from exc
                 names.append(name)
         return names
     finally:
@@ -179,16 +190,72 @@ def remove_orphan_figures(expdir: Path) -> list[Path]:
     return removed
 
 
+class DamagedResultError(ValueError):
+    """A results.json that cannot be used (not JSON, not UTF-8, a field missing or of the
+    wrong type, a link); the message says why. The experiment is reported and skipped."""
+
+
+_NUMBER = (int, float, str, type(None))  # a claim's numbers: "nan"/"inf" markers, or none
+
+
+def _check(ok: bool, why: str) -> None:
+    if not ok:
+        raise DamagedResultError(why)
+
+
+def _check_record(rec: Any) -> None:
+    """Raise :class:`DamagedResultError` unless ``rec`` has the fields and types the report and
+    the claims table read."""
+    _check(isinstance(rec, dict), "not a JSON object")
+    for key, tp in (("title", str), ("description", str), ("config", dict), ("claims", list),
+                    ("figures", list), ("meta", dict)):
+        _check(isinstance(rec.get(key), tp), f"{key!r} missing or not a {tp.__name__}")
+    meta = rec["meta"]
+    for key in ("seed", "preset", "device"):
+        _check(key in meta, f"meta {key!r} missing")
+    wall = meta.get("wall_time_s")
+    _check(isinstance(wall, int | float) and not isinstance(wall, bool),
+           "meta 'wall_time_s' missing or not a number")
+    for i, c in enumerate(rec["claims"]):
+        _check(isinstance(c, dict), f"claim {i} is not a JSON object")
+        for key in ("id", "statement", "formula", "verdict"):
+            _check(isinstance(c.get(key), str), f"claim {i}: {key!r} missing or not a string")
+        for key in ("kind", "note", "lecture_formula"):
+            _check(isinstance(c.get(key, ""), str), f"claim {i}: {key!r} is not a string")
+        for key in ("predicted", "measured", "stderr", "tolerance", "lecture_value"):
+            _check(isinstance(c.get(key), _NUMBER), f"claim {i}: {key!r} is not a number")
+
+
+def load_result(expdir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The record in ``expdir/results.json``, checked (:func:`_check_record`); raises
+    :class:`DamagedResultError` saying why it cannot be used. A link (the directory or the
+    file) is refused: nothing outside the results directory is read."""
+    expdir = Path(expdir)
+    path = expdir / "results.json"
+    _check(not expdir.is_symlink() and not path.is_symlink(), "a symbolic link")
+    try:
+        rec = read_json(path)
+    except UnicodeDecodeError:
+        raise DamagedResultError("not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise DamagedResultError(f"not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except RecursionError:
+        raise DamagedResultError("nested too deeply") from None
+    except OSError as exc:
+        raise DamagedResultError(f"cannot be read ({exc.strerror or exc})") from None
+    _check_record(rec)
+    return rec
+
+
 def is_finished(expdir: str | os.PathLike[str], config: Any) -> bool:
     """True when ``expdir/results.json`` exists and records exactly ``config``."""
-    path = Path(expdir) / "results.json"
-    if not path.is_file():
+    if not (Path(expdir) / "results.json").is_file():
         return False
     try:
-        saved = read_json(path)
-    except (OSError, json.JSONDecodeError):
-        return False
-    return saved.get("config") == to_jsonable(config_to_dict(config))
+        saved = load_result(expdir)
+    except DamagedResultError:
+        return False  # run again: the new result replaces the damaged one
+    return saved["config"] == to_jsonable(config_to_dict(config))
 
 
 def run_experiment(
@@ -226,11 +293,14 @@ def _run_locked(
     mod = registry.get(name)
     config = make_config(name, preset, overrides, seed, device)
     expdir = Path(out) / name
-    expdir.mkdir(parents=True, exist_ok=True)
+    try:
+        expdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError.of(expdir, exc) from exc
     remove_stale_temporaries(expdir)
     remove_orphan_figures(expdir)
     if not force and is_finished(expdir, config):
-        saved = read_json(expdir / "results.json")
+        saved = load_result(expdir)
         return {"name": name, "status": "skipped", "wall_time_s": saved["meta"]["wall_time_s"]}
     # a finished results.json stays until the new one replaces it in one rename: a rerun
     # (--force, another config) that is interrupted or fails leaves the last finished result,
@@ -308,11 +378,16 @@ def collect(out: str | os.PathLike[str]) -> dict[str, Any]:
 def _collect(out: Path) -> dict[str, Any]:
     experiments: dict[str, Any] = {}
     claims: list[dict[str, Any]] = []
+    damaged: list[dict[str, str]] = []
     for name in registry.names():
         path = out / name / "results.json"
-        if not path.is_file():
+        if not (path.is_file() or path.is_symlink()):
             continue
-        rec = read_json(path)
+        try:
+            rec = load_result(out / name)
+        except DamagedResultError as exc:
+            damaged.append({"experiment": name, "path": str(path), "why": str(exc)})
+            continue
         experiments[name] = {
             "title": rec["title"],
             "figures": rec["figures"],
@@ -344,6 +419,7 @@ def _collect(out: Path) -> dict[str, Any]:
         "experiments": experiments,
         "claims": claims,
         "errata": errata,
+        "damaged": damaged,
         "meta": run_metadata(next(iter(experiments.values()))["device"] if experiments else "cpu"),
     }
     atomic_write_json(out / "results.json", summary)
