@@ -63,8 +63,8 @@ def test_nproc_2_under_torchrun_equals_the_spawned_run(tiny_run: Path, tmp_path:
     assert "2 ranks" in printed
     files = sorted(p.name for p in (out / "data_parallel").iterdir())
     assert files == sorted(["config.json", *_record(out)["figures"], "results.json"])
-    assert sorted(p.name for p in out.iterdir()) == ["_data", "data_parallel", "index.html",
-                                                     "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".sgdlab.lock", "_data", "data_parallel",
+                                                     "index.html", "results.json"]
     two, spawned = _record(out), _record(tiny_run)
     assert two["config"] == spawned["config"] and two["config"]["world_size"] == 2
     assert two["measurements"]["launcher"] == "torchrun"
