@@ -126,3 +126,12 @@ def test_a_failed_write_during_a_run_is_one_line(
     assert "Traceback" not in err
     assert (out / "one_d" / "results.json").read_bytes() == saved
     assert not [p for p in (out / "one_d").iterdir() if p.name.startswith(atomic.TMP_PREFIX)]
+
+
+def test_a_write_error_crosses_a_process_boundary() -> None:
+    """A worker of ``reproduce --jobs N`` that cannot write re-raises the same error here."""
+    import pickle
+
+    exc = atomic.WriteError("/out/one_d/results.json", "No space left on device")
+    back = pickle.loads(pickle.dumps(exc))
+    assert type(back) is atomic.WriteError and str(back) == str(exc)

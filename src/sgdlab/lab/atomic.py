@@ -70,6 +70,9 @@ class WriteError(OSError):
     def __str__(self) -> str:
         return f"cannot write {self.path}: {self.reason}"
 
+    def __reduce__(self) -> tuple[Any, ...]:  # raised in a --jobs worker, re-raised here
+        return (type(self), (self.path, self.reason))
+
     @classmethod
     def of(cls, path: str | os.PathLike[str], exc: OSError) -> WriteError:
         return exc if isinstance(exc, WriteError) else cls(path, exc.strerror or str(exc))
