@@ -148,6 +148,9 @@ def test_stale_temporaries_of_dead_processes_are_removed_at_start(tmp_path: Path
         stale = tmp_path / f"{TMP_PREFIX}{dead.pid}-results.json.x1.json"
         old_style = tmp_path / f"{TMP_PREFIX}index.html.x2.html"
         stale_dir = tmp_path / "one_d" / f"{TMP_PREFIX}{dead.pid}-figures.x3"
+        stale_data = tmp_path / "_data" / f"{TMP_PREFIX}{dead.pid}-mnist1d.npz.x5.npz"
+        stale_data.parent.mkdir()
+        stale_data.write_bytes(b"PK")
         in_flight = tmp_path / f"{TMP_PREFIX}{live.pid}-index.html.x4.html"
         stale_dir.mkdir(parents=True)
         (stale_dir / "variance.png").write_bytes(b"\x89PNG")
@@ -155,6 +158,7 @@ def test_stale_temporaries_of_dead_processes_are_removed_at_start(tmp_path: Path
             p.write_text("{")
         run_experiment("one_d", tmp_path, preset="tiny")
         assert not stale.exists() and not old_style.exists() and not stale_dir.exists()
+        assert not stale_data.exists()
         assert in_flight.exists()  # another live process's temporary is not touched
     finally:
         live.kill()

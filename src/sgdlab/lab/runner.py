@@ -258,6 +258,13 @@ def is_finished(expdir: str | os.PathLike[str], config: Any) -> bool:
     return saved["config"] == to_jsonable(config_to_dict(config))
 
 
+def _remove_stale(out: Path) -> None:
+    """Under the lock of ``out``: the temporaries killed runs left in ``out`` and its data
+    cache (each experiment directory is cleaned when the experiment starts)."""
+    for d in (out, out / "_data"):
+        remove_stale_temporaries(d)
+
+
 def run_experiment(
     name: str,
     out: str | os.PathLike[str],
@@ -275,7 +282,7 @@ def run_experiment(
     """
     make_config(name, preset, overrides, seed, device)
     with output_lock(out):
-        remove_stale_temporaries(out)
+        _remove_stale(Path(out))
         return _run_locked(name, out, preset, overrides, seed, device, force, collect_after)
 
 
@@ -480,7 +487,7 @@ def reproduce(
     for n in todo:
         registry.get(n)
     with output_lock(out):
-        remove_stale_temporaries(out)
+        _remove_stale(Path(out))
         return _reproduce(Path(out), preset, jobs, force, todo, device)
 
 
