@@ -70,11 +70,13 @@ def test_run_with_overrides_records_config_seed_and_versions(capsys, tmp_path: P
     assert top["claims"] and all(fields <= set(c) for c in top["claims"])
     assert (tmp_path / "index.html").is_file()
     # `sgdlab report DIR` rebuilds the page from the saved results, redrawing a lost figure.
-    (tmp_path / "one_d" / "variance.png").unlink()
+    (fig,) = rec["figures"]
+    assert fig.startswith("variance.") and fig.endswith(".png")
+    (tmp_path / "one_d" / fig).unlink()
     (tmp_path / "index.html").unlink()
     assert main(["report", str(tmp_path)]) == 0
     assert (tmp_path / "index.html").is_file()
-    assert (tmp_path / "one_d" / "variance.png").is_file()
+    assert (tmp_path / "one_d" / fig).read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("item", ["device=tpu", "seed=-1"])
@@ -97,3 +99,62 @@ def test_gradient_flow_rejects_steps_that_do_not_divide_time(capsys, tmp_path: P
     args = ["run", "gradient_flow", "--set", "lrs=0.16,0.08", "--out", str(tmp_path)]
     assert main(args) == 2
     assert "divide time" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "item", "shown"),
+    [
+        ("one_d", "draws=0", "draws must be >= 2, got 0"),
+        ("one_d", "n=1", "n must be >= 2, got 1"),
+        ("one_d", "batch_sizes=0", "batch_sizes must be >= 1, got 0"),
+        ("one_d", "batch_sizes=4,65", "batch_sizes must be <= n=64, got 65"),
+        ("one_d", "seed=4294967296", "seed must be >= 0 and <= 4294967295, got 4294967296"),
+        ("convergence", "chains=1", "chains must be >= 2, got 1"),
+        ("adam_bias", "beta2=1", "beta2 must be >= 0 and < 1, got 1.0"),
+        ("adam_bias", "lr=nan", "lr must be > 0, got nan"),
+        ("running_averages", "mu=inf", "mu must be any finite value, got inf"),
+    ],
+)
+def test_out_of_range_values_exit_2_before_anything_is_written(
+    capsys, tmp_path: Path, name: str, item: str, shown: str
+) -> None:
+    out = tmp_path / "out"
+    assert main(["run", name, "--set", item, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sgdlab: error: {shown}") and "Traceback" not in err
+    assert len(err.splitlines()[0]) < 200
+    assert not out.exists()
+
+
+def test_seed_option_out_of_range_exits_2(capsys, tmp_path: Path) -> None:
+    assert main(["run", "one_d", "--seed", "4294967296", "--out", str(tmp_path / "o")]) == 2
+    assert "seed must be >= 0 and <= 4294967295" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_numeric_field_rejects_values_outside_its_range(name: str) -> None:
+    """Invariant: for each numeric field, a value just outside its declared range (or a
+    non-finite float) is refused when the config is built, naming the field."""
+    import dataclasses
+    import math
+    import typing
+
+    from sgdlab.lab import ConfigError, make_config
+    from sgdlab.lab.config import field_range
+
+    cls = registry.get(name).Config
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        rng = field_range(cls, f.name, hints[f.name])
+        if rng is None:
+            continue
+        scalar = typing.get_args(hints[f.name])[0] if typing.get_args(hints[f.name]) else None
+        is_int = (scalar or hints[f.name]) is int
+        bad = [] if is_int else [math.nan, math.inf]
+        outside = {"ge": -1, "gt": 0, "le": 1, "lt": 0}  # a step past each bound
+        bad += [getattr(rng, k) + d for k, d in outside.items() if getattr(rng, k) is not None]
+        for v in bad:
+            text = str(int(v)) if is_int else repr(float(v))
+            with pytest.raises(ConfigError, match=rf"^{f.name} must be"):
+                make_config(name, "tiny", {f.name: text})

@@ -48,7 +48,8 @@ def test_spawned_ranks_match_the_single_process_oracles(tiny_run: Path) -> None:
     assert eff["beta1"] == pytest.approx(want.beta1, rel=1e-14)
     # the per-rank rule is what a run that ignores the other ranks would use: lr halves
     assert m["seeds"][0]["effective_local"]["lr"] == pytest.approx(want.lr / 2, rel=1e-14)
-    assert (tiny_run / "data_parallel" / "data_parallel.png").is_file()
+    (fig,) = _record(tiny_run)["figures"]
+    assert fig.startswith("data_parallel.") and (tiny_run / "data_parallel" / fig).is_file()
 
 
 def test_nproc_2_under_torchrun_equals_the_spawned_run(tiny_run: Path, tmp_path: Path,
@@ -61,9 +62,9 @@ def test_nproc_2_under_torchrun_equals_the_spawned_run(tiny_run: Path, tmp_path:
     assert printed.count("data_parallel: finished") == 1  # rank 0 alone ran and reported
     assert "2 ranks" in printed
     files = sorted(p.name for p in (out / "data_parallel").iterdir())
-    assert files == ["config.json", "data_parallel.png", "results.json"]
-    assert sorted(p.name for p in out.iterdir()) == ["_data", "data_parallel", "index.html",
-                                                     "results.json"]
+    assert files == sorted(["config.json", *_record(out)["figures"], "results.json"])
+    assert sorted(p.name for p in out.iterdir()) == [".sgdlab.lock", "_data", "data_parallel",
+                                                     "index.html", "results.json"]
     two, spawned = _record(out), _record(tiny_run)
     assert two["config"] == spawned["config"] and two["config"]["world_size"] == 2
     assert two["measurements"]["launcher"] == "torchrun"

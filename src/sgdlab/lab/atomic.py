@@ -1,9 +1,11 @@
 """Atomic file writes: a reader (or a resumed run) never sees a half-written file.
 
-Each write goes to a temporary file in the destination directory (``.tmp-`` prefix), is
-flushed and ``fsync``-ed, then moved over the destination with :func:`os.replace`, which is
-atomic on POSIX file systems. On an exception the temporary file is removed; after a hard kill
-a stale temporary may remain, and :func:`remove_stale_temporaries` deletes it on the next run.
+Each write goes to a temporary file in the destination directory (``.tmp-PID-`` prefix, PID
+the writer's process id), is flushed and ``fsync``-ed, then moved over the destination with
+:func:`os.replace`, which is atomic on POSIX file systems. On an exception the temporary file is
+removed; after a hard kill a stale temporary may remain, and :func:`remove_stale_temporaries`
+deletes it on the next run (only those whose writer is gone: another live process's in-flight
+temporary is kept).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,13 +24,16 @@ import numpy as np
 
 __all__ = [
     "TMP_PREFIX",
+    "WriteError",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "from_jsonable",
+    "pid_alive",
     "read_json",
     "remove_stale_temporaries",
+    "temporary_owner",
     "to_jsonable",
 ]
 
@@ -53,28 +59,53 @@ def _umask() -> int:
     return mask
 
 
+class WriteError(OSError):
+    """``path`` could not be written (disk full, read-only file system, ...); whatever was
+    there before is unchanged."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        super().__init__(reason)
+        self.path, self.reason = os.fspath(path), reason
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path}: {self.reason}"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # raised in a --jobs worker, re-raised here
+        return (type(self), (self.path, self.reason))
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str], exc: OSError) -> WriteError:
+        return exc if isinstance(exc, WriteError) else cls(path, exc.strerror or str(exc))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
 
     The caller writes the temporary (e.g. ``fig.savefig(tmp)``); the file is fsync-ed and
-    moved into place when the block exits without an exception, and deleted otherwise.
+    moved into place when the block exits without an exception, and deleted otherwise. An
+    ``OSError`` while writing is raised as :class:`WriteError` naming ``path``.
     """
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=TMP_PREFIX + dest.name + ".", suffix=dest.suffix, dir=dest.parent
-    )
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f"{TMP_PREFIX}{os.getpid()}-{dest.name}.", suffix=dest.suffix, dir=dest.parent
+        )
+    except OSError as exc:
+        raise WriteError.of(dest, exc) from exc
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         yield tmp
         with open(tmp, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
+    except OSError as exc:
+        raise WriteError.of(dest, exc) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -145,13 +176,40 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return from_jsonable(json.load(fh))
 
 
+def temporary_owner(name: str) -> int | None:
+    """The process id in a temporary's name ``.tmp-PID-...``; None when it has none."""
+    head = name[len(TMP_PREFIX) :].split("-", 1)[0]
+    return int(head) if name.startswith(TMP_PREFIX) and head.isdigit() else None
+
+
+def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` exists (a zombie counts as alive until reaped)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
-    """Delete temporaries left in ``directory`` by a killed writer; return what was removed."""
+    """Delete the temporaries (files or staging directories) left in ``directory`` by a killed
+    writer, those whose process is gone or whose name carries no process id; return them."""
     d = Path(directory)
     removed = []
     if d.is_dir():
         for p in d.iterdir():
-            if p.name.startswith(TMP_PREFIX) and p.is_file():
-                p.unlink()
-                removed.append(p)
+            if not p.name.startswith(TMP_PREFIX):
+                continue
+            owner = temporary_owner(p.name)
+            if owner is not None and pid_alive(owner):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
     return removed

@@ -23,9 +23,15 @@ start the ranks with torchrun directly (``docs/distributed.md``)::
     sgdlab run data_parallel --nproc 4
     sgdlab run data_parallel --nproc 8 --device cuda --preset full
 
+One run at a time per ``--out`` directory: ``run``, ``reproduce`` and ``report`` hold a lock on
+it (:mod:`sgdlab.lab.lock`); a second one fails at once, naming the process that holds it, and
+does not wait. The workers of ``reproduce --jobs N`` end with it, ``kill -9`` included.
+
 Exit codes: 0 success, 2 bad usage (unknown experiment, unknown config key, value of the wrong
 type, ``--nproc`` that is not an integer >= 1 or > 1 for an experiment that is not
-data-parallel; the message lists what is valid); under ``--nproc`` torchrun's exit code.
+data-parallel; the message lists what is valid; ``--out`` in use by another run; a file that
+cannot be written, ``cannot write PATH: reason``, the file left as it was); under ``--nproc``
+torchrun's exit code.
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import registry
+from .atomic import WriteError
 from .config import PRESET_NAMES, ConfigError, describe_fields
+from .lock import output_lock
 
 __all__ = ["main"]
 
@@ -158,11 +166,12 @@ def _run_rank_inner(args: argparse.Namespace, sets: dict[str, str]) -> int:
                   timeout=config.timeout)
     try:
         if dist.get_rank() == 0:
-            todo = [args.force or not is_finished(Path(args.out) / args.name, config)]
-            dist.broadcast_object_list(todo, src=0)
-            res = run_experiment(args.name, args.out, args.preset, sets, args.seed,
-                                 args.device, force=bool(todo[0]))
-            build_report(args.out)
+            with output_lock(args.out):
+                todo = [args.force or not is_finished(Path(args.out) / args.name, config)]
+                dist.broadcast_object_list(todo, src=0)
+                res = run_experiment(args.name, args.out, args.preset, sets, args.seed,
+                                     args.device, force=bool(todo[0]))
+                build_report(args.out)
             print(
                 f"{res['name']}: {res['status']} ({res['wall_time_s']:.1f} s, "
                 f"{dist.get_world_size()} ranks); results in {Path(args.out) / args.name}; "
@@ -206,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runner import make_config, reproduce, run_experiment
 
     try:
-        if getattr(args, "out", None) is not None:
+        if getattr(args, "out", None) is not None and args.command != "run":
             _check_out(args.out)
         if args.command == "list":
             return _cmd_list()
@@ -216,15 +225,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             nproc = _parse_nproc(args.nproc)
             _check_device(args.device)
             sets = _parse_sets(args.sets)
+            if nproc == 1 and not launched_by_torchrun():
+                make_config(args.name, args.preset, sets, args.seed, args.device)  # validate
+            _check_out(args.out)  # made only for a valid run
             if launched_by_torchrun():
                 return _run_rank(args, sets)
             if nproc > 1:
                 return _launch(argv, args, sets, nproc)
-            make_config(args.name, args.preset, sets, args.seed, args.device)  # validate first
-            res = run_experiment(
-                args.name, args.out, args.preset, sets, args.seed, args.device, args.force
-            )
-            build_report(args.out)
+            with output_lock(args.out):
+                res = run_experiment(
+                    args.name, args.out, args.preset, sets, args.seed, args.device, args.force
+                )
+                build_report(args.out)
             print(
                 f"{res['name']}: {res['status']} ({res['wall_time_s']:.1f} s); "
                 f"results in {Path(args.out) / args.name}; report {Path(args.out) / 'index.html'}"
@@ -255,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("sgdlab: interrupted; finished experiments and their results are kept",
               file=sys.stderr)
         return 130
-    except (ConfigError, registry.UnknownExperimentError) as exc:
+    except (ConfigError, registry.UnknownExperimentError, WriteError) as exc:
         print(f"sgdlab: error: {exc}", file=sys.stderr)
         if isinstance(exc, registry.UnknownExperimentError):
             print("run `sgdlab list` for the experiments and their keys", file=sys.stderr)

@@ -20,18 +20,21 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
     "PRESET_NAMES",
     "ConfigError",
     "ExperimentConfig",
+    "Range",
     "build_config",
     "config_to_dict",
     "describe_fields",
+    "field_range",
     "parse_value",
 ]
 
@@ -42,16 +45,60 @@ class ConfigError(ValueError):
     """A configuration key or value is invalid; the message lists what is valid."""
 
 
+def _number(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric field (every element of a tuple field): ``ge <= x``,
+    ``gt < x``, ``x <= le``, ``x < lt`` for the bounds given; floats must also be finite."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __str__(self) -> str:
+        bounds = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+        parts = [f"{op} {_number(v)}" for op, v in bounds if v is not None]
+        return " and ".join(parts) or "any finite value"
+
+    def admits(self, x: float) -> bool:
+        return (math.isfinite(x) and (self.ge is None or x >= self.ge)
+                and (self.gt is None or x > self.gt) and (self.le is None or x <= self.le)
+                and (self.lt is None or x < self.lt))
+
+
+# Without a declared range: an int (a count, a size, a number of steps) is >= 1, a float (a
+# rate, a scale) is > 0; an experiment declares the others in its Config's ``RANGES``.
+DEFAULT_RANGES = {int: Range(ge=1), float: Range(gt=0)}
+SEED_RANGE = Range(ge=0, le=2**32 - 1)  # numpy's seeds are 32-bit
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """Fields every experiment has: the random seed and the torch device for model training."""
+    """Fields every experiment has: the random seed and the torch device for model training.
+
+    Every numeric field is checked against its range (``RANGES[name]``, else
+    :data:`DEFAULT_RANGES` by type) when the config is built, before anything runs or is
+    written; a value outside it raises ``ValueError`` naming the field, the value and the range.
+    """
+
+    RANGES: ClassVar[Mapping[str, Range]] = {}
 
     seed: int = 0
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        for name, tp in _field_types(type(self)).items():
+            rng = field_range(type(self), name, tp)
+            if rng is None:
+                continue
+            value = getattr(self, name)
+            for x in value if isinstance(value, tuple) else (value,):
+                if isinstance(x, int | float) and not rng.admits(x):
+                    raise ValueError(f"{name} must be {rng}, got {x!r}")
         dev = self.device
         if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:")
                                                    and dev[5:].isdigit())):
@@ -63,6 +110,17 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def field_range(cls: type, name: str, tp: Any) -> Range | None:
+    """The declared (or default) range of field ``name`` of type ``tp``; None if not numeric."""
+    if name == "seed":
+        return SEED_RANGE
+    if name in getattr(cls, "RANGES", {}):
+        return cls.RANGES[name]
+    if typing.get_origin(tp) is tuple:
+        tp = typing.get_args(tp)[0]
+    return DEFAULT_RANGES.get(tp)
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is tuple:
@@ -72,11 +130,13 @@ def _type_name(tp: Any) -> str:
 
 
 def describe_fields(cls: type) -> str:
-    """One line per field: ``name: type = default``."""
+    """One line per field: ``name: type [range] (default ...)``."""
     lines = []
     for f in dataclasses.fields(cls):
         tp = _field_types(cls)[f.name]
-        lines.append(f"  {f.name}: {_type_name(tp)} (default {f.default!r})")
+        rng = field_range(cls, f.name, tp)
+        allowed = f" {rng}" if rng is not None else ""
+        lines.append(f"  {f.name}: {_type_name(tp)}{allowed} (default {f.default!r})")
     return "\n".join(lines)
 
 

@@ -7,6 +7,11 @@ claims), then the lecture's errata each with the measurement that settles it.
 
 A figure listed in an experiment's ``results.json`` but missing on disk is redrawn from the
 saved measurements by the experiment's ``plot`` function before it is embedded.
+
+A results directory is untrusted input (a user can edit any results.json): every value that
+reaches the page is HTML-escaped (quotes included) and class names come from a fixed set. A
+results.json that cannot be used (:func:`~sgdlab.lab.runner.load_result`) is listed with why
+and skipped; the other experiments are reported as usual.
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ import base64
 import html
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from . import registry
-from .atomic import atomic_write_text, read_json
-from .runner import collect
+from .atomic import atomic_write_text
+from .claims import VERDICTS
+from .lock import output_lock
+from .runner import FIGURE_NAME, collect, draw_figures, load_result
 
 __all__ = ["build_report", "format_number"]
 
@@ -77,8 +85,12 @@ def _e(s: Any) -> str:
     return html.escape(str(s), quote=True)
 
 
-def _vclass(verdict: str) -> str:
-    return "v-" + verdict.replace(" ", "-")
+def _vclass(verdict: Any) -> str:
+    """The row's CSS class: one of the known verdicts' classes, ``v-unknown`` for anything else
+    (the verdict is read from a results.json, which a user can edit)."""
+    if isinstance(verdict, str) and verdict in VERDICTS:
+        return "v-" + verdict.replace(" ", "-")
+    return "v-unknown"
 
 
 def _pm(c: dict[str, Any]) -> str:
@@ -126,12 +138,42 @@ def _claims_table(claims: list[dict[str, Any]], table_id: str, with_experiment: 
     )
 
 
-def _figure_html(expdir: Path, name: str, rec: dict[str, Any], mod: Any) -> str:
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _figure_problem(expdir: Path, name: Any) -> str | None:
+    """Why ``name`` (from a results.json) may not be embedded, or None when it may: a plain
+    file name ``STEM[.TAG].png`` of a regular PNG file (not a link) inside ``expdir``."""
+    if not isinstance(name, str) or FIGURE_NAME.fullmatch(name) is None:
+        return "not a figure name STEM.png inside the experiment directory"
     path = expdir / name
-    if not path.is_file():
-        mod.plot(rec["measurements"], expdir)
-    if not path.is_file():
-        return f"<p class='meta'>figure {_e(name)} could not be drawn</p>"
+    if path.is_symlink():
+        return "a symbolic link"
+    if path.exists() and not path.is_file():
+        return "not a regular file"
+    if path.is_file():
+        with open(path, "rb") as fh:
+            if fh.read(len(_PNG_MAGIC)) != _PNG_MAGIC:
+                return "not a PNG image"
+    return None
+
+
+def _figure_html(expdir: Path, name: Any, rec: dict[str, Any], mod: Any) -> str:
+    """The figure embedded as a data URI; a missing one is redrawn from the saved measurements,
+    one that may not be embedded (:func:`_figure_problem`) is named and skipped."""
+    why = _figure_problem(expdir, name)
+    if why is not None:
+        _warn(f"{expdir / 'results.json'}: figure {name!r} skipped ({why})")
+        return f"<p class='meta'>figure {_e(name)} skipped: {_e(why)}</p>"
+    path = expdir / name
+    if not path.exists():
+        m = FIGURE_NAME.fullmatch(name)
+        try:
+            draw_figures(mod, rec["measurements"], expdir, m["tag"] or "", only=name)
+        except Exception as exc:  # the saved measurements are damaged: say so, draw the rest
+            _warn(f"{expdir / 'results.json'}: figure {name!r} could not be drawn ({exc})")
+        if _figure_problem(expdir, name) is not None or not path.is_file():
+            return f"<p class='meta'>figure {_e(name)} could not be drawn</p>"
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return (
         f"<figure><img class='fig' alt='{_e(name)}' src='data:image/png;base64,{data}'>"
@@ -139,9 +181,35 @@ def _figure_html(expdir: Path, name: str, rec: dict[str, Any], mod: Any) -> str:
     )
 
 
+def _damaged_html(damaged: list[dict[str, str]]) -> str:
+    """The results that could not be used, each named with why (also on stderr)."""
+    if not damaged:
+        return ""
+    items = []
+    for d in damaged:
+        _warn(f"{d['path']} skipped: {d['why']}")
+        items.append(f"<li><code>{_e(d['path'])}</code>: {_e(d['why'])}</li>")
+    return (
+        "<h2 id='damaged'>Results that could not be read</h2><ul class='damaged'>"
+        + "".join(items)
+        + "</ul><p>Rerun those experiments (<code>sgdlab run NAME</code>) to replace them.</p>"
+    )
+
+
+def _warn(message: str) -> None:
+    print(f"sgdlab: warning: {message}", file=sys.stderr)
+
+
 def build_report(out: str | os.PathLike[str]) -> Path:
-    """Write ``out/index.html`` from the saved results under ``out``; return its path."""
-    out = Path(out)
+    """Write ``out/index.html`` from the saved results under ``out``; return its path.
+
+    Holds the lock of ``out`` (:mod:`sgdlab.lab.lock`): a run writing there is not read half-way.
+    """
+    with output_lock(out):
+        return _build_report(Path(out))
+
+
+def _build_report(out: Path) -> Path:
     summary = collect(out)
     claims = summary["claims"]
     counts = {v: sum(c["verdict"] == v for c in claims) for v in
@@ -160,14 +228,13 @@ def build_report(out: str | os.PathLike[str]) -> Path:
         "<p class='summary'>"
         + "".join(f"<span>{_e(k)}: <b>{v}</b></span>" for k, v in counts.items())
         + f"<span>experiments: <b>{len(summary['experiments'])}</b></span></p>",
+        _damaged_html(summary["damaged"]),
         "<h2 id='claims'>Claims</h2>",
         _claims_table(claims, "claims-table", with_experiment=True),
     ]
-    for name in registry.names():
+    for name in summary["experiments"]:
         expdir = out / name
-        if not (expdir / "results.json").is_file():
-            continue
-        rec = read_json(expdir / "results.json")
+        rec = load_result(expdir)  # collect() read it under the same lock
         mod = registry.get(name)
         meta = rec["meta"]
         parts.append(f"<h2 id='exp-{_e(name)}'>{_e(rec['title'])}</h2>")

@@ -9,14 +9,15 @@ is drawn with replacement (sigma^2 the population variance of y), and
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..claims import Claim, tolerance
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
 from ._common import chain_mean
@@ -34,9 +35,16 @@ DESCRIPTION = (
 
 @dataclass(frozen=True)
 class Config(ExperimentConfig):
+    RANGES: ClassVar[Mapping[str, Range]] = {"n": Range(ge=2), "draws": Range(ge=2)}
+
     n: int = 64
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     draws: int = 40000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if max(self.batch_sizes) > self.n:
+            raise ValueError(f"batch_sizes must be <= n={self.n}, got {max(self.batch_sizes)}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -14,14 +14,15 @@ converges to e_0 prod (1 - eta_t h) != 0: SGD stalls short of the optimum.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..claims import Claim, tolerance
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
 from ._common import chain_mean, fit_loglog_slope
@@ -41,6 +42,8 @@ DESCRIPTION = (
 
 @dataclass(frozen=True)
 class Config(ExperimentConfig):
+    RANGES: ClassVar[Mapping[str, Range]] = {"chains": Range(ge=2)}
+
     gammas: tuple[float, ...] = (0.4, 0.75, 1.0, 1.5)
     c: float = 0.5
     constant_eta: float = 0.05

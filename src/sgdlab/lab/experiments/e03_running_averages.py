@@ -11,16 +11,17 @@ variance is sigma^2/(2N-1) and its lag N-1 (a (2N-1)-window, REFERENCE.md erratu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from ...averages import RunningAverage, ema_mean_lag, mean_factor, variance
 from ..claims import Claim, tolerance
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
 from ._common import chain_mean
@@ -41,6 +42,8 @@ KINDS = ("ema", "lecture", "adam", "mean")
 
 @dataclass(frozen=True)
 class Config(ExperimentConfig):
+    RANGES: ClassVar[Mapping[str, Range]] = {"chains": Range(ge=2), "mu": Range()}
+
     horizon: int = 20
     steps: int = 200
     chains: int = 20000

@@ -17,16 +17,17 @@ are (nearly) conjugate, eta and N_g are not.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from ...optim import SGD as SgdlabSGD
 from ..claims import Claim, tolerance
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
 from ._common import chain_mean, ratio_stderr
@@ -46,6 +47,8 @@ DESCRIPTION = (
 
 @dataclass(frozen=True)
 class Config(ExperimentConfig):
+    RANGES: ClassVar[Mapping[str, Range]] = {"n_g": Range(ge=1), "chains": Range(ge=2)}
+
     n_g: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0)
     eta_prime: float = 0.1
     eta_fixed: float = 0.01

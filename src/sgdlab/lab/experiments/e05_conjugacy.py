@@ -21,15 +21,16 @@ as a direction (shift <= 0).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from ..claims import Claim
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
 from . import _mnist
@@ -47,6 +48,11 @@ DESCRIPTION = (
 
 @dataclass(frozen=True)
 class Config(ExperimentConfig):
+    RANGES: ClassVar[Mapping[str, Range]] = {
+        "octaves": Range(ge=-30, le=30),
+        "eta_octaves": Range(ge=-30, le=30),
+    }
+
     n_g: tuple[float, ...] = (1.0, 8.0)
     octaves: tuple[int, ...] = (-2, -1, 0, 1, 2)
     eta_octaves: tuple[int, ...] = (-5, -4, -3, -2, -1, 0, 1)

@@ -15,15 +15,16 @@ examples close to the B = 1 one. The mean error follows the companion-matrix rec
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ... import hyper
 from ..claims import Claim, tolerance
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
 from ._common import chain_mean
@@ -43,6 +44,13 @@ DESCRIPTION = (
 
 @dataclass(frozen=True)
 class Config(ExperimentConfig):
+    RANGES: ClassVar[Mapping[str, Range]] = {
+        "chains": Range(ge=2),
+        "momentum_chains": Range(ge=2),
+        "x0": Range(),
+        "n_g_examples": Range(ge=1),
+    }
+
     batch_sizes: tuple[int, ...] = (1, 4, 16, 64, 128, 256)
     eta_prime: float = 0.01
     curvatures: tuple[float, ...] = (0.9, 0.3, 0.1)

@@ -30,9 +30,10 @@ and their break-down is reported.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from ... import hyper, stats
 from ...dynamics import RMSPropPreconditioner, Separable, estimate_mean, simulate_sgd
 from ...optim import Adam as SgdlabAdam
 from ..claims import Claim, tolerance
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
 from . import _mnist
@@ -74,6 +75,8 @@ METHODS = ("torch_linear", "torch_sqrt", "sgdlab_per_example_linear")
 
 @dataclass(frozen=True)
 class Config(ExperimentConfig):
+    RANGES: ClassVar[Mapping[str, Range]] = {"quad_chains": Range(ge=2)}
+
     quad_lr: float = 0.0025
     quad_horizon: float = 100.0
     quad_batch: int = 16

@@ -13,16 +13,17 @@ against a hand-written update and torch.optim.RMSprop.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from ...optim import RMSProp as SgdlabRMSProp
 from ..claims import Claim
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
 from . import _mnist
@@ -41,6 +42,8 @@ DESCRIPTION = (
 
 @dataclass(frozen=True)
 class Config(ExperimentConfig):
+    RANGES: ClassVar[Mapping[str, Range]] = {"alpha": Range(ge=0, lt=1)}
+
     lrs_sigma: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
     lrs_sigma2: tuple[float, ...] = (3e-7, 1e-6, 3e-6, 1e-5)
     alpha: float = 0.99

@@ -14,15 +14,16 @@ we measure by how much on a real problem (logistic regression on sklearn's digit
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ...optim import Adam as SgdlabAdam
 from ..claims import Claim
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
 from ._common import digits
@@ -41,6 +42,8 @@ DESCRIPTION = (
 
 @dataclass(frozen=True)
 class Config(ExperimentConfig):
+    RANGES: ClassVar[Mapping[str, Range]] = {"beta1": Range(ge=0, lt=1), "beta2": Range(ge=0, lt=1)}
+
     lr: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999

@@ -12,15 +12,16 @@ sklearn's digits (digits 0-4 against 5-9, L2 penalty), against the flow solved b
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ...dynamics import LogisticRegression, Quadratic, flow_errors
 from ..claims import Claim, tolerance
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
 from ._common import digits, fit_loglog_slope
@@ -38,6 +39,12 @@ DESCRIPTION = (
 
 @dataclass(frozen=True)
 class Config(ExperimentConfig):
+    RANGES: ClassVar[Mapping[str, Range]] = {
+        "chains": Range(ge=2),
+        "logistic_chains": Range(ge=2),
+        "l2": Range(ge=0),
+    }
+
     lrs: tuple[float, ...] = (0.08, 0.04, 0.02, 0.01)
     time: float = 2.0
     chains: int = 2000

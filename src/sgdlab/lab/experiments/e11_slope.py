@@ -17,9 +17,10 @@ with a quadratic term (:func:`sgdlab.dynamics.fit_excess_slope`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -38,7 +39,7 @@ from ...dynamics import (
     stationary_covariance,
 )
 from ..claims import Claim, tolerance
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
 from ._common import digits
@@ -58,6 +59,12 @@ DESCRIPTION = (
 
 @dataclass(frozen=True)
 class Config(ExperimentConfig):
+    RANGES: ClassVar[Mapping[str, Range]] = {
+        "chains": Range(ge=2),
+        "logistic_chains": Range(ge=2),
+        "l2": Range(ge=0),
+    }
+
     lrs: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)
     batch_size: int = 4
     steps: int = 3000

@@ -14,9 +14,10 @@ eta sigma^2/(h(2 - eta h)), so alpha = 1/(2 - eta h) there.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -31,7 +32,7 @@ from ...dynamics import (
     simulate_sgd,
 )
 from ..claims import Claim, tolerance
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 
 NAME = "langevin_1d"
@@ -48,6 +49,8 @@ DESCRIPTION = (
 
 @dataclass(frozen=True)
 class Config(ExperimentConfig):
+    RANGES: ClassVar[Mapping[str, Range]] = {"chains": Range(ge=2)}
+
     lr: float = 0.01
     noise_std: float = 5.0
     steps: int = 4000

@@ -16,9 +16,10 @@ The temperatures are measured with the virial E[(x_i - x_i*) dL/dx_i] = T_i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from ...dynamics import (
     simulate_sgd,
 )
 from ..claims import Claim, tolerance
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ._common import ratio_stderr
 
@@ -46,6 +47,8 @@ DESCRIPTION = (
 
 @dataclass(frozen=True)
 class Config(ExperimentConfig):
+    RANGES: ClassVar[Mapping[str, Range]] = {"chains": Range(ge=2)}
+
     curvatures: tuple[float, ...] = (1.0, 1.0)
     noise_std: tuple[float, ...] = (2.0, 0.5)
     lr: float = 0.02

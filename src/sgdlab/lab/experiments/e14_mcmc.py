@@ -18,9 +18,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from ...dynamics import (
     simulate_sgd,
 )
 from ..claims import Claim, tolerance
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
 from . import _mnist
@@ -57,6 +58,13 @@ DESCRIPTION = (
 
 @dataclass(frozen=True)
 class Config(ExperimentConfig):
+    RANGES: ClassVar[Mapping[str, Range]] = {
+        "escape_chains": Range(ge=2),
+        "drop_chains": Range(ge=2),
+        "logistic_chains": Range(ge=2),
+        "l2": Range(ge=0),
+    }
+
     temperatures: tuple[float, ...] = (0.1, 0.125, 0.15, 0.2)
     escape_lr: float = 0.01
     escape_chains: int = 1000
