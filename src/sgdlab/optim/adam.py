@@ -32,13 +32,15 @@ from typing import Any
 import torch
 
 from sgdlab import hyper as _hyper
-from sgdlab._validation import check_choice, check_horizon, check_nonnegative, check_positive
+from sgdlab._validation import check_choice, check_horizon, check_positive
 from sgdlab.averages import lecture_count
 from sgdlab.optim import _fast
 from sgdlab.optim._base import (
     BatchScaledOptimizer,
+    check_hyper,
     check_torch_only_flags,
     group_indices,
+    hyper_scalar,
     scalar_dtype,
 )
 from sgdlab.optim._moments import (
@@ -330,16 +332,27 @@ class Adam(BatchScaledOptimizer):
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_nonnegative("lr", group["lr"])
-        check_nonnegative("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
+        for key in ("lr", "eps", "weight_decay"):
+            check_hyper(group, key)
         betas = group["betas"]
         if not (isinstance(betas, tuple | list) and len(betas) == 2):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        tensors = [isinstance(b, torch.Tensor) for b in betas]
+        if tensors[0] != tensors[1]:
+            raise ValueError(f"betas must be both numbers or both tensors (as torch), got {betas}")
         for j, b in enumerate(betas):
-            if not (isinstance(b, int | float) and 0.0 <= b < 1.0):
+            x = hyper_scalar(f"betas[{j}]", b)
+            if not 0.0 <= x < 1.0:
                 raise ValueError(f"betas[{j}] must satisfy 0 <= beta < 1, got {b!r}")
-        group["betas"] = (float(betas[0]), float(betas[1]))
+        group["betas"] = tuple(b if t else float(b) for b, t in zip(betas, tensors))
+        if group["foreach"] and not group.get("capturable"):
+            # torch.optim.Adam refuses these too: its foreach kernels take Python scalars.
+            for key, value in (("lr", group["lr"]), ("betas", betas[0])):
+                if isinstance(value, torch.Tensor):
+                    raise ValueError(
+                        f"{key} as a tensor is not supported with foreach=True (as in "
+                        f"torch.optim.Adam); pass a float, or leave foreach unset"
+                    )
         check_choice("bias_correction", group["bias_correction"], BIAS_CORRECTIONS)
         check_choice("eps_placement", group["eps_placement"], EPS_PLACEMENTS)
         check_choice("second_moment", group["second_moment"], SECOND_MOMENTS)

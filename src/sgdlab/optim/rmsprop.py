@@ -29,10 +29,11 @@ from typing import Any
 import torch
 
 from sgdlab import hyper as _hyper
-from sgdlab._validation import check_choice, check_horizon, check_nonnegative, check_positive
+from sgdlab._validation import check_choice, check_horizon, check_positive
 from sgdlab.optim import _fast
 from sgdlab.optim._base import (
     BatchScaledOptimizer,
+    check_hyper,
     check_torch_only_flags,
     group_indices,
     scalar_dtype,
@@ -281,13 +282,10 @@ class RMSProp(BatchScaledOptimizer):
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_nonnegative("lr", group["lr"])
-        check_nonnegative("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
+        for key in ("lr", "eps", "weight_decay"):
+            check_hyper(group, key)
         for key in ("alpha", "momentum"):
-            v = group[key]
-            if not (isinstance(v, int | float) and 0.0 <= v < 1.0):
-                raise ValueError(f"{key} must satisfy 0 <= {key} < 1, got {v!r}")
+            check_hyper(group, key, below_one=True)
         check_choice("eps_placement", group["eps_placement"], EPS_PLACEMENTS)
         check_choice("second_moment", group["second_moment"], SECOND_MOMENTS)
         group["power"] = _check_power(group["power"])
