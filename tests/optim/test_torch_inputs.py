@@ -181,3 +181,89 @@ REFUSED = [
 def test_bad_tensor_and_numpy_hyperparameters_are_refused(cls, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         cls([torch.nn.Parameter(torch.ones(2))], **kwargs)
+
+
+def _with_empty(seed):
+    return [torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)] + make_params(seed)
+
+
+@pytest.mark.usefixtures("eager_kernels")
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("cls,tcls", TWINS, ids=TWIN_IDS)
+def test_zero_size_parameter_steps_as_torch(cls, tcls, path):
+    """A parameter with no elements (an empty embedding, a pruned layer) next to others: the
+    default non-finite check crashed in ``_foreach_norm`` (no identity for an empty max)."""
+    ours_p, theirs_p = _with_empty(0), _with_empty(0)
+    ours = cls(ours_p, lr=0.01, **path)
+    theirs = tcls(theirs_p, lr=0.01, foreach=False)
+    _run(ours, ours_p)
+    _run(theirs, theirs_p)
+    _assert_same(ours_p, theirs_p)
+    assert ours.state[ours_p[0]].keys() >= theirs.state[theirs_p[0]].keys()
+    # the check still sees the other parameters
+    set_grads(ours_p, 0)
+    ours_p[2].grad[0] = float("nan")
+    with pytest.raises(sgdlab.NonFiniteGradientError, match="param group 0, parameter 2"):
+        ours.step()
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("cls,tcls", TWINS, ids=TWIN_IDS)
+def test_meta_parameters_step_as_torch(cls, tcls, path):
+    """Meta parameters (shape dry-runs) step as in torch.optim, leaving the same state entries
+    of the same shapes on the meta device; they failed with ``Tensor.item() cannot be called on
+    meta tensors``."""
+    kwargs = dict(momentum=0.9) if cls is not sgdlab.Adam else dict(amsgrad=True)
+    states = []
+    for make, extra in ((cls, path), (tcls, {})):
+        params = [torch.zeros(s, device="meta", requires_grad=True) for s in [(4, 3), (5,)]]
+        opt = make(params, lr=0.1, **kwargs, **extra)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.ones_like(p)
+            opt.step()
+        assert all(p.is_meta for p in params)
+        states.append(
+            [
+                {
+                    k: (v.shape, v.device.type)
+                    for k, v in opt.state[p].items()
+                    if isinstance(v, torch.Tensor)
+                }
+                for p in params
+            ]
+        )
+    assert states[0] == states[1]
+    assert states[0][0]  # state was created
+
+
+@pytest.mark.parametrize(
+    "cls", [sgdlab.SGD, sgdlab.RMSProp, sgdlab.Adam], ids=["sgd", "rmsprop", "adam"]
+)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_integer_parameters_are_refused_naming_them(cls, dtype):
+    """An int64 (or bool) parameter was accepted and failed at the first step naming no
+    parameter (torch.optim fails there too); it is refused at construction and by
+    add_param_group, which leaves the optimizer's groups as they were."""
+    good = torch.ones(2, requires_grad=True)
+    bad = torch.zeros(3, dtype=dtype)
+    with pytest.raises(
+        ValueError,
+        match=rf"param group 0, parameter 1 \(shape \(3,\)\) has "
+        rf"dtype {dtype}",
+    ):
+        cls([good, bad])
+    opt = cls([good])
+    with pytest.raises(ValueError, match=rf"param group 1, parameter 0 .* dtype {dtype}"):
+        opt.add_param_group({"params": [bad]})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [torch.ones(3, requires_grad=True)]})  # still usable
+
+
+def test_a_refused_param_group_is_not_left_behind():
+    """add_param_group with a bad hyperparameter raised but kept the bad group, which the
+    next step then used."""
+    opt = sgdlab.Adam([torch.ones(2, requires_grad=True)])
+    with pytest.raises(ValueError, match=r"betas\[0\] must satisfy"):
+        opt.add_param_group({"params": [torch.ones(1, requires_grad=True)], "betas": (-0.1, 0.9)})
+    assert len(opt.param_groups) == 1

@@ -23,6 +23,7 @@ __all__ = [
     "NonFiniteGradientError",
     "NONFINITE_POLICIES",
     "check_hyper",
+    "check_param_dtypes",
     "check_torch_only_flags",
     "group_indices",
     "hyper_scalar",
@@ -99,6 +100,17 @@ def plain_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``group`` with tensor hyperparameters (``lr``, ``betas``, ...) read as Python
     floats: the values a step uses."""
     return {k: v if k == "params" else _plain(k, v) for k, v in group.items()}
+
+
+def check_param_dtypes(params: list[torch.Tensor], group_index: int) -> None:
+    """Refuse a parameter that is neither floating point nor complex (an integer or bool
+    tensor): no step can move it, and torch.optim fails at its first step naming nothing."""
+    for i, p in enumerate(params):
+        if not (p.is_floating_point() or p.is_complex()):
+            raise ValueError(
+                f"param group {group_index}, parameter {i} (shape {tuple(p.shape)}) has dtype "
+                f"{p.dtype}; optimizers take floating-point or complex parameters"
+            )
 
 
 def check_torch_only_flags(name: str, *, differentiable: bool = False) -> None:
@@ -224,11 +236,16 @@ class BatchScaledOptimizer(Optimizer):
         super().add_param_group(param_group)
         self._drop_fast_cache()
         group = self.param_groups[-1]
-        for key in ("batch_size", "ref_batch_size"):
-            if group[key] is not None:
-                group[key] = check_batch_size(key, group[key])
-        check_choice("scaling", group["scaling"], _hyper.RULES)
-        self._validate_group(group)
+        try:
+            check_param_dtypes(group["params"], len(self.param_groups) - 1)
+            for key in ("batch_size", "ref_batch_size"):
+                if group[key] is not None:
+                    group[key] = check_batch_size(key, group[key])
+            check_choice("scaling", group["scaling"], _hyper.RULES)
+            self._validate_group(group)
+        except ValueError:
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Also reached by load_state_dict: a checkpoint of the torch.optim namesake lacks
@@ -324,8 +341,11 @@ class BatchScaledOptimizer(Optimizer):
 
     def _use_fused(self, group: dict[str, Any], params: list[torch.Tensor]) -> bool:
         """The fused path (:mod:`sgdlab.optim._fast`) is opt-in: ``fused=True`` (implied by
-        ``capturable=True``)."""
-        return bool(params) and bool(group.get("fused") or group.get("capturable"))
+        ``capturable=True``); meta parameters (shape dry-runs, no values) take the foreach
+        or reference path, which torch.optim steps on the meta device."""
+        if not params or any(p.is_meta for p in params):
+            return False
+        return bool(group.get("fused") or group.get("capturable"))
 
     def _find_nonfinite(self) -> str | None:
         """Describe the first parameter whose gradient (or extra statistic) is not finite.
@@ -349,6 +369,8 @@ class BatchScaledOptimizer(Optimizer):
                 for what, t in named:
                     if t.is_sparse:
                         t = t.coalesce().values()
+                    if t.numel() == 0 or t.is_meta:  # nothing to check (meta: no values)
+                        continue
                     tensors.append(t)
                     where.append((gi, pi, p, what))
         if not tensors:
