@@ -267,3 +267,25 @@ def test_a_refused_param_group_is_not_left_behind():
     with pytest.raises(ValueError, match=r"betas\[0\] must satisfy"):
         opt.add_param_group({"params": [torch.ones(1, requires_grad=True)], "betas": (-0.1, 0.9)})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("cls", [sgdlab.RMSProp, sgdlab.Adam], ids=["rmsprop", "adam"])
+def test_sparse_group_is_refused_before_any_group_steps(cls, path):
+    """A dense param group followed by one with a sparse gradient: the error came after the
+    dense group had been stepped. Parameters and state stay untouched now."""
+    dense = make_params(0)[:2]
+    emb = torch.nn.Embedding(6, 3, sparse=True).double()
+    opt = cls([{"params": dense}, {"params": list(emb.parameters())}], lr=0.1, **path)
+    set_grads(dense, 0)
+    emb(torch.tensor([1, 4])).sum().backward()
+    before = [p.detach().clone() for p in dense] + [emb.weight.detach().clone()]
+    with pytest.raises(
+        ValueError,
+        match=r"does not support sparse gradients; param group 1, "
+        r"parameter 0 \(shape \(6, 3\)\)",
+    ):
+        opt.step()
+    for p, b in zip(dense + [emb.weight], before):
+        assert torch.equal(p.detach(), b)
+    assert len(opt.state) == 0

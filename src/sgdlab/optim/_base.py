@@ -24,6 +24,7 @@ __all__ = [
     "NONFINITE_POLICIES",
     "check_hyper",
     "check_param_dtypes",
+    "check_sparse",
     "check_torch_only_flags",
     "group_indices",
     "hyper_scalar",
@@ -110,6 +111,17 @@ def check_param_dtypes(params: list[torch.Tensor], group_index: int) -> None:
             raise ValueError(
                 f"param group {group_index}, parameter {i} (shape {tuple(p.shape)}) has dtype "
                 f"{p.dtype}; optimizers take floating-point or complex parameters"
+            )
+
+
+def check_sparse(group_index: int, group: dict[str, Any], name: str) -> None:
+    """Refuse sparse gradients (RMSProp and Adam, as torch.optim), naming the parameter; run
+    by ``_precheck``, so before any param group is stepped."""
+    for i, p in enumerate(group["params"]):
+        if p.grad is not None and p.grad.is_sparse:
+            raise ValueError(
+                f"{name} does not support sparse gradients; param group {group_index}, "
+                f"parameter {i} (shape {tuple(p.shape)}) has one (use SGD or SparseAdam)"
             )
 
 
@@ -212,6 +224,9 @@ class BatchScaledOptimizer(Optimizer):
 
     def _update_group(self, group: dict[str, Any], hp: dict[str, Any], foreach: bool) -> None:
         raise NotImplementedError
+
+    def _group_index(self, group: dict[str, Any]) -> int:
+        return next(i for i, g in enumerate(self.param_groups) if g is group)
 
     def _precheck(self, group: dict[str, Any]) -> None:
         """Raise before any parameter changes if ``group`` cannot be stepped (e.g. missing
@@ -414,12 +429,15 @@ class BatchScaledOptimizer(Optimizer):
                     )
                 self.skipped_steps += 1
                 return loss
+        # Everything that can refuse a group (missing statistics, sparse gradients, a batch
+        # size its rule cannot reach) runs for every group before the first is updated.
         for group in self.param_groups:
             self._precheck(group)
+        todo = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            hp = self.effective_hyperparameters(group)
+            if params:
+                todo.append((group, params, self.effective_hyperparameters(group)))
+        for group, params, hp in todo:
             self._update_group(group, hp, self._use_foreach(group, params))
         return loss

@@ -38,6 +38,7 @@ from sgdlab.optim import _fast
 from sgdlab.optim._base import (
     BatchScaledOptimizer,
     check_hyper,
+    check_sparse,
     check_torch_only_flags,
     group_indices,
     hyper_scalar,
@@ -366,6 +367,7 @@ class Adam(BatchScaledOptimizer):
         return {"lr": step.lr, "betas": (step.beta1, step.beta2), "eps": step.eps}
 
     def _precheck(self, group: dict[str, Any]) -> None:
+        check_sparse(self._group_index(group), group, "Adam")
         check_second_moments(group)
 
     def _extra_tensors(self, group: dict[str, Any], p: torch.Tensor) -> list[torch.Tensor]:
@@ -373,9 +375,6 @@ class Adam(BatchScaledOptimizer):
 
     def _update_group(self, group: dict[str, Any], hp: dict[str, Any], foreach: bool) -> None:
         params = [p for p in group["params"] if p.grad is not None]
-        for p in params:
-            if p.grad.is_sparse:
-                raise ValueError("Adam does not support sparse gradients")
         if _fast.fused_update(self, "adam", group, hp, params, self._use_fused(group, params)):
             return
         beta1, beta2 = hp["betas"]

@@ -34,6 +34,7 @@ from sgdlab.optim import _fast
 from sgdlab.optim._base import (
     BatchScaledOptimizer,
     check_hyper,
+    check_sparse,
     check_torch_only_flags,
     group_indices,
     scalar_dtype,
@@ -299,6 +300,7 @@ class RMSProp(BatchScaledOptimizer):
         return {"lr": step.lr, "momentum": step.beta1, "alpha": step.beta2, "eps": step.eps}
 
     def _precheck(self, group: dict[str, Any]) -> None:
+        check_sparse(self._group_index(group), group, "RMSProp")
         check_second_moments(group)
         if group["centered"] and any(p.grad is not None for p in group["params"]):
             alpha = self.effective_hyperparameters(group)["alpha"]
@@ -319,9 +321,6 @@ class RMSProp(BatchScaledOptimizer):
         momentum = hp["momentum"]
         self._carry_momentum(group, momentum)
         params = [p for p in group["params"] if p.grad is not None]
-        for p in params:
-            if p.grad.is_sparse:
-                raise ValueError("RMSProp does not support sparse gradients")
         if _fast.fused_update(self, "rmsprop", group, hp, params, self._use_fused(group, params)):
             return
         per_example = group["second_moment"] == "per_example"
