@@ -47,6 +47,7 @@ from sgdlab.optim._base import (
 from sgdlab.optim._moments import (
     EPS_PLACEMENTS,
     SECOND_MOMENTS,
+    as_real,
     check_second_moments,
     denominator,
     denominators_foreach,
@@ -124,6 +125,9 @@ def adam_reference(
     eps_placement: str,
 ) -> None:
     """One Adam step, tensor by tensor (the readable reference)."""
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (
+        as_real(ts) for ts in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+    )
     for i, p in enumerate(params):
         sc = scalars[i]
         g = grads[i] if not maximize else -grads[i]
@@ -170,6 +174,9 @@ def adam_foreach(
     and all ``scalars`` are equal except the debiasing divisors."""
     if not params:
         return
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (
+        as_real(ts) for ts in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+    )
     sc = scalars[0]
     g = torch._foreach_neg(grads) if maximize else list(grads)
     if weight_decay != 0:
@@ -207,6 +214,8 @@ class Adam(BatchScaledOptimizer):
     batch size may move, where torch computes ``beta**step``: the two differ in the last bit,
     about 1e-16 in float64), with the same state names (``step``, ``exp_avg``,
     ``exp_avg_sq``, ``max_exp_avg_sq``), so checkpoints move between the two.
+    Complex parameters are stepped as pairs of reals (``torch.view_as_real``), as torch
+    does (the fused path takes the foreach path for them).
 
     Args:
         params: parameters or param groups.

@@ -42,6 +42,7 @@ from sgdlab.optim._base import (
 from sgdlab.optim._moments import (
     EPS_PLACEMENTS,
     SECOND_MOMENTS,
+    as_real,
     check_second_moments,
     denominator,
     denominators_foreach,
@@ -81,6 +82,9 @@ def rmsprop_reference(
 ) -> None:
     """One RMSProp step, tensor by tensor (the readable reference). ``second_moments`` holds
     the per-example statistic of each parameter (or ``None`` for the batch second moment)."""
+    params, grads, square_avgs, grad_avgs, bufs = (
+        as_real(ts) for ts in (params, grads, square_avgs, grad_avgs, bufs)
+    )
     for i, p in enumerate(params):
         g = grads[i] if not maximize else -grads[i]
         s = square_avgs[i]
@@ -128,6 +132,9 @@ def rmsprop_foreach(
     """:func:`rmsprop_reference` with multi-tensor kernels (one device and dtype)."""
     if not params:
         return
+    params, grads, square_avgs, grad_avgs, bufs = (
+        as_real(ts) for ts in (params, grads, square_avgs, grad_avgs, bufs)
+    )
     g = torch._foreach_neg(grads) if maximize else list(grads)
     if weight_decay != 0:
         if maximize:
@@ -161,6 +168,8 @@ class RMSProp(BatchScaledOptimizer):
     A drop-in replacement for :class:`torch.optim.RMSprop`: with default options it performs
     the same arithmetic (identical in float64) and uses the same state names (``step``,
     ``square_avg``, ``momentum_buffer``, ``grad_avg``), so state dicts move between the two.
+    Complex parameters are stepped as pairs of reals (``torch.view_as_real``), as torch
+    does (the fused path takes the foreach path for them).
 
     Args:
         params: parameters or param groups.
