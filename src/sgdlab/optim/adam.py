@@ -7,7 +7,10 @@ Published Adam (Kingma & Ba 2015), torch.optim.Adam's arithmetic::
 
 (``c_j = 1 - beta_j^t`` when the betas stay fixed; the product, the data mass of
 :func:`sgdlab.averages.ema_mass`, keeps the debiasing exact when a batch-size change moves the
-betas). The lecture's "Adam (simplified)" replaces the
+betas). When ``group["betas"]`` itself changes (a scheduler cycling beta1, as OneCycleLR and
+CyclicLR with ``cycle_momentum`` do, or an edit), the debiasing is torch's,
+``c_j = 1 - beta_j^t`` with the betas now in force, and the product continues from there.
+The lecture's "Adam (simplified)" replaces the
 debiasing by running-average weights ``1/min(t, N)`` (``bias_correction="lecture"``)::
 
     mu_t = (1 - 1/min(t, N_g)) mu_{t-1} + (1/min(t, N_g)) g_t,   N_g = 1/(1 - beta1)
@@ -79,9 +82,16 @@ class AdamScalars:
 
 
 def adam_scalars(
-    state: dict[str, Any], beta1: float, beta2: float, bias_correction: str
+    state: dict[str, Any],
+    beta1: float,
+    beta2: float,
+    bias_correction: str,
+    rebase: bool = False,
 ) -> AdamScalars:
-    """Advance ``state``'s step count (and debiasing products) and return the step's scalars."""
+    """Advance ``state``'s step count (and debiasing products) and return the step's scalars.
+
+    ``rebase``: the betas were changed by hand or by a scheduler (not by a batch size), so the
+    published debiasing restarts from torch's ``1 - beta^t`` with the betas now in force."""
     state["step"] += 1
     t = int(state["step"].item())
     if bias_correction == "lecture":
@@ -95,8 +105,9 @@ def adam_scalars(
         return AdamScalars(1.0 / n1, 1.0 - 1.0 / n2, 1.0 / n2, 1.0, 1.0)
     if bias_correction == "none":
         return AdamScalars(1.0 - beta1, beta2, 1.0 - beta2, 1.0, 1.0)
-    if "beta1_prod" not in state:
-        # Fresh state, or a state dict from torch.optim.Adam: betas were constant so far.
+    if rebase or "beta1_prod" not in state:
+        # Fresh state, a state dict from torch.optim.Adam, or betas set by a scheduler: as
+        # torch, the betas now in force are taken as those of every past step.
         state["beta1_prod"] = beta1 ** (t - 1)
         state["beta2_prod"] = beta2 ** (t - 1)
     state["beta1_prod"] *= beta1
@@ -212,8 +223,9 @@ class Adam(BatchScaledOptimizer):
     ``decoupled_weight_decay=True``): with default options it performs the same update, to
     rounding (the bias correction uses the running product of the betas, which a change of
     batch size may move, where torch computes ``beta**step``: the two differ in the last bit,
-    about 1e-16 in float64), with the same state names (``step``, ``exp_avg``,
-    ``exp_avg_sq``, ``max_exp_avg_sq``), so checkpoints move between the two.
+    about 1e-16 in float64; betas set by a scheduler debias as torch's), with the same state
+    names (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), so checkpoints move
+    between the two.
     Complex parameters are stepped as pairs of reals (``torch.view_as_real``), as torch
     does (the fused path takes the foreach path for them).
 
@@ -375,6 +387,19 @@ class Adam(BatchScaledOptimizer):
     def _with_hyper(self, group: dict[str, Any], step: _hyper.PerStep) -> dict[str, Any]:
         return {"lr": step.lr, "betas": (step.beta1, step.beta2), "eps": step.eps}
 
+    def _betas_moved(self, group: dict[str, Any]) -> bool:
+        """Whether ``group["betas"]`` changed since the group's last step (a scheduler cycling
+        beta1, as OneCycleLR and CyclicLR do, or an edit), recording the betas of this step.
+
+        Such a change debiases as torch.optim.Adam does, ``c_j = 1 - beta_j^t`` with the betas
+        now in force (moved by the batch-size rule when ``B != B0``). A change that only a
+        change of batch size makes keeps the running product ``1 - prod beta_j``, whose data
+        mass is exact across batch sizes (:func:`sgdlab.averages.ema_mass`)."""
+        asked = tuple(hyper_scalar(f"betas[{j}]", b) for j, b in enumerate(group["betas"]))
+        before = group.get("betas_asked")
+        group["betas_asked"] = asked
+        return before is not None and tuple(before) != asked
+
     def _precheck(self, group: dict[str, Any]) -> None:
         check_sparse(self._group_index(group), group, "Adam")
         check_second_moments(group)
@@ -384,6 +409,7 @@ class Adam(BatchScaledOptimizer):
 
     def _update_group(self, group: dict[str, Any], hp: dict[str, Any], foreach: bool) -> None:
         params = [p for p in group["params"] if p.grad is not None]
+        hp["rebase_betas"] = self._betas_moved(group)
         if _fast.fused_update(self, "adam", group, hp, params, self._use_fused(group, params)):
             return
         beta1, beta2 = hp["betas"]
@@ -403,7 +429,9 @@ class Adam(BatchScaledOptimizer):
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if hp["amsgrad"] and "max_exp_avg_sq" not in st:
                 st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            scalars.append(adam_scalars(st, beta1, beta2, hp["bias_correction"]))
+            scalars.append(
+                adam_scalars(st, beta1, beta2, hp["bias_correction"], hp["rebase_betas"])
+            )
             exp_avgs.append(st["exp_avg"])
             exp_avg_sqs.append(st["exp_avg_sq"])
             maxes.append(st.get("max_exp_avg_sq"))
