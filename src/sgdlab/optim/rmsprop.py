@@ -15,7 +15,8 @@ torch does; ``momentum`` adds a heavy-ball buffer ``b = m b + g_hat / D``, ``Phi
 
 Batch-size scaling (Malladi et al. 2022): with the batch second moment, noise-dominated
 dynamics per example are invariant under the square-root rule (``lr x sqrt(k)``,
-``1 - alpha x k``, ``eps / sqrt(k)``), the default ``scaling`` here; with per-example second
+``(1 - alpha) x k`` while alpha >= 1/2, then alpha^k as :mod:`sgdlab.hyper` says,
+``eps / sqrt(k)``), the default ``scaling`` here; with per-example second
 moments, under the linear rule (the default when ``second_moment="per_example"``).
 REFERENCE.md: Var(B=16)/Var(B=1) = 1.006 (batch+sqrt), 4.08 (batch+linear), 1.003
 (per-example+linear). Loss assumed: mean over the batch.
