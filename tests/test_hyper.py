@@ -45,10 +45,14 @@ def test_per_step_round_trip_is_identity(step, b, rule, form):
 @settings(max_examples=300, deadline=None)
 @given(conjugate, batch, rules, forms)
 def test_conjugate_round_trip_is_identity_where_invertible(conj, b, rule, form):
-    if rule in ("lecture", "sqrt"):
+    if rule == "lecture":
         # N(B) = max(1, N'/B) forgets N' below B (documented); elsewhere it is invertible.
         assume(conj.n_g == 1.0 or conj.n_g >= b)
         assume(conj.n_s == 1.0 or conj.n_s >= b)
+    if rule == "sqrt":
+        # beyond B = N'/2, beta_B = (1/2)^(2B/N') (or (1 - 1/N')^B) must not underflow
+        for n in (conj.n_g, conj.n_s):
+            assume(n == 1.0 or b <= n / 2 or hyper.steps_decay(n, b, "sqrt") > 1e-300)
     if rule == "exact":
         # beta_B = (1 - 1/N')^B must not underflow float64 (then no average is left to invert)
         for n in (conj.n_g, conj.n_s):
@@ -66,11 +70,18 @@ def test_same_batch_size_changes_nothing(step, b, rule, form):
 @settings(max_examples=200, deadline=None)
 @given(per_step, batch, batch, batch, rules, forms)
 def test_rescale_composes(step, b0, b1, b2, rule, form):
-    """Moving B0 -> B1 -> B2 equals B0 -> B2 where no horizon is clamped at 1."""
-    if rule in ("lecture", "sqrt"):
+    """Moving B0 -> B1 -> B2 equals B0 -> B2 where no horizon is clamped at 1 (lecture) or
+    underflows (exact, sqrt)."""
+    if rule == "lecture":
         for beta_ in (step.beta1, step.beta2):
             if beta_ > 0:
                 assume((1 / (1 - beta_)) * b0 / max(b1, b2) >= 1.0)
+    if rule == "sqrt":
+        # the sqrt rule is invertible at every batch size (no clamp) while beta_B stays a
+        # normal float: at most (1/2)^(2 B/N') with N' >= B0
+        for beta_ in (step.beta1, step.beta2):
+            if beta_ > 0:
+                assume(math.log(min(beta_, 0.5)) * max(b1, b2) / b0 > -600)
     if rule == "exact":
         # beta^(B/B0) must stay a normal float at every stop (an underflow to 0 loses beta)
         for beta_ in (step.beta1, step.beta2):
@@ -107,10 +118,65 @@ def test_rules_coincide_for_lr_as_stated(step, b0, k):
     sq = hyper.rescale(step, b0, b, "sqrt", "ema")
     assert math.isclose(sq.lr, step.lr * math.sqrt(k), rel_tol=1e-12)
     assert math.isclose(sq.eps, step.eps / math.sqrt(k), rel_tol=1e-12, abs_tol=1e-300)
-    if step.beta2 > 0:
-        n = 1 / (1 - step.beta2)
-        want = max(1.0, n / k)
-        assert math.isclose(1 / (1 - sq.beta2), want, rel_tol=1e-6)
+    n = 1 / (1 - step.beta2)
+    if n / k >= 2.0:  # the linear form 1 - beta_B = k (1 - beta) (beyond: tested below)
+        assert math.isclose(1 / (1 - sq.beta2), n / k, rel_tol=1e-6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(min_value=1.0, max_value=1e5), batch)
+def test_sqrt_rule_stays_a_decay_and_is_continuous(n, b):
+    """The sqrt rule's beta_B is in [0, 1) for every B (0 only for N' = 1 or an underflow), is
+    1 - B/N' up to B* = max(1, N'/2), decreases in B, and is continuous at B*: it was
+    clamped at 0 from B = N' on (beta1 0.9 tuned at 32 became 0 at 512)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        beta = hyper.steps_decay(n, b, "sqrt")
+        assert 0.0 <= beta < 1.0
+        assert beta > 0.0 or n == 1.0 or b * math.log1p(-1.0 / n) < -700 or b > 300 * n
+        if b <= max(1.0, n / 2):
+            assert beta == pytest.approx(1.0 - b / n, rel=1e-12, abs=1e-15)
+        assert hyper.steps_decay(n, b + 1, "sqrt") <= beta
+        if n >= 4.0:  # continuity at B* = N'/2: the two branches meet at beta = 1/2
+            left = hyper.steps_decay(n, math.floor(n / 2), "sqrt")
+            right = hyper.steps_decay(n, math.floor(n / 2) + 1, "sqrt")
+            assert left - right <= 2.0 / n  # one step of B moves beta by about 1/N'
+            assert left >= 0.5 >= right
+
+
+def test_sqrt_rule_beyond_the_linear_range_warns_once(monkeypatch):
+    """The README's own example, 32 -> 512 from (0.9, 0.999): (0.109, 0.984), not the clamped
+    (0.0, 0.984); a UserWarning names the switch, once per process."""
+    import warnings
+
+    monkeypatch.setattr(hyper, "_WARNED", set())
+    step = PerStep(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s256 = hyper.rescale(step, 32, 256, "sqrt")
+        s512 = hyper.rescale(step, 32, 512, "sqrt")
+        hyper.rescale(step, 32, 1024, "sqrt")
+    assert len(caught) == 1 and issubclass(caught[0].category, UserWarning)
+    assert "scaling rule 'sqrt'" in str(caught[0].message)
+    assert s512.beta1 == pytest.approx(0.5 ** (512 / 160), rel=1e-12)  # 0.1088
+    assert round(s512.beta1, 3) == 0.109 and s512.beta2 == pytest.approx(0.984, rel=1e-12)
+    assert s256.beta1 == pytest.approx(0.5 ** (256 / 160), rel=1e-12)  # 0.330, was 0.2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s128 = hyper.rescale(step, 32, 128, "sqrt")  # linear range: no warning
+    assert not caught and s128.beta1 == pytest.approx(0.6, rel=1e-12)
+    # the README's code: Adam tuned at 32, run at 256, then 512
+    import torch
+
+    import sgdlab
+
+    opt = sgdlab.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3, betas=(0.9, 0.999),
+                      ref_batch_size=32, batch_size=256, scaling="sqrt")
+    opt.set_batch_size(512)
+    betas = opt.effective_hyperparameters(opt.param_groups[0])["betas"]
+    assert betas == pytest.approx((s512.beta1, s512.beta2), rel=1e-15)
 
 
 def test_exact_rule_is_beta_to_the_power_b():

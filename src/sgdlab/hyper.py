@@ -30,7 +30,8 @@ rule       eta_eff(B)              horizon in steps N(B)                   eps(B
 ========== ======================= ======================================= =================
 lecture    B eta'                  max(1, N'/B)   (erratum 1: min -> max)   eps'
 exact      B eta'                  1 / (1 - (1 - 1/N')^B)  (beta_B=beta^B)  eps'
-sqrt       sqrt(B) eta'            max(1, N'/B)   (1 - beta scales by k)   eps' / sqrt(B)
+sqrt       sqrt(B) eta'            N'/B while >= 2 (1 - beta scales by k),  eps' / sqrt(B)
+                                   then beta_B = (1/2)^(2B/N')  (see below)
 linear     B eta'                  N'             (betas unchanged)        eps'
 ========== ======================= ======================================= =================
 
@@ -39,14 +40,26 @@ linear     B eta'                  N'             (betas unchanged)        eps'
 (Busbridge et al. 2023, "How to scale your EMA"). ``sqrt`` is the square-root rule for
 adaptive methods (Malladi et al. 2022, "On the SDEs and scaling rules for adaptive gradient
 algorithms"): it keeps RMSProp/Adam with the batch-mean second moment invariant. ``linear``
-is the linear scaling rule (Goyal et al. 2017). Conjugate units are defined at ``B = 1``:
+is the linear scaling rule (Goyal et al. 2017).
+
+The square-root rule's ``1 - beta_B = (B/B0) (1 - beta)`` (``beta_B = 1 - B/N'``) reaches
+``beta = 0`` at ``B = N'`` and is negative beyond. sgdlab follows it while the horizon is at
+least 2 steps (``beta_B >= 1/2``, ``B <= B* = N'/2``) and beyond ``B*`` moves beta as the
+``exact`` rule does from there: ``beta_B = beta*^(B/B*)``, ``beta* = 1 - B*/N'``, that is
+``(1/2)^(2B/N')`` (for ``N' < 2``: ``B* = 1``, the exact rule ``(1 - 1/N')^B``). beta stays in
+(0, 1), is continuous in ``B`` and the map stays invertible; the first use of this branch in
+a process warns (:class:`UserWarning`). Example: ``beta = 0.9`` at ``B0 = 32`` (``N' = 320``)
+is 0.6 at 128, 0.2 at 256 in the linear form; with the switch at ``B* = 160`` it is
+``0.5^(256/160) = 0.330`` at 256 and ``0.5^3.2 = 0.109`` at 512 (the linear form: 0, clamped).
+
+Conjugate units are defined at ``B = 1``:
 ``to_per_step(c, 1, rule)`` gives ``lr = eta'`` (ema form), ``N = N'`` for every rule.
 
 A horizon of exactly 1 (no averaging, e.g. ``momentum = 0``) stays 1 at every batch size: a
-configuration without momentum never acquires momentum by rescaling. For ``lecture`` and
-``sqrt`` the map ``N' -> N(B)`` is clamped at 1, so ``to_conjugate`` returns the canonical
-``N' = N * B`` (``N > 1``), and conjugate -> per-step -> conjugate is the identity only where
-``N' >= B`` or ``N' = 1``. Per-step -> conjugate -> per-step is always the identity.
+configuration without momentum never acquires momentum by rescaling. For ``lecture`` the map
+``N' -> N(B)`` is clamped at 1, so ``to_conjugate`` returns the canonical ``N' = N * B``
+(``N > 1``), and conjugate -> per-step -> conjugate is the identity only where ``N' >= B`` or
+``N' = 1``. Per-step -> conjugate -> per-step is always the identity.
 
 Example
 -------
@@ -63,6 +76,7 @@ Example
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -151,6 +165,44 @@ class PerStep:
         object.__setattr__(self, "eps", check_nonnegative("eps", self.eps))
 
 
+#: rules whose switch to a limiting form has already been warned about in this process
+_WARNED: set[str] = set()
+
+
+def _sqrt_switch(n: float) -> float:
+    """``B* = max(1, N'/2)``: the batch size beyond which the sqrt rule's beta follows the
+    exact rule (its linear form would give a horizon under 2 steps, beta < 1/2)."""
+    return max(1.0, n / 2.0)
+
+
+def _sqrt_log_decay(n: float, b: int) -> float:
+    """``log beta_B`` in the sqrt rule's exact branch (``B > B*``): ``(B/B*) log(1 - B*/N')``."""
+    b_star = _sqrt_switch(n)
+    if b > n / 2.0:
+        _warn_once(
+            "sqrt",
+            f"scaling rule 'sqrt': at batch size {b} its linear form 1 - (1 - beta) k leaves a "
+            f"horizon under 2 steps (N' = {n:.6g} examples); beyond B* = max(1, N'/2) beta "
+            "follows the exact rule beta^(B/B*), in (0, 1) (see sgdlab.hyper)",
+        )
+    return (b / b_star) * math.log1p(-b_star / n)
+
+
+def _sqrt_examples_horizon(beta: float, b: int) -> float:
+    """Inverse of the sqrt rule's decay at batch size ``B`` for ``0 < beta < 1/2`` (the exact
+    branch): ``N' = 2 B log 2 / -log beta`` where ``N' >= 2``, else ``1 / (1 - beta^(1/B))``."""
+    log_beta = math.log(beta)
+    if log_beta >= b * math.log(0.5):
+        return 2.0 * b * math.log(2.0) / -log_beta
+    return 1.0 / -math.expm1(log_beta / b)
+
+
+def _warn_once(rule: str, message: str) -> None:
+    if rule not in _WARNED:
+        _WARNED.add(rule)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
 def _rule(rule: str) -> str:
     return check_choice("rule", rule, RULES)
 
@@ -174,14 +226,17 @@ def horizon_to_beta(n: float) -> float:
 def steps_horizon(n_examples: float, batch_size: int, rule: str) -> float:
     """Horizon in steps ``N(B)`` of an average whose horizon in examples is ``N'``.
 
-    ``lecture``/``sqrt``: ``max(1, N'/B)``; ``exact``: ``1/(1 - (1 - 1/N')^B)``;
-    ``linear``: ``N'``. A horizon of 1 stays 1 under every rule.
+    ``lecture``: ``max(1, N'/B)``; ``sqrt``: ``N'/B`` for ``B <= N'/2``, beyond it the exact
+    branch of the module docstring; ``exact``: ``1/(1 - (1 - 1/N')^B)``; ``linear``: ``N'``.
+    A horizon of 1 stays 1 under every rule.
     """
     n = check_horizon("n_examples", n_examples)
     b = check_batch_size("batch_size", batch_size)
     rule = _rule(rule)
     if n == 1.0:
         return 1.0
+    if rule == "sqrt" and b > _sqrt_switch(n):
+        return 1.0 / -math.expm1(_sqrt_log_decay(n, b))
     if rule in ("lecture", "sqrt"):
         return max(1.0, n / b)
     if rule == "exact":
@@ -193,15 +248,17 @@ def steps_horizon(n_examples: float, batch_size: int, rule: str) -> float:
 def examples_horizon(n_steps: float, batch_size: int, rule: str) -> float:
     """Inverse of :func:`steps_horizon`: the horizon in examples ``N'`` given ``N(B)``.
 
-    Where ``steps_horizon`` is clamped (``lecture``/``sqrt`` with ``N = 1``) the canonical
-    preimage ``N' = 1`` is returned; otherwise ``N' = N B`` (``lecture``/``sqrt``),
-    ``1 / (1 - beta_B^(1/B))`` (``exact``) or ``N`` (``linear``).
+    Where ``steps_horizon`` is clamped (``lecture`` with ``N = 1``) the canonical
+    preimage ``N' = 1`` is returned; otherwise ``N' = N B`` (``lecture``; ``sqrt`` for
+    ``N >= 2``), ``1 / (1 - beta_B^(1/B))`` (``exact``) or ``N`` (``linear``).
     """
     n = check_horizon("n_steps", n_steps)
     b = check_batch_size("batch_size", batch_size)
     rule = _rule(rule)
     if n == 1.0:
         return 1.0
+    if rule == "sqrt" and n < 2.0:
+        return _sqrt_examples_horizon(1.0 - 1.0 / n, b)
     if rule in ("lecture", "sqrt"):
         return n * b
     if rule == "exact":
@@ -223,6 +280,8 @@ def steps_decay(n_examples: float, batch_size: int, rule: str) -> float:
         return 0.0
     if rule == "exact":
         return math.exp(b * math.log1p(-1.0 / n))
+    if rule == "sqrt" and b > _sqrt_switch(n):
+        return math.exp(_sqrt_log_decay(n, b))
     return 1.0 - 1.0 / steps_horizon(n, b, rule)
 
 
@@ -236,6 +295,8 @@ def examples_horizon_of_decay(beta: float, batch_size: int, rule: str) -> float:
         return 1.0
     if rule == "exact":
         return 1.0 / -math.expm1(math.log(beta) / b)
+    if rule == "sqrt" and beta < 0.5:
+        return _sqrt_examples_horizon(beta, b)
     return examples_horizon(1.0 / (1.0 - beta), b, rule)
 
 
@@ -313,8 +374,9 @@ def rescale(
 
     Equivalent to ``to_per_step(to_conjugate(step, B0), B)``; returns ``step`` unchanged
     (bit for bit) when ``B == B0``. With ``k = B / B0``: ``linear`` multiplies ``lr`` by ``k``
-    (ema form); ``sqrt`` multiplies ``lr`` by ``sqrt(k)``, ``1 - beta`` by ``k`` (clamped at
-    beta = 0) and ``eps`` by ``1/sqrt(k)``; ``exact`` maps ``beta -> beta^k``.
+    (ema form); ``sqrt`` multiplies ``lr`` by ``sqrt(k)``, ``1 - beta`` by ``k`` while beta
+    stays >= 1/2 (beyond: the exact branch of the module docstring, with a warning) and
+    ``eps`` by ``1/sqrt(k)``; ``exact`` maps ``beta -> beta^k``.
 
     Example:
         >>> from sgdlab.hyper import PerStep, rescale

@@ -168,13 +168,14 @@ def test_adam_from_conjugate_is_linear_per_example():
 @pytest.mark.parametrize("path", [{"foreach": False}, {"foreach": True}, {"fused": True}],
                          ids=["reference", "foreach", "fused"])
 def test_centered_rmsprop_whose_alpha_scales_to_zero_is_refused(path):
-    """The square-root rule moves 1 - alpha by the batch-size ratio, clamped at 1: alpha 0.9
-    tuned at 8 becomes 0 at 128, where the centered variance of one gradient is zero (half the
-    parameters became NaN, the rest jumped by 1e7). Refused before any parameter or state
-    changes; the exact rule (alpha^16) steps."""
+    """The lecture rule moves the horizon to max(1, N'/B): alpha 0.9 tuned at 8 becomes 0 at
+    128, where the centered variance of one gradient is zero (half the parameters became NaN,
+    the rest jumped by 1e7). Refused before any parameter or state changes; the exact rule
+    (alpha^16) steps. (The sqrt rule, which reached 0 the same way, no longer does.)"""
     params = make_params(0)
     groups = [{"params": params[:2]}, {"params": params[2:], "centered": True}]
-    opt = sgdlab.RMSProp(groups, lr=0.01, alpha=0.9, ref_batch_size=8, **path)
+    opt = sgdlab.RMSProp(groups, lr=0.01, alpha=0.9, ref_batch_size=8, scaling="lecture",
+                         **path)
     set_grads(params, 0)
     opt.step(batch_size=8)
     before = [p.detach().clone() for p in params]

@@ -8,6 +8,7 @@ per-step hyperparameters map to :class:`sgdlab.hyper.PerStep`), ``_momentum_form
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -15,14 +16,19 @@ import torch
 from torch.optim import Optimizer
 
 from sgdlab import hyper as _hyper
-from sgdlab._validation import check_batch_size, check_choice, check_finite
+from sgdlab._validation import check_batch_size, check_choice, check_finite, check_nonnegative
 
 __all__ = [
     "BatchScaledOptimizer",
     "NonFiniteGradientError",
     "NONFINITE_POLICIES",
+    "check_hyper",
+    "check_param_dtypes",
+    "check_sparse",
     "check_torch_only_flags",
     "group_indices",
+    "hyper_scalar",
+    "plain_hyperparameters",
     "scalar_dtype",
 ]
 
@@ -45,6 +51,78 @@ def group_indices(params: list[torch.Tensor]) -> list[list[int]]:
     for i, p in enumerate(params):
         groups.setdefault((p.device, p.dtype), []).append(i)
     return list(groups.values())
+
+
+def hyper_scalar(name: str, value: Any) -> float:
+    """A hyperparameter as a Python float, for validation and for the step.
+
+    Accepts what torch.optim accepts: a real number (numpy's scalars too; a bool is not one)
+    or a 1-element real tensor of any number of dimensions (read with ``.item()``, so a
+    scheduler that fills it in place is seen at the next step)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(
+                f"{name} given as a tensor must be a 1-element real tensor, got shape "
+                f"{tuple(value.shape)} and dtype {value.dtype}"
+            )
+        if value.device.type == "meta":
+            raise ValueError(f"{name} must not be a meta tensor (it has no value)")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+def check_hyper(
+    group: dict[str, Any], name: str, *, below_one: bool = False, at_most_one: bool = False
+) -> float:
+    """Validate ``group[name]`` (:func:`hyper_scalar`; finite, >= 0, and < 1 or <= 1 when
+    asked) and return it as a float; a number is stored back as a Python float, a tensor
+    stays (as in torch.optim, a scheduler may fill it in place)."""
+    value = group[name]
+    x = check_nonnegative(name, hyper_scalar(name, value))
+    if (below_one and x >= 1.0) or (at_most_one and x > 1.0):
+        bound = "<" if below_one else "<="
+        raise ValueError(f"{name} must satisfy 0 <= {name} {bound} 1, got {value!r}")
+    if not isinstance(value, torch.Tensor):
+        group[name] = x
+    return x
+
+
+def _plain(name: str, value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return hyper_scalar(name, value)
+    if isinstance(value, tuple | list) and any(isinstance(v, torch.Tensor) for v in value):
+        return tuple(hyper_scalar(f"{name}[{j}]", v) for j, v in enumerate(value))
+    return value
+
+
+def plain_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``group`` with tensor hyperparameters (``lr``, ``betas``, ...) read as Python
+    floats: the values a step uses."""
+    return {k: v if k == "params" else _plain(k, v) for k, v in group.items()}
+
+
+def check_param_dtypes(params: list[torch.Tensor], group_index: int) -> None:
+    """Refuse a parameter that is neither floating point nor complex (an integer or bool
+    tensor): no step can move it, and torch.optim fails at its first step naming nothing."""
+    for i, p in enumerate(params):
+        if not (p.is_floating_point() or p.is_complex()):
+            raise ValueError(
+                f"param group {group_index}, parameter {i} (shape {tuple(p.shape)}) has dtype "
+                f"{p.dtype}; optimizers take floating-point or complex parameters"
+            )
+
+
+def check_sparse(group_index: int, group: dict[str, Any], name: str) -> None:
+    """Refuse sparse gradients (RMSProp and Adam, as torch.optim), naming the parameter; run
+    by ``_precheck``, so before any param group is stepped."""
+    for i, p in enumerate(group["params"]):
+        if p.grad is not None and p.grad.is_sparse:
+            raise ValueError(
+                f"{name} does not support sparse gradients; param group {group_index}, "
+                f"parameter {i} (shape {tuple(p.shape)}) has one (use SGD or SparseAdam)"
+            )
 
 
 def check_torch_only_flags(name: str, *, differentiable: bool = False) -> None:
@@ -151,6 +229,9 @@ class BatchScaledOptimizer(Optimizer):
     def _update_group(self, group: dict[str, Any], hp: dict[str, Any], foreach: bool) -> None:
         raise NotImplementedError
 
+    def _group_index(self, group: dict[str, Any]) -> int:
+        return next(i for i, g in enumerate(self.param_groups) if g is group)
+
     def _precheck(self, group: dict[str, Any]) -> None:
         """Raise before any parameter changes if ``group`` cannot be stepped (e.g. missing
         per-example statistics); every group is checked before the first one is updated."""
@@ -210,6 +291,7 @@ class BatchScaledOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         try:
+            check_param_dtypes(self.param_groups[-1]["params"], len(self.param_groups) - 1)
             self._check_group(self.param_groups[-1], self.nonfinite)
         except Exception:
             self.param_groups.pop()  # a refused group leaves the optimizer as it was
@@ -331,20 +413,20 @@ class BatchScaledOptimizer(Optimizer):
     def effective_hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
         """The hyperparameters a step of ``group`` uses now: the group's values moved from
         ``ref_batch_size`` to ``batch_size`` by its scaling rule (unchanged when equal)."""
-        hp = dict(group)
-        b, b0 = group["batch_size"], group["ref_batch_size"]
+        hp = plain_hyperparameters(group)
+        b, b0 = hp["batch_size"], hp["ref_batch_size"]
         if b is None or b0 is None or b == b0:
             return hp
-        if group["lr"] == 0.0:
+        if hp["lr"] == 0.0:
             # lr = 0 is a no-op at any batch size; the betas move as with any lr.
-            base = self._hyper_of({**group, "lr": 1.0})
-            scaled = _hyper.rescale(base, b0, b, group["scaling"], self._momentum_form)
-            hp.update(self._with_hyper(group, scaled))
+            base = self._hyper_of({**hp, "lr": 1.0})
+            scaled = _hyper.rescale(base, b0, b, hp["scaling"], self._momentum_form)
+            hp.update(self._with_hyper(hp, scaled))
             hp["lr"] = 0.0
             return hp
-        base = self._hyper_of(group)
-        scaled = _hyper.rescale(base, b0, b, group["scaling"], self._momentum_form)
-        hp.update(self._with_hyper(group, scaled))
+        base = self._hyper_of(hp)
+        scaled = _hyper.rescale(base, b0, b, hp["scaling"], self._momentum_form)
+        hp.update(self._with_hyper(hp, scaled))
         return hp
 
     def _carry_momentum(self, group: dict[str, Any], new: float) -> None:
@@ -359,7 +441,7 @@ class BatchScaledOptimizer(Optimizer):
         edit) keeps the buffer as it is, as torch.optim does.
         """
         prev = group.get("momentum_in_use")
-        asked = group["momentum"]
+        asked = hyper_scalar("momentum", group["momentum"])
         if prev is not None and prev != new and group.get("momentum_asked", asked) == asked:
             for p in group["params"]:
                 buf = self.state[p].get("momentum_buffer") if p in self.state else None
@@ -382,8 +464,11 @@ class BatchScaledOptimizer(Optimizer):
 
     def _use_fused(self, group: dict[str, Any], params: list[torch.Tensor]) -> bool:
         """The fused path (:mod:`sgdlab.optim._fast`) is opt-in: ``fused=True`` (implied by
-        ``capturable=True``)."""
-        return bool(params) and bool(group.get("fused") or group.get("capturable"))
+        ``capturable=True``); meta parameters (shape dry-runs, no values) take the foreach
+        or reference path, which torch.optim steps on the meta device."""
+        if not params or any(p.is_meta for p in params):
+            return False
+        return bool(group.get("fused") or group.get("capturable"))
 
     def _find_nonfinite(self) -> str | None:
         """Describe the first parameter whose gradient (or extra statistic) is not finite.
@@ -407,6 +492,8 @@ class BatchScaledOptimizer(Optimizer):
                 for what, t in named:
                     if t.is_sparse:
                         t = t.coalesce().values()
+                    if t.numel() == 0 or t.is_meta:  # nothing to check (meta: no values)
+                        continue
                     tensors.append(t)
                     where.append((gi, pi, p, what))
         if not tensors:
@@ -450,12 +537,15 @@ class BatchScaledOptimizer(Optimizer):
                     )
                 self.skipped_steps += 1
                 return loss
+        # Everything that can refuse a group (missing statistics, sparse gradients, a batch
+        # size its rule cannot reach) runs for every group before the first is updated.
         for group in self.param_groups:
             self._precheck(group)
+        todo = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            hp = self.effective_hyperparameters(group)
+            if params:
+                todo.append((group, params, self.effective_hyperparameters(group)))
+        for group, params, hp in todo:
             self._update_group(group, hp, self._use_foreach(group, params))
         return loss

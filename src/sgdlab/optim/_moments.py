@@ -27,6 +27,7 @@ import math
 import torch
 
 __all__ = [
+    "as_real",
     "EPS_PLACEMENTS",
     "SECOND_MOMENTS",
     "missing_second_moment_error",
@@ -39,6 +40,14 @@ __all__ = [
 
 EPS_PLACEMENTS = ("outside", "inside")
 SECOND_MOMENTS = ("batch", "per_example")
+
+
+def as_real(tensors: list) -> list:
+    """Complex tensors as real views (``torch.view_as_real``: a trailing pair of real and
+    imaginary parts), others unchanged, ``None`` kept. RMSProp and Adam step a complex
+    parameter as the pair of reals it is, as torch.optim does: the second moment of ``g`` is
+    ``(Re g)^2`` and ``(Im g)^2`` per part, not ``g*g`` (complex) and not ``|g|^2``."""
+    return [torch.view_as_real(t) if t is not None and t.is_complex() else t for t in tensors]
 
 
 def missing_second_moment_error(p: torch.Tensor) -> ValueError:
@@ -70,6 +79,11 @@ def check_second_moments(group: dict) -> None:
     for p in group["params"]:
         if p.grad is None:
             continue
+        if p.is_complex():
+            raise ValueError(
+                f"second_moment='per_example' takes real parameters; one of shape "
+                f"{tuple(p.shape)} is {p.dtype} (use second_moment='batch')"
+            )
         m2 = getattr(p, "grad_second_moment", None)
         if m2 is None:
             raise missing_second_moment_error(p)

@@ -7,7 +7,10 @@ Published Adam (Kingma & Ba 2015), torch.optim.Adam's arithmetic::
 
 (``c_j = 1 - beta_j^t`` when the betas stay fixed; the product, the data mass of
 :func:`sgdlab.averages.ema_mass`, keeps the debiasing exact when a batch-size change moves the
-betas). The lecture's "Adam (simplified)" replaces the
+betas). When ``group["betas"]`` itself changes (a scheduler cycling beta1, as OneCycleLR and
+CyclicLR with ``cycle_momentum`` do, or an edit), the debiasing is torch's,
+``c_j = 1 - beta_j^t`` with the betas now in force, and the product continues from there.
+The lecture's "Adam (simplified)" replaces the
 debiasing by running-average weights ``1/min(t, N)`` (``bias_correction="lecture"``)::
 
     mu_t = (1 - 1/min(t, N_g)) mu_{t-1} + (1/min(t, N_g)) g_t,   N_g = 1/(1 - beta1)
@@ -32,18 +35,22 @@ from typing import Any
 import torch
 
 from sgdlab import hyper as _hyper
-from sgdlab._validation import check_choice, check_horizon, check_nonnegative, check_positive
+from sgdlab._validation import check_choice, check_horizon, check_positive
 from sgdlab.averages import lecture_count
 from sgdlab.optim import _fast
 from sgdlab.optim._base import (
     BatchScaledOptimizer,
+    check_hyper,
+    check_sparse,
     check_torch_only_flags,
     group_indices,
+    hyper_scalar,
     scalar_dtype,
 )
 from sgdlab.optim._moments import (
     EPS_PLACEMENTS,
     SECOND_MOMENTS,
+    as_real,
     check_second_moments,
     denominator,
     denominators_foreach,
@@ -75,9 +82,16 @@ class AdamScalars:
 
 
 def adam_scalars(
-    state: dict[str, Any], beta1: float, beta2: float, bias_correction: str
+    state: dict[str, Any],
+    beta1: float,
+    beta2: float,
+    bias_correction: str,
+    rebase: bool = False,
 ) -> AdamScalars:
-    """Advance ``state``'s step count (and debiasing products) and return the step's scalars."""
+    """Advance ``state``'s step count (and debiasing products) and return the step's scalars.
+
+    ``rebase``: the betas were changed by hand or by a scheduler (not by a batch size), so the
+    published debiasing restarts from torch's ``1 - beta^t`` with the betas now in force."""
     state["step"] += 1
     t = int(state["step"].item())
     if bias_correction == "lecture":
@@ -91,8 +105,9 @@ def adam_scalars(
         return AdamScalars(1.0 / n1, 1.0 - 1.0 / n2, 1.0 / n2, 1.0, 1.0)
     if bias_correction == "none":
         return AdamScalars(1.0 - beta1, beta2, 1.0 - beta2, 1.0, 1.0)
-    if "beta1_prod" not in state:
-        # Fresh state, or a state dict from torch.optim.Adam: betas were constant so far.
+    if rebase or "beta1_prod" not in state:
+        # Fresh state, a state dict from torch.optim.Adam, or betas set by a scheduler: as
+        # torch, the betas now in force are taken as those of every past step.
         state["beta1_prod"] = beta1 ** (t - 1)
         state["beta2_prod"] = beta2 ** (t - 1)
     state["beta1_prod"] *= beta1
@@ -121,6 +136,9 @@ def adam_reference(
     eps_placement: str,
 ) -> None:
     """One Adam step, tensor by tensor (the readable reference)."""
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (
+        as_real(ts) for ts in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+    )
     for i, p in enumerate(params):
         sc = scalars[i]
         g = grads[i] if not maximize else -grads[i]
@@ -167,6 +185,9 @@ def adam_foreach(
     and all ``scalars`` are equal except the debiasing divisors."""
     if not params:
         return
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (
+        as_real(ts) for ts in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+    )
     sc = scalars[0]
     g = torch._foreach_neg(grads) if maximize else list(grads)
     if weight_decay != 0:
@@ -202,8 +223,11 @@ class Adam(BatchScaledOptimizer):
     ``decoupled_weight_decay=True``): with default options it performs the same update, to
     rounding (the bias correction uses the running product of the betas, which a change of
     batch size may move, where torch computes ``beta**step``: the two differ in the last bit,
-    about 1e-16 in float64), with the same state names (``step``, ``exp_avg``,
-    ``exp_avg_sq``, ``max_exp_avg_sq``), so checkpoints move between the two.
+    about 1e-16 in float64; betas set by a scheduler debias as torch's), with the same state
+    names (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), so checkpoints move
+    between the two.
+    Complex parameters are stepped as pairs of reals (``torch.view_as_real``), as torch
+    does (the fused path takes the foreach path for them).
 
     Args:
         params: parameters or param groups.
@@ -344,16 +368,27 @@ class Adam(BatchScaledOptimizer):
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_nonnegative("lr", group["lr"])
-        check_nonnegative("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
+        for key in ("lr", "eps", "weight_decay"):
+            check_hyper(group, key)
         betas = group["betas"]
         if not (isinstance(betas, tuple | list) and len(betas) == 2):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        tensors = [isinstance(b, torch.Tensor) for b in betas]
+        if tensors[0] != tensors[1]:
+            raise ValueError(f"betas must be both numbers or both tensors (as torch), got {betas}")
         for j, b in enumerate(betas):
-            if not (isinstance(b, int | float) and 0.0 <= b < 1.0):
+            x = hyper_scalar(f"betas[{j}]", b)
+            if not 0.0 <= x < 1.0:
                 raise ValueError(f"betas[{j}] must satisfy 0 <= beta < 1, got {b!r}")
-        group["betas"] = (float(betas[0]), float(betas[1]))
+        group["betas"] = tuple(b if t else float(b) for b, t in zip(betas, tensors))
+        if group["foreach"] and not group.get("capturable"):
+            # torch.optim.Adam refuses these too: its foreach kernels take Python scalars.
+            for key, value in (("lr", group["lr"]), ("betas", betas[0])):
+                if isinstance(value, torch.Tensor):
+                    raise ValueError(
+                        f"{key} as a tensor is not supported with foreach=True (as in "
+                        f"torch.optim.Adam); pass a float, or leave foreach unset"
+                    )
         check_choice("bias_correction", group["bias_correction"], BIAS_CORRECTIONS)
         check_choice("eps_placement", group["eps_placement"], EPS_PLACEMENTS)
         check_choice("second_moment", group["second_moment"], SECOND_MOMENTS)
@@ -366,7 +401,21 @@ class Adam(BatchScaledOptimizer):
     def _with_hyper(self, group: dict[str, Any], step: _hyper.PerStep) -> dict[str, Any]:
         return {"lr": step.lr, "betas": (step.beta1, step.beta2), "eps": step.eps}
 
+    def _betas_moved(self, group: dict[str, Any]) -> bool:
+        """Whether ``group["betas"]`` changed since the group's last step (a scheduler cycling
+        beta1, as OneCycleLR and CyclicLR do, or an edit), recording the betas of this step.
+
+        Such a change debiases as torch.optim.Adam does, ``c_j = 1 - beta_j^t`` with the betas
+        now in force (moved by the batch-size rule when ``B != B0``). A change that only a
+        change of batch size makes keeps the running product ``1 - prod beta_j``, whose data
+        mass is exact across batch sizes (:func:`sgdlab.averages.ema_mass`)."""
+        asked = tuple(hyper_scalar(f"betas[{j}]", b) for j, b in enumerate(group["betas"]))
+        before = group.get("betas_asked")
+        group["betas_asked"] = asked
+        return before is not None and tuple(before) != asked
+
     def _precheck(self, group: dict[str, Any]) -> None:
+        check_sparse(self._group_index(group), group, "Adam")
         check_second_moments(group)
 
     def _extra_tensors(self, group: dict[str, Any], p: torch.Tensor) -> list[torch.Tensor]:
@@ -374,9 +423,7 @@ class Adam(BatchScaledOptimizer):
 
     def _update_group(self, group: dict[str, Any], hp: dict[str, Any], foreach: bool) -> None:
         params = [p for p in group["params"] if p.grad is not None]
-        for p in params:
-            if p.grad.is_sparse:
-                raise ValueError("Adam does not support sparse gradients")
+        hp["rebase_betas"] = self._betas_moved(group)
         if _fast.fused_update(self, "adam", group, hp, params, self._use_fused(group, params)):
             return
         beta1, beta2 = hp["betas"]
@@ -396,7 +443,9 @@ class Adam(BatchScaledOptimizer):
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if hp["amsgrad"] and "max_exp_avg_sq" not in st:
                 st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            scalars.append(adam_scalars(st, beta1, beta2, hp["bias_correction"]))
+            scalars.append(
+                adam_scalars(st, beta1, beta2, hp["bias_correction"], hp["rebase_betas"])
+            )
             exp_avgs.append(st["exp_avg"])
             exp_avg_sqs.append(st["exp_avg_sq"])
             maxes.append(st.get("max_exp_avg_sq"))

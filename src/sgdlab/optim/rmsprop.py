@@ -15,7 +15,8 @@ torch does; ``momentum`` adds a heavy-ball buffer ``b = m b + g_hat / D``, ``Phi
 
 Batch-size scaling (Malladi et al. 2022): with the batch second moment, noise-dominated
 dynamics per example are invariant under the square-root rule (``lr x sqrt(k)``,
-``1 - alpha x k``, ``eps / sqrt(k)``), the default ``scaling`` here; with per-example second
+``(1 - alpha) x k`` while alpha >= 1/2, then alpha^k as :mod:`sgdlab.hyper` says,
+``eps / sqrt(k)``), the default ``scaling`` here; with per-example second
 moments, under the linear rule (the default when ``second_moment="per_example"``).
 REFERENCE.md: Var(B=16)/Var(B=1) = 1.006 (batch+sqrt), 4.08 (batch+linear), 1.003
 (per-example+linear). Loss assumed: mean over the batch.
@@ -29,10 +30,12 @@ from typing import Any
 import torch
 
 from sgdlab import hyper as _hyper
-from sgdlab._validation import check_choice, check_horizon, check_nonnegative, check_positive
+from sgdlab._validation import check_choice, check_horizon, check_positive
 from sgdlab.optim import _fast
 from sgdlab.optim._base import (
     BatchScaledOptimizer,
+    check_hyper,
+    check_sparse,
     check_torch_only_flags,
     group_indices,
     scalar_dtype,
@@ -40,6 +43,7 @@ from sgdlab.optim._base import (
 from sgdlab.optim._moments import (
     EPS_PLACEMENTS,
     SECOND_MOMENTS,
+    as_real,
     check_second_moments,
     denominator,
     denominators_foreach,
@@ -79,6 +83,9 @@ def rmsprop_reference(
 ) -> None:
     """One RMSProp step, tensor by tensor (the readable reference). ``second_moments`` holds
     the per-example statistic of each parameter (or ``None`` for the batch second moment)."""
+    params, grads, square_avgs, grad_avgs, bufs = (
+        as_real(ts) for ts in (params, grads, square_avgs, grad_avgs, bufs)
+    )
     for i, p in enumerate(params):
         g = grads[i] if not maximize else -grads[i]
         s = square_avgs[i]
@@ -126,6 +133,9 @@ def rmsprop_foreach(
     """:func:`rmsprop_reference` with multi-tensor kernels (one device and dtype)."""
     if not params:
         return
+    params, grads, square_avgs, grad_avgs, bufs = (
+        as_real(ts) for ts in (params, grads, square_avgs, grad_avgs, bufs)
+    )
     g = torch._foreach_neg(grads) if maximize else list(grads)
     if weight_decay != 0:
         if maximize:
@@ -160,6 +170,8 @@ class RMSProp(BatchScaledOptimizer):
     the same arithmetic (identical in float64) and uses the same state names (``step``,
     ``square_avg``, ``momentum_buffer``, ``grad_avg``), so state dicts move between the two.
     The arguments up to ``differentiable`` may be given by position, in torch's order.
+    Complex parameters are stepped as pairs of reals (``torch.view_as_real``), as torch
+    does (the fused path takes the foreach path for them).
 
     Args:
         params: parameters or param groups.
@@ -292,13 +304,10 @@ class RMSProp(BatchScaledOptimizer):
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_nonnegative("lr", group["lr"])
-        check_nonnegative("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
+        for key in ("lr", "eps", "weight_decay"):
+            check_hyper(group, key)
         for key in ("alpha", "momentum"):
-            v = group[key]
-            if not (isinstance(v, int | float) and 0.0 <= v < 1.0):
-                raise ValueError(f"{key} must satisfy 0 <= {key} < 1, got {v!r}")
+            check_hyper(group, key, below_one=True)
         check_choice("eps_placement", group["eps_placement"], EPS_PLACEMENTS)
         check_choice("second_moment", group["second_moment"], SECOND_MOMENTS)
         group["power"] = _check_power(group["power"])
@@ -312,6 +321,7 @@ class RMSProp(BatchScaledOptimizer):
         return {"lr": step.lr, "momentum": step.beta1, "alpha": step.beta2, "eps": step.eps}
 
     def _precheck(self, group: dict[str, Any]) -> None:
+        check_sparse(self._group_index(group), group, "RMSProp")
         check_second_moments(group)
         if group["centered"] and any(p.grad is not None for p in group["params"]):
             alpha = self.effective_hyperparameters(group)["alpha"]
@@ -332,9 +342,6 @@ class RMSProp(BatchScaledOptimizer):
         momentum = hp["momentum"]
         self._carry_momentum(group, momentum)
         params = [p for p in group["params"] if p.grad is not None]
-        for p in params:
-            if p.grad.is_sparse:
-                raise ValueError("RMSProp does not support sparse gradients")
         if _fast.fused_update(self, "rmsprop", group, hp, params, self._use_fused(group, params)):
             return
         per_example = group["second_moment"] == "per_example"

@@ -24,9 +24,14 @@ from typing import Any
 import torch
 
 from sgdlab import hyper as _hyper
-from sgdlab._validation import check_horizon, check_nonnegative, check_positive
+from sgdlab._validation import check_horizon, check_positive
 from sgdlab.optim import _fast
-from sgdlab.optim._base import BatchScaledOptimizer, check_torch_only_flags, group_indices
+from sgdlab.optim._base import (
+    BatchScaledOptimizer,
+    check_hyper,
+    check_torch_only_flags,
+    group_indices,
+)
 
 __all__ = ["SGD", "sgd_reference", "sgd_foreach"]
 
@@ -218,18 +223,14 @@ class SGD(BatchScaledOptimizer):
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_nonnegative("lr", group["lr"])
-        m = group["momentum"]
-        if not (isinstance(m, int | float) and 0.0 <= m < 1.0):
-            raise ValueError(f"momentum must satisfy 0 <= momentum < 1, got {m!r}")
-        d = group["dampening"]
-        if not (isinstance(d, int | float) and 0.0 <= d <= 1.0):
-            raise ValueError(f"dampening must satisfy 0 <= dampening <= 1, got {d!r}")
-        check_nonnegative("weight_decay", group["weight_decay"])
+        check_hyper(group, "lr")
+        m = check_hyper(group, "momentum", below_one=True)
+        d = check_hyper(group, "dampening", at_most_one=True)
+        check_hyper(group, "weight_decay")
         if group["nesterov"] and (m <= 0 or d != 0):
             raise ValueError(
-                f"nesterov=True requires momentum > 0 and dampening = 0, got momentum={m!r}, "
-                f"dampening={d!r}"
+                f"nesterov=True requires momentum > 0 and dampening = 0, got momentum="
+                f"{group['momentum']!r}, dampening={group['dampening']!r}"
             )
 
     def _hyper_of(self, group: dict[str, Any]) -> _hyper.PerStep:

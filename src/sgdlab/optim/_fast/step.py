@@ -304,7 +304,7 @@ def _adam(opt: Any, group: dict, hp: dict, params: list[torch.Tensor]) -> bool:
         return True
     for fg in fgs:
         m2 = fg.gather(lambda p: p.grad_second_moment) if per_example else None
-        s = adam_scalars(fg.mirror, beta1, beta2, hp["bias_correction"])
+        s = adam_scalars(fg.mirror, beta1, beta2, hp["bias_correction"], hp["rebase_betas"])
         fg.steps.add_(1)
         for k in _ADAM_HOST_KEYS:
             if k in fg.mirror:
@@ -356,6 +356,12 @@ def _adam_capturable(fgs: list[FlatGroup], hp: dict, per_example: bool) -> None:
                  fg.mirror.get("lecture_count2", min(t, n2))],
                 dtype=torch.float64, device=fg.device)
             fg.correction = correction
+        if hp["rebase_betas"] and correction == "published":
+            # betas set by a scheduler: restart the products from beta^t (adam_scalars)
+            fg.counters[:2] = torch.pow(
+                torch.tensor([beta1, beta2], dtype=torch.float64, device=fg.device),
+                fg.steps[0].to(torch.float64),
+            )
         m2 = fg.gather(lambda p: p.grad_second_moment) if per_example else None
         sc = _pack("adam", values, fg, True)
         hp64 = _cached(fg, "hp64", (lr, beta1, beta2, n1, n2, eps), lambda dev=fg.device:
