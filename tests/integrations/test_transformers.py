@@ -189,6 +189,27 @@ def test_logged_lr_is_the_applied_lr(tmp_path):
         )
 
 
+def test_the_trainers_learning_rate_is_the_applied_lr(tmp_path):
+    """The Trainer logs its scheduler's lr (group["lr"], at the reference batch size 4) as
+    learning_rate after each step: the callback replaces it by the lr the step applies at the
+    batch size in force, in log_history and in what report_to integrations receive."""
+
+    def sgd(model):
+        opt = sgdlab.SGD(model.parameters(), lr=0.1, batch_size=4, scaling="linear")
+        return opt, torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+
+    model, trainer, _, steps = run(
+        tmp_path, sgd, logging_strategy="steps", logging_steps=1, report_to="tensorboard"
+    )
+    logged = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert len(logged) == len(steps) == 4
+    for i, (lr, step) in enumerate(zip(logged, steps)):
+        # logged after the step and the scheduler's: the next step's lr at this batch size
+        assert lr == pytest.approx(0.1 * 0.5 ** (i + 1) * step["batch_size"] / 4, rel=1e-12)
+    written = [value for _, value in sorted(scalars(tmp_path)["train/learning_rate"])]
+    assert written == pytest.approx(logged, rel=1e-6)  # float32 in the event file
+
+
 def test_optimizer_cls_and_kwargs_and_resume(tmp_path):
     """An sgdlab class through optimizer_cls_and_kwargs; a run resumed from a checkpoint ends
     where the uninterrupted one does, its optimizer state (batch sizes included) restored."""

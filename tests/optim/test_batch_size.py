@@ -194,3 +194,16 @@ def test_centered_rmsprop_whose_alpha_scales_to_zero_is_refused(path):
         q.grad = torch.ones_like(q)
     exact.step(batch_size=128)
     assert all(torch.isfinite(q).all() for q in exact.param_groups[0]["params"])
+
+
+@pytest.mark.parametrize("cls,kwargs,form", ALL)
+def test_effective_hyperparameters_are_numbers_only(cls, kwargs, form):
+    """What monitors read: the applied numbers, not the group with its parameter tensors."""
+    opt = cls(make_params(0), ref_batch_size=8, batch_size=32, weight_decay=0.01, **kwargs)
+    hp = opt.effective_hyperparameters(opt.param_groups[0])
+    assert "params" not in hp and hp["batch_size"] == 32 and hp["weight_decay"] == 0.01
+    for key, value in hp.items():
+        values = value if isinstance(value, tuple) else (value,)
+        assert all(type(v) in (int, float) for v in values), (key, value)
+    zero = cls(make_params(0), ref_batch_size=8, batch_size=32, **dict(kwargs, lr=0.0))
+    assert zero.effective_hyperparameters(zero.param_groups[0])["lr"] == 0.0

@@ -17,7 +17,8 @@ last batch as it is), makes ``grad_second_moment`` the second moment matching th
 accumulated loss (:mod:`sgdlab.integrations._core`: both its ``1/steps`` and its
 ``num_items_in_batch`` normalisations), reads the meter and, every ``log_every_n_steps`` steps,
 logs through ``trainer.log`` (so to every ``report_to`` integration; TensorBoard prefixes the
-keys with ``train/``). The tracker is detached at train end and on an exception in
+keys with ``train/``). The Trainer's own ``learning_rate`` becomes the lr the step applies
+(its scheduler holds the lr at the reference batch size). The tracker is detached at train end and on an exception in
 ``trainer.train``. The optimizer's state, sgdlab's keys included, goes through the Trainer's
 checkpoints (``resume_from_checkpoint``); the meter's moving averages restart on resume.
 """
@@ -82,8 +83,11 @@ class SGDLabCallback(transformers.TrainerCallback):
             raise TypeError(f"trainer must be a transformers.Trainer, got {type(trainer).__name__}")
         if self._trainer is not None and self._trainer is not trainer:
             raise ValueError("this SGDLabCallback is attached to another Trainer already")
-        if self not in trainer.callback_handler.callbacks:
-            trainer.add_callback(self)
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        # first: its on_log puts the applied lr into the logs the reporting callbacks write
+        callbacks.insert(0, self)
         if self._trainer is None:
             train = trainer.train
 
@@ -130,6 +134,21 @@ class SGDLabCallback(transformers.TrainerCallback):
         values = self.driver.before_step()
         if values:
             self._trainer.log(values)
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
+        """The Trainer logs ``learning_rate`` as its scheduler's lr, ``group["lr"]``: the lr at
+        the reference batch size. Replace it by the lr the next step applies (after the
+        batch-size rule), in the logs every ``report_to`` integration writes and in
+        ``state.log_history``."""
+        opt = self.driver.optimizer
+        if not logs or "learning_rate" not in logs or opt is None:
+            return
+        lr = float(opt.effective_hyperparameters(opt.param_groups[0])["lr"])
+        logs["learning_rate"] = lr
+        if state.log_history and state.log_history[-1].get("learning_rate") is not None:
+            state.log_history[-1]["learning_rate"] = lr
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.driver.end()

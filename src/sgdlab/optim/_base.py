@@ -411,8 +411,21 @@ class BatchScaledOptimizer(Optimizer):
         return self.param_groups[0]["batch_size"]
 
     def effective_hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
-        """The hyperparameters a step of ``group`` uses now: the group's values moved from
-        ``ref_batch_size`` to ``batch_size`` by its scaling rule (unchanged when equal)."""
+        """The numbers a step of ``group`` applies now: ``lr`` and the rule's other
+        hyperparameters (``betas`` or ``momentum``/``alpha``, ``eps``) moved from
+        ``ref_batch_size`` to ``batch_size`` by the group's scaling rule (unchanged when
+        equal), its ``weight_decay`` and the ``batch_size``.
+
+        Param groups hold the values at ``ref_batch_size`` (what LR schedulers act on, so a
+        schedule composes with any change of batch size); this is where monitors read the
+        values applied (``docs/integrations.md``)."""
+        hp = self._step_hyperparameters(group)
+        keys = [*self._with_hyper(hp, _hyper.PerStep(lr=1.0)), "weight_decay", "batch_size"]
+        return {k: hp[k] for k in keys if k in hp}
+
+    def _step_hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The whole group as a step uses it: :meth:`effective_hyperparameters`'s values in
+        place of the group's, every option beside them."""
         hp = plain_hyperparameters(group)
         b, b0 = hp["batch_size"], hp["ref_batch_size"]
         if b is None or b0 is None or b == b0:
@@ -545,7 +558,7 @@ class BatchScaledOptimizer(Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
-                todo.append((group, params, self.effective_hyperparameters(group)))
+                todo.append((group, params, self._step_hyperparameters(group)))
         for group, params, hp in todo:
             self._update_group(group, hp, self._use_foreach(group, params))
         return loss
