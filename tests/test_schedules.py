@@ -108,7 +108,7 @@ def test_scheduler_state_dict_resumes(name):
     s = SCHEDULES[name]()
     params = _params(1)
     opt = torch.optim.SGD(params, lr=s.base)
-    sched = s.attach(opt)
+    sched = attach(opt, s)
     _observed_lrs(opt, sched, params, 13)
     state, opt_state = sched.state_dict(), opt.state_dict()
     params2 = _params(1)

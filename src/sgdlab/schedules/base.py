@@ -14,14 +14,9 @@ from __future__ import annotations
 import math
 import operator
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from torch.optim import Optimizer
-
-    from .lr_scheduler import ScheduleLR
 
 __all__ = ["Schedule", "check_step", "check_step_count"]
 
@@ -101,9 +96,3 @@ class Schedule(ABC):
         """
         steps = check_step("steps", steps)
         return np.concatenate([[0.0], np.cumsum(self.values(steps))])
-
-    def attach(self, optimizer: Optimizer, *, chainable: bool = False) -> ScheduleLR:
-        """Drive ``optimizer`` with this schedule: see :func:`sgdlab.schedules.attach`."""
-        from .lr_scheduler import attach
-
-        return attach(optimizer, self, chainable=chainable)

@@ -21,7 +21,7 @@ and :math:`\eta_t = \eta_0` while the batch can still grow.
 Which rate to give which optimizer:
 
 * a plain ``torch.optim`` optimizer (or an sgdlab one whose ``scaling`` leaves the rate alone):
-  attach the ramp itself, ``ramp.attach(opt)``, and feed batches of ``ramp.batch_size(t)``;
+  attach the ramp itself, ``attach(opt, ramp)``, and feed batches of ``ramp.batch_size(t)``;
 * an sgdlab optimizer under the linear rule (``scaling="linear"``/``"lecture"`` without
   momentum, rate tuned at ``ref_batch_size = B0``): it already multiplies its rate by
   :math:`B_t/B_0`, so attach :meth:`equivalent_lr_schedule` and call
