@@ -4,9 +4,11 @@ learning rates against the update itself, checkpoints, lifetime."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,3 +258,41 @@ def test_imports_stay_light_and_name_the_extra():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert "pip install 'sgdlab[integrations]'" in out and "lightning" in out
+
+
+def test_ddp_global_batch_and_second_moments(tmp_path):
+    """Lightning's DDP strategy on 2 CPU ranks: each step's batch size is the global one (the
+    partial last batch included), and grad_second_moment on every rank is the second moment
+    of the global batch whose mean DDP's averaged gradient is (brute force over both ranks'
+    examples)."""
+    job = Path(__file__).with_name("lightning_ddp_job.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run(
+        [sys.executable, str(job), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [s["batch_size"] for s in ranks[0]] == [8, 8, 4]
+    assert [s["batch_size"] for s in ranks[1]] == [8, 8, 4]
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    net = net.double()
+
+    def loss_of(ex):
+        x, y = ex
+        return torch.nn.functional.mse_loss(net(x[None]), y[None])
+
+    for s0, s1 in zip(*ranks):
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                p.copy_(s0["before"][n])
+        examples = [(x[i], y[i]) for x, y in (s0["batch"], s1["batch"]) for i in range(len(x))]
+        g = per_example_grads(net, loss_of, examples)
+        for n, gb in g.items():
+            # DDP: the mean over ranks of the local means (equal local batches: the mean)
+            torch.testing.assert_close(s0["grad"][n], gb.mean(0), rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(s0["moment"][n], (gb * gb).mean(0), rtol=1e-10, atol=1e-14)
+            assert torch.equal(s0["moment"][n], s1["moment"][n])
