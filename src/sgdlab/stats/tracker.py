@@ -101,12 +101,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .._validation import check_batch_size, check_choice
 from . import _rng, _saved, _stray, _tap
 from ._base import Call, Contribution, outer_moments, outer_per_example
-from ._registry import Rule, _first_dim, _no_check, rule_for
-from .attention import attention_rule
-from .conv import conv_moments, conv_rule
-from .linear import linear_moments, linear_rule, linear_seq_moments
-from .norm import norm_moments, norm_rule
-from .recurrent import rnn_rule
+from ._registry import FastPath, Rule, first_dim, rule_for
 
 __all__ = ["Tracker", "track", "ATTRIBUTE"]
 
@@ -216,7 +211,7 @@ def _positional(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
     """A call's keyword arguments that fill the next positional parameters of its forward
     moved into ``args`` (``linear(input=x)`` becomes ``linear(x)``): the rules read a layer's
     input as ``args[0]``."""
-    names = _forward_params(type(module))[len(args):]
+    names = _forward_params(type(module))[len(args) :]
     if not names or names[0] not in kwargs:
         return args, kwargs
     args, kwargs = list(args), dict(kwargs)
@@ -370,8 +365,20 @@ def _unpacked(record: _Record) -> _Record:
     saved, spec = record.saved
     flat = [_saved.unpack(t) if isinstance(t, _saved.SavedTensor) else t for t in saved]
     args, kwargs = tree_unflatten(flat, spec)
-    return _Record(record.entry, args, kwargs, (), (), record.batch_size, record.uses,
-                   record.out_spec, record.positions, None, record.buffers, record.rng)
+    return _Record(
+        record.entry,
+        args,
+        kwargs,
+        (),
+        (),
+        record.batch_size,
+        record.uses,
+        record.out_spec,
+        record.positions,
+        None,
+        record.buffers,
+        record.rng,
+    )
 
 
 def _clear(params: dict[int, nn.Parameter]) -> None:
@@ -415,12 +422,9 @@ class _Entry:
     ids: tuple[int, ...] = ()
     label: str = ""
     plain: bool = False  # no input check, batch size = first dimension of the first input
-    linear: bool = False  # an nn.Linear: 2-D calls take the deferred lane (_on_linear_grad)
-    # and calls on [B, T..., in] the short path (_on_moments_grad with linear_seq_moments)
+    fast: FastPath | None = None  # the rule's short path, if this tracker takes it
     has_weight: bool = False  # short paths: which of weight, bias (in this order) are tracked
     has_bias: bool = False
-    conv: bool = False  # a convolution (unfold strategy): calls take _on_moments_grad
-    norm: bool = False  # LayerNorm, RMSNorm, GroupNorm: calls take _on_moments_grad
     # a parametrized module: its parametrizations' buffers and their versions before the
     # running call (:meth:`Tracker._before_call`)
     buffers: tuple[tuple[str, Tensor], ...] = ()
@@ -459,8 +463,20 @@ class _Pass:
     """State of one backward pass (a plain class: one is made per backward pass)."""
 
     __slots__ = (
-        "batch_size", "moments", "pending", "kind", "norms", "got_grad", "contributed",
-        "first_module", "scale", "stash", "stash_bytes", "cleared", "factors", "rows",
+        "batch_size",
+        "moments",
+        "pending",
+        "kind",
+        "norms",
+        "got_grad",
+        "contributed",
+        "first_module",
+        "scale",
+        "stash",
+        "stash_bytes",
+        "cleared",
+        "factors",
+        "rows",
     )
 
     def __init__(self) -> None:
@@ -529,18 +545,24 @@ class Tracker:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.reduction = check_choice("reduction", reduction, ("mean", "sum"))
         self.batch_size = batch_size
-        for flag, value in (("per_example_norms", per_example_norms),
-                            ("warn_fallback", warn_fallback)):
+        for flag, value in (
+            ("per_example_norms", per_example_norms),
+            ("warn_fallback", warn_fallback),
+        ):
             if not isinstance(value, bool):  # "False" would switch it on
                 raise TypeError(f"{flag} must be True or False, got {value!r}")
         self.per_example_norms = per_example_norms
         if isinstance(memory_budget, float) and memory_budget.is_integer():
             memory_budget = int(memory_budget)  # 2e8
         if memory_budget is not None and (
-                isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral)
-                or memory_budget < 1):
-            raise ValueError(f"memory_budget must be an integer number of bytes >= 1 (or None), "
-                             f"got {memory_budget!r}")
+            isinstance(memory_budget, bool)
+            or not isinstance(memory_budget, numbers.Integral)
+            or memory_budget < 1
+        ):
+            raise ValueError(
+                f"memory_budget must be an integer number of bytes >= 1 (or None), "
+                f"got {memory_budget!r}"
+            )
         self.memory_budget = None if memory_budget is None else int(memory_budget)
         if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
             raise TypeError(
@@ -598,7 +620,7 @@ class Tracker:
             if torch.nn.utils.parametrize.is_parametrized(module):
                 # the fallback differentiates through the parametrizations
                 covered.update(module.parametrizations.modules())
-            if isinstance(module, nn.MultiheadAttention):  # owns out_proj's parameters
+            if rule.owns_submodules:  # (attention: out_proj's parameters)
                 covered.update(module.modules())
             claims.append((name, module, rule, owned))
         for name, module, rule, owned in _innermost(claims):
@@ -614,42 +636,41 @@ class Tracker:
                 tuple(p for _, p in owned),
                 tuple(id(p) for _, p in owned),
                 name or type(module).__name__,
-                rule.check is _no_check and rule.batch_size is _first_dim,
-                rule.compute is linear_rule,
+                rule.plain,
             )
             if module in seq_first:  # [T, B, ...] inputs: the general path, transposed
                 entry.batch_dim = 1
-                entry.plain = entry.linear = False
-            entry.conv = (rule.compute is conv_rule and self.conv_strategy != "grouped"
-                          and not entry.batch_dim)
-            entry.norm = rule.compute is norm_rule and entry.plain  # not BatchNorm (checked)
-            if entry.linear or entry.conv or entry.norm:
+                entry.plain = False
+            elif rule.fast is not None and rule.fast.when(module, self):
+                entry.fast = rule.fast
+            if entry.fast is not None:
                 entry.has_weight = "weight" in entry.names
                 entry.has_bias = "bias" in entry.names
             if parametrized:  # buffers its forward may change (spectral norm's vectors)
                 entry.buffers = tuple(
-                    module.parametrizations.named_buffers(prefix="parametrizations"))
+                    module.parametrizations.named_buffers(prefix="parametrizations")
+                )
             # attention and recurrent layers with dropout redraw their own masks, the fallback
             # those of dropout calls inside the module (layers without dropout get no pre-hook:
             # a host call per step saved)
-            entry.dropout = rule.is_fallback or (
-                rule.compute in (attention_rule, rnn_rule) and module.dropout > 0)
+            entry.dropout = rule.dropout is not None and rule.dropout(module)
             if entry.buffers or entry.dropout:
-                self._handles.append(module.register_forward_pre_hook(
-                    _Hook(self._before_call), with_kwargs=True))
+                self._handles.append(
+                    module.register_forward_pre_hook(_Hook(self._before_call), with_kwargs=True)
+                )
             self._entries[module] = entry
             _ATTACHED[module] = weakref.ref(self)
             for n, p in owned:
                 self._params.setdefault(id(p), (f"{name}.{n}" if name else n, p))
-            if entry.linear:
-                seq = functools.partial(self._on_moments_grad, linear_seq_moments)
-                hook = self._fast_hook(entry, self._on_linear_grad, 2, seq)
-            elif entry.conv:
-                conv = functools.partial(self._on_moments_grad, conv_moments)
-                hook = self._fast_hook(entry, conv, len(module.kernel_size) + 2)
-            elif entry.norm:
-                norm = functools.partial(self._on_moments_grad, norm_moments)
-                hook = self._fast_hook(entry, norm, 2, norm)
+            fast = entry.fast
+            if fast is not None:
+                on_grad = (
+                    self._on_lane_grad
+                    if fast.lane is not None
+                    else functools.partial(self._on_moments_grad, fast.moments)
+                )
+                more = fast.more and functools.partial(self._on_moments_grad, fast.more)
+                hook = self._fast_hook(entry, on_grad, fast.ndim(module), more)
             else:
                 hook = self._forward_hook
             self._handles.append(module.register_forward_hook(_Hook(hook), with_kwargs=True))
@@ -839,8 +860,16 @@ class Tracker:
         if self._pass is None:
             self._begin()
 
-    def _register_fast(self, entry: _Entry, handler: Any, x: Any, version: int | None, B: int,
-                       output: Tensor, live: Tensor) -> Tensor | None:
+    def _register_fast(
+        self,
+        entry: _Entry,
+        handler: Any,
+        x: Any,
+        version: int | None,
+        B: int,
+        output: Tensor,
+        live: Tensor,
+    ) -> Tensor | None:
         """A call on a short path: a pre-hook on the output's node hands ``(entry, input, its
         version, batch size, use counts)`` to :meth:`_on_fast_grad` (``x`` a SavedTensor and
         ``version`` None under saved-tensor hooks; ``live`` the input itself). An output that
@@ -856,13 +885,15 @@ class Tracker:
         if found is not None:  # nn.Linear on [B, T, in]: its product, before the reshape
             node, nr = found
             node.register_prehook(
-                functools.partial(self._on_fast_grad, handler, record, nr) if entry.linear
+                functools.partial(self._on_fast_grad, handler, record, nr)
+                if entry.fast.flat_grad
                 # (the Linear rules take the product's gradient [B * T, out] as it is)
-                else functools.partial(self._on_fast_view_grad, handler, record, nr,
-                                       output.shape))
+                else functools.partial(self._on_fast_view_grad, handler, record, nr, output.shape)
+            )
             return None
         (tapped,) = _tap.Tap.apply(
-            functools.partial(self._on_fast_grad, handler, record, 0), output)
+            functools.partial(self._on_fast_grad, handler, record, 0), output
+        )
         return tapped
 
     @staticmethod
@@ -870,7 +901,7 @@ class Tracker:
         """The batch size of a call on the general path (its rule's checks run first)."""
         if entry.plain and not kwargs and len(args) == 1 and isinstance(args[0], Tensor):
             if args[0].dim() == 0:
-                _first_dim(module, args, kwargs)  # raises with the message
+                first_dim(module, args, kwargs)  # raises with the message
             return args[0].shape[0]
         entry.rule.check(module, args, kwargs)
         if entry.batch_dim:
@@ -912,9 +943,7 @@ class Tracker:
                 flat_in = sargs = args  # rules run without grad mode (or detach themselves)
                 skwargs = kwargs
             else:
-                flat_in = tuple(
-                    t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)
-                )
+                flat_in = tuple(t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor))
                 sargs = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, args)
                 skwargs = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, kwargs)
             versions = tuple(t._version for t in flat_in)
@@ -937,8 +966,13 @@ class Tracker:
             record.outputs = tuple((o.detach(), o._version) for o in outs)
         return self._register(record, outs, leaves)
 
-    def _register(self, record: _Record, outs: list[Tensor], leaves: list | None,
-                  inputs: tuple[Tensor, ...] | None = None) -> Any:
+    def _register(
+        self,
+        record: _Record,
+        outs: list[Tensor],
+        leaves: list | None,
+        inputs: tuple[Tensor, ...] | None = None,
+    ) -> Any:
         """Have the output gradients of a recorded call delivered to :meth:`_on_grads`, as the
         call returned its outputs, also when they are modified in place later
         (:mod:`sgdlab.stats._tap`): a pre-hook on the node that produced a single output that
@@ -965,8 +999,11 @@ class Tracker:
             if found is not None:
                 base_node, nr = found
                 shape = out.shape
-                base_node.register_prehook(lambda gs: self._on_grads(
-                    record, (None if gs[nr] is None else gs[nr].reshape(shape),)))
+                base_node.register_prehook(
+                    lambda gs: self._on_grads(
+                        record, (None if gs[nr] is None else gs[nr].reshape(shape),)
+                    )
+                )
                 return None
         tapped = _tap.Tap.apply(lambda gs: self._on_grads(record, gs), *outs)
         if leaves is None:
@@ -976,8 +1013,9 @@ class Tracker:
             leaves[i] = o
         return tree_unflatten(leaves, record.out_spec)
 
-    def _saved_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any,
-                       fast: tuple | None) -> None:
+    def _saved_forward(
+        self, module: nn.Module, args: tuple, kwargs: dict, output: Any, fast: tuple | None
+    ) -> None:
         """The forward hook while saved-tensor hooks are active (activation checkpointing,
         offloading; :mod:`sgdlab.stats._saved`): every tensor input of a call whose output
         requires grad is saved through the hooks, in the same order in a checkpoint's rerun as
@@ -999,21 +1037,37 @@ class Tracker:
             return None
         if entry.state:
             _check_state(entry)
-        if fast is not None and spec is None and output.grad_fn is not None and not kwargs \
-                and len(args) == 1 and isinstance(args[0], Tensor) and not self.per_example_norms:
+        if (
+            fast is not None
+            and spec is None
+            and output.grad_fn is not None
+            and not kwargs
+            and len(args) == 1
+            and isinstance(args[0], Tensor)
+            and not self.per_example_norms
+        ):
             on_grad, ndim, on_more = fast
             x = args[0]
             dim = x.dim()
             handler = on_grad if dim == ndim else on_more if on_more and dim > ndim else None
             if handler is not None:
-                return self._register_fast(entry, handler, saved[0], None, x.shape[0], output,
-                                           x)
+                return self._register_fast(entry, handler, saved[0], None, x.shape[0], output, x)
         B = self._batch_of(entry, module, args, kwargs)
-        record = _Record(entry, (), {}, (), (), B, self._count_uses(entry), spec, positions,
-                         (saved, in_spec), _changed(entry) if entry.buffers else None,
-                         _rng.recorded(entry.rng) if entry.dropout else None)
-        return self._register(record, outs, leaves,
-                              tuple(t for t in flat if isinstance(t, Tensor)))
+        record = _Record(
+            entry,
+            (),
+            {},
+            (),
+            (),
+            B,
+            self._count_uses(entry),
+            spec,
+            positions,
+            (saved, in_spec),
+            _changed(entry) if entry.buffers else None,
+            _rng.recorded(entry.rng) if entry.dropout else None,
+        )
+        return self._register(record, outs, leaves, tuple(t for t in flat if isinstance(t, Tensor)))
 
     def _before_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of a parametrized module (its buffers' versions before the call)
@@ -1025,20 +1079,25 @@ class Tracker:
         if entry.buffers:
             entry.versions = tuple(b._version for _, b in entry.buffers)
         if entry.rule.is_fallback:
-            entry.state = tuple(
-                (n, b, b._version) for n, b in module.named_buffers()
-                if "parametrizations." not in n  # a parametrization's: Call.buffers
-            ) if torch.is_grad_enabled() else None
+            entry.state = (
+                tuple(
+                    (n, b, b._version)
+                    for n, b in module.named_buffers()
+                    if "parametrizations." not in n  # a parametrization's: Call.buffers
+                )
+                if torch.is_grad_enabled()
+                else None
+            )
         if entry.dropout:
             entry.rng = None
-            if module.training and torch.is_grad_enabled() and (
-                    entry.rule.is_fallback or module.dropout > 0):
+            if module.training and torch.is_grad_enabled() and (entry.rule.dropout(module)):
                 first = args[0] if args else next(iter(kwargs.values()), None)
                 if isinstance(first, PackedSequence):
                     first = first.data
                 if not isinstance(first, Tensor):
-                    first = next((t for t in tree_flatten((args, kwargs))[0]
-                                  if isinstance(t, Tensor)), None)
+                    first = next(
+                        (t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)), None
+                    )
                 device = first.device if first is not None else torch.device("cpu")
                 entry.rng = _rng.state(device)
 
@@ -1137,16 +1196,18 @@ class Tracker:
             self._abort()
             raise
 
-    def _on_fast_view_grad(self, on_grad: Any, record: tuple, nr: int, shape: torch.Size,
-                           grads: tuple) -> None:
+    def _on_fast_view_grad(
+        self, on_grad: Any, record: tuple, nr: int, shape: torch.Size, grads: tuple
+    ) -> None:
         """:meth:`_on_fast_grad` for an output that reshapes the tensor ``grads[nr]`` is the
         gradient of."""
         g = grads[nr]
         self._on_fast_grad(on_grad, record, 0, (None if g is None else g.reshape(shape),))
 
-    def _on_linear_grad(self, state: _Pass, record: tuple, d: Tensor) -> None:
-        """A 2-D ``nn.Linear`` call: stashed, computed in :meth:`_flush` together with the
-        other such calls of the pass (fewer kernels and less Python per layer)."""
+    def _on_lane_grad(self, state: _Pass, record: tuple, d: Tensor) -> None:
+        """A call for its fast path's lane (2-D ``nn.Linear``): stashed, computed in
+        :meth:`_flush` together with the other such calls of the pass (fewer kernels and less
+        Python per layer)."""
         self._stash(state, record, d, None, record[1].nbytes + d.nbytes)
 
     def _stash(self, state: _Pass, record: tuple, d: Tensor, moments: Any, nbytes: int) -> None:
@@ -1174,9 +1235,16 @@ class Tracker:
         entry, x, _, _, uses = record
         results = None
         if not _shared(entry, uses):
-            results = _without_grad(moments, entry.module, x, d, state.scale,
-                                    self.memory_budget or _default_budget(d),
-                                    entry.has_weight, entry.has_bias)
+            results = _without_grad(
+                moments,
+                entry.module,
+                x,
+                d,
+                state.scale,
+                self.memory_budget or _default_budget(d),
+                entry.has_weight,
+                entry.has_bias,
+            )
         if results is None:
             self._compute_general(state, record, d)
         else:
@@ -1186,8 +1254,7 @@ class Tracker:
         """A short-path call handed to its general rule (:meth:`_compute`)."""
         entry, x, version, B, uses = record
         args = (x,)
-        self._compute(state, _Record(entry, args, {}, (version,), args, B, uses, None, (0,)),
-                      (d,))
+        self._compute(state, _Record(entry, args, {}, (version,), args, B, uses, None, (0,)), (d,))
 
     def _set_moments(self, state: _Pass, entry: _Entry, results: tuple[Tensor, ...]) -> None:
         """Record the moments of one call of ``entry`` (one per tracked parameter, in order)."""
@@ -1205,8 +1272,7 @@ class Tracker:
         ``nn.Linear`` calls together (:func:`linear_moments`); calls of a shared parameter take
         the general rule (per-example gradients summed over uses)."""
         items, state.stash, state.stash_bytes = state.stash, [], 0
-        calls = []
-        entries = []
+        lanes: dict[Any, tuple[list, list]] = {}
         for record, d, moments in items:
             if moments is not None:
                 self._moments_now(moments, state, record, d)
@@ -1215,13 +1281,13 @@ class Tracker:
             if _shared(entry, uses):
                 self._compute_general(state, record, d)
                 continue
+            calls, entries = lanes.setdefault(entry.fast.lane, ([], []))
             calls.append((entry.has_weight, entry.has_bias, entry.params[0].dtype, x, d))
             entries.append(entry)
-        if not calls:
-            return
-        results = _without_grad(linear_moments, calls, state.scale)
-        for entry, moments_of_call in zip(entries, results, strict=True):
-            self._set_moments(state, entry, moments_of_call)
+        for lane, (calls, entries) in lanes.items():
+            results = _without_grad(lane, calls, state.scale)
+            for entry, moments_of_call in zip(entries, results, strict=True):
+                self._set_moments(state, entry, moments_of_call)
 
     @staticmethod
     def _raise_modified(entry: _Entry) -> None:
@@ -1246,8 +1312,9 @@ class Tracker:
                 "batched input (pos.expand(B, T))"
             )
 
-    def _on_grads_inner(self, record: _Record, grads: tuple[Tensor | None, ...],
-                        state: _Pass | None = None) -> None:
+    def _on_grads_inner(
+        self, record: _Record, grads: tuple[Tensor | None, ...], state: _Pass | None = None
+    ) -> None:
         if state is None:
             state = self._begin()
         entry = record.entry
@@ -1265,8 +1332,7 @@ class Tracker:
     def _empty(self, state: _Pass, entry: _Entry) -> None:
         """A call on an empty batch: zero statistics for its parameters (no example)."""
         for p in entry.params:
-            self._add(state, p, Contribution(per_example=p.new_zeros((0, *p.shape))),
-                      entry.label)
+            self._add(state, p, Contribution(per_example=p.new_zeros((0, *p.shape))), entry.label)
 
     def _compute(self, state: _Pass, record: _Record, grads: tuple[Tensor | None, ...]) -> None:
         """Run the entry's layer rule on one call and add its contributions."""
@@ -1320,8 +1386,11 @@ class Tracker:
 
     def _add(self, state: _Pass, p: nn.Parameter, c: Contribution, label: str) -> None:
         pid = id(p)
-        kind = ("moment" if c.per_example is None and c.factors is None and c.rows is None
-                else "per_example")
+        kind = (
+            "moment"
+            if c.per_example is None and c.factors is None and c.rows is None
+            else "per_example"
+        )
         if pid in state.kind and (state.kind[pid] == "moment" or kind == "moment"):
             raise RuntimeError(
                 f"parameter {self._params[pid][0]!r} received gradients from several module "
@@ -1374,9 +1443,16 @@ class Tracker:
             self._flush(state)
         cleared = state.cleared
         if cleared:  # statistics of cleared gradients that this pass does not replace
-            _clear({k: p for k, p in cleared.items()
-                    if k not in state.moments and k not in state.pending
-                    and k not in state.factors and k not in state.rows})
+            _clear(
+                {
+                    k: p
+                    for k, p in cleared.items()
+                    if k not in state.moments
+                    and k not in state.pending
+                    and k not in state.factors
+                    and k not in state.rows
+                }
+            )
         # the coverage check runs on the first pass that records a call (a pass of paused
         # forward calls records none: it can tell nothing)
         missing = None
@@ -1424,9 +1500,15 @@ class Tracker:
                     pe.view(B * R, -1).index_add_(0, ex * R + row, vec.reshape(vec.shape[0], -1))
                 state.pending[pid] = pe
                 continue
-            m, nb = outer_moments(factors, p.shape, scale,
-                                  self.memory_budget or _default_budget(p), self.per_example_norms,
-                                  B, rows)
+            m, nb = outer_moments(
+                factors,
+                p.shape,
+                scale,
+                self.memory_budget or _default_budget(p),
+                self.per_example_norms,
+                B,
+                rows,
+            )
             state.moments[pid] = m
             if nb is not None:
                 state.norms = nb if state.norms is None else state.norms + nb
