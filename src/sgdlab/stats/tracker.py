@@ -83,13 +83,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
-import math
 import numbers
 import warnings
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -100,20 +98,14 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .._validation import check_batch_size, check_choice
 from . import _rng, _saved, _stray, _tap
-from ._base import Call, Contribution, outer_moments, outer_per_example
-from ._registry import FastPath, Rule, first_dim, rule_for
+from ._attach import Hook, innermost, refuse_hook_reparametrization, seq_first_modules
+from ._attribute import ATTRIBUTE, clear, zeroed
+from ._deferred import on_lane, on_moments
+from ._pass import Pass, inverse_scale_squared, raise_modified
+from ._record import Entry, Record, changed, check_state, differentiable, positional
+from ._registry import first_dim, rule_for
 
 __all__ = ["Tracker", "track", "ATTRIBUTE"]
-
-ATTRIBUTE = "grad_second_moment"
-CPU_BUDGET = 2**25  # default memory_budget for CPU tensors (bytes)
-DEVICE_BUDGET = 2**27  # default memory_budget on accelerators (bytes)
-# short-path calls whose input and output gradient hold at most this many bytes are computed
-# with the Linear lane at the end of the pass: for such calls the host's work is the cost, and
-# back to back it is about 1.6x cheaper than interleaved with the backward pass (measured on
-# small models, benchmarks/README.md); larger calls run as their gradient arrives
-DEFER_BYTES = 2**20
-
 
 # the tracker attached to each tracked module (while its hooks are on): a second tracker on the
 # same module would add every statistic twice when gradients accumulate
@@ -143,252 +135,13 @@ def _attached(module: nn.Module) -> Tracker | None:
     return tracker if tracker is not None and tracker._handles else None
 
 
-def _inert_hook(module: nn.Module, *args: Any) -> None:
-    """The forward (pre-)hook a copy of a tracked module gets: a copy is not tracked."""
-    return None
-
-
-class _Hook(functools.partial):
-    """A tracker's forward hook as registered on a module (called like the function it wraps,
-    in C): a deep copy of the module (an EMA or teacher model) gets :func:`_inert_hook`, not a
-    hook that would record the copy's calls as the original's and write their statistics onto
-    the original's parameters; pickling the module (``torch.save(model)``) is refused with a
-    clear message rather than with the pickler's about a local function."""
-
-    def __deepcopy__(self, memo: dict) -> Any:
-        return _inert_hook
-
-    def __reduce__(self) -> Any:
-        raise TypeError(
-            "a module with an sgdlab.stats tracker attached cannot be pickled (its forward hooks "
-            "belong to the running tracker): save model.state_dict(), or call tracker.detach() "
-            "before torch.save(model)"
-        )
-
-
-def _zeroed(written: list[tuple[nn.Parameter, Tensor]]) -> list[nn.Parameter]:
-    """The parameters whose gradient is all zeros (``zero_grad(set_to_none=False)``): one
-    multi-tensor max-norm and one host read per device, instead of a synchronising ``any()``
-    per parameter."""
-    by_device: dict[torch.device, list[tuple[nn.Parameter, Tensor]]] = {}
-    out = []
-    for p, g in written:
-        if g.layout != torch.strided:  # sparse gradients: one check each
-            if not bool(g.any()):
-                out.append(p)
-        else:
-            by_device.setdefault(g.device, []).append((p, g))
-    for items in by_device.values():
-        maxima = torch._foreach_norm([g for _, g in items], math.inf)
-        nonzero = torch.stack(maxima).ne(0).tolist()  # NaN and inf count as written
-        out += [p for (p, _), keep in zip(items, nonzero, strict=True) if not keep]
-    return out
-
-
 # the level of the innermost torch.func transform (vmap, grad, ...) running, None outside any:
 # forward calls inside one (per-example gradients computed by the user, functional training
 # loops) act on functional parameters and batched tensors, not on a batch the tracker records
 _transform_level = torch._C._functorch.maybe_current_level
 
 
-@functools.cache
-def _forward_params(cls: type) -> tuple[str, ...]:
-    """Names of the parameters of ``cls.forward`` after ``self`` that may be passed by
-    position, in order (empty where the signature cannot be read)."""
-    try:
-        sig = inspect.signature(cls.forward)
-    except (TypeError, ValueError):
-        return ()
-    names = []
-    for p in list(sig.parameters.values())[1:]:
-        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            break
-        names.append(p.name)
-    return tuple(names)
-
-
-def _positional(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """A call's keyword arguments that fill the next positional parameters of its forward
-    moved into ``args`` (``linear(input=x)`` becomes ``linear(x)``): the rules read a layer's
-    input as ``args[0]``."""
-    names = _forward_params(type(module))[len(args) :]
-    if not names or names[0] not in kwargs:
-        return args, kwargs
-    args, kwargs = list(args), dict(kwargs)
-    for name in names:
-        if name not in kwargs:
-            break
-        args.append(kwargs.pop(name))
-    return tuple(args), kwargs
-
-
-def _default_budget(t: Tensor) -> int:
-    return CPU_BUDGET if t.is_cpu else DEVICE_BUDGET
-
-
-def _without_grad(fn: Any, *args: Any) -> Any:
-    """``fn(*args)`` outside autograd: rules run inside backward passes, which record a graph
-    only under ``create_graph=True`` (checked first, so that the usual pass enters no
-    context)."""
-    if torch.is_grad_enabled():
-        with torch.no_grad():
-            return fn(*args)
-    return fn(*args)
-
-
-def _shared(entry: _Entry, uses: dict[int, int]) -> bool:
-    """Whether a parameter of ``entry`` was used more than once in the forward pass (its
-    per-example gradients must be summed over uses before squaring: the general rule)."""
-    for pid in entry.ids:
-        if uses[pid] > 1:
-            return True
-    return False
-
-
-def _differentiable(output: Any) -> tuple[list[Tensor], tuple[int, ...], Any, list | None] | None:
-    """The outputs of a call that require grad: ``(tensors, their positions among the leaves,
-    the output's pytree spec, the leaves)``, the spec and leaves ``None`` for a single tensor;
-    ``None`` when no output requires grad."""
-    if isinstance(output, Tensor):  # the common case, without pytree overhead
-        return ([output], (0,), None, None) if output.requires_grad else None
-    leaves, spec = tree_flatten(output)
-    positions = tuple(i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad)
-    if not positions:
-        return None
-    return [leaves[i] for i in positions], positions, spec, leaves
-
-
-def _seq_first_modules(model: nn.Module) -> set[nn.Module]:
-    """The modules inside torch's transformer modules built with ``batch_first=False`` (their
-    feed-forward and norm layers see ``[T, B, d]``); their attention reads its own flag."""
-    found: set[nn.Module] = set()
-    for module in model.modules():
-        layer = module
-        if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
-            layer = module.layers[0] if len(module.layers) else None
-        if isinstance(layer, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-            seq_first = not layer.self_attn.batch_first
-        elif isinstance(module, nn.Transformer):
-            seq_first = not module.batch_first
-        else:
-            continue
-        if seq_first:
-            found.update(m for m in module.modules() if not isinstance(m, nn.MultiheadAttention))
-    return found
-
-
-def _refuse_hook_reparametrization(name: str, module: nn.Module) -> None:
-    """The hook-based ``torch.nn.utils.weight_norm`` / ``spectral_norm`` set the weight as a
-    plain attribute in a forward pre-hook, out of reach of the rules and of the fallback; their
-    ``torch.nn.utils.parametrizations`` versions compute the same weight and are supported."""
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, (WeightNorm, SpectralNorm)):
-            kind = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
-            raise ValueError(
-                f"module {name or type(module).__name__!r} uses the hook-based "
-                f"torch.nn.utils.{kind}, whose weight is out of the tracker's reach: apply "
-                f"torch.nn.utils.parametrizations.{kind} instead (the same reparametrization, "
-                "supported)"
-            )
-
-
-def _innermost(claims: list[tuple[str, nn.Module, Rule, list]]) -> list[tuple]:
-    """The modules that own parameters, each with the parameters it is responsible for: a
-    parameter that a module registers as its own and one of its submodules too (Opacus's
-    DPRNN names its cells' weights ``weight_ih_l0``...; ``self.w = self.lin.weight``) is the
-    innermost module's, whose calls use it; the outer module would differentiate through them
-    again and count each use twice. A use of it in the outer module's own forward is then a
-    use outside a call of its module (refused on the first pass). Modules left with no
-    parameter are dropped."""
-    holders: dict[int, list[str]] = {}
-    for name, _, _, owned in claims:
-        for _, p in owned:
-            holders.setdefault(id(p), []).append(name)
-
-    def inner(name: str, pid: int) -> bool:
-        prefix = f"{name}." if name else ""
-        return any(other != name and other.startswith(prefix) for other in holders[pid])
-
-    out = []
-    for name, module, rule, owned in claims:
-        kept = [(n, p) for n, p in owned if not inner(name, id(p))]
-        if kept:
-            out.append((name, module, rule, kept))
-    return out
-
-
-def _changed(entry: _Entry) -> dict[str, Tensor] | None:
-    """Copies of the buffers of a parametrized module that its call just changed (spectral
-    norm's power iteration): the call's statistics are computed with these values later."""
-    if len(entry.versions) != len(entry.buffers):  # the pre-hook did not see this call
-        return None
-    changed = {
-        n: b.detach().clone()
-        for (n, b), v in zip(entry.buffers, entry.versions, strict=True)
-        if b._version != v
-    }
-    return changed or None
-
-
-def _check_state(entry: _Entry) -> None:
-    """Refuse a call of a fallback module whose forward pass changed one of its buffers (in
-    place or by assigning a new tensor): the fallback reruns the forward once per example,
-    which would update the state again from one example, with other values than the batched
-    call used (a running mean of the batch), and leave the module holding its tensors."""
-    state, entry.state = entry.state, None
-    module = entry.module
-    changed = []
-    for name, buffer, version in state or ():
-        try:
-            now = module.get_buffer(name)
-        except AttributeError:
-            now = None
-        if now is not buffer or buffer._version != version:
-            changed.append(name)
-    if changed:
-        raise ValueError(
-            f"sgdlab.stats: {entry.name + ' ' if entry.name else ''}({type(module).__name__}) "
-            f"changed its buffers "
-            f"{changed} in its forward pass; it takes the per-example fallback, which reruns "
-            "the forward once per example and cannot reproduce a state update (it may depend "
-            "on the whole batch, as a running mean does). Update the state outside the "
-            "module's forward, or give the module a rule (sgdlab.stats.register_rule)"
-        )
-
-
-def _unpacked(record: _Record) -> _Record:
-    """``record`` with its saved inputs (:meth:`Tracker._saved_forward`) unpacked into
-    ``args`` and ``kwargs``."""
-    saved, spec = record.saved
-    flat = [_saved.unpack(t) if isinstance(t, _saved.SavedTensor) else t for t in saved]
-    args, kwargs = tree_unflatten(flat, spec)
-    return _Record(
-        record.entry,
-        args,
-        kwargs,
-        (),
-        (),
-        record.batch_size,
-        record.uses,
-        record.out_spec,
-        record.positions,
-        None,
-        record.buffers,
-        record.rng,
-    )
-
-
-def _clear(params: dict[int, nn.Parameter]) -> None:
-    """Remove the statistic of each parameter (its gradient was cleared)."""
-    for p in params.values():
-        if getattr(p, ATTRIBUTE, None) is not None:
-            setattr(p, ATTRIBUTE, None)
-
-
-class _PassEnd:
+class PassEnd:
     """The end-of-pass callback queued on the autograd engine by a pass's first hook. A
     backward pass that fails (an exception in a tensor hook or a custom Function's backward,
     anomaly mode's NaN check, a KeyboardInterrupt) drops its queued callbacks unrun: the engine
@@ -397,7 +150,7 @@ class _PassEnd:
 
     __slots__ = ("tracker", "state", "ran")
 
-    def __init__(self, tracker: Tracker, state: _Pass) -> None:
+    def __init__(self, tracker: Tracker, state: Pass) -> None:
         self.tracker, self.state, self.ran = tracker, state, False
 
     def __call__(self) -> None:
@@ -407,99 +160,6 @@ class _PassEnd:
     def __del__(self) -> None:
         if not self.ran:
             self.tracker._abort(self.state)
-
-
-_NONE: frozenset[str] = frozenset()
-
-
-@dataclass(slots=True)
-class _Entry:
-    module: nn.Module
-    name: str
-    rule: Rule
-    names: tuple[str, ...]
-    params: tuple[nn.Parameter, ...]
-    ids: tuple[int, ...] = ()
-    label: str = ""
-    plain: bool = False  # no input check, batch size = first dimension of the first input
-    fast: FastPath | None = None  # the rule's short path, if this tracker takes it
-    has_weight: bool = False  # short paths: which of weight, bias (in this order) are tracked
-    has_bias: bool = False
-    # a parametrized module: its parametrizations' buffers and their versions before the
-    # running call (:meth:`Tracker._before_call`)
-    buffers: tuple[tuple[str, Tensor], ...] = ()
-    versions: tuple[int, ...] = ()
-    # 1: the module sees [T, B, ...] inputs (inside a torch transformer with batch_first=False)
-    batch_dim: int = 0
-    # attention and recurrent layers with dropout, fallback modules: the generator states
-    # before the running call (:meth:`Tracker._before_call`)
-    dropout: bool = False
-    rng: Any = None
-    # fallback modules: their buffers and versions before the running call (a forward pass
-    # that changes them is refused: :func:`_check_state`)
-    state: tuple[tuple[str, Tensor, int], ...] | None = None
-
-
-@dataclass(slots=True)
-class _Record:
-    entry: _Entry
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    versions: tuple[int, ...]
-    inputs: tuple[Tensor, ...]
-    batch_size: int
-    uses: dict[int, int]
-    out_spec: Any
-    positions: tuple[int, ...]
-    # under saved-tensor hooks: (flattened args and kwargs with SavedTensor for tensors, spec);
-    # args and kwargs are unpacked from it when the output gradients arrive
-    saved: Any = None
-    buffers: dict[str, Tensor] | None = None  # see Call.buffers
-    rng: Any = None  # see Call.rng
-    outputs: tuple[tuple[Tensor, int], ...] | None = None  # see Call.outputs
-
-
-class _Pass:
-    """State of one backward pass (a plain class: one is made per backward pass)."""
-
-    __slots__ = (
-        "batch_size",
-        "moments",
-        "pending",
-        "kind",
-        "norms",
-        "got_grad",
-        "contributed",
-        "first_module",
-        "scale",
-        "stash",
-        "stash_bytes",
-        "cleared",
-        "factors",
-        "rows",
-    )
-
-    def __init__(self) -> None:
-        self.batch_size: int | None = None
-        self.moments: dict[int, Tensor] = {}
-        self.pending: dict[int, Tensor] = {}
-        self.kind: dict[int, str] = {}
-        self.norms: Tensor | None = None
-        self.got_grad: set[int] = set()
-        self.contributed: set[int] = set()
-        self.first_module = ""
-        self.scale = 1.0
-        # 2-D nn.Linear calls whose output gradient has arrived, computed together by _flush
-        # (record of _fast_hook, output grad, moments function or None for the Linear lane)
-        self.stash: list[tuple[tuple, Tensor, Any]] = []
-        self.stash_bytes = 0
-        # parameters whose gradient was cleared since the last pass: their statistic restarts
-        # (replaced at the end of the pass, or removed if this pass gives it nothing)
-        self.cleared: dict[int, nn.Parameter] = {}
-        # per-example gradients of shared parameters as outer-product factors, per use
-        self.factors: dict[int, list[tuple[Tensor, Tensor]]] = {}
-        # per-example gradients of shared lookup tables as sparse rows, per use
-        self.rows: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
 
 
 class Tracker:
@@ -573,14 +233,14 @@ class Tracker:
         self.conv_strategy = check_choice(
             "conv_strategy", conv_strategy, ("auto", "unfold", "grouped")
         )
-        self._entries: dict[nn.Module, _Entry] = {}
+        self._entries: dict[nn.Module, Entry] = {}
         self._handles: list[Any] = []
         self._coverage_handles: list[Any] = []
         self._watch: _stray.Watch | None = None
         self._uses: dict[int, int] = {}
         self._session: set[int] | None = None  # see _recomputed_call
         self._detached = False  # hooks on autograd nodes of earlier calls then do nothing
-        self._pass: _Pass | None = None
+        self._pass: Pass | None = None
         self._suspended = 0
         self._grad_versions: dict[int, int] = {}
         # parameters whose gradient a failed backward pass may have written to: no statistic
@@ -608,7 +268,7 @@ class Tracker:
         """Hooks on every module of ``model`` that owns parameters (see :meth:`__init__`)."""
         covered: set[nn.Module] = set()
         fallbacks: list[str] = []
-        seq_first = _seq_first_modules(model)
+        seq_first = seq_first_modules(model)
         claims = []
         for name, module in model.named_modules():
             if module in covered:
@@ -623,12 +283,12 @@ class Tracker:
             if rule.owns_submodules:  # (attention: out_proj's parameters)
                 covered.update(module.modules())
             claims.append((name, module, rule, owned))
-        for name, module, rule, owned in _innermost(claims):
-            _refuse_hook_reparametrization(name, module)
+        for name, module, rule, owned in innermost(claims):
+            refuse_hook_reparametrization(name, module)
             parametrized = torch.nn.utils.parametrize.is_parametrized(module)
             if rule.is_fallback:
                 fallbacks.append(f"{name or '<root>'} ({type(module).__name__})")
-            entry = _Entry(
+            entry = Entry(
                 module,
                 name,
                 rule,
@@ -656,7 +316,7 @@ class Tracker:
             entry.dropout = rule.dropout is not None and rule.dropout(module)
             if entry.buffers or entry.dropout:
                 self._handles.append(
-                    module.register_forward_pre_hook(_Hook(self._before_call), with_kwargs=True)
+                    module.register_forward_pre_hook(Hook(self._before_call), with_kwargs=True)
                 )
             self._entries[module] = entry
             _ATTACHED[module] = weakref.ref(self)
@@ -664,16 +324,12 @@ class Tracker:
                 self._params.setdefault(id(p), (f"{name}.{n}" if name else n, p))
             fast = entry.fast
             if fast is not None:
-                on_grad = (
-                    self._on_lane_grad
-                    if fast.lane is not None
-                    else functools.partial(self._on_moments_grad, fast.moments)
-                )
-                more = fast.more and functools.partial(self._on_moments_grad, fast.more)
+                on_grad = on_lane if fast.lane is not None else partial(on_moments, fast.moments)
+                more = fast.more and partial(on_moments, fast.more)
                 hook = self._fast_hook(entry, on_grad, fast.ndim(module), more)
             else:
                 hook = self._forward_hook
-            self._handles.append(module.register_forward_hook(_Hook(hook), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(Hook(hook), with_kwargs=True))
         if not self._entries:
             raise ValueError("model has no trainable parameters to track")
         for name, p in self._params.values():
@@ -697,7 +353,7 @@ class Tracker:
         for module, entry in self._entries.items():
             for pid in entry.ids:
                 owners.setdefault(pid, (self._params[pid][0], set()))[1].add(module)
-        self._watch = _stray.Watch(model, owners, _Hook)
+        self._watch = _stray.Watch(model, owners, Hook)
         if fallbacks and warn_fallback:
             warnings.warn(
                 "sgdlab.stats: no dedicated rule for "
@@ -791,7 +447,7 @@ class Tracker:
         self.detach()
 
     # ------------------------------------------------------------------ hooks
-    def _fast_hook(self, entry: _Entry, on_grad: Any, ndim: int, on_more: Any = None) -> Any:
+    def _fast_hook(self, entry: Entry, on_grad: Any, ndim: int, on_more: Any = None) -> Any:
         """The forward hook of an ``nn.Linear`` or a convolution: calls on one ``ndim``-dim
         tensor (``[B, in]``; ``[B, C, *spatial]``), or with ``on_more`` on one tensor of more
         dims (``[B, T..., in]``), take a short path: a pre-hook that checks the call
@@ -826,7 +482,7 @@ class Tracker:
 
         return hook
 
-    def _count_uses(self, entry: _Entry) -> dict[int, int]:
+    def _count_uses(self, entry: Entry) -> dict[int, int]:
         """One more call of ``entry``'s parameters in this forward pass; the use counts."""
         uses = self._uses
         if _graph_task() != -1:
@@ -835,7 +491,7 @@ class Tracker:
             uses[pid] = uses.get(pid, 0) + 1
         return uses
 
-    def _recomputed_call(self, entry: _Entry, uses: dict[int, int]) -> None:
+    def _recomputed_call(self, entry: Entry, uses: dict[int, int]) -> None:
         """A call recorded while a backward pass runs: the forward of a reentrant checkpoint
         (``use_reentrant=True``), rerun when the backward pass reaches it, whose gradients
         then arrive in a backward pass nested in the outer one. The pass's end is queued here,
@@ -862,7 +518,7 @@ class Tracker:
 
     def _register_fast(
         self,
-        entry: _Entry,
+        entry: Entry,
         handler: Any,
         x: Any,
         version: int | None,
@@ -870,12 +526,17 @@ class Tracker:
         output: Tensor,
         live: Tensor,
     ) -> Tensor | None:
-        """A call on a short path: a pre-hook on the output's node hands ``(entry, input, its
-        version, batch size, use counts)`` to :meth:`_on_fast_grad` (``x`` a SavedTensor and
-        ``version`` None under saved-tensor hooks; ``live`` the input itself). An output that
+        """A call on a short path: a pre-hook on the output's node hands its :class:`Record` to
+        :meth:`_on_fast_grad` (``x`` a SavedTensor and ``version`` None under saved-tensor
+        hooks; ``live`` the input itself). An output that
         is a view is listened for where an in-place operation on it cannot hide its gradient
         (:mod:`sgdlab.stats._tap`); returns the replacement output, if any."""
-        record = (entry, x, version, B, self._count_uses(entry))
+        if version is None:  # under saved-tensor hooks: x is a SavedTensor
+            record = Record(entry, (), {}, (), (), B, self._count_uses(entry), None, (0,), x)
+        else:
+            args = (x,)
+            uses = self._count_uses(entry)
+            record = Record(entry, args, {}, (version,), args, B, uses, None, (0,))
         if output._base is None:
             output.grad_fn.register_prehook(
                 functools.partial(self._on_fast_grad, handler, record, output.output_nr)
@@ -897,7 +558,7 @@ class Tracker:
         return tapped
 
     @staticmethod
-    def _batch_of(entry: _Entry, module: nn.Module, args: tuple, kwargs: dict) -> int:
+    def _batch_of(entry: Entry, module: nn.Module, args: tuple, kwargs: dict) -> int:
         """The batch size of a call on the general path (its rule's checks run first)."""
         if entry.plain and not kwargs and len(args) == 1 and isinstance(args[0], Tensor):
             if args[0].dim() == 0:
@@ -925,10 +586,10 @@ class Tracker:
         if self._suspended or not torch.is_grad_enabled():
             return None
         if entry.state:
-            _check_state(entry)
+            check_state(entry)
         if kwargs:
-            args, kwargs = _positional(module, args, kwargs)
-        found = _differentiable(output)
+            args, kwargs = positional(module, args, kwargs)
+        found = differentiable(output)
         if found is None:
             return None
         outs, positions, spec, leaves = found
@@ -947,7 +608,7 @@ class Tracker:
                 sargs = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, args)
                 skwargs = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, kwargs)
             versions = tuple(t._version for t in flat_in)
-        record = _Record(
+        record = Record(
             entry=entry,
             args=sargs,
             kwargs=skwargs,
@@ -959,7 +620,7 @@ class Tracker:
             positions=positions,
         )
         if entry.buffers:
-            record.buffers = _changed(entry)
+            record.buffers = changed(entry)
         if entry.dropout:
             record.rng = _rng.recorded(entry.rng)
         if entry.rule.is_fallback:  # its rerun is checked against them
@@ -968,7 +629,7 @@ class Tracker:
 
     def _register(
         self,
-        record: _Record,
+        record: Record,
         outs: list[Tensor],
         leaves: list | None,
         inputs: tuple[Tensor, ...] | None = None,
@@ -1024,19 +685,19 @@ class Tracker:
         entry = self._entries.get(module)
         if entry is None or not torch.is_grad_enabled():
             return None
-        found = _differentiable(output)
+        found = differentiable(output)
         if found is None:
             return None
         outs, positions, spec, leaves = found
         active = _saved.hooks()
         if kwargs:
-            args, kwargs = _positional(module, args, kwargs)
+            args, kwargs = positional(module, args, kwargs)
         flat, in_spec = tree_flatten((args, kwargs))
         saved = [_saved.save(t) if isinstance(t, Tensor) else t for t in flat]
         if self._suspended or _saved.recomputing(active):
             return None
         if entry.state:
-            _check_state(entry)
+            check_state(entry)
         if (
             fast is not None
             and spec is None
@@ -1053,7 +714,7 @@ class Tracker:
             if handler is not None:
                 return self._register_fast(entry, handler, saved[0], None, x.shape[0], output, x)
         B = self._batch_of(entry, module, args, kwargs)
-        record = _Record(
+        record = Record(
             entry,
             (),
             {},
@@ -1064,7 +725,7 @@ class Tracker:
             spec,
             positions,
             (saved, in_spec),
-            _changed(entry) if entry.buffers else None,
+            changed(entry) if entry.buffers else None,
             _rng.recorded(entry.rng) if entry.dropout else None,
         )
         return self._register(record, outs, leaves, tuple(t for t in flat if isinstance(t, Tensor)))
@@ -1105,13 +766,13 @@ class Tracker:
         if id(p) in self._params:  # not a copy of a tracked parameter (copy.deepcopy)
             self._begin().got_grad.add(id(p))
 
-    def _begin(self) -> _Pass:
+    def _begin(self) -> Pass:
         """The state of the running backward pass, made by its first hook."""
         state = self._pass
         if state is not None:
             return state
-        state = self._pass = _Pass()
-        Variable._execution_engine.queue_callback(_PassEnd(self, state))
+        state = self._pass = Pass(self)
+        Variable._execution_engine.queue_callback(PassEnd(self, state))
         versions = self._grad_versions
         cleared = state.cleared
         written: list[tuple[nn.Parameter, Tensor]] = []  # since the last pass: zeroed?
@@ -1125,7 +786,7 @@ class Tracker:
                 if (v is not None and g._version != v) or (unknown and pid in unknown):
                     written.append((p, g))
         if written:
-            for p in _zeroed(written):
+            for p in zeroed(written):
                 cleared[id(p)] = p
         # a gradient that was cleared (None, or zeroed in place) clears its statistic
         if cleared:
@@ -1135,17 +796,17 @@ class Tracker:
             self._passes = 0
         return state
 
-    def _on_grads(self, record: _Record, grads: tuple[Tensor | None, ...]) -> None:
+    def _on_grads(self, record: Record, grads: tuple[Tensor | None, ...]) -> None:
         if self._detached:
             return
         self._session = None
         try:
-            self._on_grads_inner(record, grads)
+            (self._pass or self._begin()).on_grads(record, grads)
         except BaseException:
             self._abort()
             raise
 
-    def _abort(self, state: _Pass | None = None) -> None:
+    def _abort(self, state: Pass | None = None) -> None:
         """Forget a failed backward pass (``state``; default: the running one), which never
         reaches its end-of-pass callback, so that the next forward and backward passes start
         clean; none of its statistics is written. The statistics of earlier passes are removed:
@@ -1170,26 +831,26 @@ class Tracker:
         self._examples = 0
         self._passes = 0
 
-    def _on_fast_grad(self, on_grad: Any, record: tuple, nr: int, grads: tuple) -> None:
-        """Output gradient of a call on a short path (``record`` = entry, input, its version,
-        batch size, use counts, from :meth:`_fast_hook`): the checks of every call, then
-        ``on_grad(state, record, d)`` unless the output got no gradient."""
+    def _on_fast_grad(self, on_grad: Any, record: Record, nr: int, grads: tuple) -> None:
+        """Output gradient of a call on a short path (:meth:`_register_fast`): the checks of
+        every call, then ``on_grad(state, record, d)`` unless the output got no gradient."""
         if self._detached:
             return
         self._session = None
         try:
             state = self._pass or self._begin()
-            entry, x, version, B, uses = record
-            if version is None:  # a SavedTensor (saved-tensor hooks): unpacked once, here
-                x = _saved.unpack(x)
-                record = (entry, x, x._version, B, uses)
-            elif x._version != version:
-                self._raise_modified(entry)
+            entry, B = record.entry, record.batch_size
+            if record.saved is not None:  # a SavedTensor (saved-tensor hooks): unpacked here
+                x = _saved.unpack(record.saved)
+                args = (x,)
+                record = Record(entry, args, {}, (x._version,), args, B, record.uses, None, (0,))
+            elif record.inputs[0]._version != record.versions[0]:
+                raise_modified(entry)
             if state.batch_size != B:
-                self._check_batch(state, entry, B)
+                state.check_batch(entry, B)
             d = grads[nr]
             if not B:
-                self._empty(state, entry)
+                state.empty(entry)
             elif d is not None:
                 on_grad(state, record, d)
         except BaseException:
@@ -1197,234 +858,12 @@ class Tracker:
             raise
 
     def _on_fast_view_grad(
-        self, on_grad: Any, record: tuple, nr: int, shape: torch.Size, grads: tuple
+        self, on_grad: Any, record: Record, nr: int, shape: torch.Size, grads: tuple
     ) -> None:
         """:meth:`_on_fast_grad` for an output that reshapes the tensor ``grads[nr]`` is the
         gradient of."""
         g = grads[nr]
         self._on_fast_grad(on_grad, record, 0, (None if g is None else g.reshape(shape),))
-
-    def _on_lane_grad(self, state: _Pass, record: tuple, d: Tensor) -> None:
-        """A call for its fast path's lane (2-D ``nn.Linear``): stashed, computed in
-        :meth:`_flush` together with the other such calls of the pass (fewer kernels and less
-        Python per layer)."""
-        self._stash(state, record, d, None, record[1].nbytes + d.nbytes)
-
-    def _stash(self, state: _Pass, record: tuple, d: Tensor, moments: Any, nbytes: int) -> None:
-        """Hold a call (``nbytes``: its input and output gradient) for :meth:`_flush`; the
-        stash is flushed early when it holds more than ``memory_budget`` bytes."""
-        state.stash.append((record, d, moments))
-        held = state.stash_bytes = state.stash_bytes + nbytes
-        if held > (self.memory_budget or _default_budget(d)):
-            self._flush(state)
-
-    def _on_moments_grad(self, moments: Any, state: _Pass, record: tuple, d: Tensor) -> None:
-        """A call for ``moments`` (:func:`conv_moments`, :func:`linear_seq_moments`,
-        :func:`norm_moments`): computed now, or with the Linear lane at the end of the pass if
-        it is small (:data:`DEFER_BYTES`)."""
-        nbytes = record[1].nbytes + d.nbytes
-        if nbytes <= DEFER_BYTES:
-            self._stash(state, record, d, moments, nbytes)
-        else:
-            self._moments_now(moments, state, record, d)
-
-    def _moments_now(self, moments: Any, state: _Pass, record: tuple, d: Tensor) -> None:
-        """One call computed by ``moments``, without the general path's bookkeeping; a shared
-        parameter or a call too large for one chunk (``moments`` returns ``None``) takes the
-        general rule."""
-        entry, x, _, _, uses = record
-        results = None
-        if not _shared(entry, uses):
-            results = _without_grad(
-                moments,
-                entry.module,
-                x,
-                d,
-                state.scale,
-                self.memory_budget or _default_budget(d),
-                entry.has_weight,
-                entry.has_bias,
-            )
-        if results is None:
-            self._compute_general(state, record, d)
-        else:
-            self._set_moments(state, entry, results)
-
-    def _compute_general(self, state: _Pass, record: tuple, d: Tensor) -> None:
-        """A short-path call handed to its general rule (:meth:`_compute`)."""
-        entry, x, version, B, uses = record
-        args = (x,)
-        self._compute(state, _Record(entry, args, {}, (version,), args, B, uses, None, (0,)), (d,))
-
-    def _set_moments(self, state: _Pass, entry: _Entry, results: tuple[Tensor, ...]) -> None:
-        """Record the moments of one call of ``entry`` (one per tracked parameter, in order)."""
-        kinds, moments, contributed = state.kind, state.moments, state.contributed
-        for pid, p, m in zip(entry.ids, entry.params, results, strict=True):
-            if pid in kinds:  # another call in this pass: the general path checks it
-                self._add(state, p, Contribution(m), entry.label)
-            else:
-                kinds[pid] = "moment"
-                contributed.add(pid)
-                moments[pid] = m
-
-    def _flush(self, state: _Pass) -> None:
-        """Compute the stashed calls: small short-path calls one by one, then the 2-D
-        ``nn.Linear`` calls together (:func:`linear_moments`); calls of a shared parameter take
-        the general rule (per-example gradients summed over uses)."""
-        items, state.stash, state.stash_bytes = state.stash, [], 0
-        lanes: dict[Any, tuple[list, list]] = {}
-        for record, d, moments in items:
-            if moments is not None:
-                self._moments_now(moments, state, record, d)
-                continue
-            entry, x, _, _, uses = record
-            if _shared(entry, uses):
-                self._compute_general(state, record, d)
-                continue
-            calls, entries = lanes.setdefault(entry.fast.lane, ([], []))
-            calls.append((entry.has_weight, entry.has_bias, entry.params[0].dtype, x, d))
-            entries.append(entry)
-        for lane, (calls, entries) in lanes.items():
-            results = _without_grad(lane, calls, state.scale)
-            for entry, moments_of_call in zip(entries, results, strict=True):
-                self._set_moments(state, entry, moments_of_call)
-
-    @staticmethod
-    def _raise_modified(entry: _Entry) -> None:
-        raise RuntimeError(
-            f"an input of module {entry.label!r} was modified in place after its "
-            "forward call; per-example statistics need the input as it was used"
-        )
-
-    def _check_batch(self, state: _Pass, entry: _Entry, B: int) -> None:
-        if state.batch_size is None:
-            state.batch_size = B
-            state.first_module = entry.label
-            N = self._batch_size or B
-            state.scale = float(N) if self.reduction == "mean" else 1.0 / max(N, 1)
-        elif state.batch_size != B:
-            raise ValueError(
-                f"inconsistent batch sizes in one backward pass: module {entry.label!r} has "
-                f"batch dimension {B}, module {state.first_module!r} has {state.batch_size}. "
-                "Inputs must put the batch first (batch_first=True for recurrent layers and "
-                "attention), and a module called once for the whole batch and broadcast over it "
-                "(a position embedding on arange(T)) has no per-example gradient: call it on a "
-                "batched input (pos.expand(B, T))"
-            )
-
-    def _on_grads_inner(
-        self, record: _Record, grads: tuple[Tensor | None, ...], state: _Pass | None = None
-    ) -> None:
-        if state is None:
-            state = self._begin()
-        entry = record.entry
-        if record.saved is not None:
-            record = _unpacked(record)
-        for t, v in zip(record.inputs, record.versions):  # same length by construction
-            if t._version != v:
-                self._raise_modified(entry)
-        self._check_batch(state, entry, record.batch_size)
-        if not record.batch_size:
-            self._empty(state, entry)
-            return
-        self._compute(state, record, grads)
-
-    def _empty(self, state: _Pass, entry: _Entry) -> None:
-        """A call on an empty batch: zero statistics for its parameters (no example)."""
-        for p in entry.params:
-            self._add(state, p, Contribution(per_example=p.new_zeros((0, *p.shape))), entry.label)
-
-    def _compute(self, state: _Pass, record: _Record, grads: tuple[Tensor | None, ...]) -> None:
-        """Run the entry's layer rule on one call and add its contributions."""
-        entry = record.entry
-        B = record.batch_size
-        uses = record.uses
-        materialize = _NONE
-        if _shared(entry, uses):
-            materialize = frozenset(
-                n for n, i in zip(entry.names, entry.ids, strict=True) if uses[i] > 1
-            )
-        args = record.args
-        outputs = record.outputs
-        if entry.batch_dim:  # [T, B, ...] inputs and output gradients: the batch first
-            args = tuple(a.movedim(1, 0) if isinstance(a, Tensor) else a for a in args)
-            grads = tuple(g if g is None else g.movedim(1, 0) for g in grads)
-            if outputs is not None:
-                outputs = tuple((o.movedim(1, 0), v) for o, v in outputs)
-        call = Call(
-            module=entry.module,
-            args=args,
-            kwargs=record.kwargs,
-            grads=grads,
-            batch_size=B,
-            param_names=entry.names,
-            materialize=materialize,
-            norms=self.per_example_norms,
-            memory_budget=self.memory_budget or _default_budget(entry.params[0]),
-            conv_strategy=self.conv_strategy,
-            scale=state.scale,
-            out_spec=record.out_spec,
-            out_positions=record.positions,
-            buffers=record.buffers,
-            rng=record.rng,
-            outputs=outputs,
-        )
-        self._suspended += 1
-        try:
-            if _saved.hooks() is None:
-                contributions = _without_grad(entry.rule.compute, call)
-            else:  # a backward pass inside a saved-tensor hooks block
-                with _saved.without_hooks():
-                    contributions = _without_grad(entry.rule.compute, call)
-        finally:
-            self._suspended -= 1
-        label = entry.label
-        for n, p in zip(entry.names, entry.params, strict=True):
-            c = contributions.get(n)
-            if c is not None:
-                self._add(state, p, c, label)
-
-    def _add(self, state: _Pass, p: nn.Parameter, c: Contribution, label: str) -> None:
-        pid = id(p)
-        kind = (
-            "moment"
-            if c.per_example is None and c.factors is None and c.rows is None
-            else "per_example"
-        )
-        if pid in state.kind and (state.kind[pid] == "moment" or kind == "moment"):
-            raise RuntimeError(
-                f"parameter {self._params[pid][0]!r} received gradients from several module "
-                "calls in one backward pass, but was used only once in the forward pass that "
-                "recorded one of them. Run forward and backward in pairs, or call all uses in "
-                "the same forward pass"
-            )
-        state.kind[pid] = kind
-        state.contributed.add(pid)
-        if c.factors is not None:  # the per-example gradient as outer-product factors
-            state.factors.setdefault(pid, []).append(c.factors)
-            return
-        if c.rows is not None:  # the per-example gradient as sparse rows (lookup tables)
-            state.rows.setdefault(pid, []).append(c.rows)
-            return
-        if c.per_example is not None:
-            prev = state.pending.get(pid)
-            state.pending[pid] = c.per_example if prev is None else prev + c.per_example
-            return
-        prev = state.moments.get(pid)
-        state.moments[pid] = c.moment if prev is None else prev + c.moment
-        if c.sq_norms is not None:
-            state.norms = c.sq_norms if state.norms is None else state.norms + c.sq_norms
-
-    def _inverse_scale_squared(self) -> Tensor | None:
-        """``1 / scale**2`` of :attr:`grad_scaler` (``None``: no scaler, or one disabled), on
-        the scaler's device where it keeps its scale there, so that no step waits for it."""
-        scaler = self.grad_scaler
-        if scaler is None or not scaler.is_enabled():
-            return None
-        scale = getattr(scaler, "_scale", None)  # the scale tensor scaler.scale() multiplies by
-        if not isinstance(scale, Tensor):
-            scale = torch.tensor(float(scaler.get_scale()))
-        return scale.double().reciprocal().square()
 
     def _finish(self) -> None:
         state, self._pass = self._pass, None
@@ -1435,24 +874,16 @@ class Tracker:
         try:
             self._finish_pass(state)
         except BaseException:
-            _clear(state.cleared)
+            clear(state.cleared)
             raise
 
-    def _finish_pass(self, state: _Pass) -> None:
-        if state.stash:
-            self._flush(state)
+    def _finish_pass(self, state: Pass) -> None:
+        if state.deferred.items:
+            state.deferred.flush(state)
         cleared = state.cleared
         if cleared:  # statistics of cleared gradients that this pass does not replace
-            _clear(
-                {
-                    k: p
-                    for k, p in cleared.items()
-                    if k not in state.moments
-                    and k not in state.pending
-                    and k not in state.factors
-                    and k not in state.rows
-                }
-            )
+            replaced = state.replaced()
+            clear({k: p for k, p in cleared.items() if k not in replaced})
         # the coverage check runs on the first pass that records a call (a pass of paused
         # forward calls records none: it can tell nothing)
         missing = None
@@ -1481,51 +912,7 @@ class Tracker:
             )
         if state.batch_size is None:
             return
-        B = state.batch_size
-        N = self._batch_size or B
-        if self.reduction == "mean":
-            scale, nscale = float(N), float(N) ** 2
-        else:
-            scale, nscale = 1.0 / max(N, 1), 1.0  # N = 0: an empty batch, nothing to scale
-        for pid in {**state.factors, **state.rows}:
-            p = self._params[pid][1]
-            factors, rows = state.factors.get(pid, []), state.rows.get(pid, [])
-            if pid in state.pending:  # also materialised uses: add these to them
-                pe = state.pending[pid]
-                for f in factors:
-                    pe = pe + outer_per_example(f).view_as(pe)
-                pe = pe.contiguous()
-                for ex, row, vec in rows:
-                    R = pe.shape[1]
-                    pe.view(B * R, -1).index_add_(0, ex * R + row, vec.reshape(vec.shape[0], -1))
-                state.pending[pid] = pe
-                continue
-            m, nb = outer_moments(
-                factors,
-                p.shape,
-                scale,
-                self.memory_budget or _default_budget(p),
-                self.per_example_norms,
-                B,
-                rows,
-            )
-            state.moments[pid] = m
-            if nb is not None:
-                state.norms = nb if state.norms is None else state.norms + nb
-        for pid, pe in state.pending.items():
-            sq = pe * pe
-            m = sq.sum(0).mul_(scale)
-            prev = state.moments.get(pid)
-            state.moments[pid] = m if prev is None else prev + m
-            if self.per_example_norms:
-                nb = sq.reshape(B, -1).sum(1) if B else sq.new_zeros(0)
-                state.norms = nb if state.norms is None else state.norms + nb
-        inv = self._inverse_scale_squared()
-        if inv is not None:
-            for m in state.moments.values():
-                m.mul_(inv.to(m.device, m.dtype))
-            if state.norms is not None:
-                state.norms = state.norms * inv.to(state.norms.device, state.norms.dtype)
+        nscale = state.reduce(self._params, inverse_scale_squared(self.grad_scaler))
         unknown = self._unknown
         for pid, m in state.moments.items():
             if pid in unknown:  # its gradient holds a failed pass's part (_abort)
@@ -1541,7 +928,7 @@ class Tracker:
                 self._grad_versions[pid] = g._version
         if self.per_example_norms and state.norms is not None:
             self._norms.append(state.norms * nscale)
-        self._examples += B
+        self._examples += state.batch_size
         self._passes += 1
 
 
