@@ -54,7 +54,7 @@ from .clip import clip_grad_norm_
 from .convert import replace_batchnorm
 from .custom import register_rule
 from .noise import NoiseMeter, NoiseReading, noise_statistics
-from .tracker import ATTRIBUTE, Tracker, track
+from .tracker import ATTRIBUTE, PassSummary, Tracker, track
 
 __all__ = [
     "ATTRIBUTE",
@@ -63,6 +63,7 @@ __all__ = [
     "FastPath",
     "NoiseMeter",
     "NoiseReading",
+    "PassSummary",
     "Rule",
     "RuleHandle",
     "Tracker",

@@ -85,13 +85,16 @@ import contextlib
 import numbers
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
+from torch.utils.hooks import RemovableHandle
 
 from .._validation import check_batch_size, check_choice
 from . import _saved, _stray
@@ -103,7 +106,7 @@ from ._pass import Pass, inverse_scale_squared, raise_modified
 from ._record import Entry, Record
 from ._registry import rule_for
 
-__all__ = ["Tracker", "track", "ATTRIBUTE"]
+__all__ = ["ATTRIBUTE", "PassSummary", "Tracker", "track"]
 
 # the tracker attached to each tracked module (while its hooks are on): a second tracker on the
 # same module would add every statistic twice when gradients accumulate
@@ -127,6 +130,16 @@ def _attached(module: nn.Module) -> Tracker | None:
     ref = _ATTACHED.get(module)
     tracker = ref() if ref is not None else None
     return tracker if tracker is not None and tracker._handles else None
+
+
+@dataclass(frozen=True)
+class PassSummary:
+    """What :meth:`Tracker.on_pass_end` reports of a backward pass: ``num_examples``, its
+    batch size B (the examples whose ``g_b^2`` it added), and ``parameters``, those whose
+    ``grad_second_moment`` it wrote or added to (in the tracker's order)."""
+
+    num_examples: int
+    parameters: tuple[nn.Parameter, ...]
 
 
 class _PassEnd:
@@ -237,6 +250,8 @@ class Tracker(Recorder):
         self._norms: list[Tensor] = []
         self._examples = 0
         self._passes = 0  # backward passes in _examples (micro-batches)
+        # on_pass_end's subscribers (an OrderedDict: RemovableHandle keeps a weak reference)
+        self._subscribers: dict[int, Callable[[PassSummary], Any]] = OrderedDict()
         self._params: dict[int, tuple[str, nn.Parameter]] = {}
         for name, module in model.named_modules():
             if _attached(module) is not None:
@@ -382,6 +397,17 @@ class Tracker(Recorder):
         if not self._norms:
             raise ValueError("no backward pass since the statistics were last cleared")
         return torch.cat(self._norms)
+
+    def on_pass_end(self, fn: Callable[[PassSummary], Any]) -> RemovableHandle:
+        """Call ``fn(summary)`` at the end of each backward pass that wrote statistics, after
+        they are written (:class:`PassSummary`: the examples the pass saw, the parameters that
+        got statistics); a pass that raises or records no call signals nothing. Returns a
+        handle whose ``remove()`` unsubscribes."""
+        if not callable(fn):
+            raise TypeError(f"on_pass_end needs a callable, got {type(fn).__name__}")
+        handle = RemovableHandle(self._subscribers)
+        self._subscribers[handle.id] = fn
+        return handle
 
     def zero(self) -> None:
         """Clear ``grad_second_moment`` of every tracked parameter and the recorded norms."""
@@ -603,6 +629,13 @@ class Tracker(Recorder):
             self._norms.append(state.norms * nscale)
         self._examples += state.batch_size
         self._passes += 1
+        if self._subscribers:
+            summary = PassSummary(
+                state.batch_size,
+                tuple(p for pid, p in self._plist if pid in state.moments and pid not in unknown),
+            )
+            for fn in tuple(self._subscribers.values()):
+                fn(summary)
 
 
 def track(
