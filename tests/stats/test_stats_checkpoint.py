@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sgdlab import stats
-from sgdlab.stats import tracker as tracker_mod
+from sgdlab.stats import _pass
 
 DT = torch.float64
 MODES = ["none", "non-reentrant", "reentrant", "save_on_cpu"]
@@ -116,8 +116,9 @@ def _step(model, x, y, mode):
 def test_exact_under_checkpointing_and_offloading(kind, mode):
     model, x, y = _problem(kind, mode)
     model.mode = "none"
-    ref = [g.pow(2).mean(0) for g in
-           per_example_grads(model, lambda o, t: ((o - t) ** 2).sum(), x, y)]
+    ref = [
+        g.pow(2).mean(0) for g in per_example_grads(model, lambda o, t: ((o - t) ** 2).sum(), x, y)
+    ]
     model.mode = mode
     with stats.track(model, warn_fallback=False, per_example_norms=kind == "seq"):
         _step(model, x, y, mode)
@@ -136,13 +137,13 @@ def test_same_statistics_and_paths_as_without_hooks(kind, mode, monkeypatch):
         _step(model, x, y, "none")
         ref = [p.grad_second_moment.clone() for p in model.parameters()]
         general: list[str] = []
-        orig = tracker_mod.Tracker._compute_general
+        orig = _pass.Pass.compute_general
 
-        def spy(self, state, record, d):
-            general.append(record[0].label)
-            return orig(self, state, record, d)
+        def spy(self, record, d):
+            general.append(record.entry.label)
+            return orig(self, record, d)
 
-        monkeypatch.setattr(tracker_mod.Tracker, "_compute_general", spy)
+        monkeypatch.setattr(_pass.Pass, "compute_general", spy)
         model.mode = mode
         _step(model, x, y, mode)
         assert general == []
@@ -222,8 +223,9 @@ def test_backward_inside_an_offloading_block():
     saved-tensor hooks (the fallback's torch.func refuses them; the cell rule's recomputation
     would offload its temporaries), exact against the brute force."""
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(4, 5), Gate(5), nn.Unflatten(1, (1, 5)),
-                          nn.LSTM(5, 3, batch_first=True)).to(DT)
+    model = nn.Sequential(
+        nn.Linear(4, 5), Gate(5), nn.Unflatten(1, (1, 5)), nn.LSTM(5, 3, batch_first=True)
+    ).to(DT)
     x = torch.randn(6, 4, dtype=DT)
 
     def loss_sum(out, _):

@@ -10,7 +10,7 @@ from stats_brute import per_example_grads, rel_err, same_graph_grads
 from torch import nn
 
 import sgdlab.stats as stats
-from sgdlab.stats import tracker as tracker_module
+from sgdlab.stats import _deferred
 
 
 def loss_sum(out, y):
@@ -25,12 +25,19 @@ def setup(seed: int = 0, n: int = 12, kind: str = "mlp"):
         model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
         x = torch.randn(n, 5)
     elif kind == "seq":
-        model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3),
-                              nn.Flatten(), nn.Linear(3 * 4, 3))
+        model = nn.Sequential(
+            nn.Linear(5, 6),
+            nn.LayerNorm(6),
+            nn.Tanh(),
+            nn.Linear(6, 3),
+            nn.Flatten(),
+            nn.Linear(3 * 4, 3),
+        )
         x = torch.randn(n, 4, 5)
     else:
-        model = nn.Sequential(nn.Conv1d(5, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
-                              nn.Linear(3 * 4, 3))
+        model = nn.Sequential(
+            nn.Conv1d(5, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4, 3)
+        )
         x = torch.randn(n, 5, 4)
     model, x = model.double(), x.double()
     y = torch.randint(0, 3, (n,))
@@ -64,7 +71,7 @@ def test_micro_batches_without_batch_size_accumulate_like_grad(kind, defer, monk
     second moments, so dividing both by k gives the concatenated batch (short-path calls
     computed at the end of each pass, or as their gradients arrive)."""
     if not defer:
-        monkeypatch.setattr(tracker_module, "DEFER_BYTES", -1)
+        monkeypatch.setattr(_deferred, "DEFER_BYTES", -1)
     model, x, y, per = setup(kind=kind)
     stats.track(model)
     for xs, ys in zip(x.split(4), y.split(4), strict=True):
@@ -201,8 +208,9 @@ def test_torch_func_transforms_are_not_recorded():
         assert all(getattr(p, "grad_second_moment", None) is None for p in model.parameters())
         model(x).square().sum(1).mean().backward()
         for name, p in model.named_parameters():
-            torch.testing.assert_close(p.grad_second_moment, per[name].pow(2).mean(0),
-                                       rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(
+                p.grad_second_moment, per[name].pow(2).mean(0), rtol=1e-12, atol=1e-15
+            )
 
 
 KEYWORD_CALLS = [
@@ -213,8 +221,12 @@ KEYWORD_CALLS = [
     ("embedding", lambda: nn.Embedding(7, 2), lambda: torch.randint(0, 7, (5, 3)), {}),
     ("prelu", lambda: nn.PReLU(2), lambda: torch.randn(5, 2, 3), {}),
     ("grucell", lambda: nn.GRUCell(3, 2), lambda: torch.randn(5, 3), {}),
-    ("conv-transpose-output-size", lambda: nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1),
-     lambda: torch.randn(5, 2, 3, 3), {"output_size": [6, 6]}),
+    (
+        "conv-transpose-output-size",
+        lambda: nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1),
+        lambda: torch.randn(5, 2, 3, 3),
+        {"output_size": [6, 6]},
+    ),
 ]
 
 
@@ -305,6 +317,7 @@ def test_a_table_used_twice_on_a_batch_without_lookups(kind):
             idx = torch.randint(0, 5, (3 * n,))
             offsets = torch.arange(3) * n
             return table(idx, offsets).sum(1) + table(idx, offsets).pow(2).sum(1)
+
     with stats.track(table, reduction="sum", per_example_norms=True) as tracker:
         run(0).sum().backward()
         assert torch.equal(table.weight.grad_second_moment, torch.zeros_like(table.weight))
@@ -368,8 +381,9 @@ def test_grad_scaler_statistics_are_those_of_the_unscaled_loss(accumulate):
         model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=scaled)
         opt = sgdlab.Adam(model.parameters(), lr=1e-2, second_moment="per_example")
-        with stats.track(model, grad_scaler=scaler, per_example_norms=True,
-                         batch_size=8) as tracker:
+        with stats.track(
+            model, grad_scaler=scaler, per_example_norms=True, batch_size=8
+        ) as tracker:
             for part in torch.arange(8).chunk(accumulate):
                 loss = ((model(x[part]) - y[part]) ** 2).sum() / 8
                 scaler.scale(loss).backward()

@@ -23,10 +23,14 @@ def deep_mlp(seed: int = 0) -> nn.Sequential:
     """Layers with and without bias, a frozen weight and a frozen bias."""
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Linear(5, 7), nn.Tanh(),
-        nn.Linear(7, 6, bias=False), nn.Tanh(),
-        nn.Linear(6, 6), nn.Tanh(),
-        nn.Linear(6, 5), nn.Tanh(),
+        nn.Linear(5, 7),
+        nn.Tanh(),
+        nn.Linear(7, 6, bias=False),
+        nn.Tanh(),
+        nn.Linear(6, 6),
+        nn.Tanh(),
+        nn.Linear(6, 5),
+        nn.Tanh(),
         nn.Linear(5, 3),
     ).double()
     model[4].weight.requires_grad_(False)
@@ -136,10 +140,9 @@ def test_residual_mlp_matches_brute_force():
 def test_default_memory_budget_follows_the_device():
     """32 MiB chunks for CPU tensors (cache-sized), 128 MiB on an accelerator (fewer launches);
     an explicit budget wins."""
-    from sgdlab.stats.tracker import _default_budget
+    from sgdlab.stats._pass import default_budget as _default_budget
 
     assert stats.track(nn.Linear(2, 2)).memory_budget is None
     assert _default_budget(torch.empty(1)) == 2**25
     assert _default_budget(torch.empty(1, device="meta")) == 2**27
     assert stats.track(nn.Linear(2, 2), memory_budget=1000).memory_budget == 1000
-

@@ -11,7 +11,7 @@ from stats_brute import per_example_grads, rel_err
 from torch import nn
 
 import sgdlab.stats as stats
-from sgdlab.stats import tracker as tracker_module
+from sgdlab.stats import _deferred, _pass
 
 B = 5
 
@@ -182,8 +182,9 @@ class Bags(nn.Module):
         return self.bag(flat, offsets, per_sample_weights=psw)
 
 
-BAG_INPUT = torch.tensor([[1, 0, 4, -1], [2, 2, -1, -1], [-1, -1, -1, -1], [0, 0, 0, 3],
-                          [6, 5, 6, 1]])
+BAG_INPUT = torch.tensor(
+    [[1, 0, 4, -1], [2, 2, -1, -1], [-1, -1, -1, -1], [0, 0, 0, 3], [6, 5, 6, 1]]
+)
 
 
 class CellLoop(nn.Module):
@@ -308,20 +309,50 @@ CASES = [
         0,
     ),
     ("gru-seqfirst", lambda: nn.GRU(3, 4, num_layers=2), lambda: torch.randn(6, B, 3), rnn_loss, 1),
-    ("rnncell-relu-one-step", lambda: CellLoop(nn.RNNCell(3, 4, nonlinearity="relu")),
-     lambda: torch.randn(B, 1, 3), sq_loss, 0),
-    ("rnncell-tanh-loop", lambda: CellLoop(nn.RNNCell(3, 4)), lambda: torch.randn(B, 4, 3),
-     sq_loss, 0),
-    ("lstmcell-one-step", lambda: CellLoop(nn.LSTMCell(3, 4)), lambda: torch.randn(B, 1, 3),
-     sq_loss, 0),
-    ("lstmcell-loop", lambda: CellLoop(nn.LSTMCell(3, 4)), lambda: torch.randn(B, 3, 3),
-     sq_loss, 0),
-    ("grucell-nobias-loop", lambda: CellLoop(nn.GRUCell(3, 4, bias=False)),
-     lambda: torch.randn(B, 3, 3), sq_loss, 0),
+    (
+        "rnncell-relu-one-step",
+        lambda: CellLoop(nn.RNNCell(3, 4, nonlinearity="relu")),
+        lambda: torch.randn(B, 1, 3),
+        sq_loss,
+        0,
+    ),
+    (
+        "rnncell-tanh-loop",
+        lambda: CellLoop(nn.RNNCell(3, 4)),
+        lambda: torch.randn(B, 4, 3),
+        sq_loss,
+        0,
+    ),
+    (
+        "lstmcell-one-step",
+        lambda: CellLoop(nn.LSTMCell(3, 4)),
+        lambda: torch.randn(B, 1, 3),
+        sq_loss,
+        0,
+    ),
+    (
+        "lstmcell-loop",
+        lambda: CellLoop(nn.LSTMCell(3, 4)),
+        lambda: torch.randn(B, 3, 3),
+        sq_loss,
+        0,
+    ),
+    (
+        "grucell-nobias-loop",
+        lambda: CellLoop(nn.GRUCell(3, 4, bias=False)),
+        lambda: torch.randn(B, 3, 3),
+        sq_loss,
+        0,
+    ),
     ("fallback-custom", lambda: Scale(4), lambda: torch.randn(B, 3, 4), sq_loss, 0),
     ("fallback-nested-arguments", WithState, lambda: torch.randn(B, 4), sq_loss, 0),
-    ("fallback-dependent-outputs", lambda: Dependent(4), lambda: torch.randn(B, 3, 4), pair_loss,
-     0),
+    (
+        "fallback-dependent-outputs",
+        lambda: Dependent(4),
+        lambda: torch.randn(B, 3, 4),
+        pair_loss,
+        0,
+    ),
     (
         "transposed-conv1d-stride-dil-pad-outpad",
         lambda: nn.ConvTranspose1d(3, 4, 3, stride=3, padding=2, output_padding=1, dilation=2),
@@ -331,8 +362,9 @@ CASES = [
     ),
     (
         "transposed-conv2d-groups",
-        lambda: nn.ConvTranspose2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), groups=2,
-                                   output_padding=(1, 0)),
+        lambda: nn.ConvTranspose2d(
+            4, 6, (3, 2), stride=(2, 1), padding=(1, 0), groups=2, output_padding=(1, 0)
+        ),
         lambda: torch.randn(B, 4, 4, 3),
         sq_loss,
         0,
@@ -351,25 +383,61 @@ CASES = [
         sq_loss,
         0,
     ),
-    ("transposed-conv-output-size", lambda: TransposedToSize(), lambda: torch.randn(B, 2, 3, 3),
-     sq_loss, 0),
-    ("embeddingbag-mean-2d", lambda: nn.EmbeddingBag(7, 3, mode="mean"),
-     lambda: torch.tensor([[1, 1, 4, 0], [2, 2, 2, 2], [6, 5, 6, 3], [0, 1, 2, 3], [4, 4, 1, 4]]),
-     sq_loss, 0),
-    ("embeddingbag-sum-padding-2d", lambda: nn.EmbeddingBag(7, 3, mode="sum", padding_idx=2),
-     lambda: torch.tensor([[1, 1, 4, 2], [2, 2, 2, 2], [6, 5, 6, 3], [0, 1, 2, 3], [4, 4, 1, 4]]),
-     sq_loss, 0),
-    ("embeddingbag-max-2d", lambda: nn.EmbeddingBag(7, 3, mode="max"),
-     lambda: torch.tensor([[1, 1, 4, 0], [2, 2, 2, 2], [6, 5, 6, 3], [0, 1, 2, 3], [4, 4, 1, 4]]),
-     sq_loss, 0),
-    ("embeddingbag-offsets-sum-weights", lambda: Bags(nn.EmbeddingBag(7, 3, mode="sum"), True),
-     lambda: BAG_INPUT, sq_loss, 0),
-    ("embeddingbag-offsets-mean-padding",
-     lambda: Bags(nn.EmbeddingBag(7, 3, mode="mean", padding_idx=0)), lambda: BAG_INPUT, sq_loss,
-     0),
-    ("embeddingbag-offsets-max-padding-last-offset",
-     lambda: Bags(nn.EmbeddingBag(7, 3, mode="max", padding_idx=0, include_last_offset=True)),
-     lambda: BAG_INPUT, sq_loss, 0),
+    (
+        "transposed-conv-output-size",
+        lambda: TransposedToSize(),
+        lambda: torch.randn(B, 2, 3, 3),
+        sq_loss,
+        0,
+    ),
+    (
+        "embeddingbag-mean-2d",
+        lambda: nn.EmbeddingBag(7, 3, mode="mean"),
+        lambda: torch.tensor(
+            [[1, 1, 4, 0], [2, 2, 2, 2], [6, 5, 6, 3], [0, 1, 2, 3], [4, 4, 1, 4]]
+        ),
+        sq_loss,
+        0,
+    ),
+    (
+        "embeddingbag-sum-padding-2d",
+        lambda: nn.EmbeddingBag(7, 3, mode="sum", padding_idx=2),
+        lambda: torch.tensor(
+            [[1, 1, 4, 2], [2, 2, 2, 2], [6, 5, 6, 3], [0, 1, 2, 3], [4, 4, 1, 4]]
+        ),
+        sq_loss,
+        0,
+    ),
+    (
+        "embeddingbag-max-2d",
+        lambda: nn.EmbeddingBag(7, 3, mode="max"),
+        lambda: torch.tensor(
+            [[1, 1, 4, 0], [2, 2, 2, 2], [6, 5, 6, 3], [0, 1, 2, 3], [4, 4, 1, 4]]
+        ),
+        sq_loss,
+        0,
+    ),
+    (
+        "embeddingbag-offsets-sum-weights",
+        lambda: Bags(nn.EmbeddingBag(7, 3, mode="sum"), True),
+        lambda: BAG_INPUT,
+        sq_loss,
+        0,
+    ),
+    (
+        "embeddingbag-offsets-mean-padding",
+        lambda: Bags(nn.EmbeddingBag(7, 3, mode="mean", padding_idx=0)),
+        lambda: BAG_INPUT,
+        sq_loss,
+        0,
+    ),
+    (
+        "embeddingbag-offsets-max-padding-last-offset",
+        lambda: Bags(nn.EmbeddingBag(7, 3, mode="max", padding_idx=0, include_last_offset=True)),
+        lambda: BAG_INPUT,
+        sq_loss,
+        0,
+    ),
     ("prelu-channels", lambda: nn.PReLU(3), lambda: torch.randn(B, 3, 5, 2), sq_loss, 0),
     ("prelu-shared-1d", lambda: nn.PReLU(), lambda: torch.randn(B), sq_loss, 0),
     ("bilinear-positions", lambda: BilinearSeq(), lambda: torch.randn(B, 3, 3), sq_loss, 0),
@@ -471,8 +539,9 @@ def test_rule_matches_per_example_loop(case, reduction):
     assert not hasattr(model.parameters().__next__(), "grad_second_moment")
 
 
-SHORT_CASES = [c for c in CASES
-               if c[0].startswith(("linear", "conv", "layernorm", "groupnorm", "rmsnorm"))]
+SHORT_CASES = [
+    c for c in CASES if c[0].startswith(("linear", "conv", "layernorm", "groupnorm", "rmsnorm"))
+]
 
 
 @pytest.mark.parametrize("defer", [True, False], ids=["at-end", "on-arrival"])
@@ -484,7 +553,7 @@ def test_short_paths_equal_the_general_rule_bitwise(case, defer, monkeypatch):
     rule, and the moments are bitwise those of the general rule (which the same model takes
     with ``per_example_norms=True``) and match the brute-force loop."""
     if not defer:
-        monkeypatch.setattr(tracker_module, "DEFER_BYTES", -1)
+        monkeypatch.setattr(_deferred, "DEFER_BYTES", -1)
     name, make_model, make_x, loss, _ = case
     torch.manual_seed(hash(name) % 1000)
     model = make_model().double()
@@ -494,9 +563,10 @@ def test_short_paths_equal_the_general_rule_bitwise(case, defer, monkeypatch):
     twin = make_model().double()
     twin.load_state_dict(model.state_dict())
     general = []
-    compute = tracker_module.Tracker._compute
-    monkeypatch.setattr(tracker_module.Tracker, "_compute",
-                        lambda self, *a: general.append(self) or compute(self, *a))
+    compute = _pass.Pass.compute
+    monkeypatch.setattr(
+        _pass.Pass, "compute", lambda self, *a: general.append(self.tracker) or compute(self, *a)
+    )
     short, slow = stats.track(model), stats.track(twin, per_example_norms=True)
     for m in (model, twin):
         (loss(m(x), y) / x.shape[0]).backward()
@@ -561,8 +631,9 @@ def test_conv_with_one_frozen_parameter(frozen, budget):
 
 
 @pytest.mark.parametrize("frozen", ["weight", "bias"])
-@pytest.mark.parametrize("make", [lambda: nn.LayerNorm(4), lambda: nn.GroupNorm(2, 4)],
-                         ids=["layernorm", "groupnorm"])
+@pytest.mark.parametrize(
+    "make", [lambda: nn.LayerNorm(4), lambda: nn.GroupNorm(2, 4)], ids=["layernorm", "groupnorm"]
+)
 def test_norm_with_one_frozen_parameter(make, frozen):
     torch.manual_seed(12)
     norm = make().double()
@@ -611,14 +682,30 @@ def _odd_unit_strides(x):
 
 
 LAYOUT_CASES = [
-    ("channels-last, groups, padding", lambda: nn.Conv2d(4, 2, 1, padding=1, groups=2),
-     lambda: torch.randn(3, 4, 5, 5), _channels_last),
-    ("channels-last, 3x3, stride 2", lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
-     lambda: torch.randn(3, 4, 7, 6), _channels_last),
-    ("length 1 from a transpose", lambda: nn.Conv1d(2, 2, 3, padding=2),
-     lambda: torch.randn(4, 1, 2).transpose(1, 2), lambda x: x),
-    ("1x1 spatial, odd strides", lambda: nn.Conv2d(3, 4, 3, padding=1, groups=1),
-     lambda: torch.randn(5, 3, 1, 1), _odd_unit_strides),
+    (
+        "channels-last, groups, padding",
+        lambda: nn.Conv2d(4, 2, 1, padding=1, groups=2),
+        lambda: torch.randn(3, 4, 5, 5),
+        _channels_last,
+    ),
+    (
+        "channels-last, 3x3, stride 2",
+        lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
+        lambda: torch.randn(3, 4, 7, 6),
+        _channels_last,
+    ),
+    (
+        "length 1 from a transpose",
+        lambda: nn.Conv1d(2, 2, 3, padding=2),
+        lambda: torch.randn(4, 1, 2).transpose(1, 2),
+        lambda x: x,
+    ),
+    (
+        "1x1 spatial, odd strides",
+        lambda: nn.Conv2d(3, 4, 3, padding=1, groups=1),
+        lambda: torch.randn(5, 3, 1, 1),
+        _odd_unit_strides,
+    ),
 ]
 
 

@@ -7,7 +7,8 @@ for RMSProp"). Exact rules for every layer of ``torch.nn`` with parameters (Line
 Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding, EmbeddingBag, LayerNorm, GroupNorm, RMSNorm,
 InstanceNorm, BatchNorm in eval mode, PReLU, RNN/LSTM/GRU and their cells, MultiheadAttention;
 its rarer options hand over to the fallback; Hugging Face's ``Conv1D``), rules you register
-for your own layer types (:func:`register_rule`) and a ``torch.func`` fallback for any other
+for your own layer types (:func:`register_rule` for a closed form, :func:`register` for a
+:class:`Rule` with a fast path: docs/extending.md) and a ``torch.func`` fallback for any other
 module; BatchNorm in training mode couples the examples and is refused
 (:func:`replace_batchnorm` swaps it for GroupNorm). :func:`clip_grad_norm_` clips the gradient
 and scales the statistics with it.
@@ -31,13 +32,46 @@ Example (batch-size-invariant RMSProp with the lecture's per-example second mome
 
 from __future__ import annotations
 
+# the layer files register their rules (sgdlab.stats.register) as they are imported
+from . import (  # noqa: F401
+    attention,
+    bilinear,
+    cell,
+    conv,
+    conv_transpose,
+    embedding,
+    embedding_bag,
+    fallback,
+    linear,
+    norm,
+    prelu,
+    recurrent,
+    transposed_linear,
+)
+from ._base import Call, Contribution
+from ._registry import FastPath, Rule, RuleHandle, register, rule_for
 from .clip import clip_grad_norm_
 from .convert import replace_batchnorm
-from .custom import RuleHandle, register_rule
+from .custom import register_rule
 from .noise import NoiseMeter, NoiseReading, noise_statistics
-from .tracker import Tracker, track
+from .tracker import ATTRIBUTE, PassSummary, Tracker, track
 
 __all__ = [
-    "NoiseMeter", "NoiseReading", "RuleHandle", "Tracker", "clip_grad_norm_",
-    "noise_statistics", "register_rule", "replace_batchnorm", "track",
+    "ATTRIBUTE",
+    "Call",
+    "Contribution",
+    "FastPath",
+    "NoiseMeter",
+    "NoiseReading",
+    "PassSummary",
+    "Rule",
+    "RuleHandle",
+    "Tracker",
+    "clip_grad_norm_",
+    "noise_statistics",
+    "register",
+    "register_rule",
+    "replace_batchnorm",
+    "rule_for",
+    "track",
 ]

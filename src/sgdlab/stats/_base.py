@@ -50,6 +50,7 @@ __all__ = [
     "scaled_ones",
     "square_sum",
     "unread",
+    "without_grad",
 ]
 
 
@@ -75,7 +76,6 @@ class Call:
     scale: float = 1.0
     out_spec: Any = None
     out_positions: tuple[int, ...] = ()
-    suspend: Callable[[], Any] | None = None
     # buffers the call's forward pass changed, as it left them (a parametrized module's
     # spectral-norm vectors), by name relative to the module; ``None``: none changed
     buffers: dict[str, Tensor] | None = None
@@ -157,8 +157,13 @@ def reduce_per_example(
 
 
 def outer_moments(
-    factors: list[tuple[Tensor, Tensor]], shape: torch.Size, scale: float, memory_budget: int,
-    norms: bool, batch_size: int, rows: list[tuple[Tensor, Tensor, Tensor]] = (),
+    factors: list[tuple[Tensor, Tensor]],
+    shape: torch.Size,
+    scale: float,
+    memory_budget: int,
+    norms: bool,
+    batch_size: int,
+    rows: list[tuple[Tensor, Tensor, Tensor]] = (),
 ) -> tuple[Tensor, Tensor | None]:
     """``scale * sum_b G_b^2`` (and ``||G_b||^2`` with ``norms``) for per-example gradients
     ``G_b = sum_t dz_bt u_bt^T + (rows of b)`` over all uses' factors ``(dz, u)`` and sparse
@@ -177,13 +182,14 @@ def outer_moments(
     flat: Tensor | None = None
     parts = []
     for i in range(0, B, n):
-        g = torch.bmm(dz[i:i + n].transpose(1, 2), u[i:i + n])
+        g = torch.bmm(dz[i : i + n].transpose(1, 2), u[i : i + n])
         if rows:
             m = g.shape[0]
             local = key - i * R
             inside = (local >= 0) & (local < m * R)
-            g.view(m * R, C).index_add_(0, local.clamp(0, m * R - 1),
-                                        vec * inside.unsqueeze(1).to(vec.dtype))
+            g.view(m * R, C).index_add_(
+                0, local.clamp(0, m * R - 1), vec * inside.unsqueeze(1).to(vec.dtype)
+            )
         g = g.view(-1, R * C)
         g.mul_(g)
         ones = scaled_ones(g.shape[0], scale, g)
@@ -194,8 +200,13 @@ def outer_moments(
     return flat.view(shape), torch.cat(parts) if norms else None
 
 
-def _row_moments(rows: list[tuple[Tensor, Tensor, Tensor]], shape: torch.Size, scale: float,
-                 norms: bool, batch_size: int) -> tuple[Tensor, Tensor | None]:
+def _row_moments(
+    rows: list[tuple[Tensor, Tensor, Tensor]],
+    shape: torch.Size,
+    scale: float,
+    norms: bool,
+    batch_size: int,
+) -> tuple[Tensor, Tensor | None]:
     """:func:`outer_moments` without factors: the rows of all uses, summed per (example, row)
     and squared (:func:`row_sums`, :func:`row_moments`)."""
     R = shape[0]
@@ -219,8 +230,9 @@ def row_sums(key: Tensor, vec: Tensor) -> tuple[Tensor, Tensor]:
     return torch.zeros_like(key).scatter_(0, seg, key), agg
 
 
-def row_moments(seg_key: Tensor, agg: Tensor, R: int, scale: float, norms: bool,
-                batch_size: int) -> tuple[Tensor, Tensor | None]:
+def row_moments(
+    seg_key: Tensor, agg: Tensor, R: int, scale: float, norms: bool, batch_size: int
+) -> tuple[Tensor, Tensor | None]:
     """``scale * sum_b G_b^2`` (``[R, cols]``) and, with ``norms``, ``||G_b||^2`` for
     per-example gradients given by their rows (:func:`row_sums`; ``agg`` is squared in
     place)."""
@@ -229,7 +241,8 @@ def row_moments(seg_key: Tensor, agg: Tensor, R: int, scale: float, norms: bool,
     nb = None
     if norms:
         nb = agg.new_zeros(batch_size).index_add_(
-            0, torch.div(seg_key, R, rounding_mode="floor"), sq.sum(1))
+            0, torch.div(seg_key, R, rounding_mode="floor"), sq.sum(1)
+        )
     return moment, nb
 
 
@@ -250,8 +263,7 @@ def small_per_example(name: str, call: Call, v: Tensor) -> Contribution:
         sq = sq.reshape(v.shape[0], -1)
     norms = sq.sum(1) if call.norms else None
     moment = torch.mv(sq.T, scaled_ones(sq.shape[0], call.scale, sq))
-    return Contribution(moment=moment if v.dim() == 2 else moment.view(v.shape[1:]),
-                        sq_norms=norms)
+    return Contribution(moment=moment if v.dim() == 2 else moment.view(v.shape[1:]), sq_norms=norms)
 
 
 _CACHE: dict[tuple, Tensor] = {}
@@ -304,9 +316,10 @@ class ChunkSums:
         """One contribution per parameter added, of shape ``shapes[name]``."""
         out = {nm: Contribution(per_example=torch.cat(vs)) for nm, vs in self.kept.items()}
         for nm, m in self.moments.items():
-            out[nm] = Contribution(moment=m.view(shapes[nm]),
-                                   sq_norms=torch.cat(self.norms[nm]) if self.call.norms
-                                   else None)
+            out[nm] = Contribution(
+                moment=m.view(shapes[nm]),
+                sq_norms=torch.cat(self.norms[nm]) if self.call.norms else None,
+            )
         return out
 
 
@@ -343,3 +356,13 @@ def require_batched(module: nn.Module, x: Tensor, min_dim: int, what: str) -> No
             f"{type(module).__name__} got an input of shape {tuple(x.shape)}; per-example "
             f"statistics need a batch dimension first ({what})"
         )
+
+
+def without_grad(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` outside autograd: rules run inside backward passes, which record a graph
+    only under ``create_graph=True`` (checked first, so that the usual pass enters no
+    context)."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return fn(*args)
+    return fn(*args)

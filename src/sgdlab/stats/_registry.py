@@ -1,10 +1,15 @@
-"""Which rule computes the per-example statistics of which module.
+"""Which rule computes the per-example statistics of which module: :class:`Rule`,
+:func:`register`, :func:`rule_for`.
 
-A module gets a dedicated rule when it is an instance of a supported layer type *and* keeps that
-type's ``forward`` (a subclass that overrides ``forward`` may compute something else, so it takes
-the fallback) *and* is not parametrized (``torch.nn.utils.parametrize``: its tensors are computed
-from other parameters, whose per-example gradients the fallback differentiates through the
-parametrization). Every other module that owns parameters takes the ``torch.func`` fallback.
+Each layer file declares its :class:`Rule` and registers it for its module types through
+:func:`register`, the one registration point (users' closed forms go through it too, via
+:func:`sgdlab.stats.register_rule`); the tracker reads only the rule. A module gets the rule
+registered for the nearest class of its type's MRO *that it keeps the ``forward`` of* (a
+subclass that overrides ``forward`` may compute something else, so it takes the fallback),
+unless it is parametrized (``torch.nn.utils.parametrize``: its tensors are computed from other
+parameters, whose per-example gradients the fallback differentiates through the
+parametrization). Every other module that owns parameters takes the rule registered for
+``nn.Module``: the ``torch.func`` fallback.
 """
 
 from __future__ import annotations
@@ -14,29 +19,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
 from ._base import Call, Contribution
-from .attention import attention_rule, check_attention
-from .bilinear import bilinear_rule
-from .cell import cell_rule, check_cell
-from .conv import conv_rule
-from .conv_transpose import conv_transpose_rule
-from .embedding import check_embedding, embedding_rule
-from .embedding_bag import check_embedding_bag, embedding_bag_batch_size, embedding_bag_rule
-from .fallback import check_fallback, fallback_batch_size, fallback_params, fallback_rule
-from .linear import linear_rule
-from .norm import check_batchnorm, check_instancenorm, norm_rule
-from .prelu import prelu_rule
-from .recurrent import check_rnn, rnn_batch_size, rnn_rule
-from .transposed_linear import is_hf_conv1d, transposed_linear_rule
 
-__all__ = ["Rule", "rule_for"]
+__all__ = ["FastPath", "Rule", "RuleHandle", "register", "rule_for"]
 
 
-def _first_dim(module: nn.Module, args: tuple, kwargs: dict) -> int:
+def first_dim(module: nn.Module, args: tuple, kwargs: dict) -> int:
+    """The batch size of a call whose input puts the batch first (the common layout)."""
     x = args[0] if args else next(iter(kwargs.values()))
     if not isinstance(x, Tensor) or x.dim() == 0:
         raise ValueError(
@@ -46,74 +37,103 @@ def _first_dim(module: nn.Module, args: tuple, kwargs: dict) -> int:
     return int(x.shape[0])
 
 
-def _direct(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+def no_check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """No call is refused."""
+    return None
+
+
+def own_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The module's own trainable parameters (not its submodules')."""
     return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
 
 
-def _no_check(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    return None
+@dataclass(frozen=True)
+class FastPath:
+    """A short path for calls on one tensor: the rule's kernels without the general path's
+    bookkeeping, computed as the output gradient ``d`` arrives or, for small calls, at the end
+    of the pass.
+
+    ``moments(module, x, d, scale, memory_budget, has_weight, has_bias)`` returns
+    ``scale * sum_b v_b^2`` for the tracked ones of ``weight`` and ``bias`` (in this order),
+    or ``None`` to hand the call to the rule (too large for one chunk). It takes calls on an
+    input of ``ndim(module)`` dimensions; ``more``, if given, those on more dimensions
+    (``[B, T..., in]``). With ``lane``, the ``ndim`` calls of the pass wait for its end and
+    are computed together by ``lane(calls, scale)`` (``calls``: ``(has_weight, has_bias,
+    dtype, x, d)`` each; one list of moments per call), fewer kernels where a step is bound
+    by launches. ``flat_grad``: ``more`` takes the output gradient of a call whose output
+    reshapes a product as that product's (``[B * T, out]``). ``when(module, tracker)``: whether
+    a tracker takes the path (its options: ``conv_strategy``)."""
+
+    moments: Callable[..., Any] | None = None
+    ndim: Callable[[nn.Module], int] = lambda module: 2
+    more: Callable[..., Any] | None = None
+    lane: Callable[..., Any] | None = None
+    flat_grad: bool = False
+    when: Callable[[nn.Module, Any], bool] = lambda module, tracker: True
 
 
 @dataclass(frozen=True)
 class Rule:
-    """A layer rule: how to read the batch size, what to refuse, how to compute."""
+    """A layer rule: what it computes, how to read the batch size, what to refuse.
 
-    name: str
+    ``compute(call)`` returns the :class:`~sgdlab.stats._base.Contribution` of each parameter
+    (the general path). ``batch_size`` and ``check`` read and check a call's inputs (their
+    defaults: one batched input, batch first, nothing refused: the layout a :class:`FastPath`
+    needs). ``params`` names the parameters the rule is responsible for; with
+    ``owns_submodules`` those of its submodules too, which are then not tracked on their own
+    (``nn.MultiheadAttention``'s ``out_proj``). ``dropout(module)``: the rule reruns the
+    dropout masks the call drew (the tracker records the generator states around it).
+    ``is_fallback``: the rule reruns the whole module per example (its buffers must not change
+    in the call, its outputs are kept for a check of the rerun). ``applies(module)``: a
+    further condition on the module (a class known by name only). ``fast``: a short path."""
+
     compute: Callable[[Call], dict[str, Contribution]]
-    batch_size: Callable[[nn.Module, tuple, dict], int] = _first_dim
-    check: Callable[[nn.Module, tuple, dict], None] = _no_check
-    params: Callable[[nn.Module], list[tuple[str, nn.Parameter]]] = _direct
+    batch_size: Callable[[nn.Module, tuple, dict], int] = first_dim
+    check: Callable[[nn.Module, tuple, dict], None] = no_check
+    params: Callable[[nn.Module], list[tuple[str, nn.Parameter]]] = own_params
+    owns_submodules: bool = False
+    dropout: Callable[[nn.Module], bool] | None = None
     is_fallback: bool = False
+    applies: Callable[[nn.Module], bool] | None = None
+    fast: FastPath | None = None
+
+    @property
+    def plain(self) -> bool:
+        """Calls on one tensor need no check, their batch size is its first dimension."""
+        return self.check is no_check and self.batch_size is first_dim
 
 
-_TABLE: list[tuple[type, Rule]] = [
-    (nn.Linear, Rule("linear", linear_rule)),
-    (nn.Conv1d, Rule("conv", conv_rule)),
-    (nn.Conv2d, Rule("conv", conv_rule)),
-    (nn.Conv3d, Rule("conv", conv_rule)),
-    (nn.ConvTranspose1d, Rule("conv_transpose", conv_transpose_rule)),
-    (nn.ConvTranspose2d, Rule("conv_transpose", conv_transpose_rule)),
-    (nn.ConvTranspose3d, Rule("conv_transpose", conv_transpose_rule)),
-    (nn.Embedding, Rule("embedding", embedding_rule, check=check_embedding)),
-    (
-        nn.EmbeddingBag,
-        Rule("embedding_bag", embedding_bag_rule, batch_size=embedding_bag_batch_size,
-             check=check_embedding_bag),
-    ),
-    (nn.LayerNorm, Rule("norm", norm_rule)),
-    (nn.GroupNorm, Rule("norm", norm_rule)),
-    (nn.RMSNorm, Rule("norm", norm_rule)),
-    (_InstanceNorm, Rule("norm", norm_rule, check=check_instancenorm)),
-    (_BatchNorm, Rule("norm", norm_rule, check=check_batchnorm)),
-    (nn.SyncBatchNorm, Rule("norm", norm_rule, check=check_batchnorm)),  # its own forward
-    (
-        nn.MultiheadAttention,
-        Rule(
-            "attention",
-            attention_rule,
-            batch_size=fallback_batch_size,
-            check=check_attention,
-            params=fallback_params,
-        ),
-    ),
-    (nn.RNN, Rule("recurrent", rnn_rule, batch_size=rnn_batch_size, check=check_rnn)),
-    (nn.LSTM, Rule("recurrent", rnn_rule, batch_size=rnn_batch_size, check=check_rnn)),
-    (nn.GRU, Rule("recurrent", rnn_rule, batch_size=rnn_batch_size, check=check_rnn)),
-    (nn.Bilinear, Rule("bilinear", bilinear_rule)),
-    (nn.PReLU, Rule("prelu", prelu_rule)),
-    (nn.RNNCell, Rule("cell", cell_rule, check=check_cell)),
-    (nn.LSTMCell, Rule("cell", cell_rule, check=check_cell)),
-    (nn.GRUCell, Rule("cell", cell_rule, check=check_cell)),
-]
+# every rule registered for a key, oldest first; the newest still registered is used. A key is
+# a type, or ``"package.Class"`` for a class of a package sgdlab never imports
+_STACKS: dict[type | str, list[Rule]] = {}
 
-FALLBACK = Rule(
-    "fallback",
-    fallback_rule,
-    batch_size=fallback_batch_size,
-    check=check_fallback,
-    params=fallback_params,
-    is_fallback=True,
-)
+
+class RuleHandle:
+    """Returned by :func:`register`; :meth:`remove` unregisters the rule, in any order: the
+    newest rule still registered for the type is used (none: the fallback)."""
+
+    def __init__(self, module_type: type | str, rule: Rule) -> None:
+        self.module_type = module_type
+        self.rule = rule
+
+    def remove(self) -> None:
+        stack = _STACKS.get(self.module_type, [])
+        stack[:] = [r for r in stack if r is not self.rule]
+        if not stack:
+            _STACKS.pop(self.module_type, None)
+
+
+def register(module_type: type | str, rule: Rule) -> RuleHandle:
+    """Compute the statistics of ``module_type``'s modules (and of its subclasses that keep
+    its ``forward``) with ``rule``; a rule for ``nn.Module`` is the fallback. ``module_type``
+    may be ``"package.Class"``: class ``Class`` of any module of ``package``, not imported."""
+    named = isinstance(module_type, str) and module_type.count(".") == 1
+    if not (named or isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be a subclass of torch.nn.Module, got {module_type!r}")
+    if not isinstance(rule, Rule):
+        raise TypeError(f"rule must be a sgdlab.stats.Rule, got {type(rule).__name__}")
+    _STACKS.setdefault(module_type, []).append(rule)
+    return RuleHandle(module_type, rule)
 
 
 def _base_forward(cls: type) -> Any:
@@ -123,23 +143,27 @@ def _base_forward(cls: type) -> Any:
     return None
 
 
-# rules registered by users (:func:`sgdlab.stats.register_rule`), by module type
-_CUSTOM: dict[type, Rule] = {}
-
-TRANSPOSED_LINEAR = Rule("transposed_linear", transposed_linear_rule)
+def _registered(cls: type) -> Rule | None:
+    stack = _STACKS.get(cls)
+    if stack is None:
+        package = cls.__module__.partition(".")[0]
+        stack = _STACKS.get(f"{package}.{cls.__name__}")
+    return stack[-1] if stack else None
 
 
 def rule_for(module: nn.Module) -> Rule:
-    """The rule registered for ``module``'s type, else its dedicated rule, else the fallback."""
+    """The rule registered for the nearest class of ``module``'s type whose ``forward`` it
+    keeps, else the fallback (the rule registered for ``nn.Module``)."""
+    fallback = _STACKS[nn.Module][-1]
     if parametrize.is_parametrized(module):
-        return FALLBACK
-    for cls in type(module).__mro__:
-        rule = _CUSTOM.get(cls)
-        if rule is not None and _base_forward(type(module)) is _base_forward(cls):
+        return fallback
+    forward = _base_forward(type(module))
+    for cls in type(module).__mro__[:-2]:  # not nn.Module, object
+        rule = _registered(cls)
+        if (
+            rule is not None
+            and forward is _base_forward(cls)
+            and (rule.applies is None or rule.applies(module))
+        ):
             return rule
-    if is_hf_conv1d(module) and _base_forward(type(module)).__qualname__ == "Conv1D.forward":
-        return TRANSPOSED_LINEAR
-    for cls, rule in _TABLE:
-        if isinstance(module, cls) and _base_forward(type(module)) is _base_forward(cls):
-            return rule
-    return FALLBACK
+    return fallback

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from . import _rng
 from ._base import Call, Contribution, in_dtype, reduce_per_example, small_per_example
-from .fallback import check_fallback, fallback_rule
+from ._registry import Rule, register
+from .fallback import check_fallback, fallback_batch_size, fallback_params, fallback_rule
 
 __all__ = ["attention_rule", "check_attention"]
 
@@ -76,8 +77,9 @@ def check_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
         check_fallback(module, args, kwargs)
 
 
-def _replayed(m: nn.MultiheadAttention, a: dict[str, Any], rng: Any, qp: Tensor, kp: Tensor,
-              vp: Tensor) -> tuple[Tensor, Tensor | None]:
+def _replayed(
+    m: nn.MultiheadAttention, a: dict[str, Any], rng: Any, qp: Tensor, kp: Tensor, vp: Tensor
+) -> tuple[Tensor, Tensor | None]:
     """The attention output before ``out_proj`` (``[B, L, E]``) and the returned weights, by
     torch's own function on the projected ``qp, kp, vp`` (``[B, L|S, E]``) from the call's
     generator states ``rng`` (``None``: no dropout), so with the forward pass's masks."""
@@ -92,13 +94,27 @@ def _replayed(m: nn.MultiheadAttention, a: dict[str, Any], rng: Any, qp: Tensor,
         )
     with _rng.replay(rng, "MultiheadAttention") if dropout > 0 else contextlib.nullcontext():
         z, w = F.multi_head_attention_forward(
-            qp.transpose(0, 1), kp.transpose(0, 1), vp.transpose(0, 1), E, m.num_heads,
-            None, None, None, None, False, dropout, eye, None, training=dropout > 0,
+            qp.transpose(0, 1),
+            kp.transpose(0, 1),
+            vp.transpose(0, 1),
+            E,
+            m.num_heads,
+            None,
+            None,
+            None,
+            None,
+            False,
+            dropout,
+            eye,
+            None,
+            training=dropout > 0,
             key_padding_mask=a.get("key_padding_mask"),
             need_weights=a.get("need_weights", True),
             attn_mask=a.get("attn_mask"),
             use_separate_proj_weight=True,
-            q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
+            q_proj_weight=eye,
+            k_proj_weight=eye,
+            v_proj_weight=eye,
             average_attn_weights=a.get("average_attn_weights", True),
             is_causal=a.get("is_causal", False),
         )
@@ -110,14 +126,25 @@ def _same_tensor(*ts: Any) -> bool:
     (so the same values, also for detached copies of one argument)."""
     t0 = ts[0]
     return all(
-        isinstance(t, Tensor) and t.device == t0.device and t.data_ptr() == t0.data_ptr()
-        and t.shape == t0.shape and t.stride() == t0.stride() and t.dtype == t0.dtype
+        isinstance(t, Tensor)
+        and t.device == t0.device
+        and t.data_ptr() == t0.data_ptr()
+        and t.shape == t0.shape
+        and t.stride() == t0.stride()
+        and t.dtype == t0.dtype
         for t in ts
     )
 
 
-def _attend(qp: Tensor, kp: Tensor, vp: Tensor, H: int, mask: Tensor | None,
-            kpm: Tensor | None, average: bool) -> tuple[Tensor, Tensor]:
+def _attend(
+    qp: Tensor,
+    kp: Tensor,
+    vp: Tensor,
+    H: int,
+    mask: Tensor | None,
+    kpm: Tensor | None,
+    average: bool,
+) -> tuple[Tensor, Tensor]:
     """Attention without dropout in plain operations: the output before ``out_proj``
     ``[B, L, E]`` and the weights (averaged over heads if ``average``)."""
     B, L, E = qp.shape
@@ -182,8 +209,9 @@ def attention_rule(call: Call) -> dict[str, Contribution]:
             if m._qkv_same_embed_dim:
                 wq, wk, wv = m.in_proj_weight.detach().chunk(3)
             else:
-                wq, wk, wv = (w.detach() for w in
-                              (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight))
+                wq, wk, wv = (
+                    w.detach() for w in (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight)
+                )
             bq, bk, bv = (None, None, None) if b_in is None else b_in.chunk(3)
             qp = F.linear(xq, wq, bq).requires_grad_()
             kp = F.linear(xk, wk, bk).requires_grad_()
@@ -192,8 +220,15 @@ def attention_rule(call: Call) -> dict[str, Contribution]:
         if replay:
             z, weights = _replayed(m, a, call.rng, qp, kp, vp)
         else:
-            z, weights = _attend(qp, kp, vp, H, _additive(raw_mask, dtype),
-                                 _additive(a.get("key_padding_mask"), dtype), average)
+            z, weights = _attend(
+                qp,
+                kp,
+                vp,
+                H,
+                _additive(raw_mask, dtype),
+                _additive(a.get("key_padding_mask"), dtype),
+                average,
+            )
         targets, cotangents = [z], [do]
         if g_w is not None and need_weights:
             targets.append(weights)
@@ -248,3 +283,16 @@ def attention_rule(call: Call) -> dict[str, Contribution]:
     if "out_proj.bias" in names:
         out["out_proj.bias"] = small_per_example("out_proj.bias", call, dy.sum(1))
     return out
+
+
+register(
+    nn.MultiheadAttention,
+    Rule(
+        attention_rule,
+        batch_size=fallback_batch_size,
+        check=check_attention,
+        params=fallback_params,
+        owns_submodules=True,
+        dropout=lambda module: module.dropout > 0,
+    ),
+)

@@ -25,6 +25,7 @@ from ._base import (
     require_batched,
     small_per_example,
 )
+from ._registry import Rule, register
 
 __all__ = ["bilinear_rule"]
 
@@ -50,20 +51,23 @@ def bilinear_rule(call: Call) -> dict[str, Contribution]:
     if "weight" in names:
         if a.shape[1] == 1 and "weight" not in call.materialize:
             d2 = dd[:, 0] * dd[:, 0]
-            k = (a[:, 0, :, None] * a[:, 0, :, None] * (c[:, 0, None, :] * c[:, 0, None, :]))
+            k = a[:, 0, :, None] * a[:, 0, :, None] * (c[:, 0, None, :] * c[:, 0, None, :])
             k = k.reshape(B, in1 * in2)
             moment = torch.mm(d2.T, k).mul_(call.scale).view(out_f, in1, in2)
             norms = d2.sum(1) * k.sum(1) if call.norms else None
             out["weight"] = Contribution(moment, None, norms)
         else:
+
             def make(s: slice) -> torch.Tensor:
                 # G_b[o, (i, j)] = sum_t d_bto (x1_bti x2_btj)
                 ac = (a[s, :, :, None] * c[s, :, None, :]).reshape(-1, a.shape[1], in1 * in2)
                 return torch.bmm(dd[s].transpose(1, 2), ac).view(ac.shape[0], -1)
 
             extra = a.shape[1] * in1 * in2 * a.element_size()
-            out["weight"] = reduce_per_example("weight", call, module.weight.shape, d, make,
-                                               extra)
+            out["weight"] = reduce_per_example("weight", call, module.weight.shape, d, make, extra)
     if "bias" in names:
         out["bias"] = small_per_example("bias", call, dd.sum(1))
     return out
+
+
+register(nn.Bilinear, Rule(bilinear_rule))

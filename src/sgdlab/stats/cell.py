@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._base import Call, Contribution
+from ._registry import Rule, register
 from .linear import affine_moments
 from .recurrent import _cell
 
@@ -76,19 +77,25 @@ def cell_rule(call: Call) -> dict[str, Contribution]:
         gh.requires_grad_()
         h_new, c_new = _cell(mode, gi, gh, h, c)
         outputs = [h_new, c_new] if mode == "LSTM" else [h_new]
-        pairs = [(o, g.to(dtype)) for o, g in zip(outputs, call.grads, strict=True)
-                 if g is not None]
+        pairs = [
+            (o, g.to(dtype)) for o, g in zip(outputs, call.grads, strict=True) if g is not None
+        ]
         if not pairs:
             return {}
-        dgi, dgh = torch.autograd.grad([o for o, _ in pairs], [gi, gh], [g for _, g in pairs],
-                                       allow_unused=True)
+        dgi, dgh = torch.autograd.grad(
+            [o for o, _ in pairs], [gi, gh], [g for _, g in pairs], allow_unused=True
+        )
     dgi = torch.zeros_like(gi) if dgi is None else dgi
     dgh = torch.zeros_like(gh) if dgh is None else dgh
     out: dict[str, Contribution] = {}
     names = call.param_names
     for kind, dz, u in (("ih", dgi, x), ("hh", dgh, h)):
         w, b = f"weight_{kind}", f"bias_{kind}"
-        out.update(affine_moments(call, dz, u, w if w in names else None,
-                                  b if b in names else None))
+        out.update(
+            affine_moments(call, dz, u, w if w in names else None, b if b in names else None)
+        )
     return out
 
+
+for _cls in (nn.RNNCell, nn.LSTMCell, nn.GRUCell):
+    register(_cls, Rule(cell_rule, check=check_cell))

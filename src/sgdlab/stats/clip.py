@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_positive
-from .tracker import ATTRIBUTE
+from ._attribute import ATTRIBUTE
 
 __all__ = ["clip_grad_norm_"]
 

@@ -39,6 +39,7 @@ from ._base import (
     small_per_example,
     square_sum,
 )
+from ._registry import FastPath, Rule, register
 
 __all__ = ["conv_call", "conv_moments", "conv_rule"]
 
@@ -187,13 +188,13 @@ def _im2col_bytes(x: Tensor, d: Tensor, kernel: tuple[int, ...]) -> int:
     return (x.shape[1] * math.prod(kernel) + d.shape[1]) * P * x.element_size()
 
 
-def _example_grads(module: nn.Module, xp: Tensor, dg: Tensor, out_sizes: tuple[int, ...]
-                   ) -> Tensor:
+def _example_grads(module: nn.Module, xp: Tensor, dg: Tensor, out_sizes: tuple[int, ...]) -> Tensor:
     """``G_b`` for the examples of ``xp`` (zero-padded, contiguous or a batch slice), given
     their output gradients ``dg`` ``[n * groups, C_out / groups, P]`` over the output positions
     ``out_sizes``: ``[n, weight.numel()]`` (fresh, so it may be squared in place)."""
-    xs = _im2col(xp, list(module.kernel_size), list(module.stride), list(module.dilation),
-                 out_sizes)
+    xs = _im2col(
+        xp, list(module.kernel_size), list(module.stride), list(module.dilation), out_sizes
+    )
     n = xs.shape[0]
     groups = module.groups
     if groups > 1:
@@ -219,8 +220,13 @@ def _unfold_weight(
 
 
 def conv_moments(
-    module: nn.Module, x: Tensor, d: Tensor, scale: float, memory_budget: int,
-    weight: bool, bias: bool,
+    module: nn.Module,
+    x: Tensor,
+    d: Tensor,
+    scale: float,
+    memory_budget: int,
+    weight: bool,
+    bias: bool,
 ) -> tuple[Tensor, ...] | None:
     """The moments of one convolution call in the common case, with little host work:
     ``scale * sum_b G_b^2`` for the weight (im2col, one batched matmul, an in-place square and
@@ -242,9 +248,20 @@ def conv_moments(
             return None  # chunks: the general rule
         xp = _zero_pad(*_padded_input(module, x, nd))
         groups = module.groups
-        g = _example_grads(module, xp, d.reshape(B * groups, d.shape[1] // groups, -1),
-                           tuple(d.shape[2:]))
+        g = _example_grads(
+            module, xp, d.reshape(B * groups, d.shape[1] // groups, -1), tuple(d.shape[2:])
+        )
         out.append(square_sum(g, scale).view(w.shape))
     if bias:
         out.append(square_sum(d.sum(tuple(range(2, d.dim()))), scale))
     return tuple(out)
+
+
+# calls on [B, C, *spatial] take conv_moments (the unfold strategy: not with "grouped")
+_FAST = FastPath(
+    conv_moments,
+    ndim=lambda module: len(module.kernel_size) + 2,
+    when=lambda module, tracker: tracker.conv_strategy != "grouped",
+)
+for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register(_cls, Rule(conv_rule, fast=_FAST))

@@ -27,9 +27,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._base import Call, Contribution, reduce_per_example
+from ._registry import Rule, register
 from .conv import _bias, _im2col, _zero_pad, conv_call
 
 __all__ = ["conv_transpose_rule"]
@@ -70,3 +71,7 @@ def _weight(call: Call, module: torch.nn.Module, x: Tensor, d: Tensor, nd: int) 
         return torch.bmm(xs, patches.transpose(1, 2)).view(n, -1)
 
     return reduce_per_example("weight", call, module.weight.shape, d, make, extra)
+
+
+for _cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register(_cls, Rule(conv_transpose_rule))

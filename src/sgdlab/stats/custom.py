@@ -45,52 +45,22 @@ from typing import Any
 from torch import Tensor, nn
 
 from ._base import Call, ChunkSums, Contribution, chunk_size
-from ._registry import _CUSTOM, Rule
+from ._registry import Rule, RuleHandle, register
 
 __all__ = ["RuleHandle", "register_rule"]
 
-PerExample = Callable[[nn.Module, tuple[Any, ...], tuple[Tensor | None, ...]],
-                      Mapping[str, Tensor]]
-
-
-# every rule registered for a type, oldest first; the newest still registered is the one used
-_STACKS: dict[type, list[Rule]] = {}
-
-
-class RuleHandle:
-    """Returned by :func:`register_rule`; :meth:`remove` unregisters the rule, in any order:
-    the newest rule still registered for the type is used (none: the built-in rule or the
-    fallback)."""
-
-    def __init__(self, module_type: type, rule: Rule) -> None:
-        self.module_type = module_type
-        self._rule = rule
-
-    def remove(self) -> None:
-        stack = _STACKS.get(self.module_type, [])
-        if any(r is self._rule for r in stack):
-            stack[:] = [r for r in stack if r is not self._rule]
-        if stack:
-            _CUSTOM[self.module_type] = stack[-1]
-        else:
-            _STACKS.pop(self.module_type, None)
-            _CUSTOM.pop(self.module_type, None)
+PerExample = Callable[[nn.Module, tuple[Any, ...], tuple[Tensor | None, ...]], Mapping[str, Tensor]]
 
 
 def register_rule(module_type: type, per_example: PerExample) -> RuleHandle:
     """Compute the statistics of ``module_type``'s parameters with ``per_example(module,
-    inputs, grad_outputs) -> {name: [n, *param.shape]}`` (see the module docstring)."""
+    inputs, grad_outputs) -> {name: [n, *param.shape]}`` (see the module docstring); a
+    :class:`~sgdlab.stats.Rule` with this closed form, through :func:`sgdlab.stats.register`."""
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(
-            f"module_type must be a subclass of torch.nn.Module, got {module_type!r}"
-        )
+        raise TypeError(f"module_type must be a subclass of torch.nn.Module, got {module_type!r}")
     if not callable(per_example):
         raise TypeError(f"per_example must be callable, got {type(per_example).__name__}")
-    name = getattr(per_example, "__qualname__", type(per_example).__name__)
-    rule = Rule(f"custom:{name}", functools.partial(_compute, per_example))
-    _STACKS.setdefault(module_type, []).append(rule)
-    _CUSTOM[module_type] = rule
-    return RuleHandle(module_type, rule)
+    return register(module_type, Rule(functools.partial(_compute, per_example)))
 
 
 def _compute(per_example: PerExample, call: Call) -> dict[str, Contribution]:
@@ -112,8 +82,11 @@ def _compute(per_example: PerExample, call: Call) -> dict[str, Contribution]:
     sums = ChunkSums(call)
     for i in range(0, B, n):
         s = slice(i, min(B, i + n))
-        got = per_example(m, tuple(cut(a, s) for a in call.args),
-                          tuple(None if g is None else cut(g, s) for g in call.grads))
+        got = per_example(
+            m,
+            tuple(cut(a, s) for a in call.args),
+            tuple(None if g is None else cut(g, s) for g in call.grads),
+        )
         if isinstance(got, Mapping):
             unknown = sorted(str(k) for k in got if k not in params)
             if unknown:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ._base import Call, Contribution, in_dtype, require_batched, row_moments, row_sums
+from ._registry import Rule, register
 
 __all__ = ["embedding_rule", "check_embedding", "segment_moments"]
 
@@ -47,13 +48,21 @@ def embedding_rule(call: Call) -> dict[str, Contribution]:
     rows = d.reshape(-1, dim)  # one per (example, position)
     if module.padding_idx is not None:  # rows of padding_idx get no gradient
         rows = rows * (idx != module.padding_idx).reshape(-1, 1).to(rows.dtype)
-    return {"weight": segment_moments(call, torch.arange(B, device=idx.device)[:, None]
-                                      .expand(B, idx.shape[1]).reshape(-1),
-                                      idx.reshape(-1), rows, B, V)}
+    return {
+        "weight": segment_moments(
+            call,
+            torch.arange(B, device=idx.device)[:, None].expand(B, idx.shape[1]).reshape(-1),
+            idx.reshape(-1),
+            rows,
+            B,
+            V,
+        )
+    }
 
 
-def segment_moments(call: Call, example: Tensor, idx: Tensor, rows: Tensor, B: int,
-                    V: int) -> Contribution:
+def segment_moments(
+    call: Call, example: Tensor, idx: Tensor, rows: Tensor, B: int, V: int
+) -> Contribution:
     """The statistics of a lookup table's ``[V, dim]`` weight whose per-example gradient has row
     v equal to ``sum_{j: example_j = b, idx_j = v} rows_j``: lookups ``j`` of example
     ``example[j]`` at row ``idx[j]`` with gradient ``rows[j]``.
@@ -62,7 +71,9 @@ def segment_moments(call: Call, example: Tensor, idx: Tensor, rows: Tensor, B: i
     shapes, so no host synchronisation on a GPU) and squared."""
     seg_key, agg = row_sums(example * V + idx, rows)
     if "weight" in call.materialize:  # shared (a tied output head): the rows of each example
-        return Contribution(rows=(torch.div(seg_key, V, rounding_mode="floor"), seg_key % V,
-                                  agg))
+        return Contribution(rows=(torch.div(seg_key, V, rounding_mode="floor"), seg_key % V, agg))
     moment, norms = row_moments(seg_key, agg, V, call.scale, call.norms, B)
     return Contribution(moment=moment, sq_norms=norms)
+
+
+register(nn.Embedding, Rule(embedding_rule, check=check_embedding))

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ._base import Call, Contribution, in_dtype
+from ._registry import Rule, register
 from .embedding import segment_moments
 
 __all__ = ["embedding_bag_rule", "check_embedding_bag", "embedding_bag_batch_size"]
@@ -70,8 +71,12 @@ def embedding_bag_rule(call: Call) -> dict[str, Contribution]:
         bag = torch.arange(B, device=dev)[:, None].expand(x.shape).reshape(-1)
         idx = x.reshape(-1)
     else:
-        bag = torch.searchsorted(offsets[:B].contiguous(),
-                                 torch.arange(x.shape[0], device=dev), right=True) - 1
+        bag = (
+            torch.searchsorted(
+                offsets[:B].contiguous(), torch.arange(x.shape[0], device=dev), right=True
+            )
+            - 1
+        )
         idx = x
     if module.padding_idx is None:
         valid = d.new_ones(idx.shape)
@@ -85,8 +90,15 @@ def embedding_bag_rule(call: Call) -> dict[str, Contribution]:
     return {"weight": segment_moments(call, bag, idx, rows, B, V)}
 
 
-def _max(call: Call, module: nn.EmbeddingBag, x: Tensor, offsets: Tensor | None, d: Tensor,
-         B: int, V: int) -> Contribution:
+def _max(
+    call: Call,
+    module: nn.EmbeddingBag,
+    x: Tensor,
+    offsets: Tensor | None,
+    d: Tensor,
+    B: int,
+    V: int,
+) -> Contribution:
     """``"max"`` mode: the gradient ``d_bk`` at the maximising row ``m_bk`` of each entry."""
     last = module.include_last_offset
     if x.dim() == 2:  # bags of equal length, as 1-D input and offsets
@@ -104,6 +116,11 @@ def _max(call: Call, module: nn.EmbeddingBag, x: Tensor, offsets: Tensor | None,
         per.scatter_(1, flat, g)
         return Contribution(per_example=per.view(B, V, dim))
     sq = g * g
-    moment = d.new_zeros(V * dim).index_add_(0, flat.reshape(-1), sq.reshape(-1),
-                                             alpha=call.scale)
+    moment = d.new_zeros(V * dim).index_add_(0, flat.reshape(-1), sq.reshape(-1), alpha=call.scale)
     return Contribution(moment=moment.view(V, dim), sq_norms=sq.sum(1) if call.norms else None)
+
+
+register(
+    nn.EmbeddingBag,
+    Rule(embedding_bag_rule, batch_size=embedding_bag_batch_size, check=check_embedding_bag),
+)

@@ -49,6 +49,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from . import _rng
 from ._base import Call, ChunkSums, Contribution, chunk_size
 from ._dropout_masks import Capture, NeedMasks, Probe, Substitute, batch_axes
+from ._registry import Rule, register
 
 __all__ = ["fallback_rule", "check_fallback", "fallback_batch_size", "fallback_params"]
 
@@ -192,8 +193,7 @@ class _RerunCheck:
             want = o.narrow(d, s.start, s.stop - s.start)
             got = r.squeeze(d + 1).movedim(0, d) if r.dim() == o.dim() + 1 else r
             if got.shape != want.shape:
-                self._fail(f"an output of shape {tuple(got.shape)} instead of "
-                           f"{tuple(want.shape)}")
+                self._fail(f"an output of shape {tuple(got.shape)} instead of {tuple(want.shape)}")
             got = got.to(want.dtype)
             same = (got == want) | (got.isnan() & want.isnan())
             diff = torch.where(same, 0.0, (got - want).abs()).nan_to_num(float("inf"))
@@ -221,9 +221,13 @@ class _RerunCheck:
         )
 
 
-def _dropout_maps(call: Call, module: nn.Module, theta: tuple[Tensor, ...],
-                  names: tuple[str, ...], buffers: dict[str, Tensor]
-                  ) -> list[tuple[Tensor, ...]]:
+def _dropout_maps(
+    call: Call,
+    module: nn.Module,
+    theta: tuple[Tensor, ...],
+    names: tuple[str, ...],
+    buffers: dict[str, Tensor],
+) -> list[tuple[Tensor, ...]]:
     """The affine maps of the call's active dropout calls, from a rerun of the batched call
     from the generator states recorded before it (refused when none were recorded)."""
     if call.rng is None:
@@ -236,22 +240,35 @@ def _dropout_maps(call: Call, module: nn.Module, theta: tuple[Tensor, ...],
     capture = Capture(call.rng[0][1])
     redraw = _rng.replay(call.rng, type(module).__name__)
     with torch.no_grad(), _parametrizations_in_eval(module), redraw, capture:
-        functional_call(module, {**buffers, **dict(zip(names, theta, strict=True))},
-                        tuple(call.args), dict(call.kwargs))
+        functional_call(
+            module,
+            {**buffers, **dict(zip(names, theta, strict=True))},
+            tuple(call.args),
+            dict(call.kwargs),
+        )
     return capture.maps
 
 
-def _probe(module: nn.Module, theta: tuple[Tensor, ...], names: tuple[str, ...],
-           buffers: dict[str, Tensor], leaves: list, in_spec: Any) -> list[torch.Size]:
+def _probe(
+    module: nn.Module,
+    theta: tuple[Tensor, ...],
+    names: tuple[str, ...],
+    buffers: dict[str, Tensor],
+    leaves: list,
+    in_spec: Any,
+) -> list[torch.Size]:
     """The shapes of the random draws and dropout inputs of one example's call (``leaves``:
     its inputs, batch axes of size one), eager, in a fork of the generators."""
     args, kwargs = tree_unflatten(leaves, in_spec)
     probe = Probe()
     devices = [t.device for t in theta if t.device.type != "cpu"]
-    with torch.no_grad(), _parametrizations_in_eval(module), \
-            torch.random.fork_rng(devices=devices[:1]), probe:
-        functional_call(module, {**buffers, **dict(zip(names, theta, strict=True))}, args,
-                        kwargs)
+    with (
+        torch.no_grad(),
+        _parametrizations_in_eval(module),
+        torch.random.fork_rng(devices=devices[:1]),
+        probe,
+    ):
+        functional_call(module, {**buffers, **dict(zip(names, theta, strict=True))}, args, kwargs)
     return probe.shapes
 
 
@@ -272,18 +289,22 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
     seq_first = isinstance(module, nn.MultiheadAttention) and not module.batch_first
     out_dims = tuple(1 if seq_first and positions[j] == 0 else 0 for j in live)
 
-    def one(captured: bool, theta_: tuple[Tensor, ...], leaves_: list, cot_: tuple,
-            maps_: list) -> Tensor:
+    def one(
+        captured: bool, theta_: tuple[Tensor, ...], leaves_: list, cot_: tuple, maps_: list
+    ) -> Tensor:
         a, k = tree_unflatten(
             [x.unsqueeze(d) if d is not None else x for x, d in zip(leaves_, dims, strict=True)],
             in_spec,
         )
         # the masks and draws of this example (a batch axis of size one, as its inputs)
-        kept = [tuple(t if d is None else t.unsqueeze(d) for t, d in zip(m, md, strict=True))
-                for m, md in zip(maps_, map_dims, strict=True)]
+        kept = [
+            tuple(t if d is None else t.unsqueeze(d) for t, d in zip(m, md, strict=True))
+            for m, md in zip(maps_, map_dims, strict=True)
+        ]
         with Substitute(kept if captured else None, type(module).__name__):
-            out = functional_call(module, {**buffers, **dict(zip(names, theta_, strict=True))},
-                                  a, k)
+            out = functional_call(
+                module, {**buffers, **dict(zip(names, theta_, strict=True))}, a, k
+            )
         leaves, _ = tree_flatten(out)
         total = theta_[0].new_zeros(())
         for j, c, d in zip(live, cot_, out_dims, strict=True):
@@ -303,8 +324,11 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
     maps: list[tuple[Tensor, ...]] | None = None
     map_dims: list[tuple[int | None, ...]] = []
     while True:
-        per_example = vmap(grad(functools.partial(one, maps is not None), has_aux=True),
-                           in_dims=(None, dims, out_dims, map_dims), randomness="error")
+        per_example = vmap(
+            grad(functools.partial(one, maps is not None), has_aux=True),
+            in_dims=(None, dims, out_dims, map_dims),
+            randomness="error",
+        )
         sums = ChunkSums(call)
         check = _RerunCheck(call, live, out_dims)
         try:
@@ -312,10 +336,11 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
                 for i in range(0, B, n):
                     s = slice(i, min(B, i + n))
                     a = [cut(x, d, s) for x, d in zip(leaves_in, dims, strict=True)]
-                    c = tuple(cut(call.grads[j], d, s)
-                              for j, d in zip(live, out_dims, strict=True))
-                    ms = [tuple(cut(t, d, s) for t, d in zip(m, md, strict=True))
-                          for m, md in zip(maps or [], map_dims, strict=True)]
+                    c = tuple(cut(call.grads[j], d, s) for j, d in zip(live, out_dims, strict=True))
+                    ms = [
+                        tuple(cut(t, d, s) for t, d in zip(m, md, strict=True))
+                        for m, md in zip(maps or [], map_dims, strict=True)
+                    ]
                     vs, rerun = _guarded(module, per_example, theta, a, c, ms)
                     check.add(s, rerun)
                     for nm, v in zip(names, vs, strict=True):
@@ -323,9 +348,27 @@ def fallback_rule(call: Call) -> dict[str, Contribution]:
         except NeedMasks:
             maps = _dropout_maps(call, module, theta, names, buffers)
             first = [cut(x, d, slice(0, 1)) for x, d in zip(leaves_in, dims, strict=True)]
-            map_dims = batch_axes(maps, _probe(module, theta, names, buffers, first, in_spec),
-                                  B, type(module).__name__)
+            map_dims = batch_axes(
+                maps,
+                _probe(module, theta, names, buffers, first, in_spec),
+                B,
+                type(module).__name__,
+            )
             continue
         break
     check.verify()
     return sums.contributions({nm: t.shape for nm, t in zip(names, theta, strict=True)})
+
+
+# the rule of every module that no other rule takes
+register(
+    nn.Module,
+    Rule(
+        fallback_rule,
+        batch_size=fallback_batch_size,
+        check=check_fallback,
+        params=fallback_params,
+        dropout=lambda module: True,
+        is_fallback=True,
+    ),
+)

@@ -36,6 +36,7 @@ from ._base import (
     square_sum,
     unread,
 )
+from ._registry import FastPath, Rule, register
 
 __all__ = ["affine_moments", "linear_rule", "linear_moments", "linear_seq_moments"]
 
@@ -55,8 +56,9 @@ def linear_rule(call: Call) -> dict[str, Contribution]:
     names = call.param_names
     out: dict[str, Contribution] = {}
     if a.dim() == 2:
-        return affine_moments(call, d, a, "weight" if "weight" in names else None,
-                              "bias" if "bias" in names else None)
+        return affine_moments(
+            call, d, a, "weight" if "weight" in names else None, "bias" if "bias" in names else None
+        )
     require_batched(module, a, 2, "inputs [B, in] or [B, T, ..., in]")
     B = call.batch_size
     a3 = a.reshape(B, -1, a.shape[-1])
@@ -76,8 +78,9 @@ def linear_rule(call: Call) -> dict[str, Contribution]:
     return out
 
 
-def affine_moments(call: Call, d: torch.Tensor, a: torch.Tensor, weight: str | None,
-                   bias: str | None) -> dict[str, Contribution]:
+def affine_moments(
+    call: Call, d: torch.Tensor, a: torch.Tensor, weight: str | None, bias: str | None
+) -> dict[str, Contribution]:
     """Statistics of an affine map ``z = W a + b`` applied once per example (``a`` ``[B, in]``,
     output gradient ``d`` ``[B, out]``; parameter names ``weight``, ``bias``, ``None`` for one
     not tracked): example b's gradients are ``d_b a_b^T`` and ``d_b``, so ``scale * (d*d)^T
@@ -122,8 +125,13 @@ def linear_moments(
     all layers (:mod:`sgdlab.stats._fused_linear`).
     """
     first = calls[0][4]
-    if all(w and a.shape[0] == first.shape[0] and d.device == first.device
-           and fused.available(d, dtype) for w, _, dtype, a, d in calls):
+    if all(
+        w
+        and a.shape[0] == first.shape[0]
+        and d.device == first.device
+        and fused.available(d, dtype)
+        for w, _, dtype, a, d in calls
+    ):
         try:
             return fused.fused_linear_moments([(b, a, d) for _, b, _, a, d in calls], scale)
         except Exception as e:  # a Triton that cannot compile or launch here: torch path
@@ -155,8 +163,13 @@ def linear_moments(
 
 
 def linear_seq_moments(
-    module: nn.Module, x: torch.Tensor, d: torch.Tensor, scale: float, memory_budget: int,
-    weight: bool, bias: bool,
+    module: nn.Module,
+    x: torch.Tensor,
+    d: torch.Tensor,
+    scale: float,
+    memory_budget: int,
+    weight: bool,
+    bias: bool,
 ) -> tuple[torch.Tensor, ...] | None:
     """The ``[B, T..., in]`` case of :func:`linear_rule` with little host work: ``scale *
     sum_b (D_b^T A_b)^2`` for the weight (one batched matmul, an in-place square and one
@@ -178,3 +191,11 @@ def linear_seq_moments(
     if bias:
         out.append(square_sum(d3.sum(1), scale))
     return tuple(out)
+
+
+# 2-D calls wait for the end of the pass and are computed together (the Linear lane), calls on
+# [B, T..., in] take linear_seq_moments (the gradient of the product before its reshape)
+register(
+    nn.Linear,
+    Rule(linear_rule, fast=FastPath(lane=linear_moments, more=linear_seq_moments, flat_grad=True)),
+)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ._base import (
@@ -31,6 +32,7 @@ from ._base import (
     small_per_example,
     square_sum,
 )
+from ._registry import FastPath, Rule, register
 
 __all__ = ["norm_rule", "norm_moments", "check_batchnorm", "check_instancenorm"]
 
@@ -110,8 +112,13 @@ def norm_rule(call: Call) -> dict[str, Contribution]:
 
 
 def norm_moments(
-    module: nn.Module, x: Tensor, d: Tensor, scale: float, memory_budget: int,
-    weight: bool, bias: bool,
+    module: nn.Module,
+    x: Tensor,
+    d: Tensor,
+    scale: float,
+    memory_budget: int,
+    weight: bool,
+    bias: bool,
 ) -> tuple[Tensor, ...]:
     """:func:`norm_rule` for one call of a per-example normalisation (LayerNorm, RMSNorm,
     GroupNorm) with little host work: ``scale * sum_b v_b^2`` of the per-example weight and
@@ -130,3 +137,11 @@ def norm_moments(
     if bias:
         out.append(moment(d))
     return tuple(out)
+
+
+_FAST = FastPath(norm_moments, more=norm_moments)  # per-example norms on [B, ...]
+for _cls in (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm):
+    register(_cls, Rule(norm_rule, fast=_FAST))
+register(_InstanceNorm, Rule(norm_rule, check=check_instancenorm))
+for _cls in (_BatchNorm, nn.SyncBatchNorm):  # SyncBatchNorm: its own forward
+    register(_cls, Rule(norm_rule, check=check_batchnorm))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ._base import Call, Contribution, in_dtype, small_per_example
+from ._registry import Rule, register
 
 __all__ = ["prelu_rule"]
 
@@ -30,3 +31,6 @@ def prelu_rule(call: Call) -> dict[str, Contribution]:
     t = d * torch.clamp(x, max=0)
     v = t.reshape(B, n, -1).sum(2) if n > 1 else t.reshape(B, 1, -1).sum(2)
     return {"weight": small_per_example("weight", call, v)}
+
+
+register(nn.PReLU, Rule(prelu_rule))

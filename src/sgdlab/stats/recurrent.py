@@ -33,6 +33,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from . import _rng
 from ._base import Call, Contribution, reduce_per_example, small_per_example
+from ._registry import Rule, register
 
 __all__ = ["rnn_rule", "check_rnn", "rnn_batch_size"]
 
@@ -48,8 +49,12 @@ def check_rnn(module: nn.Module, args: tuple, kwargs: dict) -> None:
             "statistics need a batched input with 3 dimensions"
         )
     data = x.data if packed else x
-    if module.training and module.dropout > 0 and module.num_layers > 1 and \
-            data.device.type != "cpu":
+    if (
+        module.training
+        and module.dropout > 0
+        and module.num_layers > 1
+        and data.device.type != "cpu"
+    ):
         raise ValueError(
             f"{type(module).__name__} has dropout={module.dropout} between layers in training "
             f"mode on {data.device.type}, whose random masks (drawn inside the fused kernel) "
@@ -142,8 +147,7 @@ def rnn_rule(call: Call) -> dict[str, Contribution]:
             "were not recorded (its dropout was raised from 0 after the tracker was attached: "
             "attach the tracker again)"
         )
-    redraw = (_rng.replay(call.rng, type(m).__name__) if dropout > 0
-              else contextlib.nullcontext())
+    redraw = _rng.replay(call.rng, type(m).__name__) if dropout > 0 else contextlib.nullcontext()
     with torch.enable_grad(), redraw:
         layer_in = x.detach()
         h_last, c_last = [], []
@@ -231,3 +235,15 @@ def rnn_rule(call: Call) -> dict[str, Contribution]:
         if bname in names:
             out[bname] = small_per_example(bname, call, dzs.sum(0))
     return out
+
+
+for _cls in (nn.RNN, nn.LSTM, nn.GRU):
+    register(
+        _cls,
+        Rule(
+            rnn_rule,
+            batch_size=rnn_batch_size,
+            check=check_rnn,
+            dropout=lambda module: module.dropout > 0,
+        ),
+    )

@@ -21,6 +21,7 @@ from ._base import (
     require_batched,
     small_per_example,
 )
+from ._registry import Rule, register
 from .linear import affine_moments
 
 __all__ = ["is_hf_conv1d", "transposed_linear_rule"]
@@ -30,9 +31,12 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     """Whether ``module`` is ``transformers``' ``Conv1D`` (``x @ weight + bias``, weight
     ``[nx, nf]``)."""
     cls = type(module)
-    return (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
-            and isinstance(getattr(module, "weight", None), torch.Tensor)
-            and module.weight.dim() == 2)
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.startswith("transformers.")
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and module.weight.dim() == 2
+    )
 
 
 def transposed_linear_rule(call: Call) -> dict[str, Contribution]:
@@ -48,8 +52,10 @@ def transposed_linear_rule(call: Call) -> dict[str, Contribution]:
     weight = "weight" if "weight" in names else None
     bias = "bias" if "bias" in names else None
     if a.dim() == 2:  # z = W^T a + b: the linear statistics with a and d swapped, for W
-        return {**affine_moments(call, a, d, weight, None),
-                **affine_moments(call, d, a, None, bias)}
+        return {
+            **affine_moments(call, a, d, weight, None),
+            **affine_moments(call, d, a, None, bias),
+        }
     require_batched(module, a, 2, "inputs [B, in] or [B, T, ..., in]")
     B = call.batch_size
     a3 = a.reshape(B, -1, a.shape[-1])
@@ -61,7 +67,14 @@ def transposed_linear_rule(call: Call) -> dict[str, Contribution]:
         out["weight"] = Contribution(factors=(a3, d3))
     elif weight is not None:
         out["weight"] = reduce_per_example(
-            "weight", call, module.weight.shape, a3,
+            "weight",
+            call,
+            module.weight.shape,
+            a3,
             lambda s: torch.bmm(a3[s].transpose(1, 2), d3[s]),
         )
     return out
+
+
+# transformers.pytorch_utils.Conv1D, known by name (transformers is never imported)
+register("transformers.Conv1D", Rule(transposed_linear_rule, applies=is_hf_conv1d))
