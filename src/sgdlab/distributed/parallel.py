@@ -26,10 +26,10 @@ single-process step on the ``B`` concatenated examples:
   gradient all-reduce runs only in the last micro-batch's backward (``DDP.no_sync``), otherwise
   in every one. Both give the same gradient (the average is linear).
 
-**Overlap.** The second moments of a backward pass are complete when the tracker's end-of-pass
-callback has run. The reducer's all-reduce is launched asynchronously from an autograd callback
-queued right after it and before DDP's own end-of-backward callback, which waits for the
-gradient buckets; so the second-moment all-reduce is in flight while DDP finishes its gradient
+**Overlap.** The second moments of a backward pass are complete when the tracker signals the
+end of the pass (:meth:`~sgdlab.stats.Tracker.on_pass_end`), from the autograd callback its
+first hook queued, before DDP's own end-of-backward callback, which waits for the gradient
+buckets. The reducer's all-reduce is launched asynchronously from that signal; so the second-moment all-reduce is in flight while DDP finishes its gradient
 all-reduce, and is waited for in :meth:`DataParallel.synchronize` (called by ``step``). It
 cannot start earlier: a parameter's second moment is only final once every module that uses it
 has seen its output gradient. If the callback order ever differs, the all-reduce is launched
@@ -69,11 +69,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd import Variable
 from torch.nn.parallel import DistributedDataParallel
 
 from .._validation import check_batch_size
-from ..stats import NoiseMeter, NoiseReading, Tracker, track
+from ..stats import NoiseMeter, NoiseReading, PassSummary, Tracker, track
 from ._group import is_distributed, rank_and_size
 from .batch import GlobalBatch, check_examples, gather_batch
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -219,16 +218,13 @@ class DataParallel:
         self._micro_n = 0
         self._did_backward = False
         self._armed = False
-        self._queued = False
-        self._examples_before = 0
         self._synced = False
         self._handles: list[Any] = []
         if tracker is not None and self.overlap:
-            # Registered after the tracker's own hooks, so the callback queued here runs after
-            # the tracker's end-of-pass callback (and before DDP's, queued when the last bucket
-            # is ready).
-            for p in tracker.parameters:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+            # The tracker signals the end of a pass after writing its statistics, from the
+            # callback its first hook queued on the autograd engine: before DDP's, which is
+            # queued when the last bucket is ready.
+            self._handles.append(tracker.on_pass_end(self._on_pass_end))
 
     @staticmethod
     def _check_tracker(tracker: Tracker, model: nn.Module) -> None:
@@ -327,9 +323,7 @@ class DataParallel:
                 self._open = False  # the step is abandoned; begin_step starts a new one
                 raise
         self._in_micro, self._micro_n, self._did_backward = True, n, False
-        self._armed, self._queued = last and self.reducer is not None, False
-        if self.tracker is not None:
-            self._examples_before = self.tracker.num_examples
+        self._armed = last and self.reducer is not None
         skip = self.ddp is not None and self.no_sync and not last
         try:
             with self.ddp.no_sync() if skip else contextlib.nullcontext():  # type: ignore[union-attr]
@@ -368,15 +362,9 @@ class DataParallel:
         if self._armed and self.reducer is not None and not self.reducer.pending:
             self._launch()
 
-    def _on_grad(self, p: Tensor) -> None:
-        if self._armed and not self._queued:
-            self._queued = True
-            Variable._execution_engine.queue_callback(self._launch_if_ready)
-
-    def _launch_if_ready(self) -> None:
-        # The tracker's end-of-pass callback ran first iff it counted this pass's examples.
-        assert self.tracker is not None
-        if self.tracker.num_examples > self._examples_before:
+    def _on_pass_end(self, summary: PassSummary) -> None:
+        # the last micro-batch's statistics are complete: start their all-reduce now
+        if self._armed and self.reducer is not None and not self.reducer.pending:
             self._launch()
             self.overlapped_launches += 1
 

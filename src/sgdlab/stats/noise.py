@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_batch_size, check_positive, check_unit_interval
+from ._attribute import ATTRIBUTE
 
 __all__ = ["NoiseMeter", "NoiseReading", "noise_statistics"]
 
@@ -197,11 +198,11 @@ def _tracker_batch(tracker: Any) -> int | None:
     fixed = getattr(tracker, "batch_size", None)
     if (
         fixed is None
-        and getattr(tracker, "_passes", 1) > 1
+        and getattr(tracker, "passes", 1) > 1
         and getattr(tracker, "reduction", "mean") == "mean"
     ):
         raise ValueError(
-            f"the tracker accumulated {tracker._passes} backward passes (micro-batches) "
+            f"the tracker accumulated {tracker.passes} backward passes (micro-batches) "
             "without tracker.batch_size: p.grad is then a sum of per-micro-batch means, not "
             "the mean over the examples the meter would divide by. Set tracker.batch_size "
             "to the examples of all micro-batches (the statistics are then those of the "
@@ -421,7 +422,7 @@ class NoiseMeter:
             for p in params:
                 if p.grad is None:  # no gradient this step (frozen, unused): as torch.optim
                     continue
-                m = getattr(p, "grad_second_moment", None)
+                m = getattr(p, ATTRIBUTE, None)
                 if m is None:
                     raise ValueError(
                         f"a parameter of group {name!r} has a gradient but no "

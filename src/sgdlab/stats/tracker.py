@@ -386,6 +386,12 @@ class Tracker(Recorder):
         """Examples seen by backward passes since the statistics were last cleared."""
         return self._examples
 
+    @property
+    def passes(self) -> int:
+        """Backward passes (micro-batches) whose statistics were added up since the last
+        clear: more than one means ``grad_second_moment`` sums micro-batch means."""
+        return self._passes
+
     def per_example_sq_norms(self) -> Tensor:
         """``||g_b||^2`` over all tracked parameters for each example since the last clear,
         in the order of the backward passes (requires ``per_example_norms=True``)."""
