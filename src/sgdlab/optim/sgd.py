@@ -18,22 +18,18 @@ When the batch size changes between steps and the scaling rule changes ``N_g``, 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from sgdlab import hyper as _hyper
 from sgdlab._validation import check_horizon, check_positive
-from sgdlab.optim import _fast
-from sgdlab.optim._base import (
-    BatchScaledOptimizer,
-    check_hyper,
-    check_torch_only_flags,
-    group_indices,
-)
+from sgdlab.optim._base import BatchScaledOptimizer, check_hyper, check_torch_only_flags
+from sgdlab.optim._common import group_indices
+from sgdlab.optim._fast import FlatGroup, FusedKernel, write_param
 
-__all__ = ["SGD", "sgd_reference", "sgd_foreach"]
+__all__ = ["SGD", "SGDKernel", "sgd_reference", "sgd_foreach"]
 
 
 def sgd_reference(
@@ -103,6 +99,57 @@ def sgd_foreach(
     torch._foreach_add_(params, g, alpha=-lr)
 
 
+class SGDKernel(FusedKernel):
+    """SGD's fused step: :func:`sgd_reference` on one flat buffer. The momentum buffer starts
+    as the first gradient (``"kernel"``: written in full by the first step)."""
+
+    name = "sgd"
+    scalars = ("wd", "momentum", "one_minus_dampening", "neg_lr")
+    buffers = ("momentum_buffer",)
+
+    def keys(self, hp: dict[str, Any]) -> dict[str, str]:
+        return {"momentum_buffer": "kernel"} if hp["momentum"] != 0 else {}
+
+    def options(self, hp: dict[str, Any], fg: FlatGroup) -> tuple[tuple[str, Any], ...]:
+        opts: tuple[tuple[str, Any], ...] = (
+            ("maximize", bool(hp["maximize"])),
+            ("weight_decay", hp["weight_decay"] != 0),
+            ("momentum", hp["momentum"] != 0),
+            ("init_buffer", bool(fg.fresh.get("momentum_buffer", False))),
+            ("nesterov", bool(hp["nesterov"])),
+        )
+        return opts + ((("capturable", True),) if hp.get("capturable") else ())
+
+    def values(self, hp: dict[str, Any], fg: FlatGroup) -> dict[str, float]:
+        return dict(
+            wd=hp["weight_decay"],
+            momentum=hp["momentum"],
+            one_minus_dampening=1 - hp["dampening"],
+            neg_lr=-hp["lr"],
+        )
+
+    def function(self, opts: tuple[tuple[str, Any], ...]) -> Callable[..., None]:
+        o, ix = dict(opts), self.index()
+
+        def sgd(p, g, buf, m2, master, sc):  # type: ignore[no-untyped-def]
+            x = master if master is not None else p
+            d = g.to(x.dtype)
+            if o["maximize"]:
+                d = -d
+            if o["weight_decay"]:
+                d = d + sc[ix["wd"]] * x
+            if o["momentum"]:
+                if o["init_buffer"]:
+                    b = d
+                else:
+                    b = buf * sc[ix["momentum"]] + sc[ix["one_minus_dampening"]] * d
+                buf.copy_(b)
+                d = d + sc[ix["momentum"]] * b if o["nesterov"] else b
+            write_param(p, master, x + sc[ix["neg_lr"]] * d)
+
+        return sgd
+
+
 class SGD(BatchScaledOptimizer):
     r"""Stochastic gradient descent with (heavy-ball or Nesterov) momentum.
 
@@ -149,6 +196,7 @@ class SGD(BatchScaledOptimizer):
     _state_keys = {"momentum_buffer": "param", "master_param": "param"}
     _state_required = ()
     _group_required = ("lr", "momentum", "dampening", "weight_decay")
+    _fused_kernel = SGDKernel()
 
     def __init__(
         self,
@@ -243,7 +291,7 @@ class SGD(BatchScaledOptimizer):
         momentum = hp["momentum"]
         self._carry_momentum(group, momentum)
         params = [p for p in group["params"] if p.grad is not None]
-        if _fast.fused_update(self, "sgd", group, hp, params, self._use_fused(group, params)):
+        if self._step_fused(group, hp, params):
             return
         if any(p.grad.is_sparse for p in params):
             foreach = False
@@ -259,8 +307,7 @@ class SGD(BatchScaledOptimizer):
         if foreach:
             for idx in group_indices(params):
                 sub = [bufs[i] for i in idx]
-                sgd_foreach([params[i] for i in idx], [params[i].grad for i in idx], sub,
-                            **kwargs)
+                sgd_foreach([params[i] for i in idx], [params[i].grad for i in idx], sub, **kwargs)
                 for j, i in enumerate(idx):
                     bufs[i] = sub[j]
         else:
