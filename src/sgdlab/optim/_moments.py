@@ -198,7 +198,7 @@ def denominator(
 
 
 def denominators_foreach(
-    s: list[torch.Tensor],
+    s: list[torch.Tensor] | tuple[torch.Tensor, ...],
     *,
     eps: float,
     power: float,
@@ -207,13 +207,13 @@ def denominators_foreach(
 ) -> list[torch.Tensor]:
     """:func:`denominator` for a list of tensors with per-tensor bias corrections."""
     if power == 0.5 and placement == "outside":
-        d = torch._foreach_sqrt(s)
+        d = list(torch._foreach_sqrt(s))
         if bias_corrections is not None:
             torch._foreach_div_(d, [math.sqrt(c) for c in bias_corrections])
         torch._foreach_add_(d, eps)
         return d
     if bias_corrections is not None:
-        shat = torch._foreach_div(s, bias_corrections)
+        shat = list(torch._foreach_div(s, bias_corrections))
     else:
         shat = [t.clone() for t in s]
     if placement == "inside":

@@ -384,7 +384,7 @@ class AdamKernel(FusedKernel):
     def function(self, opts: tuple[tuple[str, Any], ...]) -> Callable[..., None]:
         o, ix = dict(opts), self.index()
 
-        def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, m2, master, sc):  # type: ignore[no-untyped-def]
+        def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, m2, master, sc):
             x = master if master is not None else p
             raw = g.to(x.dtype)
             d = -raw if o["maximize"] else raw
@@ -426,7 +426,7 @@ class AdamKernel(FusedKernel):
         correction = o["correction"]
 
         def adam_capturable(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, m2, master, sc, steps,
-                            counters, hp):  # type: ignore[no-untyped-def]  # fmt: skip
+                            counters, hp):  # fmt: skip
             steps.copy_(steps + 1)
             lr, b1, b2 = hp[0], hp[1], hp[2]
             one = torch.ones_like(lr)
@@ -716,7 +716,7 @@ class Adam(BatchScaledOptimizer):
             return
         for idx in group_indices(params):
             # Sub-groups with equal average weights (params that missed steps differ).
-            by_w: dict[tuple[float, float, float], list[int]] = {}
+            by_w: dict[tuple[float, ...], list[int]] = {}
             for i in idx:
                 by_w.setdefault(scalars[i].key()[:3], []).append(i)
             for sub in by_w.values():

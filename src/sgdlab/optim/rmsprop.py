@@ -199,7 +199,7 @@ class RMSPropKernel(FusedKernel):
     def function(self, opts: tuple[tuple[str, Any], ...]) -> Callable[..., None]:
         o, ix = dict(opts), self.index()
 
-        def rmsprop(p, g, square_avg, grad_avg, buf, m2, master, sc):  # type: ignore[no-untyped-def]
+        def rmsprop(p, g, square_avg, grad_avg, buf, m2, master, sc):
             x = master if master is not None else p
             raw = g.to(x.dtype)
             d = -raw if o["maximize"] else raw
@@ -229,7 +229,7 @@ class RMSPropKernel(FusedKernel):
         if not o.get("capturable"):
             return rmsprop
 
-        def rmsprop_capturable(p, g, square_avg, grad_avg, buf, m2, master, sc, steps):  # type: ignore[no-untyped-def]
+        def rmsprop_capturable(p, g, square_avg, grad_avg, buf, m2, master, sc, steps):
             steps.copy_(steps + 1)
             rmsprop(p, g, square_avg, grad_avg, buf, m2, master, sc)
 

@@ -87,15 +87,13 @@ def sgd_foreach(
         fresh = [i for i, b in enumerate(bufs) if b is None]
         old = [i for i, b in enumerate(bufs) if b is not None]
         if old:
-            ob = [bufs[i] for i in old]
+            ob = [b for b in bufs if b is not None]
             torch._foreach_mul_(ob, momentum)
             torch._foreach_add_(ob, [g[i] for i in old], alpha=1 - dampening)
         for i in fresh:
             bufs[i] = torch.clone(g[i]).detach()
-        if nesterov:
-            g = torch._foreach_add(g, bufs, alpha=momentum)
-        else:
-            g = list(bufs)
+        full = [b for b in bufs if b is not None]  # every buffer exists now
+        g = list(torch._foreach_add(g, full, alpha=momentum)) if nesterov else full
     torch._foreach_add_(params, g, alpha=-lr)
 
 
@@ -131,7 +129,7 @@ class SGDKernel(FusedKernel):
     def function(self, opts: tuple[tuple[str, Any], ...]) -> Callable[..., None]:
         o, ix = dict(opts), self.index()
 
-        def sgd(p, g, buf, m2, master, sc):  # type: ignore[no-untyped-def]
+        def sgd(p, g, buf, m2, master, sc):
             x = master if master is not None else p
             d = g.to(x.dtype)
             if o["maximize"]:

@@ -84,4 +84,4 @@ __all__ = [
 def grads_all_finite(opt: Any) -> bool:
     """:meth:`FusedState.grads_all_finite` of ``opt``'s fused state (``False`` without one)."""
     fused = getattr(opt, "_fused", None)
-    return bool(fused) and fused.grads_all_finite(opt)
+    return fused is not None and bool(fused) and fused.grads_all_finite(opt)

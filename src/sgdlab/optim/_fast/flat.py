@@ -208,12 +208,15 @@ class FlatGroup:
         with torch.no_grad():
             # one multi-tensor copy: reads the gradients once, writes the flat buffer once
             torch._foreach_copy_(
-                [self.grad_views[i] for i in stale], [self.params[i].grad for i in stale]
+                [self.grad_views[i] for i in stale],
+                [self.params[i].grad for i in stale],  # type: ignore[misc]
             )
         for i in stale:
+            grad = self.params[i].grad
+            assert grad is not None  # grads_usable() came first
             # A gradient that is itself a view of another buffer (DDP's gradient buckets with
             # gradient_as_bucket_view=True) stays where its owner expects it.
-            if self.params[i].grad._base is None:
+            if grad._base is None:
                 self.params[i].grad = self.grad_views[i]
 
     def gather(self, get: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

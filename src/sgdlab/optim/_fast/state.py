@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -214,6 +215,16 @@ def _sum_of(g: torch.Tensor) -> torch.Tensor:
     return g.sum()
 
 
+def _packer(
+    kernel: FusedKernel, values: dict[str, float], fg: FlatGroup
+) -> Callable[[], torch.Tensor]:
+    return lambda: pack_scalars(kernel, values, fg.state_dtype, fg.device)
+
+
+def _second_moment(p: torch.Tensor) -> torch.Tensor:
+    return p.grad_second_moment  # type: ignore[attr-defined]  # set by sgdlab.stats
+
+
 @torch._disable_dynamo  # imports dynamo at the first call, not with sgdlab
 def _step(fused: FusedState, opt: Any, group: dict, hp: dict, params: list[torch.Tensor]) -> bool:
     """One fused step of ``group``; ``False`` (nothing changed) when it does not apply.
@@ -228,15 +239,11 @@ def _step(fused: FusedState, opt: Any, group: dict, hp: dict, params: list[torch
     per_example = group.get("second_moment") == "per_example"
     capturable = bool(group.get("capturable"))
     for fg in fgs:
-        m2 = fg.gather(lambda p: p.grad_second_moment) if per_example else None
+        m2 = fg.gather(_second_moment) if per_example else None
         opts = kernel.options(hp, fg)
         values = kernel.values(hp, fg)
         if capturable:
-            sc = fg.cached(
-                "sc",
-                tuple(sorted(values.items())),
-                lambda v=values, g=fg: pack_scalars(kernel, v, g.state_dtype, g.device),
-            )
+            sc = fg.cached("sc", tuple(sorted(values.items())), _packer(kernel, values, fg))
         else:
             if kernel.counts_steps:
                 fg.steps.add_(1)
