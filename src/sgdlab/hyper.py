@@ -78,7 +78,6 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, replace
-from typing import Literal
 
 from sgdlab._validation import (
     check_batch_size,
@@ -109,8 +108,6 @@ __all__ = [
     "per_example_kwargs",
 ]
 
-Rule = Literal["lecture", "exact", "sqrt", "linear"]
-MomentumForm = Literal["ema", "heavy_ball"]
 
 RULES: tuple[str, ...] = ("lecture", "exact", "sqrt", "linear")
 MOMENTUM_FORMS: tuple[str, ...] = ("ema", "heavy_ball")

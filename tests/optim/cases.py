@@ -65,19 +65,35 @@ VARIANTS = [
         dict(lr=0.01, second_moment="per_example", weight_decay=0.1, centered=True),
     ),
     ("adam-lecture", sgdlab.Adam, dict(lr=0.01, bias_correction="lecture")),
-    ("adam-none-inside", sgdlab.Adam, dict(lr=0.01, bias_correction="none",
-                                           eps_placement="inside", eps=1e-6)),
+    (
+        "adam-none-inside",
+        sgdlab.Adam,
+        dict(lr=0.01, bias_correction="none", eps_placement="inside", eps=1e-6),
+    ),
     (
         "adam-per-example-sigma2",
         sgdlab.Adam,
-        dict(lr=0.001, second_moment="per_example", power=1.0, eps=1e-3, weight_decay=0.1,
-             maximize=True, amsgrad=True),
+        dict(
+            lr=0.001,
+            second_moment="per_example",
+            power=1.0,
+            eps=1e-3,
+            weight_decay=0.1,
+            maximize=True,
+            amsgrad=True,
+        ),
     ),
-    ("sgd-lecture-scaling", sgdlab.SGD, dict(lr=0.01, momentum=0.9, ref_batch_size=8,
-                                             scaling="lecture")),
+    (
+        "sgd-lecture-scaling",
+        sgdlab.SGD,
+        dict(lr=0.01, momentum=0.9, ref_batch_size=8, scaling="lecture"),
+    ),
     ("adam-exact-scaling", sgdlab.Adam, dict(lr=0.01, ref_batch_size=8, scaling="exact")),
-    ("rmsprop-sqrt-scaling", sgdlab.RMSProp, dict(lr=0.01, momentum=0.5, ref_batch_size=8,
-                                                  scaling="sqrt")),
+    (
+        "rmsprop-sqrt-scaling",
+        sgdlab.RMSProp,
+        dict(lr=0.01, momentum=0.5, ref_batch_size=8, scaling="sqrt"),
+    ),
 ]
 
 #: every option set as (name, sgdlab class, kwargs)

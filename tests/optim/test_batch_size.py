@@ -157,16 +157,18 @@ def test_zero_lr_is_a_no_op(cls, kwargs, form):
 
 def test_adam_from_conjugate_is_linear_per_example():
     params = make_params(9)
-    opt = sgdlab.Adam.from_conjugate(params, eta_prime=1e-4, n_g=10.0, n_s=1000.0,
-                                     batch_size=64)
+    opt = sgdlab.Adam.from_conjugate(params, eta_prime=1e-4, n_g=10.0, n_s=1000.0, batch_size=64)
     group = opt.param_groups[0]
     assert group["lr"] == pytest.approx(64e-4)
     assert group["betas"] == pytest.approx((0.9, 0.999))
     assert group["second_moment"] == "per_example" and group["scaling"] == "linear"
 
 
-@pytest.mark.parametrize("path", [{"foreach": False}, {"foreach": True}, {"fused": True}],
-                         ids=["reference", "foreach", "fused"])
+@pytest.mark.parametrize(
+    "path",
+    [{"foreach": False}, {"foreach": True}, {"fused": True}],
+    ids=["reference", "foreach", "fused"],
+)
 def test_centered_rmsprop_whose_alpha_scales_to_zero_is_refused(path):
     """The lecture rule moves the horizon to max(1, N'/B): alpha 0.9 tuned at 8 becomes 0 at
     128, where the centered variance of one gradient is zero (half the parameters became NaN,
@@ -174,22 +176,35 @@ def test_centered_rmsprop_whose_alpha_scales_to_zero_is_refused(path):
     (alpha^16) steps. (The sqrt rule, which reached 0 the same way, no longer does.)"""
     params = make_params(0)
     groups = [{"params": params[:2]}, {"params": params[2:], "centered": True}]
-    opt = sgdlab.RMSProp(groups, lr=0.01, alpha=0.9, ref_batch_size=8, scaling="lecture",
-                         **path)
+    opt = sgdlab.RMSProp(groups, lr=0.01, alpha=0.9, ref_batch_size=8, scaling="lecture", **path)
     set_grads(params, 0)
     opt.step(batch_size=8)
     before = [p.detach().clone() for p in params]
-    state = {(i, k): v.clone() for i, p in enumerate(params) for k, v in opt.state[p].items()
-             if torch.is_tensor(v)}
+    state = {
+        (i, k): v.clone()
+        for i, p in enumerate(params)
+        for k, v in opt.state[p].items()
+        if torch.is_tensor(v)
+    }
     set_grads(params, 1)
     with pytest.raises(ValueError, match="effective alpha of 0"):
         opt.step(batch_size=128)
     assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True))
-    after = {(i, k): v for i, p in enumerate(params) for k, v in opt.state[p].items()
-             if torch.is_tensor(v)}
+    after = {
+        (i, k): v
+        for i, p in enumerate(params)
+        for k, v in opt.state[p].items()
+        if torch.is_tensor(v)
+    }
     assert all(torch.equal(state[k], after[k]) for k in state)
-    exact = sgdlab.RMSProp([p.detach().clone().requires_grad_() for p in params], lr=0.01,
-                           alpha=0.9, centered=True, ref_batch_size=8, scaling="exact")
+    exact = sgdlab.RMSProp(
+        [p.detach().clone().requires_grad_() for p in params],
+        lr=0.01,
+        alpha=0.9,
+        centered=True,
+        ref_batch_size=8,
+        scaling="exact",
+    )
     for q in exact.param_groups[0]["params"]:
         q.grad = torch.ones_like(q)
     exact.step(batch_size=128)

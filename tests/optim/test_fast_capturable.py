@@ -62,25 +62,24 @@ def test_capturable_equals_reference(name, cls, kwargs):
     # the device-side kernels did the work (not a fallback to the per-tensor path); Adam's
     # first group, whose parameters' step counts differ after the missed step, is the
     # documented exception (per-parameter bias corrections: the foreach path)
-    fgs = [fg for entry in cap._fast_cache.values() for fg in entry.fgs]
-    assert len(fgs) >= 2 and all(getattr(fg, "sc_key", None) is not None for fg in fgs)
+    fgs = [fg for entry in cap._fused.entries.values() for fg in entry.fgs]
+    assert len(fgs) >= 2 and all("sc" in fg.device_cache for fg in fgs)
 
 
 @pytest.mark.parametrize("correction", ["published", "lecture", "none"])
 def test_capturable_checkpoint_continues_in_a_plain_optimizer(correction):
     a, b = make_params(3), make_params(3)
-    cap = sgdlab.Adam(a, lr=0.01, betas=(0.8, 0.95), bias_correction=correction,
-                      capturable=True)
-    plain = sgdlab.Adam(b, lr=0.01, betas=(0.8, 0.95), bias_correction=correction,
-                        foreach=False)
+    cap = sgdlab.Adam(a, lr=0.01, betas=(0.8, 0.95), bias_correction=correction, capturable=True)
+    plain = sgdlab.Adam(b, lr=0.01, betas=(0.8, 0.95), bias_correction=correction, foreach=False)
     for t in range(7):
         set_grads(a, t)
         set_grads(b, t)
         cap.step()
         plain.step()
     moved = [p.detach().clone().requires_grad_() for p in a]
-    resumed = sgdlab.Adam(moved, lr=0.01, betas=(0.8, 0.95), bias_correction=correction,
-                          foreach=False)
+    resumed = sgdlab.Adam(
+        moved, lr=0.01, betas=(0.8, 0.95), bias_correction=correction, foreach=False
+    )
     resumed.load_state_dict(checkpoint(cap.state_dict()))
     for t in range(7, 15):
         set_grads(moved, t)
@@ -96,15 +95,20 @@ def test_device_scalars_are_reused_until_a_hyperparameter_changes():
     opt = sgdlab.Adam(ps, lr=0.01, capturable=True, ref_batch_size=8)
     set_grads(ps, 0)
     opt.step()
-    (fg,) = next(iter(opt._fast_cache.values())).fgs
-    sc, hp64, counters, steps = fg.sc, fg.hp64, fg.counters, fg.steps
+    (fg,) = next(iter(opt._fused.entries.values())).fgs
+
+    def held():
+        return fg.device_cache["sc"][1], fg.device_cache["hp64"][1], fg.host.counters
+
+    sc, hp64, counters = held()
+    steps = fg.steps
     for t in range(1, 4):
         set_grads(ps, t)
         opt.step()
-    assert fg.sc is sc and fg.hp64 is hp64 and fg.counters is counters and fg.steps is steps
+    assert all(a is b for a, b in zip(held(), (sc, hp64, counters))) and fg.steps is steps
     assert opt.state[ps[0]]["step"].item() == 4  # advanced by the kernel, a view of fg.steps
     opt.step(batch_size=32)  # the lr and betas move: new device scalars on this eager step
-    assert fg.hp64 is not hp64 and fg.counters is counters
+    assert held()[1] is not hp64 and held()[2] is counters
 
 
 def test_capturable_validation():
@@ -132,8 +136,15 @@ def test_add_param_group_keeps_the_device_counters(correction):
         q = torch.randn(3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         p.requires_grad_()
         q.requires_grad_()
-        opt = sgdlab.Adam([p], lr=1e-2, betas=(0.9, 0.99), bias_correction=correction,
-                          ref_batch_size=8, scaling="exact", **path)
+        opt = sgdlab.Adam(
+            [p],
+            lr=1e-2,
+            betas=(0.9, 0.99),
+            bias_correction=correction,
+            ref_batch_size=8,
+            scaling="exact",
+            **path,
+        )
         g = torch.Generator().manual_seed(2)
         for k in range(12):
             p.grad = torch.randn(5, generator=g, dtype=torch.float64)

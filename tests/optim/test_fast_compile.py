@@ -59,16 +59,18 @@ def test_compiled_equals_reference_without_recompiling(cls, kwargs):
     for key, value in s_ref.items():
         if isinstance(value, torch.Tensor):
             assert torch.max(torch.abs(value - s_fu[key])).item() <= 1e-12, key
-    assert any(k[0] == cls.__name__.lower() and k[3] == torch.float64
-               for k in _fast.COMPILE_SECONDS), "the kernel did not run compiled"
+    assert any(
+        k[0] == cls.__name__.lower() and k[3] == torch.float64 for k in _fast.COMPILE_SECONDS
+    ), "the kernel did not run compiled"
 
 
 def test_whole_training_step_under_torch_compile():
     """``torch.compile`` of forward + backward + ``opt.step()`` + ``zero_grad``: same
     trajectory as the eager reference (float64), and the fused kernel runs compiled."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
-                                torch.nn.Linear(8, 1)).double()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+    ).double()
     twin = copy.deepcopy(model)
     start = [p.detach().clone() for p in model.parameters()]
     opt = sgdlab.Adam(model.parameters(), lr=0.01, fused=True)

@@ -23,10 +23,22 @@ pytestmark = pytest.mark.skipif(
 ALL = {n: (c, k) for n, c, _, k in TORCH_TWINS} | {n: (c, k) for n, c, k in VARIANTS}
 # one case per kernel variant family (momentum forms, centering, bias corrections, AMSGrad,
 # AdamW, eps placements, powers, per-example second moments, batch-size scaling)
-CUDA_CASES = ["sgd-momentum", "sgd-nesterov-wd", "sgd-dampening-max", "rmsprop-plain",
-              "rmsprop-centered-momentum", "rmsprop-per-example", "rmsprop-sigma2",
-              "adam-plain", "adam-amsgrad-wd", "adamw-max", "adam-lecture", "adam-none-inside",
-              "adam-per-example-sigma2", "adam-exact-scaling"]
+CUDA_CASES = [
+    "sgd-momentum",
+    "sgd-nesterov-wd",
+    "sgd-dampening-max",
+    "rmsprop-plain",
+    "rmsprop-centered-momentum",
+    "rmsprop-per-example",
+    "rmsprop-sigma2",
+    "adam-plain",
+    "adam-amsgrad-wd",
+    "adamw-max",
+    "adam-lecture",
+    "adam-none-inside",
+    "adam-per-example-sigma2",
+    "adam-exact-scaling",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +64,8 @@ def _set_grads(params, t, per_example=False):
 
 # capturable=True (Adam, RMSProp): step counts and bias corrections on the device
 MODES = [(n, "fused") for n in CUDA_CASES] + [
-    (n, "capturable") for n in CUDA_CASES if not n.startswith("sgd")]
+    (n, "capturable") for n in CUDA_CASES if not n.startswith("sgd")
+]
 
 
 @pytest.mark.parametrize("name,mode", MODES)
@@ -100,8 +113,10 @@ def test_cuda_float32_adam_matches_torch_fused():
 
 
 def test_cuda_bfloat16_with_float32_master():
-    low = [p.detach().to("cuda", torch.bfloat16).requires_grad_()
-           for p in make_params(4, torch.float32)]
+    low = [
+        p.detach().to("cuda", torch.bfloat16).requires_grad_()
+        for p in make_params(4, torch.float32)
+    ]
     ref = [p.detach().float().requires_grad_() for p in low]
     opt = sgdlab.Adam(low, lr=1e-3, fused=True)
     opt_ref = sgdlab.Adam(ref, lr=1e-3, foreach=False)
@@ -135,7 +150,6 @@ def test_cuda_grad_scaler_skips_inf():
         if t == 2:
             assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
     assert scaler.get_scale() == 2.0**9
-
 
 
 @pytest.mark.parametrize("correction", ["published", "lecture"])

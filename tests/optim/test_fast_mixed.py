@@ -21,16 +21,19 @@ pytestmark = pytest.mark.usefixtures("eager_kernels")
 
 def _params(dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g).to(dtype).requires_grad_()
-            for s in [(6, 5), (7,), (3, 2, 2)]]
+    return [
+        torch.randn(s, generator=g).to(dtype).requires_grad_() for s in [(6, 5), (7,), (3, 2, 2)]
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "cls,kwargs",
-    [(sgdlab.Adam, dict(lr=1e-3, weight_decay=0.01, decoupled_weight_decay=True)),
-     (sgdlab.SGD, dict(lr=1e-2, momentum=0.9)),
-     (sgdlab.RMSProp, dict(lr=1e-3, centered=True))],
+    [
+        (sgdlab.Adam, dict(lr=1e-3, weight_decay=0.01, decoupled_weight_decay=True)),
+        (sgdlab.SGD, dict(lr=1e-2, momentum=0.9)),
+        (sgdlab.RMSProp, dict(lr=1e-3, centered=True)),
+    ],
     ids=["adamw", "sgd", "rmsprop"],
 )
 def test_low_precision_params_follow_a_float32_master(dtype, cls, kwargs):
@@ -41,7 +44,7 @@ def test_low_precision_params_follow_a_float32_master(dtype, cls, kwargs):
     for t in range(40):
         g = torch.Generator().manual_seed(t)
         for p, q in zip(low, ref):
-            grad = (torch.sin(q.detach() * 3) + 0.3 * torch.randn(q.shape, generator=g))
+            grad = torch.sin(q.detach() * 3) + 0.3 * torch.randn(q.shape, generator=g)
             p.grad = grad.to(dtype)
             q.grad = p.grad.float()
         opt.step()
@@ -61,8 +64,9 @@ def test_low_precision_params_follow_a_float32_master(dtype, cls, kwargs):
 
 
 @pytest.mark.parametrize("write", ["load_state_dict", "clamp_", "copy_ one of two"])
-@pytest.mark.parametrize("cls", [sgdlab.Adam, sgdlab.SGD, sgdlab.RMSProp],
-                         ids=["adam", "sgd", "rmsprop"])
+@pytest.mark.parametrize(
+    "cls", [sgdlab.Adam, sgdlab.SGD, sgdlab.RMSProp], ids=["adam", "sgd", "rmsprop"]
+)
 def test_low_precision_params_written_in_place_keep_the_write(cls, write):
     """A bfloat16 parameter written in place between steps (a loaded checkpoint, weight
     clipping) gets its float32 master from the write; the other parameters keep theirs.
@@ -82,8 +86,9 @@ def test_low_precision_params_written_in_place_keep_the_write(cls, write):
     kept = [opt.state[p]["master_param"].clone() for p in params]
     with torch.no_grad():
         if write == "load_state_dict":
-            model.load_state_dict({k: torch.full_like(v, 0.5) for k, v in
-                                   model.state_dict().items()})
+            model.load_state_dict(
+                {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+            )
         elif write == "clamp_":
             for p in params:
                 p.clamp_(-0.01, 0.01)
@@ -93,8 +98,11 @@ def test_low_precision_params_written_in_place_keep_the_write(cls, write):
     ref = [w.clone().requires_grad_() for w in written]
     opt_ref = cls(ref, lr=1e-3, foreach=False)
     for q, p in zip(ref, params, strict=True):  # the reference continues from the writes
-        opt_ref.state[q] = {k: v.float().clone() if torch.is_tensor(v) else v
-                            for k, v in opt.state[p].items() if k != "master_param"}
+        opt_ref.state[q] = {
+            k: v.float().clone() if torch.is_tensor(v) else v
+            for k, v in opt.state[p].items()
+            if k != "master_param"
+        }
     step()
     for q, p in zip(ref, params, strict=True):
         q.grad = p.grad.float()
@@ -130,8 +138,10 @@ def test_grad_scaler_skips_inf_steps_and_unscales_exactly():
         if poisoned:
             model.weight.grad[1, 2] = float("inf")
             before = [p.detach().clone() for p in model.parameters()]
-            state_before = {k: v.clone() if isinstance(v, torch.Tensor) else v
-                            for k, v in state_tensors(opt).items()}
+            state_before = {
+                k: v.clone() if isinstance(v, torch.Tensor) else v
+                for k, v in state_tensors(opt).items()
+            }
         scale = scaler.get_scale()
         scaler.step(opt)
         scaler.update()
@@ -140,8 +150,11 @@ def test_grad_scaler_skips_inf_steps_and_unscales_exactly():
             for p, b in zip(model.parameters(), before):
                 assert torch.equal(p.detach(), b)
             for k, v in state_tensors(opt).items():
-                same = torch.equal(v, state_before[k]) if isinstance(v, torch.Tensor) else (
-                    v == state_before[k])
+                same = (
+                    torch.equal(v, state_before[k])
+                    if isinstance(v, torch.Tensor)
+                    else (v == state_before[k])
+                )
                 assert same, k
             continue
         ref.zero_grad()
@@ -171,7 +184,7 @@ def test_gradients_stay_views_of_the_flat_buffer():
             o.zero_grad(set_to_none=False)
             net(x).pow(2).mean().backward()
             o.step()
-        (fg,) = next(iter(opt._fast_cache.values())).fgs
+        (fg,) = next(iter(opt._fused.entries.values())).fgs
         ptr = fg.flat_grad.untyped_storage().data_ptr()
         assert all(p.grad.untyped_storage().data_ptr() == ptr for p in model.parameters())
         assert all(p.grad is v for p, v in zip(model.parameters(), fg.grad_views))
@@ -181,8 +194,10 @@ def test_gradients_stay_views_of_the_flat_buffer():
 
 def test_non_contiguous_parameter_falls_back_to_foreach():
     base = torch.randn(4, 3, dtype=torch.float64)
-    ps = [base.t().requires_grad_(),  # a transposed (non-contiguous) leaf
-          torch.randn(5, dtype=torch.float64, requires_grad=True)]
+    ps = [
+        base.t().requires_grad_(),  # a transposed (non-contiguous) leaf
+        torch.randn(5, dtype=torch.float64, requires_grad=True),
+    ]
     assert not ps[0].is_contiguous()
     qs = [p.detach().clone().requires_grad_() for p in ps]
     opt = sgdlab.Adam(ps, lr=0.05, fused=True)
@@ -192,7 +207,7 @@ def test_non_contiguous_parameter_falls_back_to_foreach():
         set_grads(qs, t)
         opt.step()
         ref.step()
-    assert not opt.__dict__.get("_fast_cache")
+    assert not opt._fused
     for p, q in zip(ps, qs):
         assert torch.max(torch.abs(p - q)).item() <= 1e-12
 
@@ -215,7 +230,7 @@ def test_param_group_added_later_and_lr_changes():
         ref.step()
     for p, q in zip(ps, qs):
         assert torch.max(torch.abs(p - q)).item() <= 1e-12
-    assert len(opt._fast_cache) == 2
+    assert len(opt._fused.entries) == 2
 
 
 def test_bad_fused_arguments():
@@ -240,8 +255,7 @@ def test_low_precision_resume_is_bit_identical():
     params = _params(torch.bfloat16, seed=3)
     opt = sgdlab.Adam(params, lr=1e-3, fused=True)
     run(opt, params, 0, 10)
-    saved = checkpoint({"params": [p.detach().clone() for p in params],
-                        "opt": opt.state_dict()})
+    saved = checkpoint({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()})
     run(opt, params, 10, 20)
     resumed = [p.clone().requires_grad_() for p in saved["params"]]
     opt2 = sgdlab.Adam(resumed, lr=1e-3, fused=True)
@@ -260,8 +274,9 @@ def test_nonfinite_policies_with_flat_buffers(nonfinite):
     buffer; a NaN is still caught before any change and named, and skipped steps change
     nothing."""
     params = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in [(3, 4), (5,)]]
-    opt = sgdlab.Adam([{"params": params[:1]}, {"params": params[1:]}], lr=0.1, fused=True,
-                      nonfinite=nonfinite)
+    opt = sgdlab.Adam(
+        [{"params": params[:1]}, {"params": params[1:]}], lr=0.1, fused=True, nonfinite=nonfinite
+    )
     for t in range(3):
         set_grads(params, t)
         opt.step()
@@ -270,11 +285,14 @@ def test_nonfinite_policies_with_flat_buffers(nonfinite):
     params[1].grad[2] = float("nan")
     assert not _fast.grads_all_finite(opt)
     before = [p.detach().clone() for p in params]
-    state_before = {k: v.clone() if isinstance(v, torch.Tensor) else v
-                    for k, v in state_tensors(opt).items()}
+    state_before = {
+        k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state_tensors(opt).items()
+    }
     if nonfinite == "raise":
-        with pytest.raises(sgdlab.optim.NonFiniteGradientError,
-                           match=r"param group 1, parameter 0 \(shape \(5,\)\): grad"):
+        with pytest.raises(
+            sgdlab.optim.NonFiniteGradientError,
+            match=r"param group 1, parameter 0 \(shape \(5,\)\): grad",
+        ):
             opt.step()
     else:
         opt.step()
@@ -282,16 +300,21 @@ def test_nonfinite_policies_with_flat_buffers(nonfinite):
     for p, b in zip(params, before):
         assert torch.equal(p.detach(), b)
     for k, v in state_tensors(opt).items():
-        assert torch.equal(v, state_before[k]) if isinstance(v, torch.Tensor) else (
-            v == state_before[k])
+        assert (
+            torch.equal(v, state_before[k])
+            if isinstance(v, torch.Tensor)
+            else (v == state_before[k])
+        )
 
 
 def test_gradient_views_of_other_buffers_are_left_in_place():
     """A gradient that is a view of someone else's buffer (DDP's bucket views) is copied from,
     never replaced; a plain gradient is replaced by the flat buffer's view."""
     bucket = torch.zeros(12, dtype=torch.float64)
-    ps = [torch.randn(3, 2, dtype=torch.float64, requires_grad=True),
-          torch.randn(6, dtype=torch.float64, requires_grad=True)]
+    ps = [
+        torch.randn(3, 2, dtype=torch.float64, requires_grad=True),
+        torch.randn(6, dtype=torch.float64, requires_grad=True),
+    ]
     qs = [p.detach().clone().requires_grad_() for p in ps]
     opt = sgdlab.SGD(ps, lr=0.1, momentum=0.5, fused=True)
     ref = sgdlab.SGD(qs, lr=0.1, momentum=0.5, foreach=False)
@@ -327,8 +350,8 @@ def test_adam_parameters_with_different_step_counts_take_the_foreach_path():
         ref.step()
         ptrs.append(ps[0].data_ptr())
     assert len(set(ptrs[4:])) == 1  # no rebuild after the desynchronisation
-    assert id(opt.param_groups[0]) not in opt._fast_cache
-    assert id(opt.param_groups[1]) in opt._fast_cache
+    assert id(opt.param_groups[0]) not in opt._fused.entries
+    assert id(opt.param_groups[1]) in opt._fused.entries
     for p, q in zip(ps, qs):
         assert torch.max(torch.abs(p - q)).item() <= 1e-12
 

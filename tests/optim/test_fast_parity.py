@@ -77,8 +77,7 @@ def test_fused_resume_is_bit_identical(name, cls, kwargs):
     params = make_params(11)
     opt = cls(param_groups(params, cls), fused=True, **kwargs)
     run(opt, params, 0, 20)
-    saved = checkpoint({"params": [p.detach().clone() for p in params],
-                        "opt": opt.state_dict()})
+    saved = checkpoint({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()})
     run(opt, params, 20, 40)
     resumed = [p.clone().requires_grad_() for p in saved["params"]]
     opt2 = cls(param_groups(resumed, cls), fused=True, **kwargs)
@@ -89,6 +88,9 @@ def test_fused_resume_is_bit_identical(name, cls, kwargs):
     s1, s2 = state_tensors(opt), state_tensors(opt2)
     assert s1.keys() == s2.keys()
     for key in s1:
-        same = torch.equal(s1[key], s2[key]) if isinstance(s1[key], torch.Tensor) else (
-            s1[key] == s2[key])
+        same = (
+            torch.equal(s1[key], s2[key])
+            if isinstance(s1[key], torch.Tensor)
+            else (s1[key] == s2[key])
+        )
         assert same, key

@@ -1,8 +1,8 @@
 """The lecture's three forms of momentum coincide in float64 (REFERENCE.md "Momentum forms"):
 
-    v = (1 - 1/N_g) v + eta g,  Phi -= v
-    Phi -= N_g eta mu,  mu = (1 - 1/N_g) mu + (1/N_g) g     (mu_0 = 0)
-    torch.optim.SGD(lr=eta, momentum=1 - 1/N_g)  ==  sgdlab.SGD(...)
+v = (1 - 1/N_g) v + eta g,  Phi -= v
+Phi -= N_g eta mu,  mu = (1 - 1/N_g) mu + (1/N_g) g     (mu_0 = 0)
+torch.optim.SGD(lr=eta, momentum=1 - 1/N_g)  ==  sgdlab.SGD(...)
 """
 
 from __future__ import annotations

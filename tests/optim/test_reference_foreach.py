@@ -48,8 +48,10 @@ def test_foreach_handles_mixed_dtypes():
     """Tensors of different dtypes go to separate foreach calls, each matching the reference."""
     import sgdlab
 
-    ps = [torch.randn(4, dtype=torch.float64, requires_grad=True),
-          torch.randn(3, dtype=torch.float32, requires_grad=True)]
+    ps = [
+        torch.randn(4, dtype=torch.float64, requires_grad=True),
+        torch.randn(3, dtype=torch.float32, requires_grad=True),
+    ]
     qs = [p.detach().clone().requires_grad_() for p in ps]
     a = sgdlab.Adam(ps, lr=0.1, foreach=True)
     b = sgdlab.Adam(qs, lr=0.1, foreach=False)

@@ -36,8 +36,7 @@ def test_resume_is_bit_identical(name, cls, kwargs):
     params = make_params(11)
     opt = cls(param_groups(params, cls), **kwargs)
     run(opt, params, 0, 30)
-    saved = checkpoint({"params": [p.detach().clone() for p in params],
-                         "opt": opt.state_dict()})
+    saved = checkpoint({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()})
     run(opt, params, 30, 60)
 
     resumed = [p.clone().requires_grad_() for p in saved["params"]]
@@ -49,8 +48,11 @@ def test_resume_is_bit_identical(name, cls, kwargs):
     s1, s2 = state_tensors(opt), state_tensors(opt2)
     assert s1.keys() == s2.keys()
     for key in s1:
-        same = torch.equal(s1[key], s2[key]) if isinstance(s1[key], torch.Tensor) else (
-            s1[key] == s2[key])
+        same = (
+            torch.equal(s1[key], s2[key])
+            if isinstance(s1[key], torch.Tensor)
+            else (s1[key] == s2[key])
+        )
         assert same, key
 
 
@@ -95,16 +97,20 @@ def test_nonfinite_gradient_raises_and_changes_nothing(name, cls, kwargs, bad):
     set_grads(params, 3, per_example)
     params[3].grad[0] = bad
     before = [p.detach().clone() for p in params]
-    state_before = {k: v.clone() if isinstance(v, torch.Tensor) else v
-                    for k, v in state_tensors(opt).items()}
+    state_before = {
+        k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state_tensors(opt).items()
+    }
     where = r"param group 1, parameter 1 \(shape \(1,\)\)"
     with pytest.raises(NonFiniteGradientError, match=where):
         opt.step()
     for p, b in zip(params, before):
         assert torch.equal(p.detach(), b)
     for k, v in state_tensors(opt).items():
-        assert torch.equal(v, state_before[k]) if isinstance(v, torch.Tensor) else (
-            v == state_before[k])
+        assert (
+            torch.equal(v, state_before[k])
+            if isinstance(v, torch.Tensor)
+            else (v == state_before[k])
+        )
 
 
 @pytest.mark.parametrize("name,cls,kwargs", CASES, ids=[c[0] for c in CASES])
@@ -117,15 +123,19 @@ def test_nonfinite_skip_leaves_everything_untouched(name, cls, kwargs):
     set_grads(params, 1, per_example)
     params[0].grad[1, 1] = float("nan")
     before = [p.detach().clone() for p in params]
-    state_before = {k: v.clone() if isinstance(v, torch.Tensor) else v
-                    for k, v in state_tensors(opt).items()}
+    state_before = {
+        k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state_tensors(opt).items()
+    }
     opt.step()
     assert opt.skipped_steps == 1
     for p, b in zip(params, before):
         assert torch.equal(p.detach(), b)
     for k, v in state_tensors(opt).items():
-        assert torch.equal(v, state_before[k]) if isinstance(v, torch.Tensor) else (
-            v == state_before[k])
+        assert (
+            torch.equal(v, state_before[k])
+            if isinstance(v, torch.Tensor)
+            else (v == state_before[k])
+        )
 
 
 def test_nonfinite_second_moment_is_caught():
@@ -139,8 +149,9 @@ def test_nonfinite_second_moment_is_caught():
 
 def test_missing_second_moment_is_a_clear_error_before_any_change():
     params = make_params(16)
-    opt = sgdlab.RMSProp([{"params": params[:2]}, {"params": params[2:]}],
-                         second_moment="per_example")
+    opt = sgdlab.RMSProp(
+        [{"params": params[:2]}, {"params": params[2:]}], second_moment="per_example"
+    )
     set_grads(params, 0, per_example=True)
     del params[3].grad_second_moment
     before = [p.detach().clone() for p in params]
@@ -183,8 +194,7 @@ def test_bad_hyperparameters_raise_at_construction(cls, kwargs, pattern):
 def test_bad_param_group_is_rejected():
     opt = sgdlab.Adam([torch.zeros(2, requires_grad=True)])
     with pytest.raises(ValueError, match=r"betas\[0\] must satisfy"):
-        opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)],
-                             "betas": (-0.1, 0.9)})
+        opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "betas": (-0.1, 0.9)})
 
 
 def test_set_batch_size_validates():
@@ -195,8 +205,11 @@ def test_set_batch_size_validates():
 
 @pytest.mark.parametrize(
     ("ours", "theirs"),
-    [(sgdlab.SGD, torch.optim.SGD), (sgdlab.RMSProp, torch.optim.RMSprop),
-     (sgdlab.Adam, torch.optim.Adam)],
+    [
+        (sgdlab.SGD, torch.optim.SGD),
+        (sgdlab.RMSProp, torch.optim.RMSprop),
+        (sgdlab.Adam, torch.optim.Adam),
+    ],
 )
 def test_every_torch_keyword_is_accepted_at_its_default(ours, theirs):
     """Drop-in: a call that spells out every argument of the torch namesake at its default
@@ -205,8 +218,11 @@ def test_every_torch_keyword_is_accepted_at_its_default(ours, theirs):
     import inspect
 
     sig = inspect.signature(theirs.__init__)
-    kwargs = {n: p.default for n, p in sig.parameters.items()
-              if n not in ("self", "params") and p.default is not inspect.Parameter.empty}
+    kwargs = {
+        n: p.default
+        for n, p in sig.parameters.items()
+        if n not in ("self", "params") and p.default is not inspect.Parameter.empty
+    }
     w = torch.nn.Parameter(torch.ones(3))
     opt = ours([w], **kwargs)
     assert opt.param_groups[0]["lr"] == kwargs["lr"]
@@ -224,14 +240,16 @@ def test_numpy_integers_are_batch_sizes():
     from sgdlab import dynamics
 
     params = make_params(0)
-    opt = sgdlab.SGD(params, lr=0.1, momentum=0.9, ref_batch_size=np.int64(8),
-                     batch_size=np.int32(16))
+    opt = sgdlab.SGD(
+        params, lr=0.1, momentum=0.9, ref_batch_size=np.int64(8), batch_size=np.int32(16)
+    )
     set_grads(params, 0)
     opt.step(batch_size=np.int64(32))
     assert opt.param_groups[0]["batch_size"] == 32
     assert type(opt.param_groups[0]["batch_size"]) is int
-    assert dynamics.excess_loss(1.0, 1.0, 0.1, np.int64(4)) == dynamics.excess_loss(1.0, 1.0,
-                                                                                     0.1, 4)
+    assert dynamics.excess_loss(1.0, 1.0, 0.1, np.int64(4)) == dynamics.excess_loss(
+        1.0, 1.0, 0.1, 4
+    )
 
 
 def _stepped(cls, seed=20, steps=3, **kwargs):
@@ -303,8 +321,11 @@ def test_load_state_dict_checks_each_state_entry_before_any_change(key, value, p
         (dict(cls=torch.optim.SGD, lr=0.1, momentum=0.9), sgdlab.Adam),
         (dict(cls=torch.optim.Adam), sgdlab.RMSProp),
     ],
-    ids=lambda x: x["cls"].__module__.split(".")[0] + "." + x["cls"].__name__
-    if isinstance(x, dict) else x.__name__,
+    ids=lambda x: (
+        x["cls"].__module__.split(".")[0] + "." + x["cls"].__name__
+        if isinstance(x, dict)
+        else x.__name__
+    ),
 )
 def test_a_state_of_another_optimizer_class_is_refused(source, target):
     """Such a state was adopted with its moments silently dropped (an SGD state in Adam
@@ -420,8 +441,11 @@ def test_state_dict_round_trips_through_load_state_dict(name, cls, kwargs):
 
 @pytest.mark.parametrize(
     ("ours", "theirs"),
-    [(sgdlab.SGD, torch.optim.SGD), (sgdlab.RMSProp, torch.optim.RMSprop),
-     (sgdlab.Adam, torch.optim.Adam)],
+    [
+        (sgdlab.SGD, torch.optim.SGD),
+        (sgdlab.RMSProp, torch.optim.RMSprop),
+        (sgdlab.Adam, torch.optim.Adam),
+    ],
 )
 def test_positional_arguments_follow_torch(ours, theirs):
     """RMSProp took capturable, foreach, maximize and differentiable by keyword only, where
@@ -430,8 +454,11 @@ def test_positional_arguments_follow_torch(ours, theirs):
 
     def positional(cls):
         sig = inspect.signature(cls.__init__)
-        return [(n, p.default) for n, p in sig.parameters.items()
-                if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and n != "self"]
+        return [
+            (n, p.default)
+            for n, p in sig.parameters.items()
+            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and n != "self"
+        ]
 
     assert positional(ours) == positional(theirs)
     if ours is sgdlab.RMSProp:

@@ -78,10 +78,12 @@ MOMENTUM_TWINS = [
 
 @pytest.mark.parametrize("path", ["reference", "fused"])
 @pytest.mark.parametrize("how", ["OneCycleLR", "by hand"])
-@pytest.mark.parametrize("name,ours_name,theirs_name,kwargs", MOMENTUM_TWINS,
-                         ids=[c[0] for c in MOMENTUM_TWINS])
-def test_momentum_changed_by_a_scheduler_matches_torch(name, ours_name, theirs_name, kwargs,
-                                                       how, path):
+@pytest.mark.parametrize(
+    "name,ours_name,theirs_name,kwargs", MOMENTUM_TWINS, ids=[c[0] for c in MOMENTUM_TWINS]
+)
+def test_momentum_changed_by_a_scheduler_matches_torch(
+    name, ours_name, theirs_name, kwargs, how, path
+):
     """A momentum that a scheduler cycles (OneCycleLR's default) or that is set by hand, down
     to 0 and back, keeps the buffer as torch does; only a change of batch size carries it
     over (the buffer was rescaled on every change: 0.64 off after 20 OneCycleLR steps)."""
@@ -90,8 +92,11 @@ def test_momentum_changed_by_a_scheduler_matches_torch(name, ours_name, theirs_n
     def run(cls, **extra):
         p = make_params(3)
         opt = cls(param_groups(p, getattr(sgdlab, ours_name)), **kwargs, **extra)
-        sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=20)
-                 if how == "OneCycleLR" else None)
+        sched = (
+            torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=20)
+            if how == "OneCycleLR"
+            else None
+        )
         for t in range(20):
             set_grads(p, t)
             if sched is None:

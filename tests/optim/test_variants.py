@@ -25,8 +25,9 @@ def _one_step(opt_cls, **kwargs):
 @pytest.mark.parametrize("power", [0.5, 1.0, 0.75])
 def test_rmsprop_first_step_closed_form(placement, power):
     lr, alpha, eps = 0.01, 0.9, 1e-3
-    got = _one_step(sgdlab.RMSProp, lr=lr, alpha=alpha, eps=eps, power=power,
-                    eps_placement=placement)
+    got = _one_step(
+        sgdlab.RMSProp, lr=lr, alpha=alpha, eps=eps, power=power, eps_placement=placement
+    )
     s = (1 - alpha) * G * G
     denom = s**power + eps if placement == "outside" else (s + eps) ** power
     assert torch.allclose(got, -lr * G / denom, rtol=1e-14, atol=0)
@@ -63,8 +64,9 @@ def test_lecture_correction_gives_exact_means_until_the_horizon():
         if t <= n_g:
             assert torch.allclose(st["exp_avg"], torch.stack(grads[:t]).mean(0), rtol=1e-13)
         if t <= n_s:
-            assert torch.allclose(st["exp_avg_sq"], (torch.stack(grads[:t]) ** 2).mean(0),
-                                  rtol=1e-13)
+            assert torch.allclose(
+                st["exp_avg_sq"], (torch.stack(grads[:t]) ** 2).mean(0), rtol=1e-13
+            )
         mu = mu + (g - mu) / min(t, n_g)
         assert torch.allclose(st["exp_avg"], mu, rtol=1e-13)
 
@@ -89,15 +91,17 @@ def test_per_example_second_moment_with_weight_decay(maximize, wd):
     per = torch.randn(5, 3, 2, generator=gen, dtype=torch.float64)
     p = p0.clone().requires_grad_()
     alpha = 0.9
-    opt = sgdlab.RMSProp([p], lr=1e-2, alpha=alpha, weight_decay=wd, maximize=maximize,
-                         second_moment="per_example")
+    opt = sgdlab.RMSProp(
+        [p], lr=1e-2, alpha=alpha, weight_decay=wd, maximize=maximize, second_moment="per_example"
+    )
     p.grad = per.mean(0)
     p.grad_second_moment = (per * per).mean(0)
     opt.step()
     sign = -1.0 if maximize else 1.0
     e = sign * per + wd * p0
-    assert torch.allclose(opt.state[p]["square_avg"], (1 - alpha) * (e * e).mean(0),
-                          rtol=1e-14, atol=0)
+    assert torch.allclose(
+        opt.state[p]["square_avg"], (1 - alpha) * (e * e).mean(0), rtol=1e-14, atol=0
+    )
 
 
 def test_per_example_moment_is_batch_size_invariant_where_batch_moment_is_not():
@@ -122,9 +126,15 @@ def test_adamw_per_example_moment_has_no_decay_terms():
     per = torch.randn(6, 4, generator=gen, dtype=torch.float64)
     for decoupled in (False, True):
         p = p0.clone().requires_grad_()
-        opt = sgdlab.Adam([p], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.2,
-                          decoupled_weight_decay=decoupled, second_moment="per_example",
-                          bias_correction="none")
+        opt = sgdlab.Adam(
+            [p],
+            lr=1e-2,
+            betas=(0.9, 0.99),
+            weight_decay=0.2,
+            decoupled_weight_decay=decoupled,
+            second_moment="per_example",
+            bias_correction="none",
+        )
         p.grad = per.mean(0)
         p.grad_second_moment = (per * per).mean(0)
         opt.step()

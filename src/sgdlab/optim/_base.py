@@ -17,6 +17,9 @@ from torch.optim import Optimizer
 
 from sgdlab import hyper as _hyper
 from sgdlab._validation import check_batch_size, check_choice, check_finite, check_nonnegative
+from sgdlab.optim._common import group_indices, scalar_dtype
+from sgdlab.optim._fast import FusedKernel, FusedState, grads_all_finite
+from sgdlab.optim._fast.flat import restore_float32_state
 
 __all__ = [
     "BatchScaledOptimizer",
@@ -38,19 +41,6 @@ NONFINITE_POLICIES = ("raise", "skip", "ignore")
 class NonFiniteGradientError(FloatingPointError):
     """A gradient (or per-example second moment) holds NaN or inf; raised before any update,
     so parameters and optimizer state are untouched."""
-
-
-def scalar_dtype() -> torch.dtype:
-    """The dtype torch.optim uses for ``state['step']`` (float64 under a float64 default)."""
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def group_indices(params: list[torch.Tensor]) -> list[list[int]]:
-    """Indices of ``params`` grouped by (device, dtype), for the foreach kernels."""
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, p in enumerate(params):
-        groups.setdefault((p.device, p.dtype), []).append(i)
-    return list(groups.values())
 
 
 def hyper_scalar(name: str, value: Any) -> float:
@@ -169,6 +159,8 @@ class BatchScaledOptimizer(Optimizer):
     _state_required: tuple[str, ...] = ()
     #: keys every saved param group holds (the namesake's options that torch never defaults)
     _group_required: tuple[str, ...] = ("lr",)
+    #: the algorithm's fused step (``fused=True``); ``None`` for an optimizer without one
+    _fused_kernel: FusedKernel | None = None
 
     def __init__(
         self,
@@ -210,6 +202,8 @@ class BatchScaledOptimizer(Optimizer):
         if capturable is not False:
             defaults["capturable"] = capturable
         self.nonfinite = nonfinite
+        #: the fused path's flat buffers (their one owner; :meth:`_drop_fused` rebuilds)
+        self._fused = FusedState(self._fused_kernel)
         #: number of steps skipped because of non-finite gradients (``nonfinite="skip"``)
         self.skipped_steps = 0
         super().__init__(params, defaults)
@@ -241,15 +235,14 @@ class BatchScaledOptimizer(Optimizer):
         return []
 
     # ------------------------------------------------------------------ torch plumbing
-    def _drop_fast_cache(self) -> None:
+    def _drop_fused(self) -> None:
         """Let the fused path rebuild its flat buffers at the next step, after writing the
         device-side counters of capturable groups (Adam's debiasing products and lecture
         counts) back into the state, which the rebuild starts from."""
-        if self.__dict__.get("_fast_cache"):
-            from sgdlab.optim._fast import sync_host_state
-
-            sync_host_state(self)
-        self.__dict__.pop("_fast_cache", None)
+        fused = self.__dict__.get("_fused")
+        if fused is not None:
+            fused.drop()
+        self._fused = FusedState(self._fused_kernel)
 
     def _check_group(self, group: dict[str, Any], nonfinite: str | None) -> None:
         """Check (and normalise) every option of a param group: the constructor's arguments,
@@ -296,7 +289,7 @@ class BatchScaledOptimizer(Optimizer):
         except Exception:
             self.param_groups.pop()  # a refused group leaves the optimizer as it was
             raise
-        self._drop_fast_cache()
+        self._drop_fused()
 
     def _check_state(
         self, gi: int, pi: int, p: torch.Tensor, st: dict[str, Any], group: dict[str, Any]
@@ -333,9 +326,7 @@ class BatchScaledOptimizer(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # pickle and deepcopy: the options set at construction travel with the state
-        from sgdlab.optim._fast import sync_host_state
-
-        sync_host_state(self)
+        self._fused.sync()
         state = super().__getstate__()
         state.update(nonfinite=self.nonfinite, skipped_steps=self.skipped_steps)
         return state
@@ -367,16 +358,14 @@ class BatchScaledOptimizer(Optimizer):
         super().__setstate__(state)
         if not had_differentiable:  # torch adds it; sgdlab's defaults round-trip unchanged
             self.defaults.pop("differentiable", None)
-        self.__dict__.pop("_fast_cache", None)  # flat buffers are rebuilt from the new state
+        self._fused = FusedState(self._fused_kernel)  # rebuilt from the new state
         self.__dict__.setdefault("nonfinite", "raise")
         self.__dict__.setdefault("skipped_steps", 0)
 
     def state_dict(self) -> dict[str, Any]:
         # capturable groups keep their debiasing counters on the device: copy them into the
         # state first (the step counts are views of the device tensor already)
-        from sgdlab.optim._fast import sync_host_state
-
-        sync_host_state(self)
+        self._fused.sync()
         state_dict = super().state_dict()
         # as torch.optim's: no entry for a parameter without state (the step may look one up)
         state_dict["state"] = {k: v for k, v in state_dict["state"].items() if v}
@@ -392,8 +381,6 @@ class BatchScaledOptimizer(Optimizer):
         dtype and device; a state dict of another optimizer class is refused."""
         super().load_state_dict(state_dict)
         # float32 state of low-precision parameters (fused path) stays float32
-        from sgdlab.optim._fast.flat import restore_float32_state
-
         restore_float32_state(self, state_dict)
 
     # ------------------------------------------------------------------ batch size
@@ -462,7 +449,7 @@ class BatchScaledOptimizer(Optimizer):
                     continue
                 if new == 0.0 or prev == 0.0:
                     del self.state[p]["momentum_buffer"]
-                    self._drop_fast_cache()
+                    self._drop_fused()
                 else:
                     buf.mul_((1.0 - prev) / (1.0 - new))
         group["momentum_in_use"] = new
@@ -483,14 +470,19 @@ class BatchScaledOptimizer(Optimizer):
             return False
         return bool(group.get("fused") or group.get("capturable"))
 
+    def _step_fused(
+        self, group: dict[str, Any], hp: dict[str, Any], params: list[torch.Tensor]
+    ) -> bool:
+        """Step ``group`` on the fused path when it is on and applies (``True``); else change
+        nothing, drop the group's flat buffers and return ``False``."""
+        return self._fused.update(self, group, hp, params, self._use_fused(group, params))
+
     def _find_nonfinite(self) -> str | None:
         """Describe the first parameter whose gradient (or extra statistic) is not finite.
 
         One max-abs reduction per tensor (NaN propagates) and one host sync for the step;
         the description is only formatted when something is found."""
         if any(group.get("fused") for group in self.param_groups):
-            from sgdlab.optim._fast import grads_all_finite
-
             if grads_all_finite(self):  # one reduction over each flat gradient buffer
                 return None
         tensors: list[torch.Tensor] = []

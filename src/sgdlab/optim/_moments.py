@@ -23,11 +23,16 @@ REFERENCE.md erratum 8). ``s_hat = s / c2`` with ``c2`` Adam's bias correction (
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 __all__ = [
     "as_real",
+    "check_power",
+    "power_form",
+    "flat_denominator",
+    "flat_per_example",
     "EPS_PLACEMENTS",
     "SECOND_MOMENTS",
     "missing_second_moment_error",
@@ -40,6 +45,65 @@ __all__ = [
 
 EPS_PLACEMENTS = ("outside", "inside")
 SECOND_MOMENTS = ("batch", "per_example")
+
+
+def check_power(power: Any) -> float:
+    """``power`` as a float in (0, 1] (0.5: divide by sigma; 1: divide by sigma^2)."""
+    if isinstance(power, bool) or not isinstance(power, int | float) or not 0 < power <= 1:
+        raise ValueError(
+            f"power must be a number in (0, 1] (0.5: sigma, 1: sigma^2), got {power!r}"
+        )
+    return float(power)
+
+
+def power_form(power: float) -> str:
+    """The structural form of ``power`` in a fused kernel: ``"half"``, ``"one"`` or
+    ``"general"`` (the value then read from the scalar vector)."""
+    return "half" if power == 0.5 else "one" if power == 1.0 else "general"
+
+
+def flat_denominator(
+    s: torch.Tensor,
+    eps: torch.Tensor,
+    power: torch.Tensor,
+    c2: torch.Tensor | None,
+    sqrt_c2: torch.Tensor | None,
+    *,
+    form: str,
+    placement: str,
+) -> torch.Tensor:
+    """:func:`denominator` inside a fused kernel (0-d tensor scalars, same operations in the
+    same order); ``form`` as :func:`power_form`, ``c2``/``sqrt_c2`` Adam's bias correction
+    (``None``: uncorrected)."""
+    if form == "half" and placement == "outside":
+        d = s.sqrt()
+        if sqrt_c2 is not None:
+            d = d / sqrt_c2
+        return d + eps
+    shat = s / c2 if c2 is not None else s
+    if placement == "inside":
+        shat = shat + eps
+        if form == "half":
+            return shat.sqrt()
+        return shat if form == "one" else shat.pow(power)
+    if form == "general":
+        shat = shat.pow(power)
+    return shat + eps
+
+
+def flat_per_example(
+    m2: torch.Tensor,
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    two_sign_wd: torch.Tensor,
+    wd2: torch.Tensor,
+    weight_decay: bool,
+) -> torch.Tensor:
+    """:func:`per_example_second_moment` inside a fused kernel: ``m2 + 2 s wd p g + wd^2 p^2``
+    with the raw gradient ``g`` (``m2`` alone without weight decay)."""
+    if not weight_decay:
+        return m2
+    return m2 + two_sign_wd * x * grad + wd2 * x * x
 
 
 def as_real(tensors: list) -> list:
@@ -134,7 +198,7 @@ def denominator(
 
 
 def denominators_foreach(
-    s: list[torch.Tensor],
+    s: list[torch.Tensor] | tuple[torch.Tensor, ...],
     *,
     eps: float,
     power: float,
@@ -143,13 +207,13 @@ def denominators_foreach(
 ) -> list[torch.Tensor]:
     """:func:`denominator` for a list of tensors with per-tensor bias corrections."""
     if power == 0.5 and placement == "outside":
-        d = torch._foreach_sqrt(s)
+        d = list(torch._foreach_sqrt(s))
         if bias_corrections is not None:
             torch._foreach_div_(d, [math.sqrt(c) for c in bias_corrections])
         torch._foreach_add_(d, eps)
         return d
     if bias_corrections is not None:
-        shat = torch._foreach_div(s, bias_corrections)
+        shat = list(torch._foreach_div(s, bias_corrections))
     else:
         shat = [t.clone() for t in s]
     if placement == "inside":

@@ -29,7 +29,8 @@ averages. ``q`` and ``D`` are as in :mod:`sgdlab.optim._moments` (``second_momen
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -37,29 +38,38 @@ import torch
 from sgdlab import hyper as _hyper
 from sgdlab._validation import check_choice, check_horizon, check_positive
 from sgdlab.averages import lecture_count
-from sgdlab.optim import _fast
 from sgdlab.optim._base import (
     BatchScaledOptimizer,
     check_hyper,
     check_sparse,
     check_torch_only_flags,
-    group_indices,
     hyper_scalar,
-    scalar_dtype,
 )
+from sgdlab.optim._common import group_indices, scalar_dtype
+from sgdlab.optim._fast import FlatGroup, FusedKernel, write_param
 from sgdlab.optim._moments import (
     EPS_PLACEMENTS,
     SECOND_MOMENTS,
     as_real,
+    check_power,
     check_second_moments,
     denominator,
     denominators_foreach,
+    flat_denominator,
+    flat_per_example,
     per_example_second_moment,
+    power_form,
     second_moment_tensors,
 )
-from sgdlab.optim.rmsprop import _check_power
 
-__all__ = ["Adam", "BIAS_CORRECTIONS", "adam_reference", "adam_foreach", "AdamScalars"]
+__all__ = [
+    "Adam",
+    "AdamKernel",
+    "AdamScalars",
+    "BIAS_CORRECTIONS",
+    "adam_foreach",
+    "adam_reference",
+]
 
 BIAS_CORRECTIONS = ("published", "lecture", "none")
 
@@ -97,10 +107,12 @@ def adam_scalars(
     if bias_correction == "lecture":
         # Effective counts n_t = min(N_t, n_{t-1} + 1) (= min(N, t) for a fixed horizon);
         # sgdlab.averages.lecture_count owns the rule for horizons that change.
-        n1 = lecture_count(state.get("lecture_count1", min(t - 1.0, 1.0 / (1.0 - beta1))),
-                           1.0 / (1.0 - beta1))
-        n2 = lecture_count(state.get("lecture_count2", min(t - 1.0, 1.0 / (1.0 - beta2))),
-                           1.0 / (1.0 - beta2))
+        n1 = lecture_count(
+            state.get("lecture_count1", min(t - 1.0, 1.0 / (1.0 - beta1))), 1.0 / (1.0 - beta1)
+        )
+        n2 = lecture_count(
+            state.get("lecture_count2", min(t - 1.0, 1.0 / (1.0 - beta2))), 1.0 / (1.0 - beta2)
+        )
         state["lecture_count1"], state["lecture_count2"] = n1, n2
         return AdamScalars(1.0 / n1, 1.0 - 1.0 / n2, 1.0 / n2, 1.0, 1.0)
     if bias_correction == "none":
@@ -158,8 +170,7 @@ def adam_reference(
             assert mx is not None
             torch.maximum(mx, s, out=mx)
             s = mx
-        denom = denominator(s, eps=eps, power=power, placement=eps_placement,
-                            bias_correction=sc.c2)
+        denom = denominator(s, eps=eps, power=power, placement=eps_placement, bias_correction=sc.c2)
         p.addcdiv_(exp_avgs[i], denom, value=-(lr / sc.c1))
 
 
@@ -210,10 +221,235 @@ def adam_foreach(
         s = mx
     c2 = [x.c2 for x in scalars]
     denom = denominators_foreach(
-        s, eps=eps, power=power, placement=eps_placement,
+        s,
+        eps=eps,
+        power=power,
+        placement=eps_placement,
         bias_corrections=None if all(c == 1.0 for c in c2) else c2,
     )
     torch._foreach_addcdiv_(params, exp_avgs, denom, [-(lr / x.c1) for x in scalars])
+
+
+_HOST_KEYS = ("beta1_prod", "beta2_prod", "lecture_count1", "lecture_count2")
+
+
+class _AdamHost:
+    """The host-side Adam state of one flat group, shared by all its parameters: ``mirror``
+    (step count and debiasing products, advanced by :func:`adam_scalars`), and for capturable
+    steps ``counters`` (the same on the device, float64: beta1 product, beta2 product,
+    lecture counts 1 and 2) with the ``correction`` they were started for."""
+
+    __slots__ = ("mirror", "counters", "correction")
+
+    def __init__(self, mirror: dict[str, Any]) -> None:
+        self.mirror = mirror
+        self.counters: torch.Tensor | None = None
+        self.correction: str | None = None
+
+
+def _host_signature(st: dict[str, Any], step: float) -> tuple:
+    return (step,) + tuple(st.get(k) for k in _HOST_KEYS)
+
+
+def _step_of(st: dict[str, Any]) -> float:
+    t = st.get("step")
+    return float(t.item()) if isinstance(t, torch.Tensor) else float(t or 0.0)
+
+
+class AdamKernel(FusedKernel):
+    r"""Adam's fused step: :func:`adam_reference` on one flat buffer.
+
+    The bias corrections are per flat group: all its parameters must share their step count
+    and debiasing products (else :meth:`accepts` declines and the group takes the foreach
+    path). Capturable steps advance the counts and corrections on the device, in float64,
+    with the arithmetic of :func:`adam_scalars` (extra arguments ``steps``, ``counters``,
+    ``hp`` = (lr, beta1, beta2, N1, N2, eps)). With ``power = 1/2`` outside the root the step
+    is ``(lr sqrt(c2)/c1) m / (sqrt(v) + eps sqrt(c2))``: one division per element, equal to
+    the reference up to rounding."""
+
+    name = "adam"
+    scalars = ("wd", "decay", "w1", "d2", "w2", "c2", "sqrt_c2", "eps", "power", "step_size",
+               "two_sign_wd", "wd2", "eps_sqrt_c2", "step_size_sqrt_c2")  # fmt: skip
+    buffers = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    counts_steps = True
+
+    def keys(self, hp: dict[str, Any]) -> dict[str, str]:
+        keys = {"exp_avg": "zeros", "exp_avg_sq": "zeros"}
+        if hp["amsgrad"]:
+            keys["max_exp_avg_sq"] = "zeros"
+        return keys
+
+    def accepts(self, state: dict, params: list[torch.Tensor]) -> bool:
+        """All ``params`` share step count and debiasing products (a group whose parameters
+        missed different steps goes to the foreach path, step after step, without
+        rebuilding)."""
+        sigs = set()
+        for p in params:
+            st = state[p] if p in state else {}
+            sigs.add(_host_signature(st, _step_of(st)) if "exp_avg" in st else (0.0,))
+            if len(sigs) > 1:
+                return False
+        return True
+
+    def adopt(self, fg: FlatGroup) -> bool:
+        if fg.host is None:
+            sigs = {_host_signature(st, t) for st, t in zip(fg.state_dicts, fg.steps.tolist())}
+            if len(sigs) != 1:
+                return False
+            (sig,) = sigs
+            mirror: dict[str, Any] = {"step": torch.tensor(sig[0], dtype=scalar_dtype())}
+            mirror.update({k: v for k, v in zip(_HOST_KEYS, sig[1:]) if v is not None})
+            fg.host = _AdamHost(mirror)
+        return True
+
+    def options(self, hp: dict[str, Any], fg: FlatGroup) -> tuple[tuple[str, Any], ...]:
+        opts: tuple[tuple[str, Any], ...] = (
+            ("maximize", bool(hp["maximize"])),
+            ("weight_decay", hp["weight_decay"] != 0),
+            ("decoupled", bool(hp["decoupled_weight_decay"])),
+            ("amsgrad", bool(hp["amsgrad"])),
+            ("power", power_form(hp["power"])),
+            ("eps_placement", hp["eps_placement"]),
+            ("corrected", hp["bias_correction"] == "published"),
+        )
+        if hp.get("capturable"):
+            opts += (("capturable", True), ("correction", hp["bias_correction"]))
+        return opts
+
+    def values(self, hp: dict[str, Any], fg: FlatGroup) -> dict[str, float]:
+        beta1, beta2 = hp["betas"]
+        wd, lr, eps = hp["weight_decay"], hp["lr"], hp["eps"]
+        sign = -1.0 if hp["maximize"] else 1.0
+        values = dict(wd=wd, decay=1 - lr * wd, eps=eps, power=hp["power"],
+                      two_sign_wd=2.0 * sign * wd, wd2=wd**2)  # fmt: skip
+        host: _AdamHost = fg.host
+        if hp.get("capturable"):
+            self._start_counters(hp, fg, host)
+            return values
+        s = adam_scalars(host.mirror, beta1, beta2, hp["bias_correction"], hp["rebase_betas"])
+        for k in _HOST_KEYS:
+            if k in host.mirror:
+                for st in fg.state_dicts:
+                    st[k] = host.mirror[k]
+        root = math.sqrt(s.c2)
+        values.update(w1=s.w1, d2=s.d2, w2=s.w2, c2=s.c2, sqrt_c2=root,
+                      step_size=-(lr / s.c1), eps_sqrt_c2=eps * root,
+                      step_size_sqrt_c2=-(lr / s.c1) * root)  # fmt: skip
+        return values
+
+    @staticmethod
+    def _start_counters(hp: dict[str, Any], fg: FlatGroup, host: _AdamHost) -> None:
+        """Start the device counters from the state (host values, or a torch checkpoint's step
+        count with constant betas), as :func:`adam_scalars` would; restart the products from
+        ``beta^t`` when a scheduler moved the betas."""
+        beta1, beta2 = hp["betas"]
+        correction = hp["bias_correction"]
+        if host.correction != correction:
+            t, m = float(host.mirror["step"]), host.mirror
+            n1, n2 = 1.0 / (1.0 - beta1), 1.0 / (1.0 - beta2)
+            host.counters = torch.tensor(
+                [m.get("beta1_prod", beta1**t), m.get("beta2_prod", beta2**t),
+                 m.get("lecture_count1", min(t, n1)), m.get("lecture_count2", min(t, n2))],
+                dtype=torch.float64, device=fg.device,
+            )  # fmt: skip
+            host.correction = correction
+        if hp["rebase_betas"] and correction == "published":
+            assert host.counters is not None
+            host.counters[:2] = torch.pow(
+                torch.tensor([beta1, beta2], dtype=torch.float64, device=fg.device),
+                fg.steps[0].to(torch.float64),
+            )
+
+    def extra_args(self, hp: dict[str, Any], fg: FlatGroup) -> tuple:
+        if not hp.get("capturable"):
+            return ()
+        beta1, beta2 = hp["betas"]
+        hp6 = (hp["lr"], beta1, beta2, 1.0 / (1.0 - beta1), 1.0 / (1.0 - beta2), hp["eps"])
+        hp64 = fg.cached(
+            "hp64", hp6, lambda: torch.tensor(hp6, dtype=torch.float64, device=fg.device)
+        )
+        return (fg.steps, fg.host.counters, hp64)
+
+    def sync(self, fg: FlatGroup) -> None:
+        host = fg.host
+        if host is None or host.counters is None:
+            return
+        p1, p2, n1, n2 = host.counters.tolist()
+        for st in fg.state_dicts:
+            if host.correction == "published":
+                st["beta1_prod"], st["beta2_prod"] = p1, p2
+            elif host.correction == "lecture":
+                st["lecture_count1"], st["lecture_count2"] = n1, n2
+
+    def function(self, opts: tuple[tuple[str, Any], ...]) -> Callable[..., None]:
+        o, ix = dict(opts), self.index()
+
+        def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, m2, master, sc):
+            x = master if master is not None else p
+            raw = g.to(x.dtype)
+            d = -raw if o["maximize"] else raw
+            q = None
+            if m2 is not None:
+                # AdamW's decay is not part of the gradient: no decay terms in q.
+                q = flat_per_example(m2, x, raw, sc[ix["two_sign_wd"]], sc[ix["wd2"]],
+                                     o["weight_decay"] and not o["decoupled"])  # fmt: skip
+            if o["weight_decay"]:
+                if o["decoupled"]:
+                    x = x * sc[ix["decay"]]
+                else:
+                    d = d + sc[ix["wd"]] * x
+            m = torch.lerp(exp_avg, d, sc[ix["w1"]])
+            exp_avg.copy_(m)
+            if q is None:
+                v = exp_avg_sq * sc[ix["d2"]] + sc[ix["w2"]] * d * d
+            else:
+                v = exp_avg_sq * sc[ix["d2"]] + sc[ix["w2"]] * q
+            exp_avg_sq.copy_(v)
+            if o["amsgrad"]:
+                v = torch.maximum(max_exp_avg_sq, v)
+                max_exp_avg_sq.copy_(v)
+            if o["power"] == "half" and o["eps_placement"] == "outside":
+                denom = v.sqrt() + sc[ix["eps_sqrt_c2"]]
+                step = sc[ix["step_size_sqrt_c2"]]
+            else:
+                corrected = o["corrected"]
+                denom = flat_denominator(
+                    v, sc[ix["eps"]], sc[ix["power"]], sc[ix["c2"]] if corrected else None,
+                    sc[ix["sqrt_c2"]] if corrected else None,
+                    form=o["power"], placement=o["eps_placement"],
+                )  # fmt: skip
+                step = sc[ix["step_size"]]
+            write_param(p, master, x + step * (m / denom))
+
+        if not o.get("capturable"):
+            return adam
+        correction = o["correction"]
+
+        def adam_capturable(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, m2, master, sc, steps,
+                            counters, hp):  # fmt: skip
+            steps.copy_(steps + 1)
+            lr, b1, b2 = hp[0], hp[1], hp[2]
+            one = torch.ones_like(lr)
+            if correction == "published":
+                p1, p2 = counters[0] * b1, counters[1] * b2
+                counters.copy_(torch.stack([p1, p2, counters[2], counters[3]]))
+                w1, d2, w2, c1, c2 = 1.0 - b1, b2, 1.0 - b2, 1.0 - p1, 1.0 - p2
+            elif correction == "lecture":
+                n1 = torch.minimum(hp[3], counters[2] + 1.0)
+                n2 = torch.minimum(hp[4], counters[3] + 1.0)
+                counters.copy_(torch.stack([counters[0], counters[1], n1, n2]))
+                w1, d2, w2, c1, c2 = 1.0 / n1, 1.0 - 1.0 / n2, 1.0 / n2, one, one
+            else:
+                w1, d2, w2, c1, c2 = 1.0 - b1, b2, 1.0 - b2, one, one
+            sqrt_c2 = c2.sqrt()
+            computed = {"w1": w1, "d2": d2, "w2": w2, "c2": c2, "sqrt_c2": sqrt_c2,
+                        "step_size": -(lr / c1), "eps_sqrt_c2": hp[5] * sqrt_c2,
+                        "step_size_sqrt_c2": -(lr / c1) * sqrt_c2}  # fmt: skip
+            full = torch.stack([computed[k].to(sc.dtype) if k in computed else sc[i]
+                                for k, i in ix.items()])  # fmt: skip
+            adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, m2, master, full)
+
+        return adam_capturable
 
 
 class Adam(BatchScaledOptimizer):
@@ -275,6 +511,7 @@ class Adam(BatchScaledOptimizer):
     }
     _state_required = ("step", "exp_avg", "exp_avg_sq")
     _group_required = ("lr", "betas", "eps", "weight_decay")
+    _fused_kernel = AdamKernel()
 
     def __init__(
         self,
@@ -392,7 +629,7 @@ class Adam(BatchScaledOptimizer):
         check_choice("bias_correction", group["bias_correction"], BIAS_CORRECTIONS)
         check_choice("eps_placement", group["eps_placement"], EPS_PLACEMENTS)
         check_choice("second_moment", group["second_moment"], SECOND_MOMENTS)
-        group["power"] = _check_power(group["power"])
+        group["power"] = check_power(group["power"])
 
     def _hyper_of(self, group: dict[str, Any]) -> _hyper.PerStep:
         b1, b2 = group["betas"]
@@ -424,13 +661,19 @@ class Adam(BatchScaledOptimizer):
     def _update_group(self, group: dict[str, Any], hp: dict[str, Any], foreach: bool) -> None:
         params = [p for p in group["params"] if p.grad is not None]
         hp["rebase_betas"] = self._betas_moved(group)
-        if _fast.fused_update(self, "adam", group, hp, params, self._use_fused(group, params)):
+        if self._step_fused(group, hp, params):
             return
         beta1, beta2 = hp["betas"]
         m2 = (
-            [per_example_second_moment(
-                p, p.grad, 0.0 if hp["decoupled_weight_decay"] else hp["weight_decay"],
-                hp["maximize"]) for p in params]
+            [
+                per_example_second_moment(
+                    p,
+                    p.grad,
+                    0.0 if hp["decoupled_weight_decay"] else hp["weight_decay"],
+                    hp["maximize"],
+                )
+                for p in params
+            ]
             if group["second_moment"] == "per_example"
             else None
         )
@@ -460,12 +703,20 @@ class Adam(BatchScaledOptimizer):
             eps_placement=hp["eps_placement"],
         )
         if not foreach:
-            adam_reference(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, maxes, m2,
-                           scalars, **kwargs)
+            adam_reference(
+                params,
+                [p.grad for p in params],
+                exp_avgs,
+                exp_avg_sqs,
+                maxes,
+                m2,
+                scalars,
+                **kwargs,
+            )
             return
         for idx in group_indices(params):
             # Sub-groups with equal average weights (params that missed steps differ).
-            by_w: dict[tuple[float, float, float], list[int]] = {}
+            by_w: dict[tuple[float, ...], list[int]] = {}
             for i in idx:
                 by_w.setdefault(scalars[i].key()[:3], []).append(i)
             for sub in by_w.values():

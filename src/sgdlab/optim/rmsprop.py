@@ -24,43 +24,37 @@ REFERENCE.md: Var(B=16)/Var(B=1) = 1.006 (batch+sqrt), 4.08 (batch+linear), 1.00
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from sgdlab import hyper as _hyper
 from sgdlab._validation import check_choice, check_horizon, check_positive
-from sgdlab.optim import _fast
 from sgdlab.optim._base import (
     BatchScaledOptimizer,
     check_hyper,
     check_sparse,
     check_torch_only_flags,
-    group_indices,
-    scalar_dtype,
 )
+from sgdlab.optim._common import group_indices, scalar_dtype
+from sgdlab.optim._fast import FlatGroup, FusedKernel, write_param
 from sgdlab.optim._moments import (
     EPS_PLACEMENTS,
     SECOND_MOMENTS,
     as_real,
+    check_power,
     check_second_moments,
     denominator,
     denominators_foreach,
+    flat_denominator,
+    flat_per_example,
     per_example_second_moment,
+    power_form,
     second_moment_tensors,
 )
 
-__all__ = ["RMSProp", "rmsprop_reference", "rmsprop_foreach"]
-
-
-def _check_power(power: Any) -> float:
-    if isinstance(power, bool) or not isinstance(power, int | float) or not 0 < power <= 1:
-        raise ValueError(
-            f"power must be a number in (0, 1] (0.5: divide by sigma as RMSProp; 1: divide by "
-            f"sigma^2), got {power!r}"
-        )
-    return float(power)
+__all__ = ["RMSProp", "RMSPropKernel", "rmsprop_reference", "rmsprop_foreach"]
 
 
 def rmsprop_reference(
@@ -163,6 +157,85 @@ def rmsprop_foreach(
         torch._foreach_addcdiv_(params, g, avg, value=-lr)
 
 
+class RMSPropKernel(FusedKernel):
+    """RMSProp's fused step: :func:`rmsprop_reference` on one flat buffer. Capturable steps
+    advance the device-side step counts in the kernel (extra argument ``steps``)."""
+
+    name = "rmsprop"
+    scalars = ("wd", "alpha", "one_minus_alpha", "eps", "power", "momentum", "neg_lr",
+               "two_sign_wd", "wd2")  # fmt: skip
+    buffers = ("square_avg", "grad_avg", "momentum_buffer")
+    counts_steps = True
+
+    def keys(self, hp: dict[str, Any]) -> dict[str, str]:
+        keys = {"square_avg": "zeros"}
+        if hp["momentum"] > 0:
+            keys["momentum_buffer"] = "zeros"
+        if hp["centered"]:
+            keys["grad_avg"] = "zeros"
+        return keys
+
+    def options(self, hp: dict[str, Any], fg: FlatGroup) -> tuple[tuple[str, Any], ...]:
+        opts: tuple[tuple[str, Any], ...] = (
+            ("maximize", bool(hp["maximize"])),
+            ("weight_decay", hp["weight_decay"] != 0),
+            ("centered", bool(hp["centered"])),
+            ("momentum", hp["momentum"] > 0),
+            ("power", power_form(hp["power"])),
+            ("eps_placement", hp["eps_placement"]),
+        )
+        return opts + ((("capturable", True),) if hp.get("capturable") else ())
+
+    def values(self, hp: dict[str, Any], fg: FlatGroup) -> dict[str, float]:
+        wd = hp["weight_decay"]
+        sign = -1.0 if hp["maximize"] else 1.0
+        return dict(wd=wd, alpha=hp["alpha"], one_minus_alpha=1 - hp["alpha"], eps=hp["eps"],
+                    power=hp["power"], momentum=hp["momentum"], neg_lr=-hp["lr"],
+                    two_sign_wd=2.0 * sign * wd, wd2=wd**2)  # fmt: skip
+
+    def extra_args(self, hp: dict[str, Any], fg: FlatGroup) -> tuple:
+        return (fg.steps,) if hp.get("capturable") else ()
+
+    def function(self, opts: tuple[tuple[str, Any], ...]) -> Callable[..., None]:
+        o, ix = dict(opts), self.index()
+
+        def rmsprop(p, g, square_avg, grad_avg, buf, m2, master, sc):
+            x = master if master is not None else p
+            raw = g.to(x.dtype)
+            d = -raw if o["maximize"] else raw
+            if o["weight_decay"]:
+                d = d + sc[ix["wd"]] * x
+            if m2 is not None:
+                q = flat_per_example(m2, x, raw, sc[ix["two_sign_wd"]], sc[ix["wd2"]],
+                                     o["weight_decay"])  # fmt: skip
+                s = square_avg * sc[ix["alpha"]] + sc[ix["one_minus_alpha"]] * q
+            else:
+                s = square_avg * sc[ix["alpha"]] + sc[ix["one_minus_alpha"]] * d * d
+            square_avg.copy_(s)
+            if o["centered"]:
+                ga = torch.lerp(grad_avg, d, sc[ix["one_minus_alpha"]])
+                grad_avg.copy_(ga)
+                s = s - ga * ga
+            avg = flat_denominator(s, sc[ix["eps"]], sc[ix["power"]], None, None,
+                                   form=o["power"], placement=o["eps_placement"])  # fmt: skip
+            if o["momentum"]:
+                b = buf * sc[ix["momentum"]] + d / avg
+                buf.copy_(b)
+                x = x + sc[ix["neg_lr"]] * b
+            else:
+                x = x + sc[ix["neg_lr"]] * (d / avg)
+            write_param(p, master, x)
+
+        if not o.get("capturable"):
+            return rmsprop
+
+        def rmsprop_capturable(p, g, square_avg, grad_avg, buf, m2, master, sc, steps):
+            steps.copy_(steps + 1)
+            rmsprop(p, g, square_avg, grad_avg, buf, m2, master, sc)
+
+        return rmsprop_capturable
+
+
 class RMSProp(BatchScaledOptimizer):
     r"""RMSProp (Tieleman & Hinton 2012) in the lecture's form.
 
@@ -213,6 +286,7 @@ class RMSProp(BatchScaledOptimizer):
     }
     _state_required = ("step", "square_avg")
     _group_required = ("lr", "alpha", "eps", "weight_decay")
+    _fused_kernel = RMSPropKernel()
 
     def __init__(
         self,
@@ -310,7 +384,7 @@ class RMSProp(BatchScaledOptimizer):
             check_hyper(group, key, below_one=True)
         check_choice("eps_placement", group["eps_placement"], EPS_PLACEMENTS)
         check_choice("second_moment", group["second_moment"], SECOND_MOMENTS)
-        group["power"] = _check_power(group["power"])
+        group["power"] = check_power(group["power"])
 
     def _hyper_of(self, group: dict[str, Any]) -> _hyper.PerStep:
         return _hyper.PerStep(
@@ -342,12 +416,14 @@ class RMSProp(BatchScaledOptimizer):
         momentum = hp["momentum"]
         self._carry_momentum(group, momentum)
         params = [p for p in group["params"] if p.grad is not None]
-        if _fast.fused_update(self, "rmsprop", group, hp, params, self._use_fused(group, params)):
+        if self._step_fused(group, hp, params):
             return
         per_example = group["second_moment"] == "per_example"
         m2 = (
-            [per_example_second_moment(p, p.grad, hp["weight_decay"], hp["maximize"])
-             for p in params]
+            [
+                per_example_second_moment(p, p.grad, hp["weight_decay"], hp["maximize"])
+                for p in params
+            ]
             if per_example
             else None
         )
@@ -377,8 +453,9 @@ class RMSProp(BatchScaledOptimizer):
             eps_placement=hp["eps_placement"],
         )
         if not foreach:
-            rmsprop_reference(params, [p.grad for p in params], square_avgs, grad_avgs, bufs,
-                              m2, **kwargs)
+            rmsprop_reference(
+                params, [p.grad for p in params], square_avgs, grad_avgs, bufs, m2, **kwargs
+            )
             return
         for idx in group_indices(params):
             rmsprop_foreach(
@@ -390,4 +467,3 @@ class RMSProp(BatchScaledOptimizer):
                 [m2[i] for i in idx] if m2 is not None else None,
                 **kwargs,
             )
-

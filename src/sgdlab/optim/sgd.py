@@ -18,22 +18,18 @@ When the batch size changes between steps and the scaling rule changes ``N_g``, 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from sgdlab import hyper as _hyper
 from sgdlab._validation import check_horizon, check_positive
-from sgdlab.optim import _fast
-from sgdlab.optim._base import (
-    BatchScaledOptimizer,
-    check_hyper,
-    check_torch_only_flags,
-    group_indices,
-)
+from sgdlab.optim._base import BatchScaledOptimizer, check_hyper, check_torch_only_flags
+from sgdlab.optim._common import group_indices
+from sgdlab.optim._fast import FlatGroup, FusedKernel, write_param
 
-__all__ = ["SGD", "sgd_reference", "sgd_foreach"]
+__all__ = ["SGD", "SGDKernel", "sgd_reference", "sgd_foreach"]
 
 
 def sgd_reference(
@@ -91,16 +87,65 @@ def sgd_foreach(
         fresh = [i for i, b in enumerate(bufs) if b is None]
         old = [i for i, b in enumerate(bufs) if b is not None]
         if old:
-            ob = [bufs[i] for i in old]
+            ob = [b for b in bufs if b is not None]
             torch._foreach_mul_(ob, momentum)
             torch._foreach_add_(ob, [g[i] for i in old], alpha=1 - dampening)
         for i in fresh:
             bufs[i] = torch.clone(g[i]).detach()
-        if nesterov:
-            g = torch._foreach_add(g, bufs, alpha=momentum)
-        else:
-            g = list(bufs)
+        full = [b for b in bufs if b is not None]  # every buffer exists now
+        g = list(torch._foreach_add(g, full, alpha=momentum)) if nesterov else full
     torch._foreach_add_(params, g, alpha=-lr)
+
+
+class SGDKernel(FusedKernel):
+    """SGD's fused step: :func:`sgd_reference` on one flat buffer. The momentum buffer starts
+    as the first gradient (``"kernel"``: written in full by the first step)."""
+
+    name = "sgd"
+    scalars = ("wd", "momentum", "one_minus_dampening", "neg_lr")
+    buffers = ("momentum_buffer",)
+
+    def keys(self, hp: dict[str, Any]) -> dict[str, str]:
+        return {"momentum_buffer": "kernel"} if hp["momentum"] != 0 else {}
+
+    def options(self, hp: dict[str, Any], fg: FlatGroup) -> tuple[tuple[str, Any], ...]:
+        opts: tuple[tuple[str, Any], ...] = (
+            ("maximize", bool(hp["maximize"])),
+            ("weight_decay", hp["weight_decay"] != 0),
+            ("momentum", hp["momentum"] != 0),
+            ("init_buffer", bool(fg.fresh.get("momentum_buffer", False))),
+            ("nesterov", bool(hp["nesterov"])),
+        )
+        return opts + ((("capturable", True),) if hp.get("capturable") else ())
+
+    def values(self, hp: dict[str, Any], fg: FlatGroup) -> dict[str, float]:
+        return dict(
+            wd=hp["weight_decay"],
+            momentum=hp["momentum"],
+            one_minus_dampening=1 - hp["dampening"],
+            neg_lr=-hp["lr"],
+        )
+
+    def function(self, opts: tuple[tuple[str, Any], ...]) -> Callable[..., None]:
+        o, ix = dict(opts), self.index()
+
+        def sgd(p, g, buf, m2, master, sc):
+            x = master if master is not None else p
+            d = g.to(x.dtype)
+            if o["maximize"]:
+                d = -d
+            if o["weight_decay"]:
+                d = d + sc[ix["wd"]] * x
+            if o["momentum"]:
+                if o["init_buffer"]:
+                    b = d
+                else:
+                    b = buf * sc[ix["momentum"]] + sc[ix["one_minus_dampening"]] * d
+                buf.copy_(b)
+                d = d + sc[ix["momentum"]] * b if o["nesterov"] else b
+            write_param(p, master, x + sc[ix["neg_lr"]] * d)
+
+        return sgd
 
 
 class SGD(BatchScaledOptimizer):
@@ -149,6 +194,7 @@ class SGD(BatchScaledOptimizer):
     _state_keys = {"momentum_buffer": "param", "master_param": "param"}
     _state_required = ()
     _group_required = ("lr", "momentum", "dampening", "weight_decay")
+    _fused_kernel = SGDKernel()
 
     def __init__(
         self,
@@ -243,7 +289,7 @@ class SGD(BatchScaledOptimizer):
         momentum = hp["momentum"]
         self._carry_momentum(group, momentum)
         params = [p for p in group["params"] if p.grad is not None]
-        if _fast.fused_update(self, "sgd", group, hp, params, self._use_fused(group, params)):
+        if self._step_fused(group, hp, params):
             return
         if any(p.grad.is_sparse for p in params):
             foreach = False
@@ -259,8 +305,7 @@ class SGD(BatchScaledOptimizer):
         if foreach:
             for idx in group_indices(params):
                 sub = [bufs[i] for i in idx]
-                sgd_foreach([params[i] for i in idx], [params[i].grad for i in idx], sub,
-                            **kwargs)
+                sgd_foreach([params[i] for i in idx], [params[i].grad for i in idx], sub, **kwargs)
                 for j, i in enumerate(idx):
                     bufs[i] = sub[j]
         else:

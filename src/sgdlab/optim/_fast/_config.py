@@ -11,7 +11,7 @@ __all__ = ["COMPILE_SECONDS", "compile_enabled", "set_compile", "disable_compile
 #: (algorithm, options, device type, dtype, which optional buffers are absent)
 COMPILE_SECONDS: dict[tuple, float] = {}
 
-_state = {
+_state: dict[str, bool | str | None] = {
     "compile": os.environ.get("SGDLAB_FUSED_COMPILE", "1") != "0",
     "failure": None,
 }

@@ -26,6 +26,7 @@ step would write the old weights back): write to ``p`` itself under ``torch.no_g
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -43,7 +44,7 @@ def _views(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]
     out, offset = [], 0
     for p in params:
         n = p.numel()
-        out.append(flat[offset:offset + n].view(p.shape))
+        out.append(flat[offset : offset + n].view(p.shape))
         offset += n
     return out
 
@@ -78,7 +79,6 @@ class FlatGroup:
             torch._foreach_copy_(views, [p.detach() for p in self.params])
             for p, v in zip(self.params, views):
                 p.data = v
-            self.param_views = views
             self.data_ptrs = [p.data_ptr() for p in self.params]
             self.flat_grad = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
             self.grad_views = _views(self.flat_grad, self.params)
@@ -94,6 +94,13 @@ class FlatGroup:
         self.state_dicts = [state[p] for p in self.params]
         self.flat_m2: torch.Tensor | None = None
         self.m2_views: list[torch.Tensor] = []
+        #: the step counts (:meth:`adopt_steps`), for kernels that count steps
+        self.steps = torch.zeros(0)
+        #: host-side state of the kernel that steps this group (its own type; e.g. Adam's
+        #: debiasing products); ``None`` until the kernel adopts the group
+        self.host: Any = None
+        #: device tensors rebuilt only when their values change (:meth:`cached`)
+        self.device_cache: dict[str, tuple[Any, torch.Tensor]] = {}
 
     def _adopt(self, state: dict, key: str, init: str) -> None:
         have = [state[p].get(key) if p in state else None for p in self.params]
@@ -101,8 +108,10 @@ class FlatGroup:
         flat = torch.zeros(self.numel, dtype=self.state_dtype, device=self.device)
         views = _views(flat, self.params)
         if any(present):
-            torch._foreach_copy_([v for v, t in zip(views, have) if t is not None],
-                                 [t for t in have if t is not None])
+            torch._foreach_copy_(
+                [v for v, t in zip(views, have) if t is not None],
+                [t for t in have if t is not None],
+            )
         self.flat_state[key] = flat
         # A "kernel" entry absent everywhere is written by the first step.
         self.fresh[key] = init == "kernel" and not any(present)
@@ -134,8 +143,9 @@ class FlatGroup:
         if not stale:
             return
         with torch.no_grad():
-            torch._foreach_copy_([self.master_views[i] for i in stale],
-                                 [self.params[i].detach() for i in stale])
+            torch._foreach_copy_(
+                [self.master_views[i] for i in stale], [self.params[i].detach() for i in stale]
+            )
         for i in stale:
             versions[i] = self.params[i]._version
 
@@ -148,8 +158,7 @@ class FlatGroup:
         for p in self.params:
             t = state[p].get("step") if p in state else None
             found.append(float(t.item()) if isinstance(t, torch.Tensor) else float(t or 0.0))
-        self.steps = torch.tensor(found, dtype=dtype,
-                                  device=self.device if on_device else "cpu")
+        self.steps = torch.tensor(found, dtype=dtype, device=self.device if on_device else "cpu")
         for i, p in enumerate(self.params):
             state[p]["step"] = self.steps[i]
         return found
@@ -161,6 +170,15 @@ class FlatGroup:
                 for p, v in zip(self.params, self._pending[key]):
                     state[p][key] = v
                 self.fresh[key] = False
+
+    def cached(self, name: str, values: Any, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The device tensor ``name``, rebuilt by ``make()`` only when ``values`` change: a
+        capturable step sends nothing from the host while its hyperparameters stay the same."""
+        held = self.device_cache.get(name)
+        if held is None or held[0] != values:
+            held = (values, make())
+            self.device_cache[name] = held
+        return held[1]
 
     def intact(self) -> bool:
         """Whether every parameter still lives in the flat buffer (``p.data`` was not
@@ -175,8 +193,9 @@ class FlatGroup:
         into it (dense, of the parameter's shape and dtype)."""
         for p, v in zip(self.params, self.grad_views):
             g = p.grad
-            if g is not v and (g is None or g.is_sparse or g.shape != p.shape
-                               or g.dtype != p.dtype):
+            if g is not v and (
+                g is None or g.is_sparse or g.shape != p.shape or g.dtype != p.dtype
+            ):
                 return False
         return True
 
@@ -188,12 +207,16 @@ class FlatGroup:
             return
         with torch.no_grad():
             # one multi-tensor copy: reads the gradients once, writes the flat buffer once
-            torch._foreach_copy_([self.grad_views[i] for i in stale],
-                                 [self.params[i].grad for i in stale])
+            torch._foreach_copy_(
+                [self.grad_views[i] for i in stale],
+                [self.params[i].grad for i in stale],  # type: ignore[misc]
+            )
         for i in stale:
+            grad = self.params[i].grad
+            assert grad is not None  # grads_usable() came first
             # A gradient that is itself a view of another buffer (DDP's gradient buckets with
             # gradient_as_bucket_view=True) stays where its owner expects it.
-            if self.params[i].grad._base is None:
+            if grad._base is None:
                 self.params[i].grad = self.grad_views[i]
 
     def gather(self, get: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -207,7 +230,7 @@ class FlatGroup:
         return self.flat_m2
 
 
-def restore_float32_state(opt, state_dict: dict) -> None:
+def restore_float32_state(opt: Any, state_dict: dict) -> None:
     """Undo ``Optimizer.load_state_dict``'s cast of float32 state to the dtype of a
     bfloat16/float16 parameter (the fused path keeps such state, and the master copy, in
     float32), so a resume continues bit-identically."""
@@ -217,6 +240,10 @@ def restore_float32_state(opt, state_dict: dict) -> None:
         if p.dtype not in LOW_PRECISION:
             continue
         for key, value in state_dict["state"].get(pid, {}).items():
-            if (key != "step" and isinstance(value, torch.Tensor)
-                    and value.dtype == torch.float32 and value.shape == p.shape):
+            if (
+                key != "step"
+                and isinstance(value, torch.Tensor)
+                and value.dtype == torch.float32
+                and value.shape == p.shape
+            ):
                 opt.state[p][key] = value.to(device=p.device, copy=True)
