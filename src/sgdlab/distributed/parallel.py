@@ -29,10 +29,10 @@ single-process step on the ``B`` concatenated examples:
 **Overlap.** The second moments of a backward pass are complete when the tracker signals the
 end of the pass (:meth:`~sgdlab.stats.Tracker.on_pass_end`), from the autograd callback its
 first hook queued, before DDP's own end-of-backward callback, which waits for the gradient
-buckets. The reducer's all-reduce is launched asynchronously from that signal; so the second-moment all-reduce is in flight while DDP finishes its gradient
-all-reduce, and is waited for in :meth:`DataParallel.synchronize` (called by ``step``). It
-cannot start earlier: a parameter's second moment is only final once every module that uses it
-has seen its output gradient. If the callback order ever differs, the all-reduce is launched
+buckets. The reducer's all-reduce is launched asynchronously from that signal, so it is in
+flight while DDP finishes its gradient all-reduce, and is waited for in
+:meth:`DataParallel.synchronize` (called by ``step``). It cannot start earlier: a parameter's
+second moment is only final once every module that uses it has seen its output gradient. If the callback order ever differs, the all-reduce is launched
 right after ``loss.backward()`` returns (correct, without overlap).
 
 Without an initialised process group the same code runs as a single process (no DDP, no

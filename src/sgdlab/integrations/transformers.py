@@ -18,9 +18,10 @@ accumulated loss (:mod:`sgdlab.integrations._core`: both its ``1/steps`` and its
 ``num_items_in_batch`` normalisations), reads the meter and, every ``log_every_n_steps`` steps,
 logs through ``trainer.log`` (so to every ``report_to`` integration; TensorBoard prefixes the
 keys with ``train/``). The Trainer's own ``learning_rate`` becomes the lr the step applies
-(its scheduler holds the lr at the reference batch size). The tracker is detached at train end and on an exception in
-``trainer.train``. The optimizer's state, sgdlab's keys included, goes through the Trainer's
-checkpoints (``resume_from_checkpoint``); the meter's moving averages restart on resume.
+(its scheduler holds the lr at the reference batch size). The tracker is detached at train
+end and on an exception in ``trainer.train``. The optimizer's state, sgdlab's keys included,
+goes through the Trainer's checkpoints (``resume_from_checkpoint``); the meter's moving
+averages restart on resume.
 """
 
 from __future__ import annotations
