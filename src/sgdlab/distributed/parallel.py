@@ -32,8 +32,9 @@ first hook queued, before DDP's own end-of-backward callback, which waits for th
 buckets. The reducer's all-reduce is launched asynchronously from that signal, so it is in
 flight while DDP finishes its gradient all-reduce, and is waited for in
 :meth:`DataParallel.synchronize` (called by ``step``). It cannot start earlier: a parameter's
-second moment is only final once every module that uses it has seen its output gradient. If the callback order ever differs, the all-reduce is launched
-right after ``loss.backward()`` returns (correct, without overlap).
+second moment is only final once every module that uses it has seen its output gradient. A
+pass that signals nothing has its all-reduce launched right after ``loss.backward()`` returns
+(correct, without overlap).
 
 Without an initialised process group the same code runs as a single process (no DDP, no
 communication), which is also how a checkpoint written by ``W`` ranks resumes on one.
