@@ -28,11 +28,20 @@ One run at a time per ``--out`` directory: ``run``, ``reproduce`` and ``report``
 it (:mod:`sgdlab.lab.lock`); a second one fails at once, naming the process that holds it, and
 does not wait. The workers of ``reproduce --jobs N`` end with it, ``kill -9`` included.
 
+Progress goes to stderr: on a terminal one bar naming the running experiment, otherwise one
+line per experiment started and finished (:mod:`sgdlab.lab.progress`). A rerun skips finished
+experiments with the same configuration (saying so) and refuses to replace the results of
+another configuration unless ``--force``.
+
 Exit codes: 0 success, 2 bad usage (unknown experiment, unknown config key, value of the wrong
-type, ``--nproc`` that is not an integer >= 1 or > 1 for an experiment that is not
-data-parallel; the message lists what is valid; ``--out`` in use by another run; a file that
-cannot be written, ``cannot write PATH: reason``, the file left as it was); under ``--nproc``
-torchrun's exit code.
+type or out of its range, a device this machine does not have (``--device`` or ``--set
+device=``), ``--nproc`` that is not an integer >= 1 or > 1 for an experiment that is not
+data-parallel; the message lists what is valid; ``--out`` in use by another run; finished
+results of another configuration without ``--force``; a file that cannot be written, ``cannot
+write PATH: reason``, the file left as it was; ``--tensorboard`` without tensorboard
+installed); 130 interrupted (Ctrl-C: the running experiments stop, queued ones never start,
+finished results are kept and the message says how to resume); 141 stdout closed by its reader
+(``sgdlab list | head``), quietly; under ``--nproc`` torchrun's exit code.
 """
 
 from __future__ import annotations
