@@ -57,7 +57,6 @@ ALLOWED_CLASSES = {
     "dropped",
     "intro",
     "overview",
-    "box-wide",
     "toc",
 }
 

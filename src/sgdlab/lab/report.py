@@ -7,9 +7,9 @@ opened from anywhere. Order:
    the lecture's errata each with the measurement that settles it and a link to its figure,
    and the headline findings (where the lecture's rules hold, where they stop);
 2. a table of contents;
-3. one section per experiment: its paragraph, figures (at page width, lazy-loaded), its claims
-   (the tolerance split into statistical / grid / model parts when recorded, and the number of
-   seeds), the points it left out with why, and how it was run;
+3. one section per experiment: its paragraph, figures (lazy-loaded, at most page width), its
+   claims (the tolerance split into statistical / grid / model parts when recorded, and the
+   number of seeds), the points it left out with why, and how it was run;
 4. the errata in full.
 
 A figure listed in an experiment's ``results.json`` but missing on disk is redrawn from the
@@ -66,16 +66,15 @@ th{background:#f3f3f3}td.num{text-align:right;font-family:ui-monospace,monospace
 code{font-family:ui-monospace,monospace;font-size:.95em}
 a{color:#1a5fb4}
 .v-agrees{background:#e5f6e5}.v-disagrees{background:#fbe0e0}.v-lecture-corrected{background:#fff4d6}
-.fig{display:block;width:100%;max-width:100%;height:auto;border:1px solid #eee;margin:.5em 0}
+.fig{display:block;max-width:100%;height:auto;border:1px solid #eee;margin:.5em 0}
 figure{margin:1em 0}
 .meta{color:#666;font-size:.85em}.summary span{margin-right:1.5em}
 .intro{margin:.2em 0 .4em;font-size:.85em}#summary .summary{margin:.3em 0}
 .overview{display:grid;grid-template-columns:1fr 1fr;gap:.3em 1.2em;font-size:.78em}
 .overview table{font-size:1em;margin:.2em 0}.overview td,.overview th{padding:1px 4px}
 .overview ul{margin:.2em 0;padding-left:1.2em}.overview li{margin:0}
-.box-wide{grid-column:1 / 3}
 .toc{font-size:.8em;border-top:1px solid #ccc;border-bottom:1px solid #ccc;padding:.2em 0}
-.toc ol{columns:3;margin:.2em 0;padding-left:1.6em}.toc li{break-inside:avoid}
+.toc ul{columns:3;margin:.2em 0;padding-left:0;list-style:none}.toc li{break-inside:avoid}
 """
 
 
@@ -258,9 +257,9 @@ def _figure_anchor(name: str, i: int) -> str:
 
 
 def _figure_html(expdir: Path, name: Any, rec: dict[str, Any], mod: Any, anchor: str) -> str:
-    """The figure embedded as a data URI at page width, lazy; a missing one is redrawn from the
-    saved measurements, one that may not be embedded (:func:`_figure_problem`) is named and
-    skipped."""
+    """The figure embedded as a data URI, lazy, at most page width; a missing one is redrawn
+    from the saved measurements, one that may not be embedded (:func:`_figure_problem`) is
+    named and skipped."""
     why = _figure_problem(expdir, name)
     if why is not None:
         _warn(f"{expdir / 'results.json'}: figure {name!r} skipped ({why})")
@@ -405,7 +404,7 @@ def _summary_findings(summary: dict[str, Any]) -> str:
     if len(stops) > 8:
         more = f"<li>and {len(stops) - 8} more, marked in their sections</li>"
     return (
-        "<div class='box-wide'><h3>Headline findings</h3><b>The rules hold</b> (every claim "
+        "<div><h3>Headline findings</h3><b>The rules hold</b> (every claim "
         "within its tolerance) in: " + ("; ".join(holds) or "none") + ".<br><b>Where they stop"
         "</b> (a measurement outside its tolerance, a point left out):<ul>"
         + ("".join(f"<li>{s}</li>" for s in stops[:8]) or "<li>nowhere measured here</li>")
@@ -421,9 +420,9 @@ def _toc(summary: dict[str, Any]) -> str:
     if summary["damaged"]:
         items.append(_link("damaged", "Results that could not be read"))
     return (
-        "<nav id='toc' class='toc'><b>Contents</b><ol>"
+        "<nav id='toc' class='toc'><b>Contents</b><ul>"
         + "".join(f"<li>{i}</li>" for i in items)
-        + "</ol></nav>"
+        + "</ul></nav>"
     )
 
 
@@ -528,10 +527,11 @@ def _build_report(out: Path) -> Path:
         "<section id='summary'><p class='summary'>"
         + "".join(f"<span>{_e(k)}: <b>{v}</b></span>" for k, v in counts.items())
         + f"<span>experiments: <b>{len(summary['experiments'])}</b></span></p>",
-        "<div class='overview'>",
+        "<div class='overview'><div>",
         _summary_sections(summary),
-        _summary_errata(summary, by_id),
         _summary_findings(summary),
+        "</div>",
+        _summary_errata(summary, by_id),
         "</div></section>",
         _toc(summary),
         _damaged_html(summary["damaged"]),
