@@ -54,8 +54,20 @@ def test_report_of_empty_dir_exits_2(capsys, tmp_path: Path) -> None:
 
 
 def test_run_with_overrides_records_config_seed_and_versions(capsys, tmp_path: Path) -> None:
-    args = ["run", "one_d", "--preset", "tiny", "--set", "batch_sizes=2,8", "--set",
-            "draws=4000", "--seed", "7", "--out", str(tmp_path)]
+    args = [
+        "run",
+        "one_d",
+        "--preset",
+        "tiny",
+        "--set",
+        "batch_sizes=2,8",
+        "--set",
+        "draws=4000",
+        "--seed",
+        "7",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(args) == 0
     rec = json.loads((tmp_path / "one_d" / "results.json").read_text())
     assert rec["config"]["batch_sizes"] == [2, 8]
@@ -65,8 +77,16 @@ def test_run_with_overrides_records_config_seed_and_versions(capsys, tmp_path: P
         assert key in rec["meta"]
     assert json.loads((tmp_path / "one_d" / "config.json").read_text())["draws"] == 4000
     top = json.loads((tmp_path / "results.json").read_text())
-    fields = {"id", "statement", "formula", "predicted", "measured", "stderr", "tolerance",
-              "verdict"}
+    fields = {
+        "id",
+        "statement",
+        "formula",
+        "predicted",
+        "measured",
+        "stderr",
+        "tolerance",
+        "verdict",
+    }
     assert top["claims"] and all(fields <= set(c) for c in top["claims"])
     assert (tmp_path / "index.html").is_file()
     # `sgdlab report DIR` rebuilds the page from the saved results, redrawing a lost figure.
@@ -158,3 +178,110 @@ def test_every_numeric_field_rejects_values_outside_its_range(name: str) -> None
             text = str(int(v)) if is_int else repr(float(v))
             with pytest.raises(ConfigError, match=rf"^{f.name} must be"):
                 make_config(name, "tiny", {f.name: text})
+
+
+def test_version(capsys) -> None:
+    import sgdlab
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"sgdlab {sgdlab.__version__}"
+
+
+def test_every_argument_of_every_command_is_documented(capsys) -> None:
+    import argparse
+
+    from sgdlab.lab.cli import DEFAULT_OUT, _parser
+
+    parser = _parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == {"list", "run", "reproduce", "report"}
+    for name, cmd in sub.choices.items():
+        assert cmd.description, name
+        for action in cmd._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
+    for name in ("run", "reproduce"):
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        assert f"default: ./{DEFAULT_OUT}" in capsys.readouterr().out
+
+
+def test_list_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    """``sgdlab list | head``: the reader is gone before the first write (its end of the pipe
+    is closed at once); no traceback, exit 141 (128 + SIGPIPE)."""
+    import os
+    import subprocess
+    import sys
+
+    src = Path(__file__).resolve().parents[2] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sgdlab.lab.cli", "list"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""
+
+
+def test_set_device_goes_through_the_device_check(capsys, tmp_path: Path) -> None:
+    """``--set device=cuda`` on a machine without CUDA is refused like ``--device cuda`` (it
+    ran on the CPU and was reported as cuda), before anything is written."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for machines without it")
+    out = tmp_path / "out"
+    for args in (["--set", "device=cuda"], ["--set", "device=cuda:0"], ["--device", "cuda"]):
+        assert main(["run", "one_d", "--preset", "tiny", *args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("sgdlab: error: device 'cuda") and "is_available() is False" in err
+        assert len(err.splitlines()[0]) < 200
+        assert not out.exists()
+    assert main(["reproduce", "--preset", "tiny", "--device", "cuda", "--out", str(out)]) == 2
+    assert "is_available() is False" in capsys.readouterr().err
+
+
+def test_rerun_with_another_config_refuses_unless_force_and_skips_say_why(
+    capsys, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    base = ["run", "one_d", "--preset", "tiny", "--out", str(out)]
+    assert main(base) == 0
+    capsys.readouterr()
+    expdir = out / "one_d"
+    before = {p.name: p.read_bytes() for p in expdir.iterdir() if p.is_file()}
+    # the same config: skipped, saying why
+    assert main(base) == 0
+    said = capsys.readouterr().out
+    assert (
+        f"one_d: skipped: finished results with the same configuration in {expdir} "
+        "(use --force to rerun)"
+    ) in said
+    # another config: refused, nothing written (config.json still matches results.json)
+    assert main([*base, "--set", "draws=4000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"sgdlab: error: {expdir} holds finished results of another "
+        "configuration (draws: 8000 -> 4000); use --force"
+    )
+    assert {p.name: p.read_bytes() for p in expdir.iterdir() if p.is_file()} == before
+    # a bad value: refused before the check of the saved results, nothing written
+    for bad in ("draws=0", "draws=-5"):
+        assert main([*base, "--set", bad]) == 2
+        assert "draws must be >= 2" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in expdir.iterdir() if p.is_file()} == before
+    # reproduce over results of another preset: refused too, naming the experiment
+    assert main(["reproduce", "--preset", "quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "another configuration for one_d" in err and "--force" in err
+    assert {p.name: p.read_bytes() for p in expdir.iterdir() if p.is_file()} == before
+    # --force replaces them, and config.json and results.json agree
+    assert main([*base, "--set", "draws=4000", "--force"]) == 0
+    rec = json.loads((expdir / "results.json").read_text())
+    cfg = json.loads((expdir / "config.json").read_text())
+    assert rec["config"]["draws"] == cfg["draws"] == 4000

@@ -50,7 +50,7 @@ def test_rerun_killed_before_results_keeps_results_and_figures_together(
             tmp_path,
             preset="tiny",
             overrides={"draws": 2000 + 1000 * (not force)},
-            force=force,
+            force=True,  # another config's results are replaced only with --force
         )
     monkeypatch.undo()
     # the new figure was drawn, but the old results.json still names (and finds) its own
@@ -68,7 +68,7 @@ def test_a_finished_rerun_replaces_the_figures_of_the_last(tmp_path: Path) -> No
     run_experiment("one_d", tmp_path, preset="tiny", overrides={"draws": 2000})
     expdir = tmp_path / "one_d"
     old = json.loads((expdir / "results.json").read_text())["figures"]
-    run_experiment("one_d", tmp_path, preset="tiny", overrides={"draws": 3000})
+    run_experiment("one_d", tmp_path, preset="tiny", overrides={"draws": 3000}, force=True)
     new = json.loads((expdir / "results.json").read_text())["figures"]
     assert set(old).isdisjoint(new)
     assert sorted(p.name for p in expdir.iterdir()) == sorted(["config.json", "results.json", *new])

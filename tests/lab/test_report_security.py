@@ -24,7 +24,22 @@ PAYLOADS = (
 )
 
 # Every attribute the report writes (the figure check script adds data-* ones in a browser).
-ALLOWED_ATTRS = {"lang", "charset", "id", "class", "data-claim", "alt", "src"}
+ALLOWED_ATTRS = {
+    "lang",
+    "charset",
+    "name",
+    "content",
+    "id",
+    "class",
+    "data-claim",
+    "alt",
+    "src",
+    "href",
+    "loading",
+    "decoding",
+    "width",
+    "height",
+}
 ALLOWED_CLASSES = {
     "claims",
     "claim-row",
@@ -39,6 +54,10 @@ ALLOWED_CLASSES = {
     "fig",
     "erratum-row",
     "damaged",
+    "dropped",
+    "intro",
+    "overview",
+    "toc",
 }
 
 
@@ -63,6 +82,10 @@ def check_no_injection(page: str) -> None:
             assert key in ALLOWED_ATTRS, f"attribute {key!r} injected into <{tag}>"
             if key == "class":
                 assert set((value or "").split()) <= ALLOWED_CLASSES, value
+            if key == "href":
+                assert (value or "").startswith("#"), value  # links stay inside the page
+            if key in ("width", "height"):
+                assert (value or "").isdigit(), value
             if key == "src":
                 assert (value or "").startswith("data:image/png;base64,"), value
     assert "alert(" not in "".join(_text_of_scripts(page))

@@ -10,6 +10,7 @@ import pytest
 
 from sgdlab.lab import is_finished, make_config, registry, run_experiment
 from sgdlab.lab.atomic import TMP_PREFIX, atomic_path, atomic_write_json
+from sgdlab.lab.runner import ResultsConflictError
 
 
 def _files(d: Path) -> list[str]:
@@ -59,14 +60,25 @@ def test_crash_mid_experiment_then_resume_and_force(tmp_path: Path, monkeypatch)
     redo = run_experiment("one_d", tmp_path, preset="tiny", force=True)
     assert redo["status"] == "finished" and calls == [1]
 
-    # A different config is not "finished": it reruns.
-    assert not is_finished(expdir, make_config("one_d", "tiny", {"draws": 3000}))
-    other = run_experiment("one_d", tmp_path, preset="tiny", overrides={"draws": 3000})
+    # A different config is not "finished": replacing its results takes --force, and the
+    # refusal comes before anything is written.
+    other_config = make_config("one_d", "tiny", {"draws": 3000})
+    assert not is_finished(expdir, other_config)
+    before = {p.name: p.read_bytes() for p in expdir.iterdir() if p.is_file()}
+    with pytest.raises(
+        ResultsConflictError,
+        match=r"one_d holds finished results of another "
+        r"configuration \(draws: 8000 -> 3000\); use --force",
+    ):
+        run_experiment("one_d", tmp_path, preset="tiny", overrides={"draws": 3000})
+    assert {p.name: p.read_bytes() for p in expdir.iterdir() if p.is_file()} == before
+    assert calls == [1]
+    other = run_experiment("one_d", tmp_path, preset="tiny", overrides={"draws": 3000}, force=True)
     assert other["status"] == "finished" and calls == [1, 1]
+    assert is_finished(expdir, other_config)
 
 
-def test_interrupted_forced_rerun_keeps_the_finished_result(tmp_path: Path,
-                                                             monkeypatch) -> None:
+def test_interrupted_forced_rerun_keeps_the_finished_result(tmp_path: Path, monkeypatch) -> None:
     """``--force`` (or another config) interrupted mid-run: the last finished results.json
     stays until a new one replaces it (it was deleted before the rerun started, while the
     report still listed the experiment)."""
@@ -79,15 +91,14 @@ def test_interrupted_forced_rerun_keeps_the_finished_result(tmp_path: Path,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(mod, "run", interrupted)
-    for kwargs in ({"force": True}, {"overrides": {"draws": 3000}}):
+    for kwargs in ({"force": True}, {"overrides": {"draws": 3000}, "force": True}):
         with pytest.raises(KeyboardInterrupt):
             run_experiment("one_d", tmp_path, preset="tiny", **kwargs)
         assert (expdir / "results.json").read_text() == saved
     assert is_finished(expdir, make_config("one_d", "tiny"))
 
 
-def test_cli_interrupt_and_bad_out_are_short_messages(tmp_path: Path, capsys,
-                                                      monkeypatch) -> None:
+def test_cli_interrupt_and_bad_out_are_short_messages(tmp_path: Path, capsys, monkeypatch) -> None:
     from sgdlab.lab import cli
 
     afile = tmp_path / "afile"
@@ -125,8 +136,17 @@ def test_hard_kill_leaves_no_half_written_results(tmp_path: Path) -> None:
     import sys
     import time
 
-    cmd = [sys.executable, "-c", "from sgdlab.lab.cli import main; main()", "run",
-           "convergence", "--preset", "tiny", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from sgdlab.lab.cli import main; main()",
+        "run",
+        "convergence",
+        "--preset",
+        "tiny",
+        "--out",
+        str(tmp_path),
+    ]
     proc = subprocess.Popen(cmd, env={**os.environ, "SGDLAB_PROGRESS": "0"})
     expdir = tmp_path / "convergence"
     deadline = time.time() + 60
@@ -167,8 +187,10 @@ def test_non_finite_values_survive_the_round_trip(tmp_path: Path) -> None:
 
     from sgdlab.lab.atomic import read_json
 
-    atomic_write_json(tmp_path / "r.json", {"loss": [1.0, float("inf")], "x": float("nan"),
-                                            "s": "text", "neg": -math.inf})
+    atomic_write_json(
+        tmp_path / "r.json",
+        {"loss": [1.0, float("inf")], "x": float("nan"), "s": "text", "neg": -math.inf},
+    )
     raw = json.loads((tmp_path / "r.json").read_text())  # strict JSON parses it
     assert raw["loss"][1] == "inf" and raw["x"] == "nan"
     back = read_json(tmp_path / "r.json")

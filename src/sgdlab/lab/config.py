@@ -32,6 +32,7 @@ __all__ = [
     "ExperimentConfig",
     "Range",
     "build_config",
+    "check_device",
     "config_to_dict",
     "describe_fields",
     "field_range",
@@ -65,9 +66,13 @@ class Range:
         return " and ".join(parts) or "any finite value"
 
     def admits(self, x: float) -> bool:
-        return (math.isfinite(x) and (self.ge is None or x >= self.ge)
-                and (self.gt is None or x > self.gt) and (self.le is None or x <= self.le)
-                and (self.lt is None or x < self.lt))
+        return (
+            math.isfinite(x)
+            and (self.ge is None or x >= self.ge)
+            and (self.gt is None or x > self.gt)
+            and (self.le is None or x <= self.le)
+            and (self.lt is None or x < self.lt)
+        )
 
 
 # Without a declared range: an int (a count, a size, a number of steps) is >= 1, a float (a
@@ -100,9 +105,26 @@ class ExperimentConfig:
                 if isinstance(x, int | float) and not rng.admits(x):
                     raise ValueError(f"{name} must be {rng}, got {x!r}")
         dev = self.device
-        if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:")
-                                                   and dev[5:].isdigit())):
+        if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {dev!r}")
+
+
+def check_device(device: str) -> None:
+    """Raise :class:`ConfigError` unless ``device`` (``--device`` or ``--set device=``) exists
+    on this machine: ``cuda`` needs ``torch.cuda.is_available()``, ``cuda:N`` a GPU number N."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {device!r} requested but torch.cuda.is_available() is False; use device cpu"
+        )
+    n = torch.cuda.device_count()
+    if device.startswith("cuda:") and int(device[5:]) >= n:
+        raise ConfigError(
+            f"device {device!r} requested but this machine has {n} GPU(s): cuda:0 to cuda:{n - 1}"
+        )
 
 
 def _field_types(cls: type) -> dict[str, Any]:

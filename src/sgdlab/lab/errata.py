@@ -1,4 +1,4 @@
-"""The lecture's errata (REFERENCE.md) and the lab's claims that settle each.
+"""The lecture's errata (``docs/lab.md``) and the lab's claims that settle each.
 
 The report prints one row per erratum with the measurement of every claim listed in
 ``settled_by`` and of every claim whose ``erratum`` field names it.

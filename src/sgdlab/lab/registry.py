@@ -18,7 +18,15 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["EXPERIMENTS", "UnknownExperimentError", "data_parallel", "get", "names"]
+__all__ = [
+    "COST_S",
+    "EXPERIMENTS",
+    "UnknownExperimentError",
+    "cost",
+    "data_parallel",
+    "get",
+    "names",
+]
 
 EXPERIMENTS: dict[str, str] = {
     "one_d": "e01_one_d",
@@ -38,6 +46,40 @@ EXPERIMENTS: dict[str, str] = {
     "critical_batch": "e15_critical_batch",
     "data_parallel": "e16_data_parallel",
 }
+
+
+# Each experiment's recorded wall time in seconds (``meta.wall_time_s`` of its results.json) at
+# the tiny and quick presets: `sgdlab reproduce` on one core of the 2-core development machine,
+# SGDLAB_THREADS=1. The progress bar's estimate of the time left uses their ratios (a run
+# rescales them by the rate it measures); the full preset, not timed, is taken as FULL_SCALE
+# times quick. Update them from a fresh reproduce when an experiment's cost changes.
+COST_S: dict[str, dict[str, float]] = {
+    "one_d": {"quick": 0.27, "tiny": 0.04},
+    "convergence": {"quick": 3.28, "tiny": 0.47},
+    "running_averages": {"quick": 0.28, "tiny": 0.06},
+    "momentum": {"quick": 1.91, "tiny": 3.56},
+    "conjugacy": {"quick": 25.44, "tiny": 7.12},
+    "batch_scaling": {"quick": 0.71, "tiny": 0.25},
+    "invariant_adam": {"quick": 20.52, "tiny": 13.05},
+    "rmsprop_power": {"quick": 4.09, "tiny": 1.18},
+    "adam_bias": {"quick": 0.56, "tiny": 0.28},
+    "gradient_flow": {"quick": 0.58, "tiny": 0.34},
+    "slope": {"quick": 12.44, "tiny": 5.69},
+    "langevin_1d": {"quick": 3.2, "tiny": 0.82},
+    "two_temperatures": {"quick": 3.94, "tiny": 0.87},
+    "mcmc": {"quick": 7.46, "tiny": 1.83},
+    "critical_batch": {"quick": 5.07, "tiny": 0.72},
+    "data_parallel": {"quick": 16.94, "tiny": 5.99},
+}
+FULL_SCALE = 10.0
+
+
+def cost(name: str, preset: str) -> float:
+    """The recorded wall time of ``name`` at ``preset`` in seconds (:data:`COST_S`)."""
+    rec = COST_S.get(name, {})
+    if preset in rec:
+        return rec[preset]
+    return FULL_SCALE * rec.get("quick", 1.0)
 
 
 class UnknownExperimentError(KeyError):

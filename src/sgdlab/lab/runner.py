@@ -5,13 +5,16 @@ Layout of a results directory ``DIR``::
     DIR/<experiment>/config.json     the typed config of the run
     DIR/<experiment>/results.json    measurements, claims, figures, metadata (written last)
     DIR/<experiment>/STEM.TAG.png    figures, drawn from the saved measurements
+    DIR/<experiment>/curves/NAME.csv the data of each figure (the record's ``curves``)
     DIR/results.json                 every claim of every finished experiment + errata
     DIR/index.html                   the report
 
 An experiment is *finished* when its ``results.json`` exists and records the same config as the
 one requested (a damaged one, :func:`load_result`, is not finished: it is run again, and skipped
 with its reason by :func:`collect` and the report, never fatal to the others);
-:func:`run_experiment` skips finished experiments unless ``force``. Every file is written
+:func:`run_experiment` skips finished experiments unless ``force``, and refuses to replace the
+finished results of another configuration unless ``force`` (:class:`ResultsConflictError`,
+raised before anything is written). Every file is written
 atomically (:mod:`sgdlab.lab.atomic`), so a run killed at any moment leaves finished
 experiments intact and no half-written file.
 
@@ -26,47 +29,55 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime as _dt
-import hashlib
 import json
 import os
-import platform
-import re
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from . import registry
 from .atomic import (
-    TMP_PREFIX,
     WriteError,
     atomic_write_json,
     from_jsonable,
-    read_json,
     remove_stale_temporaries,
     to_jsonable,
 )
-from .config import build_config, config_to_dict
-from .errata import ERRATA
+from .config import ConfigError, build_config, check_device, config_to_dict
 from .lock import output_lock
-from .progress import bar
+from .progress import Progress
+from .results import (
+    FIGURE_NAME,
+    DamagedResultError,
+    _collect,
+    _record_tag,
+    collect,
+    draw_figures,
+    is_finished,
+    load_result,
+    remove_orphan_figures,
+    run_metadata,
+    write_curves,
+)
 
 __all__ = [
     "FIGURE_NAME",
     "DamagedResultError",
+    "Interrupted",
+    "ResultsConflictError",
     "collect",
+    "config_conflict",
     "draw_figures",
     "is_finished",
     "load_result",
     "make_config",
+    "refuse_conflict",
     "reproduce",
     "run_experiment",
     "run_metadata",
@@ -80,182 +91,54 @@ def make_config(
     seed: int | None = None,
     device: str | None = None,
 ) -> Any:
-    """The typed config of experiment ``name`` (preset, then ``--set`` overrides, seed, device)."""
+    """The typed config of experiment ``name`` (preset, then ``--set`` overrides, seed, device).
+
+    The device, from ``device`` or ``overrides``, must be available here
+    (:func:`~sgdlab.lab.config.check_device`).
+    """
     mod = registry.get(name)
     merged = dict(overrides or {})
     if seed is not None:
         merged["seed"] = seed
     if device is not None:
         merged["device"] = device
-    return build_config(mod.Config, mod.PRESETS, preset, merged)
+    config = build_config(mod.Config, mod.PRESETS, preset, merged)
+    check_device(config.device)
+    return config
 
 
-def _git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
+class ResultsConflictError(ConfigError):
+    """``DIR/<experiment>`` holds finished results of another configuration; replacing them
+    takes ``force``. Raised before anything is written."""
 
 
-def run_metadata(device: str) -> dict[str, Any]:
-    """Versions, platform and git commit recorded with every run."""
-    import numpy
-    import torch
-
-    import sgdlab
-
-    meta: dict[str, Any] = {
-        "sgdlab": sgdlab.__version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": device,
-        "git_commit": _git_commit(),
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        meta["cuda_device"] = torch.cuda.get_device_name(0)
-    for extra in ("scipy", "matplotlib", "sklearn"):
-        try:
-            meta[extra] = __import__(extra).__version__
-        except ImportError:
-            pass
-    return meta
-
-
-# A figure's file name: ``STEM.png`` as the experiment's ``plot`` names it, saved as
-# ``STEM.TAG.png`` with TAG the first 12 hex digits of the sha256 of its record.
-FIGURE_NAME = re.compile(r"(?P<stem>[A-Za-z0-9_][A-Za-z0-9_-]*)(?:\.(?P<tag>[0-9a-f]{12}))?\.png")
-
-
-def _record_tag(record: Mapping[str, Any]) -> str:
-    """12 hex digits of the sha256 of ``record`` (as saved, without its figures)."""
-    body = {k: v for k, v in record.items() if k != "figures"}
-    text = json.dumps(to_jsonable(body), sort_keys=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-
-
-def draw_figures(
-    mod: Any, measurements: Any, expdir: Path, tag: str, only: str | None = None
-) -> list[str]:
-    """Draw ``mod``'s figures of ``measurements`` and move each into ``expdir`` as
-    ``STEM.TAG.png`` (``STEM.png`` for an empty tag); return those names (``only``: move just
-    the figure saved as that name).
-
-    The figures are drawn in a temporary directory inside ``expdir`` (removed afterwards), so a
-    figure of the committed record is never overwritten by one of another record.
-    """
-    try:
-        stage = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-figures.", dir=expdir))
-    except OSError as exc:
-        raise WriteError.of(expdir, exc) from exc
-    try:
-        names = []
-        for drawn in mod.plot(measurements, stage):
-            m = FIGURE_NAME.fullmatch(drawn)
-            if m is None or m["tag"] is not None:
-                raise ValueError(f"{mod.NAME}: plot returned {drawn!r}, not a name STEM.png")
-            name = f"{m['stem']}.{tag}.png" if tag else drawn
-            if only is None or name == only:
-                try:
-                    os.replace(stage / drawn, expdir / name)
-                except OSError as exc:
-                    raise WriteError.of(expdir / name, exc) from exc
-                names.append(name)
-        return names
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def remove_orphan_figures(expdir: Path) -> list[Path]:
-    """Delete the tagged figures in ``expdir`` that its results.json does not name (left by a
-    run killed before it committed); keep everything when results.json cannot be read."""
-    path = expdir / "results.json"
-    keep: set[str] = set()
-    if path.exists():
-        try:
-            keep = set(read_json(path)["figures"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return []
-    removed = []
-    for p in expdir.iterdir():
-        m = FIGURE_NAME.fullmatch(p.name)
-        if m and m["tag"] and p.name not in keep and not p.is_dir():
-            p.unlink()
-            removed.append(p)
-    return removed
-
-
-class DamagedResultError(ValueError):
-    """A results.json that cannot be used (not JSON, not UTF-8, a field missing or of the
-    wrong type, a link); the message says why. The experiment is reported and skipped."""
-
-
-_NUMBER = (int, float, str, type(None))  # a claim's numbers: "nan"/"inf" markers, or none
-
-
-def _check(ok: bool, why: str) -> None:
-    if not ok:
-        raise DamagedResultError(why)
-
-
-def _check_record(rec: Any) -> None:
-    """Raise :class:`DamagedResultError` unless ``rec`` has the fields and types the report and
-    the claims table read."""
-    _check(isinstance(rec, dict), "not a JSON object")
-    for key, tp in (("title", str), ("description", str), ("config", dict), ("claims", list),
-                    ("figures", list), ("meta", dict)):
-        _check(isinstance(rec.get(key), tp), f"{key!r} missing or not a {tp.__name__}")
-    meta = rec["meta"]
-    for key in ("seed", "preset", "device"):
-        _check(key in meta, f"meta {key!r} missing")
-    wall = meta.get("wall_time_s")
-    _check(isinstance(wall, int | float) and not isinstance(wall, bool),
-           "meta 'wall_time_s' missing or not a number")
-    for i, c in enumerate(rec["claims"]):
-        _check(isinstance(c, dict), f"claim {i} is not a JSON object")
-        for key in ("id", "statement", "formula", "verdict"):
-            _check(isinstance(c.get(key), str), f"claim {i}: {key!r} missing or not a string")
-        for key in ("kind", "note", "lecture_formula"):
-            _check(isinstance(c.get(key, ""), str), f"claim {i}: {key!r} is not a string")
-        for key in ("predicted", "measured", "stderr", "tolerance", "lecture_value"):
-            _check(isinstance(c.get(key), _NUMBER), f"claim {i}: {key!r} is not a number")
-
-
-def load_result(expdir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The record in ``expdir/results.json``, checked (:func:`_check_record`); raises
-    :class:`DamagedResultError` saying why it cannot be used. A link (the directory or the
-    file) is refused: nothing outside the results directory is read."""
-    expdir = Path(expdir)
-    path = expdir / "results.json"
-    _check(not expdir.is_symlink() and not path.is_symlink(), "a symbolic link")
-    try:
-        rec = read_json(path)
-    except UnicodeDecodeError:
-        raise DamagedResultError("not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise DamagedResultError(f"not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    except RecursionError:
-        raise DamagedResultError("nested too deeply") from None
-    except OSError as exc:
-        raise DamagedResultError(f"cannot be read ({exc.strerror or exc})") from None
-    _check_record(rec)
-    return rec
-
-
-def is_finished(expdir: str | os.PathLike[str], config: Any) -> bool:
-    """True when ``expdir/results.json`` exists and records exactly ``config``."""
+def config_conflict(expdir: str | os.PathLike[str], config: Any) -> str | None:
+    """The keys in which the finished results in ``expdir`` differ from ``config``
+    (``"key: saved -> requested"``), or None when there are none, or no usable results."""
     if not (Path(expdir) / "results.json").is_file():
-        return False
+        return None
     try:
-        saved = load_result(expdir)
+        saved = load_result(expdir)["config"]
     except DamagedResultError:
-        return False  # run again: the new result replaces the damaged one
-    return saved["config"] == to_jsonable(config_to_dict(config))
+        return None  # run again: the new result replaces the damaged one
+    wanted = to_jsonable(config_to_dict(config))
+    keys = [k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+    if not keys:
+        return None
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in keys[:3]) + (
+        f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    )
+
+
+def refuse_conflict(expdir: Path, config: Any) -> None:
+    """Raise :class:`ResultsConflictError` if ``expdir`` holds finished results of another
+    configuration than ``config`` (:func:`config_conflict`)."""
+    diff = config_conflict(expdir, config)
+    if diff is not None:
+        raise ResultsConflictError(
+            f"{expdir} holds finished results of another configuration ({diff}); "
+            "use --force to replace them"
+        )
 
 
 def _remove_stale(out: Path) -> None:
@@ -275,15 +158,24 @@ def run_experiment(
     force: bool = False,
     collect_after: bool = True,
 ) -> dict[str, Any]:
-    """Run one experiment into ``out/<name>`` unless finished; return a short summary.
+    """Run one experiment into ``out/<name>`` unless finished; return a short summary
+    (``name``, ``status`` "finished" or "skipped", ``wall_time_s``, and for a skip ``reason``).
 
     Holds the lock of ``out`` (:mod:`sgdlab.lab.lock`) and first removes the temporaries that
-    killed runs left in ``out``; an invalid config fails before anything is written.
+    killed runs left in ``out``; an invalid config, or finished results of another config
+    without ``force`` (:class:`ResultsConflictError`), fail before anything is written.
     """
-    make_config(name, preset, overrides, seed, device)
+    config = make_config(name, preset, overrides, seed, device)
     with output_lock(out):
+        if not force:
+            refuse_conflict(Path(out) / name, config)
         _remove_stale(Path(out))
         return _run_locked(name, out, preset, overrides, seed, device, force, collect_after)
+
+
+def skip_reason(expdir: Path) -> str:
+    """Why a finished experiment is not run again."""
+    return f"finished results with the same configuration in {expdir} (use --force to rerun)"
 
 
 def _run_locked(
@@ -308,10 +200,15 @@ def _run_locked(
     remove_orphan_figures(expdir)
     if not force and is_finished(expdir, config):
         saved = load_result(expdir)
-        return {"name": name, "status": "skipped", "wall_time_s": saved["meta"]["wall_time_s"]}
+        return {
+            "name": name,
+            "status": "skipped",
+            "wall_time_s": saved["meta"]["wall_time_s"],
+            "reason": skip_reason(expdir),
+        }
     # a finished results.json stays until the new one replaces it in one rename: a rerun
-    # (--force, another config) that is interrupted or fails leaves the last finished result,
-    # which records its own config
+    # (--force) that is interrupted or fails leaves the last finished result, which records
+    # its own config
     cfg = to_jsonable(config_to_dict(config))
     atomic_write_json(expdir / "config.json", {"experiment": name, "preset": preset, **cfg})
     _seed_everything(config.seed)
@@ -338,14 +235,34 @@ def _run_locked(
         "measurements": saved_measurements,
         "claims": claims,
         "meta": meta,
+        **_record_extras(mod, saved_measurements),
     }
     # figures first, under names tied to this record; results.json commits them
     record["figures"] = draw_figures(mod, saved_measurements, expdir, _record_tag(record))
     atomic_write_json(expdir / "results.json", record)
     remove_orphan_figures(expdir)
+    write_curves(expdir, record)
     if collect_after:
         collect(out)
     return {"name": name, "status": "finished", "wall_time_s": wall}
+
+
+def _record_extras(mod: Any, measurements: Any) -> dict[str, Any]:
+    """The record's optional top-level ``curves`` (each figure's data) and ``dropped`` (points
+    left out, with why): from the experiment's ``curves(measurements)`` /
+    ``dropped(measurements)`` when it defines them, else from its measurements' keys."""
+    extras: dict[str, Any] = {}
+    for key in ("curves", "dropped"):
+        fn = getattr(mod, key, None)
+        if callable(fn):
+            value = fn(measurements)
+        elif isinstance(measurements, dict):
+            value = measurements.get(key)
+        else:
+            value = None
+        if value is not None:
+            extras[key] = to_jsonable(value)
+    return extras
 
 
 @contextlib.contextmanager
@@ -376,63 +293,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def collect(out: str | os.PathLike[str]) -> dict[str, Any]:
-    """Gather every finished experiment's claims into ``out/results.json`` and return it."""
-    with output_lock(out):
-        return _collect(Path(out))
-
-
-def _collect(out: Path) -> dict[str, Any]:
-    experiments: dict[str, Any] = {}
-    claims: list[dict[str, Any]] = []
-    damaged: list[dict[str, str]] = []
-    for name in registry.names():
-        path = out / name / "results.json"
-        if not (path.is_file() or path.is_symlink()):
-            continue
-        try:
-            rec = load_result(out / name)
-        except DamagedResultError as exc:
-            damaged.append({"experiment": name, "path": str(path), "why": str(exc)})
-            continue
-        experiments[name] = {
-            "title": rec["title"],
-            "figures": rec["figures"],
-            "wall_time_s": rec["meta"]["wall_time_s"],
-            "seed": rec["meta"]["seed"],
-            "preset": rec["meta"]["preset"],
-            "device": rec["meta"]["device"],
-        }
-        for c in rec["claims"]:
-            claims.append({"experiment": name, **c})
-    by_id = {c["id"]: c for c in claims}
-    errata = []
-    for e in ERRATA:
-        ids = list(e.settled_by) + [
-            c["id"] for c in claims if c.get("erratum") == e.number and c["id"] not in e.settled_by
-        ]
-        errata.append(
-            {
-                "number": e.number,
-                "slide": e.slide,
-                "as_written": e.as_written,
-                "correct": e.correct,
-                "settled_by": [i for i in ids if i in by_id],
-                "missing": [i for i in ids if i not in by_id],
-            }
-        )
-    summary = {
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "experiments": experiments,
-        "claims": claims,
-        "errata": errata,
-        "damaged": damaged,
-        "meta": run_metadata(next(iter(experiments.values()))["device"] if experiments else "cpu"),
-    }
-    atomic_write_json(out / "results.json", summary)
-    return summary
-
-
 def _die_with_parent(parent: int) -> None:
     """Make this worker process end when ``parent`` does, even on ``kill -9`` of the parent.
 
@@ -456,14 +316,45 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+_IN_EXPERIMENT = threading.Event()  # set while a worker runs an experiment
+
+
+def _stop_worker(signum: int, frame: Any) -> None:
+    """SIGTERM in a worker: unwind the running experiment (its own processes end, its
+    temporaries go; :func:`_worker` then exits quietly), or exit at once when idle."""
+    if _IN_EXPERIMENT.is_set():
+        raise KeyboardInterrupt
+    os._exit(130)
+
+
 def _worker_init(parent: int) -> None:
+    """A ``reproduce --jobs N`` worker: no bars of its own, Ctrl-C (SIGINT to the terminal's
+    process group) left to the parent, which stops the worker with SIGTERM."""
     os.environ.setdefault("SGDLAB_PROGRESS", "0")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_worker)
     _die_with_parent(parent)
 
 
 def _worker(name: str, out: str, preset: str, force: bool) -> dict[str, Any]:
     """One experiment of ``reproduce --jobs N``; the parent holds the lock of ``out``."""
-    return _run_locked(name, out, preset, None, None, None, force, collect_after=False)
+    _IN_EXPERIMENT.set()
+    try:
+        return _run_locked(name, out, preset, None, None, None, force, collect_after=False)
+    except KeyboardInterrupt:
+        os._exit(130)  # stopped by the parent (:func:`_stop_pool`), which reports it
+    finally:
+        _IN_EXPERIMENT.clear()
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`reproduce`: the running experiments were stopped, the queued ones
+    not started; ``finished`` names the experiments whose results are in the directory."""
+
+    def __init__(self, finished: list[str], total: int) -> None:
+        super().__init__(f"{len(finished)} of {total} experiments finished")
+        self.finished = finished
+        self.total = total
 
 
 def reproduce(
@@ -477,16 +368,28 @@ def reproduce(
     """Run every experiment (or ``names``), collect the claims and build the report.
 
     With ``jobs > 1`` experiments run in separate processes (spawn context, one torch thread
-    each), which end with this process (:func:`_die_with_parent`). Holds the lock of ``out``
-    throughout. Returns ``out/results.json`` as a dict plus ``"runs"``, the per-experiment
-    summaries.
+    each), at most ``jobs`` at a time, which end with this process (:func:`_die_with_parent`).
+    Holds the lock of ``out`` throughout. Finished results of another configuration are
+    refused before anything runs unless ``force`` (:class:`ResultsConflictError`). Ctrl-C
+    stops the running experiments at once, starts no other, rebuilds the report of the
+    finished ones and raises :class:`Interrupted`. Returns ``out/results.json`` as a dict plus
+    ``"runs"``, the per-experiment summaries.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
     todo = list(names) if names is not None else registry.names()
-    for n in todo:
-        registry.get(n)
+    if jobs > 1 and device is not None and device != "cpu":
+        raise ConfigError("--jobs > 1 runs on the CPU; use --jobs 1 with --device cuda")
+    configs = {n: make_config(n, preset, device=device) for n in todo}
     with output_lock(out):
+        if not force:
+            clashes = [n for n in todo if config_conflict(Path(out) / n, configs[n])]
+            if clashes:
+                raise ResultsConflictError(
+                    f"{out} holds finished results of another configuration for "
+                    f"{', '.join(clashes)} (another preset or --set); use --force to replace "
+                    "them, or another --out"
+                )
         _remove_stale(Path(out))
         return _reproduce(Path(out), preset, jobs, force, todo, device)
 
@@ -494,26 +397,94 @@ def reproduce(
 def _reproduce(
     out: Path, preset: str, jobs: int, force: bool, todo: list[str], device: str | None
 ) -> dict[str, Any]:
-    from .report import build_report
+    from .report import build_report  # the report reads results; the runner only calls it
 
     runs: list[dict[str, Any]] = []
-    if jobs == 1:
-        for n in bar(todo, desc="experiments"):
-            runs.append(
-                run_experiment(n, out, preset, device=device, force=force, collect_after=False)
-            )
-    else:
-        if device is not None and device != "cpu":
-            raise ValueError("--jobs > 1 runs on the CPU; use --jobs 1 with --device cuda")
-        ctx = get_context("spawn")
-        with ProcessPoolExecutor(
-            max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
-        ) as pool:
-            futures = {pool.submit(_worker, n, str(out), preset, force): n for n in todo}
-            for fut in bar(as_completed(futures), desc="experiments", total=len(futures)):
-                runs.append(fut.result())
+    progress = Progress(todo, expected_costs(out, todo, preset))
+    try:
+        if jobs == 1:
+            for n in todo:
+                progress.started(n)
+                runs.append(
+                    run_experiment(n, out, preset, device=device, force=force, collect_after=False)
+                )
+                progress.finished(n, runs[-1])
+        else:
+            _run_pool(out, preset, jobs, force, todo, runs, progress)
+    except KeyboardInterrupt:
+        progress.close()
+        finished = [n for n in todo if (out / n / "results.json").is_file()]
+        with contextlib.suppress(Exception):
+            build_report(out)  # the report of what is finished
+        raise Interrupted(finished, len(todo)) from None
+    progress.close()
     summary = _collect(out)
     build_report(out)
     summary["runs"] = runs
     return summary
 
+
+def _run_pool(
+    out: Path,
+    preset: str,
+    jobs: int,
+    force: bool,
+    todo: list[str],
+    runs: list[dict[str, Any]],
+    progress: Progress,
+) -> None:
+    """``reproduce --jobs N``: at most N experiments submitted at a time (none queued in the
+    pool, so an interrupt has nothing left to run); Ctrl-C stops the workers."""
+    ctx = get_context("spawn")
+    pool = ProcessPoolExecutor(
+        max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
+    )
+    queue = list(todo)
+    running: dict[Any, str] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                n = queue.pop(0)
+                running[pool.submit(_worker, n, str(out), preset, force)] = n
+                progress.started(n)
+            done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+            for fut in done:
+                n = running.pop(fut)
+                runs.append(fut.result())
+                progress.finished(n, runs[-1])
+    except BaseException:
+        _stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _stop_pool(pool: ProcessPoolExecutor, grace_s: float = 5.0) -> None:
+    """End every worker of ``pool`` now: SIGTERM (the experiment unwinds), SIGKILL after
+    ``grace_s``; nothing queued runs."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        with contextlib.suppress(OSError, ValueError):
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
+
+
+def expected_costs(out: Path, todo: Sequence[str], preset: str) -> dict[str, float]:
+    """Each experiment's expected wall time in seconds: its last run at this preset in ``out``
+    when there is one, else the registry's record (:data:`~sgdlab.lab.registry.COST_S`)."""
+    costs = {}
+    for n in todo:
+        cost = registry.cost(n, preset)
+        try:
+            rec = load_result(out / n)
+            if rec["meta"].get("preset") == preset:
+                cost = float(rec["meta"]["wall_time_s"])
+        except DamagedResultError:
+            pass
+        costs[n] = max(cost, 0.1)
+    return costs
