@@ -24,6 +24,7 @@ SCOPES = [
     "sgdlab.dynamics",
     "sgdlab.distributed",
     "sgdlab.integrations",
+    "sgdlab.lab",
 ]
 
 
