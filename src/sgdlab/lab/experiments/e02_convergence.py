@@ -25,7 +25,7 @@ from ..claims import Claim, tolerance
 from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
-from ._common import chain_mean, fit_loglog_slope
+from ._common import chain_mean, fit_loglog_slope, with_curves
 
 NAME = "convergence"
 TITLE = "2. The classical convergence theorem: eta_t = c t^-gamma against the exact recursion"
@@ -67,6 +67,7 @@ def _schedule(gamma: float | None, config: Config, t: np.ndarray) -> np.ndarray:
     return config.c * (t + 1.0) ** (-gamma)
 
 
+@with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     rng = np.random.default_rng(config.seed)
     t_all = np.arange(config.steps)

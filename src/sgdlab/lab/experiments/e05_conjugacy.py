@@ -34,6 +34,7 @@ from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
 from . import _mnist
+from ._common import with_curves
 
 NAME = "conjugacy"
 TITLE = "5. Conjugacy on real data: (eta', N_g), (eta, N_g) and (eta', B) on MNIST-1D"
@@ -78,6 +79,7 @@ def _train(lr: float, momentum: float, b: int, data: _mnist.Data, config: Config
     return float(res["final_loss"])
 
 
+@with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     data = _mnist.load(outdir, config.device)
     base = config.base_lr

@@ -46,7 +46,7 @@ from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
 from . import _mnist
-from ._common import ratio_stderr
+from ._common import ratio_stderr, with_curves
 
 NAME = "invariant_adam"
 TITLE = "7. Batch-size-invariant RMSProp/Adam (the headline)"
@@ -179,6 +179,7 @@ def _mnist_part(config: Config, outdir: Path) -> dict[str, Any]:
             "spread_all": _spreads(runs, list(config.batch_sizes))}
 
 
+@with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     return {"quadratic": _quadratic(config), "mnist1d": _mnist_part(config, outdir),
             "quad_batch": config.quad_batch, "batch_sizes": list(config.batch_sizes),

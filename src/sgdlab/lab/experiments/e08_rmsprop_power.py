@@ -27,7 +27,7 @@ from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
 from . import _mnist
-from ._common import chain_mean
+from ._common import chain_mean, with_curves
 
 NAME = "rmsprop_power"
 TITLE = "8. RMSProp dividing by sigma versus sigma^2, each at its best learning rate"
@@ -92,6 +92,7 @@ def _train(power: float, lr: float, seed: int, data: _mnist.Data, config: Config
     return float(res["final_loss"])
 
 
+@with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     data = _mnist.load(outdir, config.device)
     grids: dict[str, list[dict[str, float]]] = {}

@@ -42,7 +42,7 @@ from ..claims import Claim, tolerance
 from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
-from ._common import digits
+from ._common import digits, with_curves
 
 NAME = "slope"
 TITLE = "11. Converged loss L(eta) and the slope theorem (tr C/(4B); 0 with reshuffling)"
@@ -177,6 +177,7 @@ def _logistic(config: Config) -> dict[str, Any]:
             "slope_exact": excess_loss_slope(p.noise_covariance, 1)}
 
 
+@with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     parts = {"quadratic": _quadratic, "least_squares": _least_squares,
              "reshuffle": _reshuffle, "logistic": _logistic}

@@ -42,7 +42,7 @@ from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
 from . import _mnist
-from ._common import chain_mean, digits, fit_loglog_slope
+from ._common import chain_mean, digits, fit_loglog_slope, with_curves
 
 NAME = "mcmc"
 TITLE = "14. SGD as MCMC: barrier escape, a learning-rate drop, snapshot ensembles"
@@ -203,6 +203,7 @@ def _snapshots(config: Config, outdir: Path) -> dict[str, Any]:
     }
 
 
+@with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     rng = np.random.default_rng(config.seed)
     return {"escape": _escape(config, rng), "drop_quadratic": _drop_quadratic(config),

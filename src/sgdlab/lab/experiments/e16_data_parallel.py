@@ -52,7 +52,7 @@ from ...optim import Adam
 from ..claims import Claim, tolerance
 from ..config import ExperimentConfig
 from . import _mnist
-from ._common import chain_mean, mnist1d
+from ._common import chain_mean, mnist1d, with_curves
 
 NAME = "data_parallel"
 TITLE = "16. Data-parallel training: the rules at the global batch"
@@ -343,6 +343,7 @@ def _log_gap(a: list[dict[str, float]], b: list[dict[str, float]]) -> float:
     return float(np.mean([math.log(p["loss"]) - math.log(q["loss"]) for p, q in zip(a, b)]))
 
 
+@with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     if dist.is_initialized() and dist.get_rank() != 0:
         raise RuntimeError("run() is rank 0's part of the experiment (it writes); the other "
