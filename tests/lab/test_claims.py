@@ -82,3 +82,72 @@ def test_bad_fields_rejected(bad) -> None:
 def test_negative_tolerance_part_rejected() -> None:
     with pytest.raises(ValueError, match="model must be a number >= 0"):
         Tolerance(0.0, 0.0, -1.0)
+
+
+# --- experiments' claims on synthetic measurements with known answers ---
+
+
+def _bs_row(b: int, loss: float, exact: float, sqrt_ratio: float) -> dict:
+    last = {"examples": 8192, "loss": loss, "loss_se": 0.001 * loss, "loss_exact": exact}
+    return {
+        "B": b,
+        "eta": 0.01 * b,
+        "stability": 0.009 * b,
+        "trace": [last],
+        "sqrt_ratio_exact": sqrt_ratio,
+    }
+
+
+def test_linear_rule_is_not_claimed_past_first_order() -> None:
+    """Ratio 1.644 measured where the exact recursion gives 1.55: the claim is the bend
+    (predicted 1.55, tolerance the chains' alone), not ratio 1 on a model error wide enough to
+    hide it."""
+    from sgdlab.lab.experiments import e06_batch_scaling as e06
+
+    ref = _bs_row(1, 1.0, 1.0, 1.0)
+    rows = [_bs_row(4, 1.02, 1.01, 0.5), _bs_row(128, 1.644, 1.55, 0.2)]
+    made = [e06._linear_rule_claim(r, r["trace"][-1], ref["trace"][-1], 2000) for r in rows]
+    by_id = {c.id: c for c in made}
+    assert set(by_id) == {"batch_scaling.linear_rule_B4", "batch_scaling.linear_rule_bends_B128"}
+    small = by_id["batch_scaling.linear_rule_B4"]
+    assert small.predicted == 1.0 and small.tol_model == pytest.approx(0.01)
+    assert small.effect == pytest.approx(-0.5) and small.seeds == 2000
+    bend = by_id["batch_scaling.linear_rule_bends_B128"]
+    assert bend.predicted == pytest.approx(1.55) and bend.effect == pytest.approx(0.55)
+    assert bend.tol_model == 0.0 and bend.verdict == "disagrees"  # 1.644 is 0.094 from 1.55
+
+
+def test_critical_batch_fit_recovers_b_crit() -> None:
+    """S = S_min (1 + B_crit/B) exactly: the weighted fit returns B_crit."""
+    from sgdlab.lab.experiments import e15_critical_batch as e15
+
+    pts = [{"B": b, "steps": 50.0 * (1 + 100.0 / b), "steps_se": 1.0} for b in (8, 32, 128, 512)]
+    fit = e15._fit(pts)
+    assert fit["b_crit"] == pytest.approx(100.0, rel=1e-9) and fit["points"] == 4
+    # the points lie on the curve: the standard error is the error bars', linear in them
+    wider = e15._fit([{**p, "steps_se": 2.0} for p in pts])
+    assert wider["b_crit_se"] == pytest.approx(2 * fit["b_crit_se"], rel=1e-9)
+    assert 0 < fit["b_crit_se"] < 5
+    assert math.isnan(e15._fit(pts[:2])["b_crit"])
+
+
+def test_critical_batch_claim_needs_enough_points() -> None:
+    from sgdlab.lab.experiments import e15_critical_batch as e15
+
+    fit = {"b_crit": 100.0, "b_crit_se": 1.0, "points": 3, "s_min": 1.0, "e_min": 100.0}
+    res = {
+        "fit": fit,
+        "b_simple": 100.0,
+        "b_simple_se": 1.0,
+        "seeds": 3,
+        "min_fit_points": 4,
+        "target_loss": 1.3,
+        "dropped": [{"point": "B=512", "reason": "never reached"}],
+    }
+    (c,) = e15.claims(res)
+    assert c.verdict == "inconclusive" and "only 3 batch sizes" in c.inconclusive
+    (c,) = e15.claims({**res, "fit": {**fit, "points": 4}})
+    assert c.verdict == "agrees" and c.tol_model == pytest.approx(math.log10(2))
+    wide = {**fit, "points": 4, "b_crit_se": 50.0}  # +-50%: 4 s.e. over half a decade
+    (c,) = e15.claims({**res, "fit": wide})
+    assert c.verdict == "inconclusive" and "exceeds 0.5" in c.inconclusive
