@@ -28,6 +28,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.collections import PathCollection  # noqa: E402
 from matplotlib.container import ErrorbarContainer  # noqa: E402
+from matplotlib.ticker import (  # noqa: E402
+    AutoLocator,
+    FuncFormatter,
+    LogLocator,
+    MaxNLocator,
+    NullFormatter,
+)
 
 from .atomic import atomic_path, from_jsonable, to_jsonable  # noqa: E402
 
@@ -89,14 +96,39 @@ def log_limits(a: Any, values: Any, axis: str = "y", pad: float = 1.5) -> None:
         (a.set_ylim if axis == "y" else a.set_xlim)(lo, hi)
 
 
+def _tidy_log_axis(axis: Any) -> None:
+    """Plain tick labels on a log axis, never crowded: matplotlib labels the minor ticks of a
+    short log axis (2x10^1 3x10^1 ...), which overlap; label 1, 2, 5 per decade on an axis of
+    under two decades, each decade up to six, and leave longer ones to matplotlib."""
+    lo, hi = sorted(axis.get_view_interval())
+    if not (lo > 0 and math.isfinite(hi)):
+        return
+    decades = math.log10(hi / lo)
+    if decades > 6:
+        axis.set_minor_formatter(NullFormatter())
+        return
+    subs = (1.0, 2.0, 5.0) if decades < 2 else (1.0,)
+    axis.set_major_locator(LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _finish(fig: Any) -> list[Any]:
-    """Letter the visible panels (a), (b), ... and move their legends below them."""
+    """Letter the visible panels (a), (b), ..., tidy their log axes and move their legends
+    below them."""
     axes = [a for a in fig.axes if a.get_visible() and a.get_label() != "<colorbar>"]
     many = len(axes) > 1
     for k, a in enumerate(axes):
+        for axis, scale in ((a.xaxis, a.get_xscale()), (a.yaxis, a.get_yscale())):
+            if scale == "log":
+                _tidy_log_axis(axis)
+            elif isinstance(axis.get_major_locator(), AutoLocator):
+                axis.set_major_locator(MaxNLocator(nbins=5))  # 5-digit labels must not touch
         if many and k < 26:
             a.set_title(f"({string.ascii_lowercase[k]}) {a.get_title()}".rstrip())
         leg = a.get_legend()
+        spec = a.get_subplotspec()
+        cols = spec.get_gridspec().ncols if spec is not None else 1
         if leg is not None:
             handles, labels = a.get_legend_handles_labels()
             a.legend(
@@ -104,7 +136,7 @@ def _finish(fig: Any) -> list[Any]:
                 labels,
                 loc="upper center",
                 bbox_to_anchor=(0.5, -0.18),
-                ncol=min(3, max(1, len(labels))),
+                ncol=min(3 if cols == 1 else 2, max(1, len(labels))),
                 fontsize=6.5,
                 frameon=False,
             )
