@@ -151,3 +151,25 @@ def test_critical_batch_claim_needs_enough_points() -> None:
     wide = {**fit, "points": 4, "b_crit_se": 50.0}  # +-50%: 4 s.e. over half a decade
     (c,) = e15.claims({**res, "fit": wide})
     assert c.verdict == "inconclusive" and "exceeds 0.5" in c.inconclusive
+
+
+def test_noise_floor_range_factor() -> None:
+    """E[max - min] of n standard normals: 2/sqrt(pi) for n = 2, 3/sqrt(pi) for n = 3."""
+    from sgdlab.lab.experiments import e07_invariant_adam as e07
+
+    assert e07._range_factor(2) == pytest.approx(2 / math.sqrt(math.pi), rel=1e-6)
+    assert e07._range_factor(3) == pytest.approx(3 / math.sqrt(math.pi), rel=1e-6)
+
+
+def test_headline_spread_is_measured_over_seeds_above_the_noise_floor() -> None:
+    """Two batch sizes, two seeds, log-losses chosen by hand: the per-seed spreads, their mean
+    and standard error, and the floor 2/sqrt(pi) x the pooled seed-to-seed s.d."""
+    from sgdlab.lab.experiments import e07_invariant_adam as e07
+
+    logs = {(8, 0): 0.0, (8, 1): 0.2, (32, 0): 0.4, (32, 1): 0.8}  # spreads 0.4, 0.6
+    runs = {"m": [{"B": b, "seed": k, "final_loss": math.exp(v)} for (b, k), v in logs.items()]}
+    sp = e07._spreads(runs, [8, 32], seeds=2)["m"]
+    assert sp["per_seed"] == pytest.approx([0.4, 0.6])
+    assert sp["log_spread"] == pytest.approx(0.5) and sp["log_spread_se"] == pytest.approx(0.1)
+    sd = math.sqrt((0.02 + 0.08) / 2)  # variances over the seeds at B = 8 and B = 32
+    assert sp["floor"] == pytest.approx(2 / math.sqrt(math.pi) * sd, rel=1e-6)
