@@ -173,3 +173,27 @@ def test_headline_spread_is_measured_over_seeds_above_the_noise_floor() -> None:
     assert sp["log_spread"] == pytest.approx(0.5) and sp["log_spread_se"] == pytest.approx(0.1)
     sd = math.sqrt((0.02 + 0.08) / 2)  # variances over the seeds at B = 8 and B = 32
     assert sp["floor"] == pytest.approx(2 / math.sqrt(math.pi) * sd, rel=1e-6)
+
+
+def test_rmsprop_power_comparison_needs_a_resolved_difference() -> None:
+    """sigma vs sigma^2: a difference inside 4 s.e. of 0, or a best lr on its grid's edge, is
+    inconclusive, not a pass of 'at least 0' with tolerance 0."""
+    from sgdlab.lab.experiments import e08_rmsprop_power as e08
+
+    grid = [{"lr": 1.0, "loss": 2.0}, {"lr": 3.0, "loss": 1.0}, {"lr": 9.0, "loss": 1.5}]
+    res = {
+        "grids": {"sigma": grid, "sigma2": grid},
+        "diff": 0.3,
+        "diff_se": 0.1,
+        "seeds": 3,
+        "best": {
+            "sigma": {"lr": 3.0, "losses": [1.0] * 3},
+            "sigma2": {"lr": 3.0, "losses": [1.3] * 3},
+        },
+        "identities": {"inside_vs_slide": 0.0, "outside_vs_torch": 0.0, "inside_vs_outside": 1e-3},
+    }
+    assert "within 4 s.e." in e08.claims(res)[0].inconclusive
+    assert e08.claims({**res, "diff": 0.5})[0].verdict == "agrees"
+    edge = {**res, "diff": 0.5, "grids": {"sigma": grid[:2], "sigma2": grid}}
+    assert "edge" in e08.claims(edge)[0].inconclusive
+    assert e08.claims({**res, "diff": -0.5})[0].verdict == "disagrees"
