@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.collections import PathCollection  # noqa: E402
-from matplotlib.container import ErrorbarContainer  # noqa: E402
+from matplotlib.container import BarContainer, ErrorbarContainer  # noqa: E402
 from matplotlib.ticker import (  # noqa: E402
     AutoLocator,
     FuncFormatter,
@@ -176,6 +176,16 @@ def _axes_curves(a: Any) -> dict[str, Any]:
                 float(abs(s[1][1] - s[0][1]) / 2) if len(s) == 2 and np.isfinite(s).all() else None
                 for s in segs
             ]
+    for k, c in enumerate(a.containers):
+        if isinstance(c, BarContainer) and len(c.patches):
+            label = str(c.get_label())
+            label = f"bars {k + 1}" if label.startswith("_") else label
+            x = [p.get_x() + p.get_width() / 2 for p in c.patches]
+            series[label] = {
+                "x": _numbers(x),
+                "y": _numbers([p.get_height() for p in c.patches]),
+                "yerr": None,
+            }
     for k, line in enumerate(a.get_lines()):
         label = str(line.get_label())
         if label.startswith("_"):  # matplotlib's unlabelled lines: name them by order
