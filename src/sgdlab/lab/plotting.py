@@ -113,6 +113,13 @@ def _tidy_log_axis(axis: Any) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
+def _legend_cols(labels: list[str], panels_per_row: int) -> int:
+    """Legend columns that fit under a panel: long labels one per line."""
+    longest = max((len(t) for t in labels), default=0)
+    width = 3 if panels_per_row == 1 else 2
+    return 1 if longest * width > 60 else width
+
+
 def _finish(fig: Any) -> list[Any]:
     """Letter the visible panels (a), (b), ..., tidy their log axes and move their legends
     below them."""
@@ -136,7 +143,7 @@ def _finish(fig: Any) -> list[Any]:
                 labels,
                 loc="upper center",
                 bbox_to_anchor=(0.5, -0.18),
-                ncol=min(3 if cols == 1 else 2, max(1, len(labels))),
+                ncol=min(_legend_cols(labels, cols), max(1, len(labels))),
                 fontsize=6.5,
                 frameon=False,
             )
