@@ -134,9 +134,16 @@ def run(config: Config, outdir: Path) -> dict[str, Any]:
     model = _mnist.mlp(config.hidden, config.seed, config.device)
     noise = _mnist.noise_scale(model, torch.optim.SGD(model.parameters(), lr=base), data,
                                config.batch_size, config.examples, seed=config.seed)
+    dropped = [{"point": f"{g} row {c['row']:g}, octave {c['octave']}",
+                "reason": "diverged (a non-finite loss in some seed): blank in the heatmap"}
+               for g, cells in grids.items() for c in cells if not math.isfinite(c["loss"])]
+    dropped += [{"point": f"B={b}", "reason": f"above B_simple/2 = {noise['b_simple'] / 2:.0f}: "
+                 "left out of the invariance claim (in the drop claim)"}
+                for b in config.batch_sizes
+                if b not in _mnist.noise_dominated(config.batch_sizes, noise["b_simple"])]
     return {"grids": grids, "base_lr": base, "n_g": list(config.n_g),
             "batch_sizes": list(config.batch_sizes), "ref_batch": config.batch_size,
-            "noise": noise, "seeds": config.seeds}
+            "noise": noise, "seeds": config.seeds, "dropped": dropped}
 
 
 def _best_octave(cells: list[dict[str, float]], row: float) -> float:

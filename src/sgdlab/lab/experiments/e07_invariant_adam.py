@@ -192,14 +192,18 @@ def _mnist_part(config: Config, outdir: Path) -> dict[str, Any]:
             tracker.detach()
         runs[method].append({"B": b, "seed": k, **res})
     noise_bs = _mnist.noise_dominated(config.batch_sizes, noise["b_simple"])
-    return {"runs": runs, "noise": noise, "noise_dominated": noise_bs,
+    dropped = [{"point": f"B={b}", "reason": f"above B_simple/2 = {noise['b_simple'] / 2:.0f}: "
+                "outside the noise-dominated regime the spread claims are about (run and drawn)"}
+               for b in config.batch_sizes if b not in noise_bs]
+    return {"runs": runs, "noise": noise, "noise_dominated": noise_bs, "dropped": dropped,
             "spread": _spreads(runs, noise_bs, config.seeds),
             "spread_all": _spreads(runs, list(config.batch_sizes), config.seeds)}
 
 
 @with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
-    return {"quadratic": _quadratic(config), "mnist1d": _mnist_part(config, outdir),
+    mnist = _mnist_part(config, outdir)
+    return {"quadratic": _quadratic(config), "mnist1d": mnist, "dropped": mnist["dropped"],
             "quad_batch": config.quad_batch, "batch_sizes": list(config.batch_sizes),
             "examples": config.examples, "seeds": config.seeds}
 
