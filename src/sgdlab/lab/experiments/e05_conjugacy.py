@@ -78,7 +78,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"octaves": (-1, 0, 1), "eta_octaves": (-4, -3, -2, -1, 0, 1),
              "batch_sizes": (8, 32, 128), "examples": 4096, "seeds": 2, "grid_extensions": 1},
     "full": {"n_g": (1.0, 4.0, 16.0), "eta_octaves": tuple(range(-6, 3)),
-             "batch_sizes": (8, 32, 128, 512), "examples": 65536, "seeds": 5},
+             "batch_sizes": (8, 32, 128, 512), "examples": 32768, "seeds": 4},
 }
 
 
