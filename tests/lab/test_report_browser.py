@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from sgdlab.lab.claims import VERDICTS
+
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -109,7 +111,7 @@ def test_report_renders_in_chromium(tiny_run: Path, tmp_path: Path) -> None:
     for cid, cells in parsed.rows:
         assert len(cells) == 7, (cid, cells)
         assert all(cells), (cid, cells)
-        assert cells[-1] in ("agrees", "disagrees", "lecture corrected")
+        assert cells[-1] in VERDICTS, (cid, cells[-1])
         assert re.search(r"\d", cells[4]), (cid, cells[4])  # measured +- error
     # Every experiment has its section, and every erratum its row.
     for name in summary["experiments"]:
