@@ -108,8 +108,10 @@ def _tidy_log_axis(axis: Any) -> None:
         axis.set_minor_formatter(NullFormatter())
         return
     subs = (1.0, 2.0, 5.0) if decades < 2 else (1.0,)
+    if decades < 0.6:  # 1, 2, 5 may leave a single label: every integer multiple instead
+        subs = tuple(float(k) for k in range(1, 10))
     axis.set_major_locator(LogLocator(base=10, subs=subs))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.6g}"))
     axis.set_minor_formatter(NullFormatter())
 
 

@@ -270,6 +270,8 @@ def plot(results: dict[str, Any], outdir: Path) -> list[str]:
         curve = m["curve"]
         a.plot([p["examples"] for p in curve], [p["b_simple"] for p in curve], "-", lw=1,
                color="C0", alpha=0.8, label="B_simple (smoothed), per seed" if k == 0 else None)
+    a.axhline(results["b_simple"], color="C0", ls=":",
+              label="B_simple near the target (mean of seeds)")
     if math.isfinite(fit["b_crit"]):
         a.axhline(fit["b_crit"], color="C1", ls="--", label="B_crit (fit)")
         if math.isfinite(fit["b_crit_se"]):
