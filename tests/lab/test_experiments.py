@@ -8,6 +8,8 @@ these tests read what it saved.
 from __future__ import annotations
 
 import json
+import math
+import struct
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,50 @@ def test_claim_ids_unique_and_complete(tiny_run: Path) -> None:
         for key in ("id", "statement", "formula", "predicted", "measured", "stderr",
                     "tolerance", "verdict"):
             assert c[key] is not None and c[key] != "", (c["id"], key)
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_figures_fit_the_page(tiny_run: Path, name: str) -> None:
+    """At most 1000 px wide (the report's page width) yet at print resolution (150 dpi: a
+    one-panel figure is at least 600 px wide)."""
+    for fig in _record(tiny_run, name)["figures"]:
+        w, h = _png_size((tiny_run / name / fig).read_bytes())
+        assert 600 <= w <= 1000 and 200 <= h <= 2000, (fig, w, h)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_claims_state_their_tolerance(tiny_run: Path, name: str) -> None:
+    """Every claim carries the contract's fields: the tolerance is the sum of its stated parts,
+    no decided claim passes on a tolerance larger than its effect, and seeds >= 1."""
+    for c in _record(tiny_run, name)["claims"]:
+        parts = [float(c[k]) for k in ("tol_statistical", "tol_grid", "tol_model")]
+        tol = float(c["tolerance"])
+        if math.isfinite(tol):
+            assert all(p >= 0 for p in parts), c["id"]
+            assert math.isclose(sum(parts), tol, rel_tol=1e-12, abs_tol=1e-300), c["id"]
+        assert isinstance(c["seeds"], int) and c["seeds"] >= 1, c["id"]
+        if c["effect"] is not None and c["verdict"] != "inconclusive":
+            assert tol <= abs(float(c["effect"])), c["id"]
+        if c["verdict"] == "inconclusive":
+            assert c["inconclusive"], c["id"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_curves_and_dropped_recorded(tiny_run: Path, name: str) -> None:
+    """The data of every panel is kept as numbers (``curves``), and every dropped point says
+    why."""
+    m = _record(tiny_run, name)["measurements"]
+    assert m["curves"], name
+    for key, curve in m["curves"].items():
+        assert curve["series"], (name, key)
+        for label, s in curve["series"].items():
+            assert len(s["x"]) == len(s["y"]), (name, key, label)
+            assert s["yerr"] is None or len(s["yerr"]) == len(s["y"]), (name, key, label)
+    for d in m["dropped"]:
+        assert set(d) == {"point", "reason"} and d["reason"], (name, d)

@@ -21,8 +21,13 @@ def test_noise_dominated_cut() -> None:
 
 
 def _grid(best: dict[float, float], octaves=(-2, -1, 0, 1, 2)) -> list[dict[str, float]]:
-    return [{"row": r, "octave": k, "lr": 2.0**k, "loss": math.exp(0.1 * (k - c) ** 2)}
-            for r, c in best.items() for k in octaves]
+    cells = []
+    for r, c in best.items():
+        for k in octaves:
+            loss = math.exp(0.1 * (k - c) ** 2)
+            cells.append({"row": r, "octave": k, "lr": 2.0**k, "loss": loss,
+                          "losses": [loss, loss]})  # two seeds that agree
+    return cells
 
 
 def _results(best_b: dict[int, float], b_simple: float) -> dict:
@@ -31,6 +36,7 @@ def _results(best_b: dict[int, float], b_simple: float) -> dict:
                   "eta_ng": _grid({1.0: 0.0, 8.0: -1.0}),  # (a 3-octave shift is off-grid here)
                   "eta_prime_b": _grid(best_b)},
         "n_g": [1.0, 8.0], "batch_sizes": sorted(best_b), "noise": {"b_simple": b_simple},
+        "seeds": 2,
     }
 
 
@@ -58,3 +64,16 @@ def test_conjugacy_claims_need_two_noise_dominated_batch_sizes() -> None:
     ids = {c.id for c in e05.claims(_results({8: 0.0, 32: 0.0, 128: 0.0}, b_simple=1000.0))}
     assert "conjugacy.best_eta_prime_shift_B" in ids
     assert "conjugacy.best_eta_prime_drop_B" not in ids
+
+
+def test_conjugacy_claims_state_grid_tolerance_and_edges() -> None:
+    """The one-octave tolerance is the grid's resolution (not 4 standard errors), the effect is
+    the shift the other invariant would give, and a best lr on the grid's edge is inconclusive."""
+    by_id = {c.id: c for c in e05.claims(_results({8: 0.0, 32: 0.3, 128: -1.4}, 100.0))}
+    inv = by_id["conjugacy.best_eta_prime_shift_Ng"]
+    assert (inv.tol_grid, inv.tol_statistical, inv.tol_model) == (1.0, 0.0, 0.0)
+    assert inv.effect == pytest.approx(-3.0) and inv.seeds == 2
+    assert by_id["conjugacy.best_eta_prime_shift_B"].effect == pytest.approx(-2.0)
+    edge = _results({8: 0.0, 32: 2.4, 128: -1.4}, b_simple=100.0)  # B = 32's best at octave 2
+    shift_b = {c.id: c for c in e05.claims(edge)}["conjugacy.best_eta_prime_shift_B"]
+    assert shift_b.verdict == "inconclusive" and "edge" in shift_b.inconclusive

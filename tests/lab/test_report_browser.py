@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from sgdlab.lab.claims import VERDICTS
+
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -166,7 +168,7 @@ def test_report_renders_in_chromium(tiny_run: Path, tmp_path: Path) -> None:
     ids = [c["id"] for c in summary["claims"]]
     assert [r[0] for r in parsed.rows] == ids
     for cid, cells in parsed.rows:
-        assert cells[-1] in ("agrees", "disagrees", "lecture corrected"), (cid, cells)
+        assert cells[-1] in VERDICTS, (cid, cells)
         assert all(cells[:5]), (cid, cells)
         assert re.search(r"\d", cells[3]), (cid, cells[3])  # the measurement
     for name in summary["experiments"]:

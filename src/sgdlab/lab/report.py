@@ -65,7 +65,7 @@ th,td{border:1px solid #ddd;padding:3px 6px;vertical-align:top;text-align:left}
 th{background:#f3f3f3}td.num{text-align:right;font-family:ui-monospace,monospace;white-space:nowrap}
 code{font-family:ui-monospace,monospace;font-size:.95em}
 a{color:#1a5fb4}
-.v-agrees{background:#e5f6e5}.v-disagrees{background:#fbe0e0}.v-lecture-corrected{background:#fff4d6}
+.v-agrees{background:#e5f6e5}.v-disagrees{background:#fbe0e0}.v-lecture-corrected{background:#fff4d6}.v-inconclusive{background:#eeeeee}
 .fig{display:block;max-width:100%;height:auto;border:1px solid #eee;margin:.5em 0}
 figure{margin:1em 0}
 .meta{color:#666;font-size:.85em}.summary span{margin-right:1.5em}

@@ -227,6 +227,7 @@ def _run_locked(
         started_at=started.isoformat(timespec="seconds"),
         wall_time_s=wall,
     )
+    extras = _record_extras(mod, saved_measurements)  # lifted out of the measurements
     record = {
         "experiment": name,
         "title": mod.TITLE,
@@ -235,7 +236,7 @@ def _run_locked(
         "measurements": saved_measurements,
         "claims": claims,
         "meta": meta,
-        **_record_extras(mod, saved_measurements),
+        **extras,
     }
     # figures first, under names tied to this record; results.json commits them
     record["figures"] = draw_figures(mod, saved_measurements, expdir, _record_tag(record))
@@ -250,14 +251,15 @@ def _run_locked(
 def _record_extras(mod: Any, measurements: Any) -> dict[str, Any]:
     """The record's optional top-level ``curves`` (each figure's data) and ``dropped`` (points
     left out, with why): from the experiment's ``curves(measurements)`` /
-    ``dropped(measurements)`` when it defines them, else from its measurements' keys."""
+    ``dropped(measurements)`` when it defines them, else taken out of its measurements' keys
+    (stored once, at the top level)."""
     extras: dict[str, Any] = {}
     for key in ("curves", "dropped"):
         fn = getattr(mod, key, None)
         if callable(fn):
             value = fn(measurements)
         elif isinstance(measurements, dict):
-            value = measurements.get(key)
+            value = measurements.pop(key, None)
         else:
             value = None
         if value is not None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,8 @@ __all__ = [
     "fit_loglog_slope",
     "mnist1d",
     "ratio_stderr",
+    "seed_mean",
+    "with_curves",
 ]
 
 
@@ -26,6 +31,31 @@ def chain_mean(per_chain: np.ndarray) -> tuple[float, float]:
     if x.size < 2:
         raise ValueError(f"need at least 2 chains for a standard error, got {x.size}")
     return float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size))
+
+
+def seed_mean(per_seed: Any) -> tuple[float, float]:
+    """Mean over independent seeds and its standard error; ``(x, nan)`` for a single seed."""
+    x = np.asarray(per_seed, dtype=np.float64).ravel()
+    if x.size == 1:
+        return float(x[0]), math.nan
+    return chain_mean(x)
+
+
+def with_curves(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Decorate an experiment's ``run``: its measurements gain ``curves``, the numbers of every
+    panel its module's ``plot`` draws (:func:`sgdlab.lab.plotting.curves_of`), and ``dropped``
+    (the points left out of a fit or a figure, with why; ``[]`` unless ``run`` set it)."""
+
+    @functools.wraps(run)
+    def wrapped(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        from ..plotting import curves_of
+
+        results = run(*args, **kwargs)
+        results.setdefault("dropped", [])
+        results["curves"] = curves_of(sys.modules[run.__module__].plot, results)
+        return results
+
+    return wrapped
 
 
 def ratio_stderr(a: float, sa: float, b: float, sb: float) -> tuple[float, float]:

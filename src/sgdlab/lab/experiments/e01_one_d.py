@@ -20,7 +20,7 @@ from ..claims import Claim, tolerance
 from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
-from ._common import chain_mean
+from ._common import chain_mean, with_curves
 
 NAME = "one_d"
 TITLE = "1. The 1-D example: the batch gradient at the optimum"
@@ -59,6 +59,7 @@ def _moments(g: np.ndarray) -> dict[str, float]:
     return {"mean": mean, "mean_se": mean_se, "var": var, "var_se": var_se}
 
 
+@with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     rng = np.random.default_rng(config.seed)
     y = rng.standard_normal(config.n)

@@ -23,9 +23,9 @@ import numpy as np
 
 from ..claims import Claim, tolerance
 from ..config import ExperimentConfig, Range
-from ..plotting import figure, save
+from ..plotting import figure, log_limits, save
 from ..progress import bar
-from ._common import chain_mean, fit_loglog_slope
+from ._common import chain_mean, fit_loglog_slope, with_curves
 
 NAME = "convergence"
 TITLE = "2. The classical convergence theorem: eta_t = c t^-gamma against the exact recursion"
@@ -36,7 +36,10 @@ DESCRIPTION = (
     "gamma = 0.4 meets the lecture's conditions but not sum eta_t^2 < inf and still converges "
     "here, slowly (MSE ~ t^-gamma); gamma = 1.5 has sum eta_t < inf and stalls: the mean error "
     "settles at e0 prod(1 - eta_t h), not at 0. Constant eta converges to the stationary "
-    "variance eta sigma^2/(h(2 - eta h)), not to the optimum."
+    "variance eta sigma^2/(h(2 - eta h)), not to the optimum. (a) The mean square error, "
+    "measured (dots, error bars two standard errors over the chains) and exact (lines); (b) the "
+    "mean error |E e_t|, the axis limited to what the chains resolve (the exact mean of a "
+    "converging schedule falls far below their standard error)."
 )
 
 
@@ -67,6 +70,7 @@ def _schedule(gamma: float | None, config: Config, t: np.ndarray) -> np.ndarray:
     return config.c * (t + 1.0) ** (-gamma)
 
 
+@with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     rng = np.random.default_rng(config.seed)
     t_all = np.arange(config.steps)
@@ -156,7 +160,13 @@ def plot(results: dict[str, Any], outdir: Path) -> list[str]:
                           fmt="o", ms=3, color=line.get_color())
         ax[0, 1].plot(t, [abs(r["mean_exact"]) for r in s["rows"]], "-", color=line.get_color(),
                       label=lab)
-        ax[0, 1].plot(t, [abs(r["mean"]) for r in s["rows"]], "o", ms=3, color=line.get_color())
+        ax[0, 1].errorbar(t, [abs(r["mean"]) for r in s["rows"]],
+                          [2 * r["mean_se"] for r in s["rows"]], fmt="o", ms=3,
+                          color=line.get_color())
+    # the axis follows the measurements: an exact mean that underflows towards 1e-300 is far
+    # below anything the chains can resolve (their standard error) and must not set it
+    seen = [abs(r[k]) for s in results["schedules"] for r in s["rows"] for k in ("mean", "mean_se")]
+    log_limits(ax[0, 1], seen, pad=3.0)
     ax[0, 0].set(xscale="log", yscale="log", xlabel="step t", ylabel="E e_t^2",
                  title="MSE: measured (dots) vs exact recursion")
     ax[0, 1].set(xscale="log", yscale="log", xlabel="step t", ylabel="|E e_t|",

@@ -24,7 +24,7 @@ from ..claims import Claim, tolerance
 from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
-from ._common import chain_mean
+from ._common import chain_mean, with_curves
 
 NAME = "running_averages"
 TITLE = "3. Running averages and bias correction: EMA, 1/min(N,t), Adam's"
@@ -57,6 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(config.seed)
     n, t_max = config.horizon, config.steps

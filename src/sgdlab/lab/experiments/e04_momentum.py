@@ -30,7 +30,7 @@ from ..claims import Claim, tolerance
 from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
-from ._common import chain_mean, ratio_stderr
+from ._common import chain_mean, ratio_stderr, with_curves
 
 NAME = "momentum"
 TITLE = "4. Momentum: three forms coincide; stationary variance at fixed eta' versus fixed eta"
@@ -126,6 +126,7 @@ def _stationary_var(eta: float, beta: float, config: Config, rng: np.random.Gene
     return chain_mean(acc / config.average_steps)
 
 
+@with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     rng = np.random.default_rng(config.seed)
     rows = []

@@ -26,7 +26,7 @@ from ..claims import Claim
 from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
-from ._common import digits
+from ._common import digits, with_curves
 
 NAME = "adam_bias"
 TITLE = "9. Adam: the published bias correction versus the lecture's 1/min(t, N)"
@@ -59,6 +59,7 @@ def _loss(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(x @ w[:-1] + w[-1], y)
 
 
+@with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     xn, yn = digits()
     x = torch.tensor(xn, dtype=torch.float64)

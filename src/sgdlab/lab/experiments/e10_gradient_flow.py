@@ -24,7 +24,7 @@ from ..claims import Claim, tolerance
 from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
 from ..progress import bar
-from ._common import digits, fit_loglog_slope
+from ._common import digits, fit_loglog_slope, with_curves
 
 NAME = "gradient_flow"
 TITLE = "10. Gradient flow: GD and SGD approach the flow as eta -> 0, with measured orders"
@@ -87,6 +87,7 @@ def _problems(config: Config) -> dict[str, Any]:
             "logistic": (logistic, logistic.optimum + 0.5)}
 
 
+@with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"lrs": list(config.lrs), "problems": {}}
     for name, (problem, init) in bar(_problems(config).items(), desc=NAME):

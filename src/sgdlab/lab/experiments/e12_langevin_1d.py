@@ -34,6 +34,7 @@ from ...dynamics import (
 from ..claims import Claim, tolerance
 from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
+from ._common import with_curves
 
 NAME = "langevin_1d"
 TITLE = "12. 1-D Langevin stationary law: alpha = 1/2, not 1/10"
@@ -74,6 +75,7 @@ def _sample(density: GibbsDensity, n: int, rng: np.random.Generator) -> np.ndarr
     return np.interp(rng.random(n), density.cdf(grid), grid)
 
 
+@with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     rng = np.random.default_rng(config.seed)
     s2 = config.noise_std**2

@@ -32,7 +32,7 @@ from ...dynamics import (
 from ..claims import Claim, tolerance
 from ..config import ExperimentConfig, Range
 from ..plotting import figure, save
-from ._common import ratio_stderr
+from ._common import ratio_stderr, with_curves
 
 NAME = "two_temperatures"
 TITLE = "13. Two temperatures in 2-D: plain SGD, eta'/sigma^2 (Gibbs) and eta'/sigma (RMSProp)"
@@ -63,6 +63,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     h = np.asarray(config.curvatures, float)
     s = np.asarray(config.noise_std, float)

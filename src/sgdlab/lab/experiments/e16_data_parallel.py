@@ -52,7 +52,7 @@ from ...optim import Adam
 from ..claims import Claim, tolerance
 from ..config import ExperimentConfig
 from . import _mnist
-from ._common import chain_mean, mnist1d
+from ._common import chain_mean, mnist1d, with_curves
 
 NAME = "data_parallel"
 TITLE = "16. Data-parallel training: the rules at the global batch"
@@ -60,11 +60,11 @@ DATA_PARALLEL = True
 DESCRIPTION = (
     "An MLP on MNIST-1D trained with sgdlab.Adam (per-example second moments, tuned at a "
     "reference batch B0) by sgdlab.distributed.DataParallel on W processes, global batch "
-    "B = W x micro-batch x accumulation steps. Left: training loss against examples seen for "
+    "B = W x micro-batch x accumulation steps. (a) Training loss against examples seen for "
     "the W-rank runs, their single-process replays on the concatenated batches (identical), "
     "the single-process runs at B0, and the W-rank setting with the rule applied at the "
-    "per-rank batch instead of the global one. Middle: the global noise meter's B_simple "
-    "(smoothed) on W ranks and in one process. Right: the largest difference between the "
+    "per-rank batch instead of the global one. (b) The global noise meter's B_simple "
+    "(smoothed) on W ranks and in one process. (c) The largest difference between the "
     "W-rank run and its replay per step (parameters after the step, tr Sigma)."
 )
 
@@ -343,6 +343,7 @@ def _log_gap(a: list[dict[str, float]], b: list[dict[str, float]]) -> float:
     return float(np.mean([math.log(p["loss"]) - math.log(q["loss"]) for p, q in zip(a, b)]))
 
 
+@with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     if dist.is_initialized() and dist.get_rank() != 0:
         raise RuntimeError("run() is rank 0's part of the experiment (it writes); the other "
