@@ -59,7 +59,8 @@ def test_rerun_killed_before_results_keeps_results_and_figures_together(
 
     res = run_experiment("one_d", tmp_path, preset="tiny", overrides={"draws": 2000})
     assert res["status"] == "skipped"
-    assert sorted(p.name for p in expdir.iterdir()) == sorted(["config.json", *before])
+    # curves/ holds CSV copies of results.json's curves, rewritten from it (not committed)
+    assert sorted(p.name for p in expdir.iterdir()) == sorted(["config.json", "curves", *before])
     assert _snapshot(expdir) == before
 
 
@@ -71,4 +72,5 @@ def test_a_finished_rerun_replaces_the_figures_of_the_last(tmp_path: Path) -> No
     run_experiment("one_d", tmp_path, preset="tiny", overrides={"draws": 3000}, force=True)
     new = json.loads((expdir / "results.json").read_text())["figures"]
     assert set(old).isdisjoint(new)
-    assert sorted(p.name for p in expdir.iterdir()) == sorted(["config.json", "results.json", *new])
+    listed = sorted(p.name for p in expdir.iterdir())
+    assert listed == sorted(["config.json", "curves", "results.json", *new])

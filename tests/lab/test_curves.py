@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -88,6 +89,12 @@ def test_curves_are_written_as_csv_next_to_results(out: Path) -> None:
 def test_old_results_without_curves_get_none(tmp_path: Path) -> None:
     os.environ.setdefault("SGDLAB_PROGRESS", "0")
     run_experiment("one_d", tmp_path, preset="tiny")
+    # a results.json of an older version: no curves
+    path = tmp_path / "one_d" / "results.json"
+    record = json.loads(path.read_text())
+    del record["curves"]
+    path.write_text(json.dumps(record))
+    shutil.rmtree(tmp_path / "one_d" / "curves")
     assert main(["report", str(tmp_path)]) == 0
     assert not (tmp_path / "one_d" / "curves").exists()
 

@@ -62,7 +62,7 @@ def test_nproc_2_under_torchrun_equals_the_spawned_run(tiny_run: Path, tmp_path:
     assert printed.count("data_parallel: finished") == 1  # rank 0 alone ran and reported
     assert "2 ranks" in printed
     files = sorted(p.name for p in (out / "data_parallel").iterdir())
-    assert files == sorted(["config.json", *_record(out)["figures"], "results.json"])
+    assert files == sorted(["config.json", "curves", *_record(out)["figures"], "results.json"])
     assert sorted(p.name for p in out.iterdir()) == [".sgdlab.lock", "_data", "data_parallel",
                                                      "index.html", "results.json"]
     two, spawned = _record(out), _record(tiny_run)

@@ -61,16 +61,18 @@ margin:0 auto;padding:.5em 1em 2em;color:#222;line-height:1.4}
 h1{font-size:1.35em;margin:.3em 0}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;
 margin-top:2em}h3{font-size:1em;margin:.2em 0}
 table{border-collapse:collapse;width:100%;font-size:.86em;margin:.8em 0}
-th,td{border:1px solid #ddd;padding:3px 6px;vertical-align:top;text-align:left}
+th,td{border:1px solid #ddd;padding:3px 6px;vertical-align:top;text-align:left;
+overflow-wrap:anywhere}
 th{background:#f3f3f3}td.num{text-align:right;font-family:ui-monospace,monospace;white-space:nowrap}
 code{font-family:ui-monospace,monospace;font-size:.95em}
 a{color:#1a5fb4}
-.v-agrees{background:#e5f6e5}.v-disagrees{background:#fbe0e0}.v-lecture-corrected{background:#fff4d6}.v-inconclusive{background:#eeeeee}
+.v-agrees{background:#e5f6e5}.v-disagrees{background:#fbe0e0}
+.v-lecture-corrected{background:#fff4d6}.v-inconclusive{background:#eeeeee}
 .fig{display:block;max-width:100%;height:auto;border:1px solid #eee;margin:.5em 0}
 figure{margin:1em 0}
 .meta{color:#666;font-size:.85em}.summary span{margin-right:1.5em}
 .intro{margin:.2em 0 .4em;font-size:.85em}#summary .summary{margin:.3em 0}
-.overview{display:grid;grid-template-columns:1fr 1fr;gap:.3em 1.2em;font-size:.78em}
+.overview{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:.3em 1.2em;font-size:.78em}
 .overview table{font-size:1em;margin:.2em 0}.overview td,.overview th{padding:1px 4px}
 .overview ul{margin:.2em 0;padding-left:1.2em}.overview li{margin:0}
 .toc{font-size:.8em;border-top:1px solid #ccc;border-bottom:1px solid #ccc;padding:.2em 0}
@@ -305,10 +307,13 @@ def _warn(message: str) -> None:
 
 def _tally(claims: Iterable[dict[str, Any]]) -> dict[str, int]:
     claims = list(claims)
-    return {
+    tally = {
         v: sum(c["verdict"] == v for c in claims)
-        for v in ("agrees", "lecture corrected", "disagrees")
+        for v in ("agrees", "lecture corrected", "disagrees", "inconclusive")
     }
+    if not tally["inconclusive"]:
+        del tally["inconclusive"]  # shown only where there is one
+    return tally
 
 
 def _sections(experiments: Iterable[str]) -> list[tuple[str, list[str]]]:
