@@ -337,12 +337,12 @@ class NoiseMeter:
 
     def _trackers(self) -> list[Any]:
         """The trackers attached to the meter's parameters (each once)."""
-        from .tracker import _tracker_of
+        from ._attach import tracker_of
 
         found: dict[int, Any] = {}
         for params in self.groups.values():
             for p in params:
-                t = _tracker_of(p)
+                t = tracker_of(p)
                 if t is not None:
                     found.setdefault(id(t), t)
         return list(found.values())
