@@ -91,11 +91,9 @@ class Pass:
         elif self.batch_size != B:
             raise ValueError(
                 f"inconsistent batch sizes in one backward pass: module {entry.label!r} has "
-                f"batch dimension {B}, module {self.first_module!r} has {self.batch_size}. "
-                "Inputs must put the batch first (batch_first=True for recurrent layers and "
-                "attention), and a module called once for the whole batch and broadcast over it "
-                "(a position embedding on arange(T)) has no per-example gradient: call it on a "
-                "batched input (pos.expand(B, T))"
+                f"batch dimension {B}, module {self.first_module!r} has {self.batch_size}: put "
+                "the batch first (batch_first=True), and call a module shared by the batch on "
+                "a batched input (pos.expand(B, T))"
             )
 
     def on_grads(self, record: Record, grads: tuple[Tensor | None, ...]) -> None:

@@ -117,11 +117,9 @@ def check_coverage(watch: Watch, missing: list[str]) -> None:
     watch.remove()
     if stray and not missing:
         raise ValueError(
-            f"parameters used outside a call of their module, in operations that reached "
-            f"the loss: {', '.join(stray)}; their per-example gradients through those "
-            "uses are not tracked, so the statistics would be wrong. Use the module "
-            "(for an output head tied to an embedding: an nn.Linear whose weight is the "
-            "embedding's), or a module that owns the parameter"
+            f"parameters used outside a call of their module reached the loss: "
+            f"{', '.join(stray)}; those uses are not tracked: use the module (a tied head: an "
+            "nn.Linear whose weight is the embedding's), or a module that owns the parameter"
         )
     if missing:
         raise RuntimeError(

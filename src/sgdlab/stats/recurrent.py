@@ -57,9 +57,8 @@ def check_rnn(module: nn.Module, args: tuple, kwargs: dict) -> None:
     ):
         raise ValueError(
             f"{type(module).__name__} has dropout={module.dropout} between layers in training "
-            f"mode on {data.device.type}, whose random masks (drawn inside the fused kernel) "
-            "cannot be redrawn for per-example gradients (they can on the CPU): set dropout=0 "
-            "and apply nn.Dropout between single-layer modules instead"
+            f"mode on {data.device.type}, whose masks cannot be redrawn (they can on the CPU): "
+            "set dropout=0 and put nn.Dropout between single-layer modules"
         )
 
 
