@@ -117,7 +117,7 @@ class DataParallel:
             reduction or with per-example norms (those stay per rank).
     """
 
-    def __init__(
+    def __init__(  # noqa: C901
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,

@@ -58,8 +58,14 @@ def _steps(time: float, dt: float) -> int:
     return steps
 
 
-def _diffusion_factor(problem: Problem, lr: float, batch_size: int, pre: torch.Tensor | None,
-                      covariance: Any, dtype: torch.dtype) -> torch.Tensor:
+def _diffusion_factor(
+    problem: Problem,
+    lr: float,
+    batch_size: int,
+    pre: torch.Tensor | None,
+    covariance: Any,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     if covariance is None:
         if problem.noise_covariance is None:
             raise ValueError(f"{type(problem).__name__} has no noise_covariance; pass covariance")
@@ -74,7 +80,7 @@ def _diffusion_factor(problem: Problem, lr: float, batch_size: int, pre: torch.T
     return torch.as_tensor(psd_sqrt(lr * C / batch_size), dtype=dtype)
 
 
-def simulate_langevin(
+def simulate_langevin(  # noqa: C901
     problem: Problem,
     lr: float,
     time: float,
@@ -126,8 +132,9 @@ def simulate_langevin(
     gen = make_generator(seed, generator)
     d = problem.dim
     pre = resolve_fixed_preconditioner(preconditioner, problem, dtype)
-    center = torch.as_tensor(problem.optimum if problem.optimum is not None else np.zeros(d),
-                             dtype=dtype)
+    center = torch.as_tensor(
+        problem.optimum if problem.optimum is not None else np.zeros(d), dtype=dtype
+    )
     phi = check_init(center if init is None else init, R, d, dtype)
     sqdt = dt**0.5
     if diffusion == "constant":
@@ -159,8 +166,7 @@ def simulate_langevin(
             acc.add(phi, None)
         z = noise(k)
         if affine is not None:
-            phi = (torch.addcmul(z, phi, A_diag) if A_diag is not None
-                   else torch.addmm(z, phi, A))
+            phi = torch.addcmul(z, phi, A_diag) if A_diag is not None else torch.addmm(z, phi, A)
         elif diffusion == "constant":
             phi = phi - drift_scale * problem.grad(phi) + z
         else:

@@ -57,7 +57,8 @@ from .result import ChainResult, _Accumulator
 
 __all__ = ["simulate_sgd"]
 
-def simulate_sgd(
+
+def simulate_sgd(  # noqa: C901
     problem: Problem,
     lr: LearningRate,
     batch_size: int = 1,
@@ -116,8 +117,9 @@ def simulate_sgd(
     if isinstance(burn_in, numbers.Integral) and not isinstance(burn_in, bool):
         burn_in = int(burn_in)
     if not isinstance(burn_in, int) or isinstance(burn_in, bool) or not 0 <= burn_in < steps:
-        raise ValueError(f"burn_in must be an integer with 0 <= burn_in < steps={steps}, "
-                         f"got {burn_in!r}")
+        raise ValueError(
+            f"burn_in must be an integer with 0 <= burn_in < steps={steps}, got {burn_in!r}"
+        )
     if record_every is not None:
         record_every = check_batch_size("record_every", record_every)
     gen = make_generator(seed, generator)
@@ -125,33 +127,46 @@ def simulate_sgd(
 
     if sampling == "reshuffle":
         if problem.n is None:
-            raise ValueError("sampling='reshuffle' needs a finite data set; "
-                             f"{type(problem).__name__} samples a population (n is None)")
+            raise ValueError(
+                "sampling='reshuffle' needs a finite data set; "
+                f"{type(problem).__name__} samples a population (n is None)"
+            )
         if B > problem.n:
             raise ValueError(f"batch_size must be <= n={problem.n} with reshuffling, got {B}")
     rms = preconditioner if isinstance(preconditioner, RMSPropPreconditioner) else None
-    fixed = None if rms is not None else resolve_fixed_preconditioner(preconditioner, problem,
-                                                                      dtype)
+    fixed = (
+        None if rms is not None else resolve_fixed_preconditioner(preconditioner, problem, dtype)
+    )
     per_example_q = rms is not None and rms.second_moment == "per_example"
     if per_example_q and sampling == "full":
-        raise ValueError("a per_example second moment needs per-example gradients; "
-                         "sampling='full' has none")
+        raise ValueError(
+            "a per_example second moment needs per-example gradients; sampling='full' has none"
+        )
 
-    center = torch.as_tensor(problem.optimum if problem.optimum is not None
-                             else torch.zeros(d), dtype=dtype)
+    center = torch.as_tensor(
+        problem.optimum if problem.optimum is not None else torch.zeros(d), dtype=dtype
+    )
     phi = check_init(center if init is None else init, R, d, dtype)
     mu = None
     if init_momentum is not None and Ng == 1.0:
-        raise ValueError("init_momentum needs momentum_horizon > 1 (with momentum_horizon=1 "
-                         "there is no momentum state)")
+        raise ValueError(
+            "init_momentum needs momentum_horizon > 1 (with momentum_horizon=1 "
+            "there is no momentum state)"
+        )
     if Ng > 1.0:
-        mu = (torch.zeros(R, d, dtype=dtype) if init_momentum is None
-              else check_init(init_momentum, R, d, dtype))
+        mu = (
+            torch.zeros(R, d, dtype=dtype)
+            if init_momentum is None
+            else check_init(init_momentum, R, d, dtype)
+        )
     s = torch.zeros(R, d, dtype=dtype) if rms is not None else None
 
     # additive Gaussian noise: draw it in blocks; affine gradient: g_hat = Phi M + (c + xi)
-    K = problem.additive_noise_sqrt(dtype) if sampling == "replacement" and not per_example_q \
+    K = (
+        problem.additive_noise_sqrt(dtype)
+        if sampling == "replacement" and not per_example_q
         else None
+    )
     affine = problem.affine_gradient(dtype) if K is not None else None
     block = None
     M_full = None
@@ -159,8 +174,13 @@ def simulate_sgd(
         M_diag = diagonal_or_none(affine[0])
         M_full = None if M_diag is None else expand_full(M_diag, (R, d))
     if K is not None:
-        block = NormalBlocks(gen, (R, d), steps, dtype, scale_transform(
-            K / B**0.5, None if affine is None else affine[1]))
+        block = NormalBlocks(
+            gen,
+            (R, d),
+            steps,
+            dtype,
+            scale_transform(K / B**0.5, None if affine is None else affine[1]),
+        )
 
     acc = _Accumulator(problem, center, observables, with_grad=True) if statistics else None
     rec_steps: list[int] = []
@@ -181,7 +201,7 @@ def simulate_sgd(
             j = t % epoch_len
             if j == 0:
                 perm = torch.argsort(torch.rand(R, problem.n, generator=gen, dtype=dtype), dim=1)
-            idx = perm[:, j * B:(j + 1) * B]
+            idx = perm[:, j * B : (j + 1) * B]
             per_ex = problem.example_grads(phi, idx)
             g_hat = per_ex.mean(dim=1)
         elif per_example_q:
@@ -223,8 +243,7 @@ def simulate_sgd(
         if t % 256 == 255 or t == steps - 1:
             finite_or_raise("the SGD iterate", phi, t)
 
-    result = ChainResult(final=phi, steps=steps, burn_in=burn_in, center=center,
-                         momentum=mu)
+    result = ChainResult(final=phi, steps=steps, burn_in=burn_in, center=center, momentum=mu)
     if record_every is not None:
         rec_steps.append(steps)
         traj.append(phi.clone())

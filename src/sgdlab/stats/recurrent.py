@@ -104,7 +104,7 @@ def _cell(
     return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
 
 
-def rnn_rule(call: Call) -> dict[str, Contribution]:
+def rnn_rule(call: Call) -> dict[str, Contribution]:  # noqa: C901
     """Per-example statistics of every weight and bias of one recurrent-module call."""
     m = call.module
     args, kwargs = call.args, call.kwargs

@@ -223,7 +223,7 @@ class Tracker(Recorder):
             self.detach(clear=False)  # no statistic of another tracker's parameters cleared)
             raise
 
-    def _attach(self, model: nn.Module, warn_fallback: bool) -> None:
+    def _attach(self, model: nn.Module, warn_fallback: bool) -> None:  # noqa: C901
         """Hooks on every module of ``model`` that owns parameters (see :meth:`__init__`)."""
         covered: set[nn.Module] = set()
         fallbacks: list[str] = []
