@@ -135,10 +135,6 @@ def ce(out: Tensor, y: Tensor) -> Tensor:
 # Each method: setup(model) -> (step() -> None, moments() -> list[Tensor], teardown()).
 
 
-class Unsupported(Exception):
-    pass
-
-
 def m_plain(model, x, y):
     def step():
         model.zero_grad(set_to_none=True)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._validation import check_batch_size, check_choice, check_positive
+from .._validation import check_batch_size, check_choice, check_count, check_positive
 from ._common import (
     NormalBlocks,
     check_init,
@@ -121,14 +121,14 @@ def simulate_langevin(  # noqa: C901
     eta = check_positive("lr", lr)
     time, dt = check_positive("time", time), check_positive("dt", dt)
     steps = _steps(time, dt)
-    R = check_batch_size("chains", chains)
+    R = check_count("chains", chains)
     B = check_batch_size("batch_size", batch_size)
     check_choice("diffusion", diffusion, ("constant", "state"))
     if not 0.0 <= burn_in_time < time:
         raise ValueError(f"burn_in_time must satisfy 0 <= burn_in_time < time, got {burn_in_time}")
     burn_in = int(round(burn_in_time / dt))
     if record_every is not None:
-        record_every = check_batch_size("record_every", record_every)
+        record_every = check_count("record_every", record_every)
     gen = make_generator(seed, generator)
     d = problem.dim
     pre = resolve_fixed_preconditioner(preconditioner, problem, dtype)
@@ -218,7 +218,7 @@ def first_passage_times(
     dtype = resolve_dtype(dtype)
     eta, dt = check_positive("lr", lr), check_positive("dt", dt)
     max_time = check_positive("max_time", max_time)
-    R = check_batch_size("chains", chains)
+    R = check_count("chains", chains)
     B = check_batch_size("batch_size", batch_size)
     gen = make_generator(seed, generator)
     x = check_init(problem.optimum if init is None else init, R, 1, dtype)[:, 0]

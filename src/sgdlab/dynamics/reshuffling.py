@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .._validation import check_batch_size, check_nonnegative
+from .._validation import check_batch_size, check_count, check_nonnegative
 from ._common import as_matrix
 
 __all__ = ["reshuffling_covariances", "reshuffling_excess_loss"]
@@ -47,7 +47,7 @@ def reshuffling_covariances(hessian: Any, noise_covariance: Any, lr: float, n: i
     d = H.shape[0]
     C = as_matrix("noise_covariance", noise_covariance, d, psd=True)
     eta = check_nonnegative("lr", lr)
-    n, B = check_batch_size("n", n), check_batch_size("batch_size", batch_size)
+    n, B = check_count("n", n), check_batch_size("batch_size", batch_size)
     if n < 2 or B > n:
         raise ValueError(f"need n >= 2 and batch_size <= n, got n={n}, batch_size={B}")
     w = np.linalg.eigvalsh(H)

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .._validation import check_batch_size, check_choice, check_horizon
+from .._validation import check_batch_size, check_choice, check_count, check_horizon
 from ._common import (
     LearningRate,
     NormalBlocks,
@@ -110,8 +110,8 @@ def simulate_sgd(  # noqa: C901
     dtype = resolve_dtype(dtype)
     schedule = resolve_lr(lr)
     B = check_batch_size("batch_size", batch_size)
-    steps = check_batch_size("steps", steps)
-    R = check_batch_size("chains", chains)
+    steps = check_count("steps", steps)
+    R = check_count("chains", chains)
     check_choice("sampling", sampling, ("replacement", "reshuffle", "full"))
     Ng = check_horizon("momentum_horizon", momentum_horizon)
     if isinstance(burn_in, numbers.Integral) and not isinstance(burn_in, bool):
@@ -121,7 +121,7 @@ def simulate_sgd(  # noqa: C901
             f"burn_in must be an integer with 0 <= burn_in < steps={steps}, got {burn_in!r}"
         )
     if record_every is not None:
-        record_every = check_batch_size("record_every", record_every)
+        record_every = check_count("record_every", record_every)
     gen = make_generator(seed, generator)
     d = problem.dim
 

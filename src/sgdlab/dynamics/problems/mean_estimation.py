@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._validation import check_batch_size, check_positive
+from ..._validation import check_count, check_positive
 from .base import Problem
 
 __all__ = ["MeanEstimation"]
@@ -53,8 +53,8 @@ class MeanEstimation(Problem):
     def standardized(cls, n: int, sigma: float = 1.0, dim: int = 1,
                      seed: int = 0) -> MeanEstimation:
         """Gaussian data made exactly mean 0 and population covariance ``sigma^2 I``."""
-        n = check_batch_size("n", n)
-        dim = check_batch_size("dim", dim)
+        n = check_count("n", n)
+        dim = check_count("dim", dim)
         sigma = check_positive("sigma", sigma)
         if n <= dim:
             raise ValueError(f"n must exceed dim to whiten the data, got n={n}, dim={dim}")

@@ -109,10 +109,6 @@ class DoubleWell(Problem):
     def loss_numpy(x: np.ndarray, coordinate: int = 0) -> np.ndarray:
         return 0.25 * (x**2 - 1.0) ** 2
 
-    @staticmethod
-    def grad_numpy(x: np.ndarray) -> np.ndarray:
-        return x**3 - x
-
     def loss(self, phi: torch.Tensor) -> torch.Tensor:
         return (0.25 * (phi**2 - 1.0) ** 2).sum(-1)
 
