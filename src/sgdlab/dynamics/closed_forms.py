@@ -3,13 +3,13 @@
 Notation: h curvature, sigma^2 per-example gradient variance, B batch size, eta per-step
 learning rate. All assume sampling with replacement unless stated.
 
-Example
--------
->>> from sgdlab.dynamics import heavy_ball_variance, least_squares_excess_loss
->>> round(heavy_ball_variance(1.0, 0.01, 0.9), 6)
-0.050132
->>> round(least_squares_excess_loss([1, .5, .25, .1, .05], 0.5, lr=0.05, batch_size=1), 6)
-0.012945
+Example::
+
+    >>> from sgdlab.dynamics import heavy_ball_variance, least_squares_excess_loss
+    >>> round(heavy_ball_variance(1.0, 0.01, 0.9), 6)
+    0.050132
+    >>> round(least_squares_excess_loss([1, .5, .25, .1, .05], 0.5, lr=0.05, batch_size=1), 6)
+    0.012945
 """
 
 from __future__ import annotations

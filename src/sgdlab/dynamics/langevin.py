@@ -16,12 +16,12 @@ Implementation: the noise is drawn in cache-sized blocks (numpy's ziggurat sampl
 seeded from the torch generator) and pre-multiplied by ``L``; for affine gradients (quadratics) the
 drift and the noise fuse into one ``addmm``/``addcmul`` per step.
 
-Example
--------
->>> from sgdlab.dynamics import Quartic, simulate_langevin
->>> r = simulate_langevin(Quartic(), lr=0.1, time=20.0, dt=0.01, chains=200, seed=0)
->>> r.final.shape
-torch.Size([200, 1])
+Example::
+
+    >>> from sgdlab.dynamics import Quartic, simulate_langevin
+    >>> r = simulate_langevin(Quartic(), lr=0.1, time=20.0, dt=0.01, chains=200, seed=0)
+    >>> r.final.shape
+    torch.Size([200, 1])
 """
 
 from __future__ import annotations
@@ -102,18 +102,17 @@ def simulate_langevin(  # noqa: C901
 ) -> ChainResult:
     """Euler-Maruyama for ``d Phi = -P g dt + sqrt(eta P Sigma P / B) dW`` over R chains.
 
-    Parameters
-    ----------
-    problem : a :class:`~sgdlab.dynamics.Problem` (``grad`` and the noise covariance are used).
-    lr : eta, the SGD learning rate the SDE models (sets the temperature).
-    time, dt : horizon and Euler-Maruyama step (``time/dt`` steps).
-    chains : R.  batch_size : B.
-    init : start (vector or ``(R, d)``; default the optimum, else 0).
-    preconditioner : None, "inverse_std", "inverse_variance" or a positive vector ``P``.
-    diffusion : "constant" (``Sigma = C``, or ``covariance``) or "state" (``Sigma(Phi)`` from
-        ``problem.gradient_covariance``; e.g. least squares' multiplicative noise).
-    burn_in_time : leading time excluded from the averages.
-    record_every, statistics, observables, seed, generator, dtype : as :func:`simulate_sgd`.
+    Args:
+        problem: a :class:`~sgdlab.dynamics.Problem` (``grad`` and the noise covariance are used).
+        lr: eta, the SGD learning rate the SDE models (sets the temperature).
+        time, dt: horizon and Euler-Maruyama step (``time/dt`` steps).
+        chains: R.  batch_size : B.
+        init: start (vector or ``(R, d)``; default the optimum, else 0).
+        preconditioner: None, "inverse_std", "inverse_variance" or a positive vector ``P``.
+        diffusion: "constant" (``Sigma = C``, or ``covariance``) or "state" (``Sigma(Phi)`` from
+            ``problem.gradient_covariance``; e.g. least squares' multiplicative noise).
+        burn_in_time: leading time excluded from the averages.
+        record_every, statistics, observables, seed, generator, dtype: as :func:`simulate_sgd`.
     """
     if not isinstance(problem, Problem):
         raise TypeError(f"problem must be an sgdlab.dynamics Problem, got {type(problem).__name__}")

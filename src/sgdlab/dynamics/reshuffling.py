@@ -19,11 +19,11 @@ the time average over the M positions of an epoch of ``tr(H E e_m e_m^T)/2``.
 n = 50, h = sigma = B = 1, eta = 0.01: 0.00038035 (with replacement 0.00251256); the slope of
 the excess loss at eta = 0 is 0 (Gurbuzbalaban, Ozdaglar & Parrilo 2021; Safran & Shamir 2020).
 
-Example
--------
->>> from sgdlab.dynamics import reshuffling_excess_loss
->>> round(reshuffling_excess_loss(1.0, 1.0, lr=0.01, n=50), 8)
-0.00038035
+Example::
+
+    >>> from sgdlab.dynamics import reshuffling_excess_loss
+    >>> round(reshuffling_excess_loss(1.0, 1.0, lr=0.01, n=50), 8)
+    0.00038035
 """
 
 from __future__ import annotations

@@ -20,14 +20,14 @@ Implementation: for additive Gaussian noise (``problem.additive_noise_sqrt()``) 
 is drawn in cache-sized blocks, and for affine gradients (quadratics) ``g_hat`` is one fused
 ``addmm``; other problems draw per-example gradients through the problem each step.
 
-Example
--------
->>> from sgdlab.dynamics import Quadratic, simulate_sgd, estimate_mean
->>> p = Quadratic(hessian=1.0, noise_covariance=1.0)
->>> r = simulate_sgd(p, lr=0.5, batch_size=1, steps=2000, chains=500, seed=0)
->>> m, se = estimate_mean(r.excess_loss)   # exact: 1/6
->>> abs(m - 1/6) < 4 * se
-True
+Example::
+
+    >>> from sgdlab.dynamics import Quadratic, simulate_sgd, estimate_mean
+    >>> p = Quadratic(hessian=1.0, noise_covariance=1.0)
+    >>> r = simulate_sgd(p, lr=0.5, batch_size=1, steps=2000, chains=500, seed=0)
+    >>> m, se = estimate_mean(r.excess_loss)   # exact: 1/6
+    >>> abs(m - 1/6) < 4 * se
+    True
 """
 
 from __future__ import annotations
@@ -80,30 +80,28 @@ def simulate_sgd(  # noqa: C901
 ) -> ChainResult:
     """Run ``chains`` independent SGD chains for ``steps`` steps on ``problem``.
 
-    Parameters
-    ----------
-    problem : a :class:`~sgdlab.dynamics.Problem`.
-    lr : per-step learning rate ``eta`` (float) or a schedule ``t -> eta_t``.
-    batch_size : B (mean reduction over the batch).
-    steps, chains : run length and number of independent chains R.
-    init : start, a length-d vector or an ``(R, d)`` array (default: the optimum, else 0).
-        To start at a stationary law pass samples from it.
-    sampling : "replacement" (default), "reshuffle" (finite data sets only) or "full"
-        (gradient descent with the full gradient).
-    momentum_horizon : ``N_g >= 1`` (1 = no momentum); ``beta = 1 - 1/N_g``.
-    init_momentum : initial ``mu`` (default 0, as in the lecture).
-    preconditioner : None, "inverse_std", "inverse_variance", a positive length-d vector,
-        or an :class:`RMSPropPreconditioner`.
-    burn_in : leading steps excluded from the time averages.
-    record_every : keep ``Phi_t`` every this many steps (and the last) in ``trajectory``.
-    statistics : collect time averages (set False for pure speed).
-    observables : extra functions of the state to time-average, by name.
-    seed / generator : randomness (a fixed seed gives identical runs).
-    dtype : torch dtype (float64 default).
+    Args:
+        problem: a :class:`~sgdlab.dynamics.Problem`.
+        lr: per-step learning rate ``eta`` (float) or a schedule ``t -> eta_t``.
+        batch_size: B (mean reduction over the batch).
+        steps, chains: run length and number of independent chains R.
+        init: start, a length-d vector or an ``(R, d)`` array (default: the optimum, else 0).
+            To start at a stationary law pass samples from it.
+        sampling: "replacement" (default), "reshuffle" (finite data sets only) or "full"
+            (gradient descent with the full gradient).
+        momentum_horizon: ``N_g >= 1`` (1 = no momentum); ``beta = 1 - 1/N_g``.
+        init_momentum: initial ``mu`` (default 0, as in the lecture).
+        preconditioner: None, "inverse_std", "inverse_variance", a positive length-d vector,
+            or an :class:`RMSPropPreconditioner`.
+        burn_in: leading steps excluded from the time averages.
+        record_every: keep ``Phi_t`` every this many steps (and the last) in ``trajectory``.
+        statistics: collect time averages (set False for pure speed).
+        observables: extra functions of the state to time-average, by name.
+        seed / generator : randomness (a fixed seed gives identical runs).
+        dtype: torch dtype (float64 default).
 
-    Returns
-    -------
-    :class:`~sgdlab.dynamics.ChainResult`.
+    Returns:
+        :class:`~sgdlab.dynamics.ChainResult`.
     """
     if not isinstance(problem, Problem):
         raise TypeError(f"problem must be an sgdlab.dynamics Problem, got {type(problem).__name__}")

@@ -141,8 +141,8 @@ class Tracker(Recorder):
             the calls held for the end of the pass (2-D Linear calls, and calls on a short
             path of at most :data:`DEFER_BYTES`) before they are computed. Default (``None``):
             32 MiB for tensors on the CPU, where cache-sized chunks run faster, and 128 MiB on
-            an accelerator, where fewer chunks mean fewer kernel launches (measured on the
-            benchmark CNN: CPU 1.33x plain at 32 MiB vs 1.54x at 128 MiB; H200 1.85x vs 2.02x).
+            an accelerator, where fewer chunks mean fewer kernel launches (benchmarks/README.md,
+            "Augmented backward").
         conv_strategy: how convolutions form per-example gradients, ``"auto"``, ``"unfold"``
             or ``"grouped"`` (see :mod:`sgdlab.stats.conv`); all are exact.
         warn_fallback: warn which modules take the ``torch.func`` fallback.

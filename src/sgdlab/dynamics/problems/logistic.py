@@ -5,12 +5,12 @@ Per-example loss ``l_i(w) = log(1 + exp(-y_i x_i^T w)) + (lam/2) ||w||^2`` with 
 Newton's method in float64; ``hessian`` and ``noise_covariance`` (``C = (1/n) sum g_i g_i^T``,
 the per-example gradients at the optimum, which average to zero) are evaluated there.
 
-Example
--------
->>> from sgdlab.dynamics import LogisticRegression
->>> p = LogisticRegression.synthetic(n=200, dim=2, seed=0)
->>> p.n, p.dim
-(200, 2)
+Example::
+
+    >>> from sgdlab.dynamics import LogisticRegression
+    >>> p = LogisticRegression.synthetic(n=200, dim=2, seed=0)
+    >>> p.n, p.dim
+    (200, 2)
 """
 
 from __future__ import annotations

@@ -6,12 +6,12 @@ With data ``y_1..y_n`` (vectors allowed) ``L(beta) = (1/n) sum_i ||beta - y_i||^
 gradient has mean 0 and variance ``sigma^2/B`` with replacement and
 ``(sigma^2/B)(n - B)/(n - 1)`` without (one reshuffled epoch).
 
-Example
--------
->>> from sgdlab.dynamics import MeanEstimation
->>> p = MeanEstimation.standardized(n=50, sigma=1.0, seed=0)
->>> round(float(p.noise_covariance[0, 0]), 12), p.n
-(1.0, 50)
+Example::
+
+    >>> from sgdlab.dynamics import MeanEstimation
+    >>> p = MeanEstimation.standardized(n=50, sigma=1.0, seed=0)
+    >>> round(float(p.noise_covariance[0, 0]), 12), p.n
+    (1.0, 50)
 """
 
 from __future__ import annotations

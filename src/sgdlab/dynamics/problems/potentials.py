@@ -12,12 +12,12 @@ Gibbs, ``p ∝ exp(-2 L / (eta sigma^2 / B))`` in 1-D (temperature ``T = eta sig
 * :class:`Separable`: ``L = sum_i a_i x_i^2/2 + b_i x_i^4/4`` with noise ``sigma_i`` per
   coordinate; per-coordinate rates ``eta_i`` give temperatures ``T_i = eta_i sigma_i^2/(2B)``.
 
-Example
--------
->>> import torch
->>> from sgdlab.dynamics import DoubleWell
->>> float(DoubleWell().loss(torch.zeros(1, 1, dtype=torch.float64))[0])
-0.25
+Example::
+
+    >>> import torch
+    >>> from sgdlab.dynamics import DoubleWell
+    >>> float(DoubleWell().loss(torch.zeros(1, 1, dtype=torch.float64))[0])
+    0.25
 """
 
 from __future__ import annotations
