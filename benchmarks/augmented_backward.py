@@ -135,10 +135,6 @@ def ce(out: Tensor, y: Tensor) -> Tensor:
 # Each method: setup(model) -> (step() -> None, moments() -> list[Tensor], teardown()).
 
 
-class Unsupported(Exception):
-    pass
-
-
 def m_plain(model, x, y):
     def step():
         model.zero_grad(set_to_none=True)
@@ -309,7 +305,7 @@ def rel_err(a: list[Tensor], b: list[Tensor]) -> float:
     return max(float((u - v).abs().max() / v.abs().max().clamp_min(1e-30)) for u, v in zip(a, b))
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:  # noqa: C901
     """Per model: each method alone (warm-up, peak memory, agreement with sgdlab), then every
     method that ran, set up again side by side and timed interleaved round by round."""
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")

@@ -224,7 +224,7 @@ def flush_timing(dev: torch.device) -> None:
         print(f"MLP lane flush, {tag}: {(t1 - t0) / 500 * 1e6:.1f} us of host time per call")
 
 
-def main() -> None:
+def main() -> None:  # noqa: C901
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--old", default="HEAD~1", help="git revision to compare with")
     ap.add_argument("--rounds", type=int, default=300)

@@ -65,8 +65,9 @@ def check_horizon(name: str, value: Any) -> float:
     return x
 
 
-def check_batch_size(name: str, value: Any) -> int:
-    """A batch size: an integer >= 1 (numpy's integers too)."""
+def check_count(name: str, value: Any) -> int:
+    """A count (chains, steps, draws, processes, groups...): an integer >= 1 (numpy's integers
+    too)."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -76,6 +77,11 @@ def check_batch_size(name: str, value: Any) -> int:
     if int(value) < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {_fmt(value)}")
     return int(value)
+
+
+def check_batch_size(name: str, value: Any) -> int:
+    """A batch size: an integer >= 1 (:func:`check_count`)."""
+    return check_count(name, value)
 
 
 def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:

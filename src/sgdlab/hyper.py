@@ -61,16 +61,16 @@ configuration without momentum never acquires momentum by rescaling. For ``lectu
 (``N > 1``), and conjugate -> per-step -> conjugate is the identity only where ``N' >= B`` or
 ``N' = 1``. Per-step -> conjugate -> per-step is always the identity.
 
-Example
--------
->>> from sgdlab import hyper
->>> c = hyper.Conjugate(eta_prime=1e-3, n_g=1000.0)
->>> s = hyper.to_per_step(c, batch_size=100, rule="lecture", momentum_form="heavy_ball")
->>> round(s.lr, 12), round(s.beta1, 12)
-(0.01, 0.9)
->>> s256 = hyper.rescale(s, 100, 200, rule="lecture", momentum_form="heavy_ball")
->>> round(s256.lr, 12), round(s256.beta1, 12)
-(0.04, 0.8)
+Example::
+
+    >>> from sgdlab import hyper
+    >>> c = hyper.Conjugate(eta_prime=1e-3, n_g=1000.0)
+    >>> s = hyper.to_per_step(c, batch_size=100, rule="lecture", momentum_form="heavy_ball")
+    >>> round(s.lr, 12), round(s.beta1, 12)
+    (0.01, 0.9)
+    >>> s256 = hyper.rescale(s, 100, 200, rule="lecture", momentum_form="heavy_ball")
+    >>> round(s256.lr, 12), round(s256.beta1, 12)
+    (0.04, 0.8)
 """
 
 from __future__ import annotations

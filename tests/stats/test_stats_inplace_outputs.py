@@ -57,10 +57,6 @@ class ViewOut(nn.Module):
         return (x @ self.w).transpose(1, 2)
 
 
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
 CASES = {
     "linear [B,T,in], relu_": (lambda: nn.Linear(D, D), lambda m, x: m(x).relu_()),
     "linear [B,T,in], slice mul_": (lambda: nn.Linear(D, D),

@@ -21,13 +21,13 @@ minus sign) with :math:`\sum_{n\ge0}\beta^n = N`; and it does not behave like an
 :math:`\sum_n n\beta^n/N = N-1` are those of a window of :math:`2N-1` samples
 (variance :math:`\sigma^2/W`, lag :math:`(W-1)/2`), see :func:`equivalent_window`.
 
-Example
--------
->>> from sgdlab.averages import adam_variance, ema_stationary_variance, equivalent_window
->>> round(adam_variance(20, 20), 6)
-0.054298
->>> ema_stationary_variance(10) == 1 / equivalent_window(10)
-True
+Example::
+
+    >>> from sgdlab.averages import adam_variance, ema_stationary_variance, equivalent_window
+    >>> round(adam_variance(20, 20), 6)
+    0.054298
+    >>> ema_stationary_variance(10) == 1 / equivalent_window(10)
+    True
 """
 
 from __future__ import annotations

@@ -5,15 +5,15 @@ with the weights of :mod:`sgdlab.averages.weights`.  Tensors of any shape are av
 elementwise; a batch of independent sequences is one tensor whose leading dimension indexes the
 sequences.
 
-Example
--------
->>> import torch
->>> from sgdlab.averages import RunningAverage
->>> avg = RunningAverage("lecture", horizon=10)
->>> for x in [1.0, 2.0, 3.0]:
-...     est = avg.update(torch.tensor(x, dtype=torch.float64))
->>> est.item()  # the exact mean while t <= N
-2.0
+Example::
+
+    >>> import torch
+    >>> from sgdlab.averages import RunningAverage
+    >>> avg = RunningAverage("lecture", horizon=10)
+    >>> for x in [1.0, 2.0, 3.0]:
+    ...     est = avg.update(torch.tensor(x, dtype=torch.float64))
+    >>> est.item()  # the exact mean while t <= N
+    2.0
 """
 
 from __future__ import annotations

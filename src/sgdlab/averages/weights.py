@@ -49,13 +49,13 @@ constant :math:`N`:
 In every case the estimate is :math:`\hat\mu_t = \sum_{s\le t} a_{t,s} x_s` with
 :math:`a_{t,s} = w_s \prod_{s<r\le t} (1 - w_r)` (see :func:`sample_weights`).
 
-Example
--------
->>> from sgdlab.averages import weight
->>> weight("lecture", 3, 10), weight("lecture", 30, 10)
-(0.3333333333333333, 0.1)
->>> round(weight("adam", 1, 20), 12)
-1.0
+Example::
+
+    >>> from sgdlab.averages import weight
+    >>> weight("lecture", 3, 10), weight("lecture", 30, 10)
+    (0.3333333333333333, 0.1)
+    >>> round(weight("adam", 1, 20), 12)
+    1.0
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .._validation import check_batch_size
+from .._validation import check_batch_size, check_count
 from ._group import comm_device, is_distributed, rank_and_size
 
 __all__ = ["GlobalBatch", "check_examples", "gather_batch"]
@@ -96,7 +96,7 @@ def gather_batch(
             micro-batches. The message lists every rank's values.
     """
     n = check_batch_size("local_size", local_size)
-    k = check_batch_size("accumulation_steps", accumulation_steps)
+    k = check_count("accumulation_steps", accumulation_steps)
     rank, world = rank_and_size(group)
     if is_distributed(group) and world > 1:
         mine = torch.tensor([n, k], dtype=torch.int64, device=comm_device(group))

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .._validation import check_batch_size, check_positive
+from .._validation import check_count, check_positive
 
 __all__ = [
     "TORCHRUN_VARIABLES",
@@ -137,8 +137,8 @@ def torchrun_command(
     port). Several nodes: the c10d rendezvous at ``rdzv_endpoint`` (``host:port`` of one of
     the nodes), the same command on every node.
     """
-    n = check_batch_size("nproc", nproc)
-    nodes = check_batch_size("nnodes", nnodes)
+    n = check_count("nproc", nproc)
+    nodes = check_count("nnodes", nnodes)
     cmd = [python or sys.executable, "-m", "torch.distributed.run"]
     if nodes == 1 and rdzv_endpoint is None:
         cmd += ["--standalone", "--nnodes=1"]
@@ -259,7 +259,7 @@ def spawn(
         torch.multiprocessing.ProcessExitedException: a rank exited with a non-zero code.
         TimeoutError: ``deadline`` passed.
     """
-    n = check_batch_size("nproc", nproc)
+    n = check_count("nproc", nproc)
     seconds = check_positive("timeout", timeout)
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
@@ -271,7 +271,7 @@ def spawn(
         )
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // n)
-    threads = check_batch_size("threads", threads)
+    threads = check_count("threads", threads)
     port = free_port()
     ctx = mp.start_processes(
         _spawned,

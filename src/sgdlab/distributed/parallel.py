@@ -72,7 +72,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .._validation import check_batch_size
+from .._validation import check_batch_size, check_count
 from ..stats import NoiseMeter, NoiseReading, PassSummary, Tracker, track
 from ._group import is_distributed, rank_and_size
 from .batch import GlobalBatch, check_examples, gather_batch
@@ -117,7 +117,7 @@ class DataParallel:
             reduction or with per-example norms (those stay per rank).
     """
 
-    def __init__(
+    def __init__(  # noqa: C901
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
@@ -148,7 +148,7 @@ class DataParallel:
                 f"noise_meter must be a bool or a dict of NoiseMeter arguments, got "
                 f"{type(noise_meter).__name__}"
             )
-        self.accumulation_steps = check_batch_size("accumulation_steps", accumulation_steps)
+        self.accumulation_steps = check_count("accumulation_steps", accumulation_steps)
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("model has no trainable parameters")
         distributed = is_distributed(process_group)

@@ -6,14 +6,14 @@ batch gradient is the *mean* over the batch, ``eta`` is the per-step learning ra
 a schedule ``t -> eta_t``), "time" is the sum of learning rates, and stochastic claims are
 checked by time-averaging each chain and taking standard errors across chains.
 
-Example
--------
->>> from sgdlab.dynamics import Quadratic, simulate_sgd, excess_loss, estimate_mean
->>> p = Quadratic(hessian=[1.0, 0.25], noise_covariance=[1.0, 0.5])
->>> r = simulate_sgd(p, lr=0.2, batch_size=2, steps=3000, chains=400, seed=1)
->>> m, se = estimate_mean(r.excess_loss)
->>> abs(m - excess_loss(p.hessian, p.noise_covariance, 0.2, 2)) < 4 * se
-True
+Example::
+
+    >>> from sgdlab.dynamics import Quadratic, simulate_sgd, excess_loss, estimate_mean
+    >>> p = Quadratic(hessian=[1.0, 0.25], noise_covariance=[1.0, 0.5])
+    >>> r = simulate_sgd(p, lr=0.2, batch_size=2, steps=3000, chains=400, seed=1)
+    >>> m, se = estimate_mean(r.excess_loss)
+    >>> abs(m - excess_loss(p.hessian, p.noise_covariance, 0.2, 2)) < 4 * se
+    True
 """
 
 from __future__ import annotations

@@ -3,13 +3,13 @@
 Notation: h curvature, sigma^2 per-example gradient variance, B batch size, eta per-step
 learning rate. All assume sampling with replacement unless stated.
 
-Example
--------
->>> from sgdlab.dynamics import heavy_ball_variance, least_squares_excess_loss
->>> round(heavy_ball_variance(1.0, 0.01, 0.9), 6)
-0.050132
->>> round(least_squares_excess_loss([1, .5, .25, .1, .05], 0.5, lr=0.05, batch_size=1), 6)
-0.012945
+Example::
+
+    >>> from sgdlab.dynamics import heavy_ball_variance, least_squares_excess_loss
+    >>> round(heavy_ball_variance(1.0, 0.01, 0.9), 6)
+    0.050132
+    >>> round(least_squares_excess_loss([1, .5, .25, .1, .05], 0.5, lr=0.05, batch_size=1), 6)
+    0.012945
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 
 from .._validation import (
     check_batch_size,
+    check_count,
     check_nonnegative,
     check_positive,
     check_unit_interval,
@@ -101,7 +102,7 @@ def batch_gradient_variance(sigma2: float, batch_size: int, n: int | None = None
     s2, B = check_nonnegative("sigma2", sigma2), check_batch_size("batch_size", batch_size)
     if n is None:
         return s2 / B
-    n = check_batch_size("n", n)
+    n = check_count("n", n)
     if n < 2 or B > n:
         raise ValueError(f"need 2 <= n and batch_size <= n, got n={n}, batch_size={B}")
     return s2 / B * (n - B) / (n - 1)

@@ -4,13 +4,13 @@ Protocol (REFERENCE.md): run R independent chains, time-average each chain, and 
 standard error from the spread of the per-chain averages (time steps are correlated, chains
 are not). Compare with an exact reference by ``z = (estimate - reference) / stderr``.
 
-Example
--------
->>> import torch
->>> from sgdlab.dynamics import estimate_mean
->>> m, se = estimate_mean(torch.tensor([1.0, 2.0, 3.0, 4.0]))
->>> m, round(se, 6)
-(2.5, 0.645497)
+Example::
+
+    >>> import torch
+    >>> from sgdlab.dynamics import estimate_mean
+    >>> m, se = estimate_mean(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    >>> m, round(se, 6)
+    (2.5, 0.645497)
 """
 
 from __future__ import annotations

@@ -13,13 +13,13 @@ Gradient descent with step eta has first-order (O(eta)) error against the flow a
 ``(1 - eta h)^k / exp(-eta h k) = exp(-eta h^2 t / 2 + O(eta^2))``. SGD has weak error O(eta)
 and RMS (strong) error O(sqrt(eta)) (:func:`flow_errors`, :func:`convergence_order`).
 
-Example
--------
->>> from sgdlab.dynamics import Quadratic, flow_errors, convergence_order
->>> p = Quadratic(hessian=[1.0, 0.5], noise_covariance=[1.0, 1.0])
->>> errs = flow_errors(p, [0.1, 0.05, 0.025], time=2.0, init=[1.0, 1.0], stochastic=False)
->>> round(convergence_order([0.1, 0.05, 0.025], errs["rms_error"]), 1)
-1.0
+Example::
+
+    >>> from sgdlab.dynamics import Quadratic, flow_errors, convergence_order
+    >>> p = Quadratic(hessian=[1.0, 0.5], noise_covariance=[1.0, 1.0])
+    >>> errs = flow_errors(p, [0.1, 0.05, 0.025], time=2.0, init=[1.0, 1.0], stochastic=False)
+    >>> round(convergence_order([0.1, 0.05, 0.025], errs["rms_error"]), 1)
+    1.0
 """
 
 from __future__ import annotations

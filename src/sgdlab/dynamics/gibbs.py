@@ -7,12 +7,12 @@ The Langevin SDE ``dX = -L'(X) dt + sqrt(eta sigma^2 / B) dW`` has the stationar
 :func:`estimate_gibbs_alpha` recovers alpha from samples by matching ``E_T[L]`` (the maximum
 likelihood equation of the exponential family ``exp(-L/T)``).
 
-Example
--------
->>> from sgdlab.dynamics import langevin_stationary_density
->>> p = langevin_stationary_density(lambda x: x**4 / 4, lr=0.1, sigma2=1.0)
->>> round(p.expect(lambda x: x**4 / 4), 6)   # E_T[x^4/4] = T/4, T = 0.05
-0.0125
+Example::
+
+    >>> from sgdlab.dynamics import langevin_stationary_density
+    >>> p = langevin_stationary_density(lambda x: x**4 / 4, lr=0.1, sigma2=1.0)
+    >>> round(p.expect(lambda x: x**4 / 4), 6)   # E_T[x^4/4] = T/4, T = 0.05
+    0.0125
 """
 
 from __future__ import annotations

@@ -16,12 +16,12 @@ Implementation: the noise is drawn in cache-sized blocks (numpy's ziggurat sampl
 seeded from the torch generator) and pre-multiplied by ``L``; for affine gradients (quadratics) the
 drift and the noise fuse into one ``addmm``/``addcmul`` per step.
 
-Example
--------
->>> from sgdlab.dynamics import Quartic, simulate_langevin
->>> r = simulate_langevin(Quartic(), lr=0.1, time=20.0, dt=0.01, chains=200, seed=0)
->>> r.final.shape
-torch.Size([200, 1])
+Example::
+
+    >>> from sgdlab.dynamics import Quartic, simulate_langevin
+    >>> r = simulate_langevin(Quartic(), lr=0.1, time=20.0, dt=0.01, chains=200, seed=0)
+    >>> r.final.shape
+    torch.Size([200, 1])
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._validation import check_batch_size, check_choice, check_positive
+from .._validation import check_batch_size, check_choice, check_count, check_positive
 from ._common import (
     NormalBlocks,
     check_init,
@@ -58,8 +58,14 @@ def _steps(time: float, dt: float) -> int:
     return steps
 
 
-def _diffusion_factor(problem: Problem, lr: float, batch_size: int, pre: torch.Tensor | None,
-                      covariance: Any, dtype: torch.dtype) -> torch.Tensor:
+def _diffusion_factor(
+    problem: Problem,
+    lr: float,
+    batch_size: int,
+    pre: torch.Tensor | None,
+    covariance: Any,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     if covariance is None:
         if problem.noise_covariance is None:
             raise ValueError(f"{type(problem).__name__} has no noise_covariance; pass covariance")
@@ -74,7 +80,7 @@ def _diffusion_factor(problem: Problem, lr: float, batch_size: int, pre: torch.T
     return torch.as_tensor(psd_sqrt(lr * C / batch_size), dtype=dtype)
 
 
-def simulate_langevin(
+def simulate_langevin(  # noqa: C901
     problem: Problem,
     lr: float,
     time: float,
@@ -96,18 +102,17 @@ def simulate_langevin(
 ) -> ChainResult:
     """Euler-Maruyama for ``d Phi = -P g dt + sqrt(eta P Sigma P / B) dW`` over R chains.
 
-    Parameters
-    ----------
-    problem : a :class:`~sgdlab.dynamics.Problem` (``grad`` and the noise covariance are used).
-    lr : eta, the SGD learning rate the SDE models (sets the temperature).
-    time, dt : horizon and Euler-Maruyama step (``time/dt`` steps).
-    chains : R.  batch_size : B.
-    init : start (vector or ``(R, d)``; default the optimum, else 0).
-    preconditioner : None, "inverse_std", "inverse_variance" or a positive vector ``P``.
-    diffusion : "constant" (``Sigma = C``, or ``covariance``) or "state" (``Sigma(Phi)`` from
-        ``problem.gradient_covariance``; e.g. least squares' multiplicative noise).
-    burn_in_time : leading time excluded from the averages.
-    record_every, statistics, observables, seed, generator, dtype : as :func:`simulate_sgd`.
+    Args:
+        problem: a :class:`~sgdlab.dynamics.Problem` (``grad`` and the noise covariance are used).
+        lr: eta, the SGD learning rate the SDE models (sets the temperature).
+        time, dt: horizon and Euler-Maruyama step (``time/dt`` steps).
+        chains: R.  batch_size : B.
+        init: start (vector or ``(R, d)``; default the optimum, else 0).
+        preconditioner: None, "inverse_std", "inverse_variance" or a positive vector ``P``.
+        diffusion: "constant" (``Sigma = C``, or ``covariance``) or "state" (``Sigma(Phi)`` from
+            ``problem.gradient_covariance``; e.g. least squares' multiplicative noise).
+        burn_in_time: leading time excluded from the averages.
+        record_every, statistics, observables, seed, generator, dtype: as :func:`simulate_sgd`.
     """
     if not isinstance(problem, Problem):
         raise TypeError(f"problem must be an sgdlab.dynamics Problem, got {type(problem).__name__}")
@@ -115,19 +120,20 @@ def simulate_langevin(
     eta = check_positive("lr", lr)
     time, dt = check_positive("time", time), check_positive("dt", dt)
     steps = _steps(time, dt)
-    R = check_batch_size("chains", chains)
+    R = check_count("chains", chains)
     B = check_batch_size("batch_size", batch_size)
     check_choice("diffusion", diffusion, ("constant", "state"))
     if not 0.0 <= burn_in_time < time:
         raise ValueError(f"burn_in_time must satisfy 0 <= burn_in_time < time, got {burn_in_time}")
     burn_in = int(round(burn_in_time / dt))
     if record_every is not None:
-        record_every = check_batch_size("record_every", record_every)
+        record_every = check_count("record_every", record_every)
     gen = make_generator(seed, generator)
     d = problem.dim
     pre = resolve_fixed_preconditioner(preconditioner, problem, dtype)
-    center = torch.as_tensor(problem.optimum if problem.optimum is not None else np.zeros(d),
-                             dtype=dtype)
+    center = torch.as_tensor(
+        problem.optimum if problem.optimum is not None else np.zeros(d), dtype=dtype
+    )
     phi = check_init(center if init is None else init, R, d, dtype)
     sqdt = dt**0.5
     if diffusion == "constant":
@@ -159,8 +165,7 @@ def simulate_langevin(
             acc.add(phi, None)
         z = noise(k)
         if affine is not None:
-            phi = (torch.addcmul(z, phi, A_diag) if A_diag is not None
-                   else torch.addmm(z, phi, A))
+            phi = torch.addcmul(z, phi, A_diag) if A_diag is not None else torch.addmm(z, phi, A)
         elif diffusion == "constant":
             phi = phi - drift_scale * problem.grad(phi) + z
         else:
@@ -212,7 +217,7 @@ def first_passage_times(
     dtype = resolve_dtype(dtype)
     eta, dt = check_positive("lr", lr), check_positive("dt", dt)
     max_time = check_positive("max_time", max_time)
-    R = check_batch_size("chains", chains)
+    R = check_count("chains", chains)
     B = check_batch_size("batch_size", batch_size)
     gen = make_generator(seed, generator)
     x = check_init(problem.optimum if init is None else init, R, 1, dtype)[:, 0]

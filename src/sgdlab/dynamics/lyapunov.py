@@ -14,11 +14,11 @@ With heavy-ball momentum the state ``(e_t, v_t)`` is again linear (see
 :func:`momentum_stationary_covariance`). scipy's ``solve_discrete_lyapunov`` and
 ``solve_continuous_lyapunov`` do the solving.
 
-Example
--------
->>> from sgdlab.dynamics import excess_loss
->>> round(excess_loss(1.0, 1.0, lr=0.1, batch_size=1), 7)
-0.0263158
+Example::
+
+    >>> from sgdlab.dynamics import excess_loss
+    >>> round(excess_loss(1.0, 1.0, lr=0.1, batch_size=1), 7)
+    0.0263158
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ For ``b < a`` the problem is mirrored. Double well ``L = (x^2 - 1)^2/4`` at T = 
 +1: 66.27. SGD with learning rate eta, batch B and per-example noise variance sigma^2 maps to
 ``T = eta sigma^2 / (2B)`` with time ``t = sum of learning rates``.
 
-Example
--------
->>> from sgdlab.dynamics import mean_first_passage_time
->>> round(mean_first_passage_time(lambda x: (x**2 - 1)**2 / 4, 0.1, -1.0, 1.0), 2)
-66.27
+Example::
+
+    >>> from sgdlab.dynamics import mean_first_passage_time
+    >>> round(mean_first_passage_time(lambda x: (x**2 - 1)**2 / 4, 0.1, -1.0, 1.0), 2)
+    66.27
 """
 
 from __future__ import annotations

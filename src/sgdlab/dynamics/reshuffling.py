@@ -19,11 +19,11 @@ the time average over the M positions of an epoch of ``tr(H E e_m e_m^T)/2``.
 n = 50, h = sigma = B = 1, eta = 0.01: 0.00038035 (with replacement 0.00251256); the slope of
 the excess loss at eta = 0 is 0 (Gurbuzbalaban, Ozdaglar & Parrilo 2021; Safran & Shamir 2020).
 
-Example
--------
->>> from sgdlab.dynamics import reshuffling_excess_loss
->>> round(reshuffling_excess_loss(1.0, 1.0, lr=0.01, n=50), 8)
-0.00038035
+Example::
+
+    >>> from sgdlab.dynamics import reshuffling_excess_loss
+    >>> round(reshuffling_excess_loss(1.0, 1.0, lr=0.01, n=50), 8)
+    0.00038035
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .._validation import check_batch_size, check_nonnegative
+from .._validation import check_batch_size, check_count, check_nonnegative
 from ._common import as_matrix
 
 __all__ = ["reshuffling_covariances", "reshuffling_excess_loss"]
@@ -47,7 +47,7 @@ def reshuffling_covariances(hessian: Any, noise_covariance: Any, lr: float, n: i
     d = H.shape[0]
     C = as_matrix("noise_covariance", noise_covariance, d, psd=True)
     eta = check_nonnegative("lr", lr)
-    n, B = check_batch_size("n", n), check_batch_size("batch_size", batch_size)
+    n, B = check_count("n", n), check_batch_size("batch_size", batch_size)
     if n < 2 or B > n:
         raise ValueError(f"need n >= 2 and batch_size <= n, got n={n}, batch_size={B}")
     w = np.linalg.eigvalsh(H)

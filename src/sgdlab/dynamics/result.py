@@ -21,24 +21,23 @@ __all__ = ["ChainResult"]
 class ChainResult:
     """Result of :func:`simulate_sgd` / :func:`simulate_langevin`.
 
-    Attributes
-    ----------
-    final : (R, d) state after the last step.
-    mean : (R, d) time average of ``Phi``.
-    second_moment : (R, d, d) time average of ``(Phi - c)(Phi - c)^T``, ``c`` = ``center``.
-    loss : (R,) time average of the full loss ``L(Phi)``.
-    excess_loss : (R,) time average of ``L(Phi) - L*`` (None when L* is unknown).
-    grad_sq : (R,) time average of ``||g_hat||^2`` (the batch gradient used; SGD only).
-    fdr_lhs : (R,) time average of ``(Phi - c) . g_hat`` (SGD only). For plain SGD at
-        stationarity ``E[(Phi - c) . g_hat] = (eta/2) E||g_hat||^2`` exactly (Yaida 2018).
-    observables : time averages of the user's functions ``f(Phi) -> (R,) or (R, k)``.
-    trajectory : (K, R, d) states at ``record_steps`` (None unless requested).
-    record_steps : (K,) step indices of the trajectory.
-    times : (K,) "time" ``t = sum of learning rates`` (SGD) or ``k dt`` (Langevin) there.
-    steps, burn_in : the run's length and the number of initial states left out of averages.
-    center : (d,) the point ``c`` used for second moments (the optimum when known, else 0).
-    momentum : (R, d) the final momentum average ``mu`` (SGD with momentum_horizon > 1), e.g. to
-        continue a run with ``init=final, init_momentum=momentum``.
+    Attributes:
+        final: (R, d) state after the last step.
+        mean: (R, d) time average of ``Phi``.
+        second_moment: (R, d, d) time average of ``(Phi - c)(Phi - c)^T``, ``c`` = ``center``.
+        loss: (R,) time average of the full loss ``L(Phi)``.
+        excess_loss: (R,) time average of ``L(Phi) - L*`` (None when L* is unknown).
+        grad_sq: (R,) time average of ``||g_hat||^2`` (the batch gradient used; SGD only).
+        fdr_lhs: (R,) time average of ``(Phi - c) . g_hat`` (SGD only). For plain SGD at
+            stationarity ``E[(Phi - c) . g_hat] = (eta/2) E||g_hat||^2`` exactly (Yaida 2018).
+        observables: time averages of the user's functions ``f(Phi) -> (R,) or (R, k)``.
+        trajectory: (K, R, d) states at ``record_steps`` (None unless requested).
+        record_steps: (K,) step indices of the trajectory.
+        times: (K,) "time" ``t = sum of learning rates`` (SGD) or ``k dt`` (Langevin) there.
+        steps, burn_in: the run's length and the number of initial states left out of averages.
+        center: (d,) the point ``c`` used for second moments (the optimum when known, else 0).
+        momentum: (R, d) the final momentum average ``mu`` (SGD with momentum_horizon > 1), e.g. to
+            continue a run with ``init=final, init_momentum=momentum``.
     """
 
     final: torch.Tensor

@@ -20,14 +20,14 @@ Implementation: for additive Gaussian noise (``problem.additive_noise_sqrt()``) 
 is drawn in cache-sized blocks, and for affine gradients (quadratics) ``g_hat`` is one fused
 ``addmm``; other problems draw per-example gradients through the problem each step.
 
-Example
--------
->>> from sgdlab.dynamics import Quadratic, simulate_sgd, estimate_mean
->>> p = Quadratic(hessian=1.0, noise_covariance=1.0)
->>> r = simulate_sgd(p, lr=0.5, batch_size=1, steps=2000, chains=500, seed=0)
->>> m, se = estimate_mean(r.excess_loss)   # exact: 1/6
->>> abs(m - 1/6) < 4 * se
-True
+Example::
+
+    >>> from sgdlab.dynamics import Quadratic, simulate_sgd, estimate_mean
+    >>> p = Quadratic(hessian=1.0, noise_covariance=1.0)
+    >>> r = simulate_sgd(p, lr=0.5, batch_size=1, steps=2000, chains=500, seed=0)
+    >>> m, se = estimate_mean(r.excess_loss)   # exact: 1/6
+    >>> abs(m - 1/6) < 4 * se
+    True
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .._validation import check_batch_size, check_choice, check_horizon
+from .._validation import check_batch_size, check_choice, check_count, check_horizon
 from ._common import (
     LearningRate,
     NormalBlocks,
@@ -57,7 +57,8 @@ from .result import ChainResult, _Accumulator
 
 __all__ = ["simulate_sgd"]
 
-def simulate_sgd(
+
+def simulate_sgd(  # noqa: C901
     problem: Problem,
     lr: LearningRate,
     batch_size: int = 1,
@@ -79,79 +80,91 @@ def simulate_sgd(
 ) -> ChainResult:
     """Run ``chains`` independent SGD chains for ``steps`` steps on ``problem``.
 
-    Parameters
-    ----------
-    problem : a :class:`~sgdlab.dynamics.Problem`.
-    lr : per-step learning rate ``eta`` (float) or a schedule ``t -> eta_t``.
-    batch_size : B (mean reduction over the batch).
-    steps, chains : run length and number of independent chains R.
-    init : start, a length-d vector or an ``(R, d)`` array (default: the optimum, else 0).
-        To start at a stationary law pass samples from it.
-    sampling : "replacement" (default), "reshuffle" (finite data sets only) or "full"
-        (gradient descent with the full gradient).
-    momentum_horizon : ``N_g >= 1`` (1 = no momentum); ``beta = 1 - 1/N_g``.
-    init_momentum : initial ``mu`` (default 0, as in the lecture).
-    preconditioner : None, "inverse_std", "inverse_variance", a positive length-d vector,
-        or an :class:`RMSPropPreconditioner`.
-    burn_in : leading steps excluded from the time averages.
-    record_every : keep ``Phi_t`` every this many steps (and the last) in ``trajectory``.
-    statistics : collect time averages (set False for pure speed).
-    observables : extra functions of the state to time-average, by name.
-    seed / generator : randomness (a fixed seed gives identical runs).
-    dtype : torch dtype (float64 default).
+    Args:
+        problem: a :class:`~sgdlab.dynamics.Problem`.
+        lr: per-step learning rate ``eta`` (float) or a schedule ``t -> eta_t``.
+        batch_size: B (mean reduction over the batch).
+        steps, chains: run length and number of independent chains R.
+        init: start, a length-d vector or an ``(R, d)`` array (default: the optimum, else 0).
+            To start at a stationary law pass samples from it.
+        sampling: "replacement" (default), "reshuffle" (finite data sets only) or "full"
+            (gradient descent with the full gradient).
+        momentum_horizon: ``N_g >= 1`` (1 = no momentum); ``beta = 1 - 1/N_g``.
+        init_momentum: initial ``mu`` (default 0, as in the lecture).
+        preconditioner: None, "inverse_std", "inverse_variance", a positive length-d vector,
+            or an :class:`RMSPropPreconditioner`.
+        burn_in: leading steps excluded from the time averages.
+        record_every: keep ``Phi_t`` every this many steps (and the last) in ``trajectory``.
+        statistics: collect time averages (set False for pure speed).
+        observables: extra functions of the state to time-average, by name.
+        seed / generator : randomness (a fixed seed gives identical runs).
+        dtype: torch dtype (float64 default).
 
-    Returns
-    -------
-    :class:`~sgdlab.dynamics.ChainResult`.
+    Returns:
+        :class:`~sgdlab.dynamics.ChainResult`.
     """
     if not isinstance(problem, Problem):
         raise TypeError(f"problem must be an sgdlab.dynamics Problem, got {type(problem).__name__}")
     dtype = resolve_dtype(dtype)
     schedule = resolve_lr(lr)
     B = check_batch_size("batch_size", batch_size)
-    steps = check_batch_size("steps", steps)
-    R = check_batch_size("chains", chains)
+    steps = check_count("steps", steps)
+    R = check_count("chains", chains)
     check_choice("sampling", sampling, ("replacement", "reshuffle", "full"))
     Ng = check_horizon("momentum_horizon", momentum_horizon)
     if isinstance(burn_in, numbers.Integral) and not isinstance(burn_in, bool):
         burn_in = int(burn_in)
     if not isinstance(burn_in, int) or isinstance(burn_in, bool) or not 0 <= burn_in < steps:
-        raise ValueError(f"burn_in must be an integer with 0 <= burn_in < steps={steps}, "
-                         f"got {burn_in!r}")
+        raise ValueError(
+            f"burn_in must be an integer with 0 <= burn_in < steps={steps}, got {burn_in!r}"
+        )
     if record_every is not None:
-        record_every = check_batch_size("record_every", record_every)
+        record_every = check_count("record_every", record_every)
     gen = make_generator(seed, generator)
     d = problem.dim
 
     if sampling == "reshuffle":
         if problem.n is None:
-            raise ValueError("sampling='reshuffle' needs a finite data set; "
-                             f"{type(problem).__name__} samples a population (n is None)")
+            raise ValueError(
+                "sampling='reshuffle' needs a finite data set; "
+                f"{type(problem).__name__} samples a population (n is None)"
+            )
         if B > problem.n:
             raise ValueError(f"batch_size must be <= n={problem.n} with reshuffling, got {B}")
     rms = preconditioner if isinstance(preconditioner, RMSPropPreconditioner) else None
-    fixed = None if rms is not None else resolve_fixed_preconditioner(preconditioner, problem,
-                                                                      dtype)
+    fixed = (
+        None if rms is not None else resolve_fixed_preconditioner(preconditioner, problem, dtype)
+    )
     per_example_q = rms is not None and rms.second_moment == "per_example"
     if per_example_q and sampling == "full":
-        raise ValueError("a per_example second moment needs per-example gradients; "
-                         "sampling='full' has none")
+        raise ValueError(
+            "a per_example second moment needs per-example gradients; sampling='full' has none"
+        )
 
-    center = torch.as_tensor(problem.optimum if problem.optimum is not None
-                             else torch.zeros(d), dtype=dtype)
+    center = torch.as_tensor(
+        problem.optimum if problem.optimum is not None else torch.zeros(d), dtype=dtype
+    )
     phi = check_init(center if init is None else init, R, d, dtype)
     mu = None
     if init_momentum is not None and Ng == 1.0:
-        raise ValueError("init_momentum needs momentum_horizon > 1 (with momentum_horizon=1 "
-                         "there is no momentum state)")
+        raise ValueError(
+            "init_momentum needs momentum_horizon > 1 (with momentum_horizon=1 "
+            "there is no momentum state)"
+        )
     if Ng > 1.0:
-        mu = (torch.zeros(R, d, dtype=dtype) if init_momentum is None
-              else check_init(init_momentum, R, d, dtype))
+        mu = (
+            torch.zeros(R, d, dtype=dtype)
+            if init_momentum is None
+            else check_init(init_momentum, R, d, dtype)
+        )
     s = torch.zeros(R, d, dtype=dtype) if rms is not None else None
 
     # additive Gaussian noise: draw it in blocks; affine gradient: g_hat = Phi M + (c + xi)
-    K = problem.additive_noise_sqrt(dtype) if sampling == "replacement" and not per_example_q \
+    K = (
+        problem.additive_noise_sqrt(dtype)
+        if sampling == "replacement" and not per_example_q
         else None
+    )
     affine = problem.affine_gradient(dtype) if K is not None else None
     block = None
     M_full = None
@@ -159,8 +172,13 @@ def simulate_sgd(
         M_diag = diagonal_or_none(affine[0])
         M_full = None if M_diag is None else expand_full(M_diag, (R, d))
     if K is not None:
-        block = NormalBlocks(gen, (R, d), steps, dtype, scale_transform(
-            K / B**0.5, None if affine is None else affine[1]))
+        block = NormalBlocks(
+            gen,
+            (R, d),
+            steps,
+            dtype,
+            scale_transform(K / B**0.5, None if affine is None else affine[1]),
+        )
 
     acc = _Accumulator(problem, center, observables, with_grad=True) if statistics else None
     rec_steps: list[int] = []
@@ -181,7 +199,7 @@ def simulate_sgd(
             j = t % epoch_len
             if j == 0:
                 perm = torch.argsort(torch.rand(R, problem.n, generator=gen, dtype=dtype), dim=1)
-            idx = perm[:, j * B:(j + 1) * B]
+            idx = perm[:, j * B : (j + 1) * B]
             per_ex = problem.example_grads(phi, idx)
             g_hat = per_ex.mean(dim=1)
         elif per_example_q:
@@ -223,8 +241,7 @@ def simulate_sgd(
         if t % 256 == 255 or t == steps - 1:
             finite_or_raise("the SGD iterate", phi, t)
 
-    result = ChainResult(final=phi, steps=steps, burn_in=burn_in, center=center,
-                         momentum=mu)
+    result = ChainResult(final=phi, steps=steps, burn_in=burn_in, center=center, momentum=mu)
     if record_every is not None:
         rec_steps.append(steps)
         traj.append(phi.clone())

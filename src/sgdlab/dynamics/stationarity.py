@@ -42,11 +42,10 @@ __all__ = ["FluctuationDissipationTest"]
 class FluctuationDissipationTest:
     """Online check of ``E[(Phi - c).g_hat] = (eta/2) E||g_hat||^2`` (plain SGD, constant eta).
 
-    Parameters
-    ----------
-    center : the fixed point c (default 0: raw parameters; any fixed c is valid).
-    keep : fraction of the most recent samples used (0 < keep <= 1).
-    batches : number of batch means for the single-chain standard error.
+    Args:
+        center: the fixed point c (default 0: raw parameters; any fixed c is valid).
+        keep: fraction of the most recent samples used (0 < keep <= 1).
+        batches: number of batch means for the single-chain standard error.
     """
 
     def __init__(self, center: Any = None, keep: float = 0.5, batches: int = 20) -> None:

@@ -8,18 +8,18 @@ estimate ``T_i = E[(x_i - x*_i) g_i(x)]`` from time averages then exposes non-Gi
 exactly per coordinate of a separable problem; on a quadratic coordinate ``T_i = h_i Var_i``,
 whose exact discrete value is ``eta_i sigma_i^2 / (B (2 - eta_i h_i))``.
 
-Example
--------
->>> import numpy as np
->>> from sgdlab.dynamics import (Separable, simulate_sgd, estimate_temperatures,
-...                              coordinate_temperatures)
->>> p = Separable(curvatures=[1.0, 1.0], noise_std=[1.0, 3.0])
->>> r = simulate_sgd(p, 0.1, steps=2000, chains=400, preconditioner="inverse_variance",
-...                  burn_in=500, observables=estimate_temperatures.observables(p))
->>> T, se = estimate_temperatures(r)   # eta_i = 0.1 / sigma_i^2: one temperature, ~0.05
->>> exact = coordinate_temperatures([1, 1], [1, 9], 0.1 / np.array([1.0, 9.0]))
->>> bool(np.all(np.abs(T - exact) < 4 * se))
-True
+Example::
+
+    >>> import numpy as np
+    >>> from sgdlab.dynamics import (Separable, simulate_sgd, estimate_temperatures,
+    ...                              coordinate_temperatures)
+    >>> p = Separable(curvatures=[1.0, 1.0], noise_std=[1.0, 3.0])
+    >>> r = simulate_sgd(p, 0.1, steps=2000, chains=400, preconditioner="inverse_variance",
+    ...                  burn_in=500, observables=estimate_temperatures.observables(p))
+    >>> T, se = estimate_temperatures(r)   # eta_i = 0.1 / sigma_i^2: one temperature, ~0.05
+    >>> exact = coordinate_temperatures([1, 1], [1, 9], 0.1 / np.array([1.0, 9.0]))
+    >>> bool(np.all(np.abs(T - exact) < 4 * se))
+    True
 """
 
 from __future__ import annotations

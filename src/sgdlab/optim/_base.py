@@ -268,9 +268,8 @@ class BatchScaledOptimizer(Optimizer):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
         if capturable and nonfinite not in (None, "ignore"):
             raise ValueError(
-                f"nonfinite must be 'ignore' with capturable=True, got {nonfinite!r}: checking "
-                "the gradients on the host needs a device sync, which a CUDA graph cannot "
-                "hold (torch.amp.GradScaler skips steps with inf/NaN gradients instead)"
+                f"nonfinite must be 'ignore' with capturable=True, got {nonfinite!r}: a CUDA "
+                "graph cannot hold its host check (GradScaler skips non-finite steps instead)"
             )
         if capturable and (fused is False or foreach):
             raise ValueError(

@@ -116,13 +116,9 @@ def as_real(tensors: list) -> list:
 
 def missing_second_moment_error(p: torch.Tensor) -> ValueError:
     return ValueError(
-        "second_moment='per_example' needs p.grad_second_moment (the batch mean of per-example "
-        f"squared gradients) on every parameter with a gradient; a parameter of shape "
-        f"{tuple(p.shape)} has none. Attach the augmented backward with "
-        "`tracker = sgdlab.stats.track(model)` before the forward pass (a tracker tracks the "
-        "parameters that require grad when it is attached: after unfreezing one, attach it "
-        "again with tracker.detach(); sgdlab.stats.track(model)), or use "
-        "second_moment='batch'."
+        f"second_moment='per_example' needs p.grad_second_moment; a parameter of shape "
+        f"{tuple(p.shape)} has none: call sgdlab.stats.track(model) before the forward pass "
+        "(after unfreezing a parameter, attach it again), or use second_moment='batch'"
     )
 
 

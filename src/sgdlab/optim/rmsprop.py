@@ -401,12 +401,10 @@ class RMSProp(BatchScaledOptimizer):
             alpha = self.effective_hyperparameters(group)["alpha"]
             if alpha == 0.0:
                 raise ValueError(
-                    f"centered=True with an effective alpha of 0 (alpha={group['alpha']!r} moved "
-                    f"by scaling={group['scaling']!r} to batch size "
-                    f"{group.get('batch_size')!r}): the centered second moment s - m^2 of one "
-                    "gradient is zero and the step would divide by eps alone. Use "
-                    "scaling='exact' (alpha^k never reaches 0), a longer horizon (alpha "
-                    "closer to 1), or centered=False"
+                    f"centered=True with an effective alpha of 0 (alpha={group['alpha']!r}, "
+                    f"scaling={group['scaling']!r}, batch size {group.get('batch_size')!r}) "
+                    "divides by eps alone: use scaling='exact', alpha closer to 1, or "
+                    "centered=False"
                 )
 
     def _extra_tensors(self, group: dict[str, Any], p: torch.Tensor) -> list[torch.Tensor]:

@@ -28,15 +28,15 @@ Which rate to give which optimizer:
   ``opt.set_batch_size(ramp.batch_size(t))`` before each step; the step it takes uses
   :math:`\eta_0/k^{n}\cdot B_t/B_0 = \eta_t`.
 
-Example
--------
->>> from sgdlab.schedules import BatchSizeRamp
->>> r = BatchSizeRamp(0.1, batch_size=128, milestones=[100, 200, 300], factor=5,
-...                   max_batch_size=5000)
->>> [r.batch_size(t) for t in (0, 100, 200, 300)]
-[128, 640, 3200, 5000]
->>> [round(r(t), 6) for t in (0, 200, 300)]
-[0.1, 0.1, 0.03125]
+Example::
+
+    >>> from sgdlab.schedules import BatchSizeRamp
+    >>> r = BatchSizeRamp(0.1, batch_size=128, milestones=[100, 200, 300], factor=5,
+    ...                   max_batch_size=5000)
+    >>> [r.batch_size(t) for t in (0, 100, 200, 300)]
+    [128, 640, 3200, 5000]
+    >>> [round(r(t), 6) for t in (0, 200, 300)]
+    [0.1, 0.1, 0.03125]
 """
 
 from __future__ import annotations

@@ -19,14 +19,14 @@ Cyclic cosine restarts the annealing: cycle :math:`i` lasts :math:`T_i = T_0 m^i
 :math:`T_0 = \lceil T/M \rceil` and save the model at the last step of each cycle, where the rate
 is smallest: :meth:`CyclicCosine.snapshot_steps`.
 
-Example
--------
->>> from sgdlab.schedules import CyclicCosine
->>> s = CyclicCosine.snapshot_ensemble(0.2, total_steps=300, snapshots=3)
->>> s.snapshot_steps(300)
-[99, 199, 299]
->>> s(100) == s.base
-True
+Example::
+
+    >>> from sgdlab.schedules import CyclicCosine
+    >>> s = CyclicCosine.snapshot_ensemble(0.2, total_steps=300, snapshots=3)
+    >>> s.snapshot_steps(300)
+    [99, 199, 299]
+    >>> s(100) == s.base
+    True
 """
 
 from __future__ import annotations

@@ -22,18 +22,18 @@ Two modes:
   ``torch.optim.lr_scheduler.ChainedScheduler``.  A schedule value of 0 makes the next
   ratio undefined and raises ``ValueError``.
 
-Example
--------
->>> import torch
->>> from sgdlab.schedules import Cosine, attach
->>> p = torch.nn.Parameter(torch.zeros(2))
->>> opt = torch.optim.SGD([p], lr=0.1)
->>> sched = attach(opt, Cosine(0.1, total_steps=10))
->>> for _ in range(5):
-...     opt.step()
-...     sched.step()
->>> round(opt.param_groups[0]["lr"], 12)  # Cosine(5) = 0.1 * (1 + cos(pi/2)) / 2
-0.05
+Example::
+
+    >>> import torch
+    >>> from sgdlab.schedules import Cosine, attach
+    >>> p = torch.nn.Parameter(torch.zeros(2))
+    >>> opt = torch.optim.SGD([p], lr=0.1)
+    >>> sched = attach(opt, Cosine(0.1, total_steps=10))
+    >>> for _ in range(5):
+    ...     opt.step()
+    ...     sched.step()
+    >>> round(opt.param_groups[0]["lr"], 12)  # Cosine(5) = 0.1 * (1 + cos(pi/2)) / 2
+    0.05
 """
 
 from __future__ import annotations

@@ -20,16 +20,16 @@ Special cases: ``gamma = 0`` is a constant learning rate (:meth:`RobbinsMonro.co
 ``tau = 1`` is :math:`c\,s^{-\gamma}` in the 1-based step :math:`s = t + 1`
 (:meth:`RobbinsMonro.power_law`).
 
-Example
--------
->>> from sgdlab.schedules import RobbinsMonro
->>> s = RobbinsMonro(eta0=0.5, tau=10, gamma=0.75)
->>> s(0), round(s(10), 6)
-(0.5, 0.297302)
->>> s.conditions().robbins_monro
-True
->>> round(RobbinsMonro.power_law(1.0, 2.0).partial_sum(float("inf")), 12)  # zeta(2)
-1.644934066848
+Example::
+
+    >>> from sgdlab.schedules import RobbinsMonro
+    >>> s = RobbinsMonro(eta0=0.5, tau=10, gamma=0.75)
+    >>> s(0), round(s(10), 6)
+    (0.5, 0.297302)
+    >>> s.conditions().robbins_monro
+    True
+    >>> round(RobbinsMonro.power_law(1.0, 2.0).partial_sum(float("inf")), 12)  # zeta(2)
+    1.644934066848
 """
 
 from __future__ import annotations

@@ -10,12 +10,12 @@ the paper divides by 10 (erratum 7 of REFERENCE.md), hence the default ``factor=
 
 Equal to ``torch.optim.lr_scheduler.MultiStepLR(milestones, gamma=1/factor)``.
 
-Example
--------
->>> from sgdlab.schedules import StepDrops
->>> s = StepDrops(0.1, milestones=[3, 5])
->>> [s(t) for t in range(6)]
-[0.1, 0.1, 0.1, 0.01, 0.01, 0.001]
+Example::
+
+    >>> from sgdlab.schedules import StepDrops
+    >>> s = StepDrops(0.1, milestones=[3, 5])
+    >>> [s(t) for t in range(6)]
+    [0.1, 0.1, 0.1, 0.01, 0.01, 0.001]
 """
 
 from __future__ import annotations

@@ -15,12 +15,12 @@ continuous at :math:`t = W`.  With ``shift=True`` the inner schedule starts afte
 rule is ``start_factor = 1/k`` (:meth:`Warmup.linear_scaling`).  On a constant schedule this is
 ``torch.optim.lr_scheduler.LinearLR(start_factor=f0, total_iters=W)``.
 
-Example
--------
->>> from sgdlab.schedules import StepDrops, Warmup
->>> s = Warmup.linear_scaling(StepDrops(0.8, [30]), steps=4, batch_ratio=8)  # 0.1 -> 0.8
->>> [round(s(t), 3) for t in (0, 2, 4, 29, 30)]
-[0.1, 0.45, 0.8, 0.8, 0.08]
+Example::
+
+    >>> from sgdlab.schedules import StepDrops, Warmup
+    >>> s = Warmup.linear_scaling(StepDrops(0.8, [30]), steps=4, batch_ratio=8)  # 0.1 -> 0.8
+    >>> [round(s(t), 3) for t in (0, 2, 4, 29, 30)]
+    [0.1, 0.45, 0.8, 0.8, 0.08]
 """
 
 from __future__ import annotations

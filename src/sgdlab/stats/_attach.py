@@ -1,17 +1,96 @@
 """What the tracker reads from a model when it attaches: the modules that see ``[T, B, ...]``
 inputs, the owner of each parameter, hook-based reparametrizations it refuses; the forward hook
-type a copy of a tracked module does not inherit."""
+type a copy of a tracked module does not inherit; which tracker holds each module and parameter
+(one tracker each: two would add every statistic twice)."""
 
 from __future__ import annotations
 
 import functools
+import weakref
+from collections.abc import Iterable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ._registry import Rule
 
-__all__ = ["Hook", "inert_hook", "innermost", "refuse_hook_reparametrization", "seq_first_modules"]
+__all__ = [
+    "Hook",
+    "attached",
+    "inert_hook",
+    "innermost",
+    "refuse_hook_reparametrization",
+    "refuse_tracked",
+    "register",
+    "seq_first_modules",
+    "tracker_of",
+    "unregister",
+]
+
+# the tracker attached to each tracked module (while its hooks are on): a second tracker on the
+# same module would add every statistic twice when gradients accumulate
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+# id of each tracked parameter -> (the parameter, its tracker), weakly: a parameter shared by
+# modules of two trackers (a head tied to an embedding) would get two statistics added
+_TRACKED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def tracker_of(p: Tensor) -> Any:
+    """The attached tracker that tracks parameter ``p``, or None."""
+    found = _TRACKED.get(id(p))
+    if found is None or found[0]() is not p:
+        return None
+    tracker = found[1]()
+    return tracker if tracker is not None and tracker._handles else None
+
+
+def attached(module: nn.Module) -> Any:
+    """The attached tracker that tracks ``module``, or None."""
+    ref = _ATTACHED.get(module)
+    tracker = ref() if ref is not None else None
+    return tracker if tracker is not None and tracker._handles else None
+
+
+def refuse_tracked(model: nn.Module) -> None:
+    """Refuse a model one of whose modules another attached tracker tracks."""
+    for name, module in model.named_modules():
+        if attached(module) is not None:
+            raise ValueError(
+                f"module {name or type(module).__name__!r} is already tracked by another "
+                "Tracker (both would add their statistics to grad_second_moment): detach "
+                "that one first (tracker.detach()), or use it instead of a new one (e.g. "
+                "sgdlab.distributed.DataParallel(..., tracker=tracker))"
+            )
+
+
+def register(tracker: Any, modules: Iterable[nn.Module], params: dict[int, tuple]) -> None:
+    """Record ``tracker`` as the one of ``modules`` and of ``params`` (id -> (name, p)); refuse
+    a parameter another tracker tracks through a module that shares it."""
+    for module in modules:
+        _ATTACHED[module] = weakref.ref(tracker)
+    for name, p in params.values():
+        if tracker_of(p) not in (None, tracker):
+            raise ValueError(
+                f"parameter {name!r} is already tracked by another Tracker through a module "
+                "that shares it (a head tied to an embedding): each would square only its "
+                "own use and both would add to grad_second_moment. Track the modules that "
+                "share it with one tracker (their common parent)"
+            )
+    for pid, (_, p) in params.items():
+        _TRACKED[pid] = (weakref.ref(p), weakref.ref(tracker))
+
+
+def unregister(tracker: Any, modules: Iterable[nn.Module], pids: Iterable[int]) -> None:
+    """Forget ``tracker`` as the one of ``modules`` and of the parameters ``pids``."""
+    for module in modules:
+        ref = _ATTACHED.get(module)
+        if ref is not None and ref() is tracker:
+            del _ATTACHED[module]
+    for pid in pids:
+        found = _TRACKED.get(pid)
+        if found is not None and found[1]() in (tracker, None):
+            del _TRACKED[pid]
 
 
 def inert_hook(module: nn.Module, *args: Any) -> None:

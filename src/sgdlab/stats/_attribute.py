@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ATTRIBUTE", "clear", "zeroed"]
+__all__ = ["ATTRIBUTE", "clear", "cleared_since", "zeroed"]
 
 # p.grad_second_moment = (1/N) sum_b g_b * g_b: the one name of the statistic on a parameter
 ATTRIBUTE = "grad_second_moment"
@@ -38,3 +38,26 @@ def zeroed(written: list[tuple[nn.Parameter, Tensor]]) -> list[nn.Parameter]:
         nonzero = torch.stack(maxima).ne(0).tolist()  # NaN and inf count as written
         out += [p for (p, _), keep in zip(items, nonzero, strict=True) if not keep]
     return out
+
+
+def cleared_since(
+    plist: list[tuple[int, nn.Parameter]], versions: dict[int, int], unknown: set[int]
+) -> dict[int, nn.Parameter]:
+    """The parameters whose gradient was cleared since the last backward pass wrote their
+    statistic: ``None``, or zeroed in place (its version moved since, and it is all zeros; a
+    parameter in ``unknown``, whose gradient a failed pass may have written to, is checked
+    whatever its version)."""
+    cleared: dict[int, nn.Parameter] = {}
+    written: list[tuple[nn.Parameter, Tensor]] = []  # since the last pass: zeroed?
+    for pid, p in plist:
+        g = p.grad
+        if g is None:
+            cleared[pid] = p
+        else:
+            v = versions.get(pid)
+            if (v is not None and g._version != v) or (unknown and pid in unknown):
+                written.append((p, g))
+    if written:
+        for p in zeroed(written):
+            cleared[id(p)] = p
+    return cleared

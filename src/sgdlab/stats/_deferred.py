@@ -21,8 +21,8 @@ __all__ = ["DEFER_BYTES", "Deferred", "on_lane", "on_moments"]
 
 # short-path calls whose input and output gradient hold at most this many bytes are computed
 # with the Linear lane at the end of the pass: for such calls the host's work is the cost, and
-# back to back it is about 1.6x cheaper than interleaved with the backward pass (measured on
-# small models, benchmarks/README.md); larger calls run as their gradient arrives
+# back to back it is cheaper than interleaved with the backward pass (benchmarks/README.md);
+# larger calls run as their gradient arrives
 DEFER_BYTES = 2**20
 
 

@@ -91,11 +91,8 @@ class Recorder:
             if uses.get(pid, 0) and pid not in session:
                 raise ValueError(
                     f"{entry.label}: its parameter {self._params[pid][0]!r} is used inside a "
-                    "reentrant checkpoint (use_reentrant=True) and elsewhere in the pass (outside "
-                    "it, or in another region); the region's calls are recorded only when the "
-                    "backward pass recomputes it, after the gradients of the other uses, so "
-                    "their per-example gradients cannot be summed before squaring. Use "
-                    "checkpoint(..., use_reentrant=False)"
+                    "reentrant checkpoint and elsewhere in the pass, whose per-example gradients "
+                    "cannot be summed before squaring: use checkpoint(..., use_reentrant=False)"
                 )
             session.add(pid)
         if self._pass is None:

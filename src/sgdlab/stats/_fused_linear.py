@@ -19,9 +19,7 @@ cases take the torch path. The two agree to fp32 rounding (summation order diffe
 kernel is compiled on the first backward pass that uses it (a few seconds, once per process and
 layer layout). ``SGDLAB_FUSED=0`` in the environment turns it off.
 
-Measured on an H200 (``benchmarks/augmented_backward_ab.py``): host time of the flush of the
-benchmark MLP's three layers 170-176 us with torch operations, 97-102 us fused; the MLP's
-training step 1.38-1.45x plain's with torch operations, 1.33-1.37x fused, in the same runs.
+Its cost against the torch path: benchmarks/README.md ("Augmented backward").
 """
 
 from __future__ import annotations

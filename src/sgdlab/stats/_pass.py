@@ -23,7 +23,7 @@ from ._base import Call, Contribution, outer_moments, outer_per_example, without
 from ._deferred import Deferred
 from ._record import Entry, Record, shared, unpacked
 
-__all__ = ["CPU_BUDGET", "DEVICE_BUDGET", "Pass", "default_budget"]
+__all__ = ["CPU_BUDGET", "DEVICE_BUDGET", "Pass", "PassEnd", "default_budget"]
 
 CPU_BUDGET = 2**25  # default memory_budget for CPU tensors (bytes)
 DEVICE_BUDGET = 2**27  # default memory_budget on accelerators (bytes)
@@ -91,11 +91,9 @@ class Pass:
         elif self.batch_size != B:
             raise ValueError(
                 f"inconsistent batch sizes in one backward pass: module {entry.label!r} has "
-                f"batch dimension {B}, module {self.first_module!r} has {self.batch_size}. "
-                "Inputs must put the batch first (batch_first=True for recurrent layers and "
-                "attention), and a module called once for the whole batch and broadcast over it "
-                "(a position embedding on arange(T)) has no per-example gradient: call it on a "
-                "batched input (pos.expand(B, T))"
+                f"batch dimension {B}, module {self.first_module!r} has {self.batch_size}: put "
+                "the batch first (batch_first=True), and call a module shared by the batch on "
+                "a batched input (pos.expand(B, T))"
             )
 
     def on_grads(self, record: Record, grads: tuple[Tensor | None, ...]) -> None:
@@ -283,6 +281,27 @@ class Pass:
             if self.norms is not None:
                 self.norms = self.norms * inv.to(self.norms.device, self.norms.dtype)
         return nscale
+
+
+class PassEnd:
+    """The end-of-pass callback queued on the autograd engine by a pass's first hook. A
+    backward pass that fails (an exception in a tensor hook or a custom Function's backward,
+    anomaly mode's NaN check, a KeyboardInterrupt) drops its queued callbacks unrun: the engine
+    releases this object then, before the exception reaches the caller, and its deletion aborts
+    the pass (:meth:`~sgdlab.stats.tracker.Tracker._abort`)."""
+
+    __slots__ = ("tracker", "state", "ran")
+
+    def __init__(self, tracker: Any, state: Pass) -> None:
+        self.tracker, self.state, self.ran = tracker, state, False
+
+    def __call__(self) -> None:
+        self.ran = True
+        self.tracker._finish()
+
+    def __del__(self) -> None:
+        if not self.ran:
+            self.tracker._abort(self.state)
 
 
 def raise_modified(entry: Entry) -> None:

@@ -158,11 +158,9 @@ def check_state(entry: Entry) -> None:
     if changed:
         raise ValueError(
             f"sgdlab.stats: {entry.name + ' ' if entry.name else ''}({type(module).__name__}) "
-            f"changed its buffers "
-            f"{changed} in its forward pass; it takes the per-example fallback, which reruns "
-            "the forward once per example and cannot reproduce a state update (it may depend "
-            "on the whole batch, as a running mean does). Update the state outside the "
-            "module's forward, or give the module a rule (sgdlab.stats.register_rule)"
+            f"changed its buffers {changed} in its forward pass, which the per-example fallback "
+            "cannot rerun per example: update them outside the forward, or give the module a "
+            "rule (sgdlab.stats.register_rule)"
         )
 
 

@@ -57,13 +57,11 @@ def replay(saved: tuple[RngState, RngState], what: str) -> Iterator[None]:
         restore(before)
         yield
         now = state(device)
-        if not all(a is b or torch.equal(a, b) for a, b in
-                   ((now[0], after[0]), (now[2], after[2]))):
+        if not all(
+            a is b or torch.equal(a, b) for a, b in ((now[0], after[0]), (now[2], after[2]))
+        ):
             raise RuntimeError(
                 f"sgdlab.stats: rerunning {what} to redraw its dropout masks did not draw what "
-                "the forward pass drew (the random generator ended in another state), so the "
-                "statistics would use other masks. Is it compiled with torch.compile (inductor "
-                "draws dropout masks with a generator of its own), or does a forward hook draw "
-                "random numbers? Keep the module out of torch.compile while it is tracked, or "
-                "set its dropout to 0"
+                "the forward pass drew (torch.compile, or a hook drawing random numbers?): keep "
+                "it out of torch.compile while tracked, or set its dropout to 0"
             )

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Watch"]
+__all__ = ["Watch", "check_coverage"]
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[Any]:
@@ -42,8 +42,9 @@ class Watch(TorchFunctionMode):
     wrapper). ``used`` collects ``(parameter name, operation)`` of uses that reached the loss.
     """
 
-    def __init__(self, root: nn.Module, owners: dict[int, tuple[str, set[nn.Module]]],
-                 hook: Any) -> None:
+    def __init__(
+        self, root: nn.Module, owners: dict[int, tuple[str, set[nn.Module]]], hook: Any
+    ) -> None:
         super().__init__()
         self.owners = owners
         self.stack: list[nn.Module] = []
@@ -51,8 +52,10 @@ class Watch(TorchFunctionMode):
         self.done = False
         self.active = False
         modules = {m for _, ms in owners.values() for m in ms}
-        self.handles = [root.register_forward_pre_hook(hook(self._start), prepend=True),
-                        root.register_forward_hook(hook(self._stop), always_call=True)]
+        self.handles = [
+            root.register_forward_pre_hook(hook(self._start), prepend=True),
+            root.register_forward_hook(hook(self._stop), always_call=True),
+        ]
         for m in modules:
             self.handles.append(m.register_forward_pre_hook(hook(self._push)))
             self.handles.append(m.register_forward_hook(hook(self._pop), always_call=True))
@@ -63,8 +66,7 @@ class Watch(TorchFunctionMode):
         self.handles = []
 
     def _start(self, module: nn.Module, args: tuple) -> None:
-        if self.active or self.done or not torch.is_grad_enabled() or \
-                torch.compiler.is_compiling():
+        if self.active or self.done or not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return
         self.stack = []
         self.active = True
@@ -87,8 +89,9 @@ class Watch(TorchFunctionMode):
         if self.active and self.stack and self.stack[-1] is module:
             self.stack.pop()
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if not torch.is_grad_enabled():
@@ -105,3 +108,23 @@ class Watch(TorchFunctionMode):
         for o in outs:
             if isinstance(o, Tensor) and o.requires_grad:
                 o.register_hook(lambda g, name=name, op=op: self.used.append((name, op)))
+
+
+def check_coverage(watch: Watch, missing: list[str]) -> None:
+    """The first-pass checks, then ``watch`` removed: refuse ``missing``, the parameters whose
+    gradient bypassed a call of their module, and else the uses ``watch`` saw reach the loss."""
+    stray = sorted({f"{name} ({op})" for name, op in watch.used})
+    watch.remove()
+    if stray and not missing:
+        raise ValueError(
+            f"parameters used outside a call of their module reached the loss: "
+            f"{', '.join(stray)}; those uses are not tracked: use the module (a tied head: an "
+            "nn.Linear whose weight is the embedding's), or a module that owns the parameter"
+        )
+    if missing:
+        raise RuntimeError(
+            f"parameters {missing} received gradients that did not pass through a call of "
+            "their module (used directly in the forward of another module?); their "
+            "per-example statistics are unknown. Wrap the computation that uses them in a "
+            "module that owns them"
+        )

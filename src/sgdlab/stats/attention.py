@@ -163,7 +163,7 @@ def _attend(
     return z, attn.mean(1) if average else attn
 
 
-def attention_rule(call: Call) -> dict[str, Contribution]:
+def attention_rule(call: Call) -> dict[str, Contribution]:  # noqa: C901
     """Per-example statistics of the parameters of one ``nn.MultiheadAttention`` call."""
     m: nn.MultiheadAttention = call.module  # type: ignore[assignment]
     a = _arguments(call)

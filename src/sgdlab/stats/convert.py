@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .._validation import check_batch_size
+from .._validation import check_count
 
 __all__ = ["replace_batchnorm"]
 
@@ -41,7 +41,7 @@ def replace_batchnorm(model: nn.Module, num_groups: int = 32) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    groups = check_batch_size("num_groups", num_groups)  # an integer >= 1
+    groups = check_count("num_groups", num_groups)  # an integer >= 1
     return _replace(model, groups, {})
 
 

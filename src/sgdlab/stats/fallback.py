@@ -211,13 +211,9 @@ class _RerunCheck:
     def _fail(self, what: str) -> None:
         raise ValueError(
             f"{type(self.call.module).__name__} takes the per-example fallback, whose rerun of "
-            f"one example at a time gave {what}: its statistics would be wrong. Causes: the "
-            "output of one example depends on other examples (statistics over the batch); an "
-            "argument shared by all examples has a first dimension equal to the batch size "
-            "(it is split per example: give it another shape, or make it a buffer or "
-            "attribute of the module); a random draw on a tensor whose first dimension is not "
-            "the batch. Give the module a rule (sgdlab.stats.register_rule) if it is exact in "
-            "another way"
+            f"one example at a time gave {what}. Causes: an output depends on other examples; "
+            "a shared argument's first dimension equal to the batch size; a draw not per "
+            "example. Else give it a rule (sgdlab.stats.register_rule)"
         )
 
 

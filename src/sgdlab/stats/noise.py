@@ -203,10 +203,8 @@ def _tracker_batch(tracker: Any) -> int | None:
     ):
         raise ValueError(
             f"the tracker accumulated {tracker.passes} backward passes (micro-batches) "
-            "without tracker.batch_size: p.grad is then a sum of per-micro-batch means, not "
-            "the mean over the examples the meter would divide by. Set tracker.batch_size "
-            "to the examples of all micro-batches (the statistics are then those of the "
-            "concatenated batch)"
+            "without tracker.batch_size, so p.grad sums micro-batch means: set "
+            "tracker.batch_size to the examples of all micro-batches"
         )
     return n if fixed is None else int(fixed)
 
@@ -337,12 +335,12 @@ class NoiseMeter:
 
     def _trackers(self) -> list[Any]:
         """The trackers attached to the meter's parameters (each once)."""
-        from .tracker import _tracker_of
+        from ._attach import tracker_of
 
         found: dict[int, Any] = {}
         for params in self.groups.values():
             for p in params:
-                t = _tracker_of(p)
+                t = tracker_of(p)
                 if t is not None:
                     found.setdefault(id(t), t)
         return list(found.values())

@@ -43,13 +43,9 @@ def check_batchnorm(module: nn.Module, args: tuple, kwargs: dict) -> None:
     if uses_batch:
         raise ValueError(
             f"{type(module).__name__} normalises with the mean and variance of the whole batch "
-            f"(training={module.training}, track_running_stats={module.track_running_stats}), "
-            "so each example's loss depends on the other examples and per-example gradients "
-            "are not defined. To proceed: replace it by GroupNorm or LayerNorm (per-example "
-            "normalisation; sgdlab.stats.replace_batchnorm(model) swaps every BatchNorm for a "
-            "GroupNorm), or put it in eval mode (module.eval(), using running statistics), "
-            "or freeze its affine parameters and compute statistics for the others with "
-            "BatchNorm in eval mode"
+            f"(training={module.training}, track_running_stats={module.track_running_stats}): "
+            "no per-example gradient. Use GroupNorm (sgdlab.stats.replace_batchnorm(model)) "
+            "or module.eval()"
         )
 
 

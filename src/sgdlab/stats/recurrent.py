@@ -57,9 +57,8 @@ def check_rnn(module: nn.Module, args: tuple, kwargs: dict) -> None:
     ):
         raise ValueError(
             f"{type(module).__name__} has dropout={module.dropout} between layers in training "
-            f"mode on {data.device.type}, whose random masks (drawn inside the fused kernel) "
-            "cannot be redrawn for per-example gradients (they can on the CPU): set dropout=0 "
-            "and apply nn.Dropout between single-layer modules instead"
+            f"mode on {data.device.type}, whose masks cannot be redrawn (they can on the CPU): "
+            "set dropout=0 and put nn.Dropout between single-layer modules"
         )
 
 
@@ -105,7 +104,7 @@ def _cell(
     return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
 
 
-def rnn_rule(call: Call) -> dict[str, Contribution]:
+def rnn_rule(call: Call) -> dict[str, Contribution]:  # noqa: C901
     """Per-example statistics of every weight and bias of one recurrent-module call."""
     m = call.module
     args, kwargs = call.args, call.kwargs

@@ -84,7 +84,6 @@ from __future__ import annotations
 import contextlib
 import numbers
 import warnings
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -98,38 +97,23 @@ from torch.utils.hooks import RemovableHandle
 
 from .._validation import check_batch_size, check_choice
 from . import _saved, _stray
-from ._attach import Hook, innermost, refuse_hook_reparametrization, seq_first_modules
-from ._attribute import ATTRIBUTE, clear, zeroed
+from ._attach import (
+    Hook,
+    innermost,
+    refuse_hook_reparametrization,
+    refuse_tracked,
+    register,
+    seq_first_modules,
+    unregister,
+)
+from ._attribute import ATTRIBUTE, clear, cleared_since
 from ._deferred import on_lane, on_moments
 from ._forward import Recorder
-from ._pass import Pass, inverse_scale_squared, raise_modified
+from ._pass import Pass, PassEnd, inverse_scale_squared, raise_modified
 from ._record import Entry, Record
 from ._registry import rule_for
 
 __all__ = ["ATTRIBUTE", "PassSummary", "Tracker", "track"]
-
-# the tracker attached to each tracked module (while its hooks are on): a second tracker on the
-# same module would add every statistic twice when gradients accumulate
-_ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
-
-
-# id of each tracked parameter -> (the parameter, its tracker), weakly: a parameter shared by
-# modules of two trackers (a head tied to an embedding) would get two statistics added
-_TRACKED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
-
-
-def _tracker_of(p: Tensor) -> Tracker | None:
-    found = _TRACKED.get(id(p))
-    if found is None or found[0]() is not p:
-        return None
-    tracker = found[1]()
-    return tracker if tracker is not None and tracker._handles else None
-
-
-def _attached(module: nn.Module) -> Tracker | None:
-    ref = _ATTACHED.get(module)
-    tracker = ref() if ref is not None else None
-    return tracker if tracker is not None and tracker._handles else None
 
 
 @dataclass(frozen=True)
@@ -140,27 +124,6 @@ class PassSummary:
 
     num_examples: int
     parameters: tuple[nn.Parameter, ...]
-
-
-class _PassEnd:
-    """The end-of-pass callback queued on the autograd engine by a pass's first hook. A
-    backward pass that fails (an exception in a tensor hook or a custom Function's backward,
-    anomaly mode's NaN check, a KeyboardInterrupt) drops its queued callbacks unrun: the engine
-    releases this object then, before the exception reaches the caller, and its deletion aborts
-    the pass (:meth:`Tracker._abort`)."""
-
-    __slots__ = ("tracker", "state", "ran")
-
-    def __init__(self, tracker: Tracker, state: Pass) -> None:
-        self.tracker, self.state, self.ran = tracker, state, False
-
-    def __call__(self) -> None:
-        self.ran = True
-        self.tracker._finish()
-
-    def __del__(self) -> None:
-        if not self.ran:
-            self.tracker._abort(self.state)
 
 
 class Tracker(Recorder):
@@ -178,8 +141,8 @@ class Tracker(Recorder):
             the calls held for the end of the pass (2-D Linear calls, and calls on a short
             path of at most :data:`DEFER_BYTES`) before they are computed. Default (``None``):
             32 MiB for tensors on the CPU, where cache-sized chunks run faster, and 128 MiB on
-            an accelerator, where fewer chunks mean fewer kernel launches (measured on the
-            benchmark CNN: CPU 1.33x plain at 32 MiB vs 1.54x at 128 MiB; H200 1.85x vs 2.02x).
+            an accelerator, where fewer chunks mean fewer kernel launches (benchmarks/README.md,
+            "Augmented backward").
         conv_strategy: how convolutions form per-example gradients, ``"auto"``, ``"unfold"``
             or ``"grouped"`` (see :mod:`sgdlab.stats.conv`); all are exact.
         warn_fallback: warn which modules take the ``torch.func`` fallback.
@@ -253,21 +216,14 @@ class Tracker(Recorder):
         # on_pass_end's subscribers (an OrderedDict: RemovableHandle keeps a weak reference)
         self._subscribers: dict[int, Callable[[PassSummary], Any]] = OrderedDict()
         self._params: dict[int, tuple[str, nn.Parameter]] = {}
-        for name, module in model.named_modules():
-            if _attached(module) is not None:
-                raise ValueError(
-                    f"module {name or type(module).__name__!r} is already tracked by another "
-                    "Tracker (both would add their statistics to grad_second_moment): detach "
-                    "that one first (tracker.detach()), or use it instead of a new one (e.g. "
-                    "sgdlab.distributed.DataParallel(..., tracker=tracker))"
-                )
+        refuse_tracked(model)
         try:
             self._attach(model, warn_fallback)
         except BaseException:  # no hooks left behind by a model that cannot be tracked (and
             self.detach(clear=False)  # no statistic of another tracker's parameters cleared)
             raise
 
-    def _attach(self, model: nn.Module, warn_fallback: bool) -> None:
+    def _attach(self, model: nn.Module, warn_fallback: bool) -> None:  # noqa: C901
         """Hooks on every module of ``model`` that owns parameters (see :meth:`__init__`)."""
         covered: set[nn.Module] = set()
         fallbacks: list[str] = []
@@ -322,7 +278,6 @@ class Tracker(Recorder):
                     module.register_forward_pre_hook(Hook(self._before_call), with_kwargs=True)
                 )
             self._entries[module] = entry
-            _ATTACHED[module] = weakref.ref(self)
             for n, p in owned:
                 self._params.setdefault(id(p), (f"{name}.{n}" if name else n, p))
             fast = entry.fast
@@ -335,16 +290,7 @@ class Tracker(Recorder):
             self._handles.append(module.register_forward_hook(Hook(hook), with_kwargs=True))
         if not self._entries:
             raise ValueError("model has no trainable parameters to track")
-        for name, p in self._params.values():
-            if _tracker_of(p) not in (None, self):
-                raise ValueError(
-                    f"parameter {name!r} is already tracked by another Tracker through a module "
-                    "that shares it (a head tied to an embedding): each would square only its "
-                    "own use and both would add to grad_second_moment. Track the modules that "
-                    "share it with one tracker (their common parent)"
-                )
-        for pid, (_, p) in self._params.items():
-            _TRACKED[pid] = (weakref.ref(p), weakref.ref(self))
+        register(self, self._entries, self._params)
         self._plist = [(pid, p) for pid, (_, p) in self._params.items()]
         # coverage check (a parameter whose gradient bypasses its module's call) on the first
         # backward pass; the hooks are removed after it, so later steps pay nothing for them
@@ -434,14 +380,7 @@ class Tracker(Recorder):
         self._coverage_handles = []
         if self._watch is not None:
             self._watch.remove()
-        for module in self._entries:
-            ref = _ATTACHED.get(module)
-            if ref is not None and ref() is self:
-                del _ATTACHED[module]
-        for pid in self._params:
-            found = _TRACKED.get(pid)
-            if found is not None and found[1]() in (self, None):
-                del _TRACKED[pid]
+        unregister(self, self._entries, self._params)
         self._detached = True
         self._pass = None  # a pass running now (detached mid-backward) is dropped
         if clear:
@@ -477,22 +416,8 @@ class Tracker(Recorder):
         if state is not None:
             return state
         state = self._pass = Pass(self)
-        Variable._execution_engine.queue_callback(_PassEnd(self, state))
-        versions = self._grad_versions
-        cleared = state.cleared
-        written: list[tuple[nn.Parameter, Tensor]] = []  # since the last pass: zeroed?
-        unknown = self._unknown
-        for pid, p in self._plist:
-            g = p.grad
-            if g is None:
-                cleared[pid] = p
-            else:
-                v = versions.get(pid)
-                if (v is not None and g._version != v) or (unknown and pid in unknown):
-                    written.append((p, g))
-        if written:
-            for p in zeroed(written):
-                cleared[id(p)] = p
+        Variable._execution_engine.queue_callback(PassEnd(self, state))
+        cleared = state.cleared = cleared_since(self._plist, self._grad_versions, self._unknown)
         # a gradient that was cleared (None, or zeroed in place) clears its statistic
         if cleared:
             self._unknown.difference_update(cleared)
@@ -591,30 +516,12 @@ class Tracker(Recorder):
             clear({k: p for k, p in cleared.items() if k not in replaced})
         # the coverage check runs on the first pass that records a call (a pass of paused
         # forward calls records none: it can tell nothing)
-        missing = None
         if self._coverage_handles and state.contributed:
             for h in self._coverage_handles:
                 h.remove()
             self._coverage_handles = []
             missing = state.got_grad - state.contributed
-            stray = sorted({f"{name} ({op})" for name, op in self._watch.used})
-            self._watch.remove()
-            if stray and not missing:
-                raise ValueError(
-                    f"parameters used outside a call of their module, in operations that reached "
-                    f"the loss: {', '.join(stray)}; their per-example gradients through those "
-                    "uses are not tracked, so the statistics would be wrong. Use the module "
-                    "(for an output head tied to an embedding: an nn.Linear whose weight is the "
-                    "embedding's), or a module that owns the parameter"
-                )
-        if missing:
-            names = sorted(self._params[pid][0] for pid in missing)
-            raise RuntimeError(
-                f"parameters {names} received gradients that did not pass through a call of "
-                "their module (used directly in the forward of another module?); their "
-                "per-example statistics are unknown. Wrap the computation that uses them in a "
-                "module that owns them"
-            )
+            _stray.check_coverage(self._watch, sorted(self._params[pid][0] for pid in missing))
         if state.batch_size is None:
             return
         nscale = state.reduce(self._params, inverse_scale_squared(self.grad_scaler))

@@ -96,6 +96,3 @@ class Problem:
         if self.noise_covariance is None:
             raise ValueError(f"{type(self).__name__} has no known noise covariance")
         return np.sqrt(np.diag(self.noise_covariance))
-
-    def _t(self, a: np.ndarray | float, like: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(a, dtype=like.dtype)

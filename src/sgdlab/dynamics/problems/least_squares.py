@@ -9,12 +9,12 @@ For diagonal ``H = diag(h_k)``, constant-lr SGD with batch B (with replacement) 
 stationary excess loss ``s^2 A / (2 (1 - A))`` with
 ``A = sum_k eta h_k / (B (2 - eta (1 + 1/B) h_k))`` (:func:`least_squares_excess_loss`).
 
-Example
--------
->>> from sgdlab.dynamics import GaussianLeastSquares
->>> p = GaussianLeastSquares(curvatures=[1.0, 0.5], noise_variance=0.5)
->>> p.noise_covariance.tolist()
-[[0.5, 0.0], [0.0, 0.25]]
+Example::
+
+    >>> from sgdlab.dynamics import GaussianLeastSquares
+    >>> p = GaussianLeastSquares(curvatures=[1.0, 0.5], noise_variance=0.5)
+    >>> p.noise_covariance.tolist()
+    [[0.5, 0.0], [0.0, 0.25]]
 """
 
 from __future__ import annotations

@@ -5,12 +5,12 @@ Per-example loss ``l_i(w) = log(1 + exp(-y_i x_i^T w)) + (lam/2) ||w||^2`` with 
 Newton's method in float64; ``hessian`` and ``noise_covariance`` (``C = (1/n) sum g_i g_i^T``,
 the per-example gradients at the optimum, which average to zero) are evaluated there.
 
-Example
--------
->>> from sgdlab.dynamics import LogisticRegression
->>> p = LogisticRegression.synthetic(n=200, dim=2, seed=0)
->>> p.n, p.dim
-(200, 2)
+Example::
+
+    >>> from sgdlab.dynamics import LogisticRegression
+    >>> p = LogisticRegression.synthetic(n=200, dim=2, seed=0)
+    >>> p.n, p.dim
+    (200, 2)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._validation import check_batch_size, check_nonnegative
+from ..._validation import check_count, check_nonnegative
 from .base import Problem
 
 __all__ = ["LogisticRegression"]
@@ -59,7 +59,7 @@ class LogisticRegression(Problem):
     def synthetic(cls, n: int, dim: int, seed: int = 0, scale: float = 1.0,
                   l2: float = 0.0) -> LogisticRegression:
         """Gaussian inputs, labels drawn from a logistic model with weights ``scale * u``."""
-        n, dim = check_batch_size("n", n), check_batch_size("dim", dim)
+        n, dim = check_count("n", n), check_count("dim", dim)
         rng = np.random.default_rng(seed)
         X = rng.standard_normal((n, dim))
         w = scale * rng.standard_normal(dim) / np.sqrt(dim)

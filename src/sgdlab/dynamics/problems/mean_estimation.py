@@ -6,12 +6,12 @@ With data ``y_1..y_n`` (vectors allowed) ``L(beta) = (1/n) sum_i ||beta - y_i||^
 gradient has mean 0 and variance ``sigma^2/B`` with replacement and
 ``(sigma^2/B)(n - B)/(n - 1)`` without (one reshuffled epoch).
 
-Example
--------
->>> from sgdlab.dynamics import MeanEstimation
->>> p = MeanEstimation.standardized(n=50, sigma=1.0, seed=0)
->>> round(float(p.noise_covariance[0, 0]), 12), p.n
-(1.0, 50)
+Example::
+
+    >>> from sgdlab.dynamics import MeanEstimation
+    >>> p = MeanEstimation.standardized(n=50, sigma=1.0, seed=0)
+    >>> round(float(p.noise_covariance[0, 0]), 12), p.n
+    (1.0, 50)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._validation import check_batch_size, check_positive
+from ..._validation import check_count, check_positive
 from .base import Problem
 
 __all__ = ["MeanEstimation"]
@@ -53,8 +53,8 @@ class MeanEstimation(Problem):
     def standardized(cls, n: int, sigma: float = 1.0, dim: int = 1,
                      seed: int = 0) -> MeanEstimation:
         """Gaussian data made exactly mean 0 and population covariance ``sigma^2 I``."""
-        n = check_batch_size("n", n)
-        dim = check_batch_size("dim", dim)
+        n = check_count("n", n)
+        dim = check_count("dim", dim)
         sigma = check_positive("sigma", sigma)
         if n <= dim:
             raise ValueError(f"n must exceed dim to whiten the data, got n={n}, dim={dim}")

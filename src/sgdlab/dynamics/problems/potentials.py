@@ -12,12 +12,12 @@ Gibbs, ``p ∝ exp(-2 L / (eta sigma^2 / B))`` in 1-D (temperature ``T = eta sig
 * :class:`Separable`: ``L = sum_i a_i x_i^2/2 + b_i x_i^4/4`` with noise ``sigma_i`` per
   coordinate; per-coordinate rates ``eta_i`` give temperatures ``T_i = eta_i sigma_i^2/(2B)``.
 
-Example
--------
->>> import torch
->>> from sgdlab.dynamics import DoubleWell
->>> float(DoubleWell().loss(torch.zeros(1, 1, dtype=torch.float64))[0])
-0.25
+Example::
+
+    >>> import torch
+    >>> from sgdlab.dynamics import DoubleWell
+    >>> float(DoubleWell().loss(torch.zeros(1, 1, dtype=torch.float64))[0])
+    0.25
 """
 
 from __future__ import annotations
@@ -108,10 +108,6 @@ class DoubleWell(Problem):
     @staticmethod
     def loss_numpy(x: np.ndarray, coordinate: int = 0) -> np.ndarray:
         return 0.25 * (x**2 - 1.0) ** 2
-
-    @staticmethod
-    def grad_numpy(x: np.ndarray) -> np.ndarray:
-        return x**3 - x
 
     def loss(self, phi: torch.Tensor) -> torch.Tensor:
         return (0.25 * (phi**2 - 1.0) ** 2).sum(-1)

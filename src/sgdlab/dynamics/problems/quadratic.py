@@ -6,13 +6,13 @@ Per-example loss ``l_xi(Phi) = (1/2) e^T H e + xi^T e + L*`` with ``e = Phi - Ph
 lecture's converged loss ``L(eta)``: constant-lr SGD has the stationary covariance
 ``S = (I - eta H) S (I - eta H) + eta^2 C / B`` (see :mod:`sgdlab.dynamics.lyapunov`).
 
-Example
--------
->>> import torch
->>> from sgdlab.dynamics import Quadratic
->>> p = Quadratic(hessian=[1.0, 0.5], noise_covariance=[1.0, 2.0])
->>> p.grad(torch.ones(3, 2, dtype=torch.float64)).shape
-torch.Size([3, 2])
+Example::
+
+    >>> import torch
+    >>> from sgdlab.dynamics import Quadratic
+    >>> p = Quadratic(hessian=[1.0, 0.5], noise_covariance=[1.0, 2.0])
+    >>> p.grad(torch.ones(3, 2, dtype=torch.float64)).shape
+    torch.Size([3, 2])
 """
 
 from __future__ import annotations
@@ -31,11 +31,10 @@ __all__ = ["Quadratic"]
 class Quadratic(Problem):
     """``L = (1/2)(Phi - Phi*)^T H (Phi - Phi*) + L*`` with per-example gradient noise N(0, C).
 
-    Parameters
-    ----------
-    hessian : H, a d x d symmetric PSD matrix (a vector means a diagonal, a scalar d = 1).
-    noise_covariance : C, the per-example gradient covariance (same shapes accepted).
-    optimum : Phi* (default 0).  min_loss : L* (default 0).
+    Args:
+        hessian: H, a d x d symmetric PSD matrix (a vector means a diagonal, a scalar d = 1).
+        noise_covariance: C, the per-example gradient covariance (same shapes accepted).
+        optimum: Phi* (default 0).  min_loss : L* (default 0).
     """
 
     def __init__(self, hessian: Any, noise_covariance: Any, optimum: Any = None,
