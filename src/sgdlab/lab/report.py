@@ -72,7 +72,8 @@ a{color:#1a5fb4}
 figure{margin:1em 0}
 .meta{color:#666;font-size:.85em}.summary span{margin-right:1.5em}
 .intro{margin:.2em 0 .4em;font-size:.85em}#summary .summary{margin:.3em 0}
-.overview{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:.3em 1.2em;font-size:.78em}
+.overview{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:.3em 1.2em;
+font-size:.78em}
 .overview table{font-size:1em;margin:.2em 0}.overview td,.overview th{padding:1px 4px}
 .overview ul{margin:.2em 0;padding-left:1.2em}.overview li{margin:0}
 .toc{font-size:.8em;border-top:1px solid #ccc;border-bottom:1px solid #ccc;padding:.2em 0}
