@@ -9,14 +9,24 @@ round). For each algorithm and parameter layout every implementation runs in the
 process on its own copy of the parameters; rounds interleave the implementations (rotating
 order) so machine load affects all alike, and the table gives medians over the rounds.
 
+The first table of each run gives the three figures of the fused step as users call it,
+each against torch's fused step in the same rounds (paired median ratio) and beside its
+bandwidth floor (bytes the step must move / the copy bandwidth measured in the same run):
+the kernel (gradients kept as views of the flat buffer, ``nonfinite="ignore"``), the default
+non-finite check (``nonfinite="raise"``: one more read of the gradients, 4 of Adam's 32 bytes
+per parameter) and the loop users write (``zero_grad()`` with torch's default
+``set_to_none=True``: a fresh gradient tensor per parameter each step, here a clone made
+before the timed step, and the default check), against torch fused with the same fresh
+gradients.
+
 Implementations: torch.optim for-loop (``foreach=False``), foreach, fused (where torch has
-one); sgdlab ``fused=True`` with gradients left as views of its flat buffer (a training loop
-with ``zero_grad(set_to_none=False)``), with gradients copied in each step (torch's default
-``set_to_none=True``), and with the default non-finite check (``nonfinite="raise"``, one more
-read of the gradients); sgdlab ``foreach=True``; on CUDA, sgdlab ``capturable=True`` stepped
+one, also with fresh gradients); sgdlab ``fused=True`` with gradients left as views of its
+flat buffer (a training loop with ``zero_grad(set_to_none=False)``), with fresh gradients
+each step (read in place where large, copied where small), each with and without the
+default non-finite check; sgdlab ``foreach=True``; on CUDA, sgdlab ``capturable=True`` stepped
 eagerly and captured in a CUDA graph, beside torch's fused capturable Adam in a graph (the step
-without any host work). All sgdlab rows but the nonfinite one use
-``nonfinite="ignore"`` (torch checks nothing). For transformer shapes, a row splits the
+without any host work). All sgdlab rows but the check and users'-loop ones
+use ``nonfinite="ignore"`` (torch checks nothing). For transformer shapes, a row splits the
 parameters into two param groups (matrices, vectors: two kernel launches). The
 first sgdlab step (flat buffers built and kernel compiled) is timed separately and reported,
 and so is every kernel variant's first-call (compile) time.
@@ -32,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -43,6 +54,15 @@ import sgdlab
 from sgdlab.optim import _fast
 
 BYTES_PER_PARAM = {"adam": 28, "sgd": 20, "rmsprop": 20}
+#: the non-finite check reads each float32 gradient once more
+CHECK_BYTES = 4
+
+#: the headline rows: (row, its torch anchor, whether it pays the check's read)
+HEADLINE = (
+    ("sgdlab fused, grads as views", "torch fused", False),
+    ("sgdlab fused, nonfinite check", "torch fused", True),
+    ("sgdlab fused, users' loop", "torch fused, fresh grads", True),
+)
 
 
 # ---------------------------------------------------------------- parameter layouts
@@ -146,14 +166,14 @@ def torch_has_fused(algo: str, device: torch.device) -> bool:
 class Impl:
     """One implementation: its parameters, gradients, optimizer and how a step is prepared."""
 
-    def __init__(self, name: str, shapes, grads, device, make_opt, copy_grads: bool = False):
+    def __init__(self, name: str, shapes, grads, device, make_opt, fresh_grads: bool = False):
         self.name = name
         self.params = [torch.zeros(s, device=device).requires_grad_() for s in shapes]
         with torch.no_grad():
             for p, g in zip(self.params, grads):
                 p.copy_(g).mul_(0.5)
         self.grads = grads
-        self.copy_grads = copy_grads
+        self.fresh_grads = fresh_grads
         for p, g in zip(self.params, grads):
             p.grad = g.clone()
         self.opt = make_opt(self.params)
@@ -161,9 +181,9 @@ class Impl:
         self.first: float | None = None
 
     def prepare(self) -> None:
-        if self.copy_grads:  # a fresh gradient tensor each step, as after set_to_none=True
+        if self.fresh_grads:  # a new gradient tensor each step, as backward after set_to_none
             for p, g in zip(self.params, self.grads):
-                p.grad = g
+                p.grad = g.clone()
 
     def step(self) -> None:
         self.opt.step()
@@ -236,14 +256,20 @@ def bench(algo: str, layout: str, device: torch.device, rounds: int, full: bool,
     if torch_has_fused(algo, device):
         impls.append(Impl("torch fused", shapes, grads, device,
                           lambda ps: torch_optimizer(algo, ps, "fused")))
+        impls.append(Impl("torch fused, fresh grads", shapes, grads, device,
+                          lambda ps: torch_optimizer(algo, ps, "fused"), fresh_grads=True))
     elif not full:
         impls.append(Impl("torch foreach", shapes, grads, device,
                           lambda ps: torch_optimizer(algo, ps, "foreach")))
     impls.append(Impl("sgdlab fused, grads as views", shapes, grads, device,
                       lambda ps: sgdlab_optimizer(algo, ps, fused=True, nonfinite="ignore")))
-    impls.append(Impl("sgdlab fused, grads copied", shapes, grads, device,
+    impls.append(Impl("sgdlab fused, nonfinite check", shapes, grads, device,
+                      lambda ps: sgdlab_optimizer(algo, ps, fused=True)))
+    impls.append(Impl("sgdlab fused, users' loop", shapes, grads, device,
+                      lambda ps: sgdlab_optimizer(algo, ps, fused=True), fresh_grads=True))
+    impls.append(Impl("sgdlab fused, fresh grads", shapes, grads, device,
                       lambda ps: sgdlab_optimizer(algo, ps, fused=True, nonfinite="ignore"),
-                      copy_grads=True))
+                      fresh_grads=True))
     if full and layout in ("tiny-gpt", "gpt2-small"):
         # the usual transformer split into matrices and vectors: two kernel launches
         impls.append(Impl("sgdlab fused, 2 param groups", shapes, grads, device,
@@ -260,8 +286,6 @@ def bench(algo: str, layout: str, device: torch.device, rounds: int, full: bool,
                                    lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True,
                                                                capturable=True)))
     if full:
-        impls.append(Impl("sgdlab fused, nonfinite check", shapes, grads, device,
-                          lambda ps: sgdlab_optimizer(algo, ps, fused=True)))
         impls.append(Impl("sgdlab foreach", shapes, grads, device,
                           lambda ps: sgdlab_optimizer(algo, ps, foreach=True,
                                                       nonfinite="ignore")))
@@ -288,6 +312,20 @@ def bench(algo: str, layout: str, device: torch.device, rounds: int, full: bool,
         im.name == "torch fused" for im in impls) else next(
         im for im in impls if im.name == "torch foreach")
     ref_params = anchor.params
+    by_name = {im.name: im for im in impls}
+    headline = []
+    for name, anchor_name, checked in HEADLINE:
+        if name not in by_name or anchor_name not in by_name:
+            continue
+        im, an = by_name[name], by_name[anchor_name]
+        nbytes = (BYTES_PER_PARAM[algo] + (CHECK_BYTES if checked else 0)) * numel
+        floor = nbytes / bandwidth
+        headline.append(dict(
+            name=name, anchor=anchor_name, median_ms=1e3 * med[name],
+            anchor_ms=1e3 * med[anchor_name],
+            vs_anchor=statistics.median(a / b for a, b in zip(im.times, an.times)),
+            floor_ms=1e3 * floor, bytes_per_param=nbytes // numel,
+            vs_floor=med[name] / floor, anchor_vs_floor=med[anchor_name] / floor))
     rows = []
     for im in impls:
         # every implementation made the same steps from the same start with the same
@@ -303,7 +341,25 @@ def bench(algo: str, layout: str, device: torch.device, rounds: int, full: bool,
                          min_vs_bound=min(im.times) / bound, max_diff=diff))
     del impls
     return dict(algo=algo, layout=layout, title=title, numel=numel, tensors=len(shapes),
-                bound_ms=1e3 * bound, rows=rows)
+                bound_ms=1e3 * bound, rows=rows, headline=headline)
+
+
+def headline_table(res: dict) -> str:
+    """The three figures of the fused step as users call it, against torch fused and the
+    bandwidth floor (medians over interleaved rounds)."""
+    lines = [
+        f"**{res['algo']}**, {res['title']}: the fused step as users call it",
+        "",
+        "| row | median ms | torch anchor | anchor median ms | x anchor (paired median) "
+        "| floor ms (B/param) | x floor | anchor x floor |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for h in res["headline"]:
+        lines.append(f"| {h['name']} | {h['median_ms']:.3f} | {h['anchor']} | "
+                     f"{h['anchor_ms']:.3f} | {h['vs_anchor']:.2f} | "
+                     f"{h['floor_ms']:.3f} ({h['bytes_per_param']}) | {h['vs_floor']:.2f} | "
+                     f"{h['anchor_vs_floor']:.2f} |")
+    return "\n".join(lines)
 
 
 def table(res: dict) -> str:
@@ -342,8 +398,9 @@ def main() -> None:
                ["flat100m", "gpt2-small", "flat1b"] if cuda else ["flat10m", "tiny-gpt"])
     rounds = args.rounds or (50 if cuda else 30)
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     print(f"# optimizer step benchmark: device {device} ({name}), torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, rounds {rounds}")
+          f"threads {torch.get_num_threads()}, rounds {rounds}, load average {load}")
     bw = copy_bandwidth(device, 250_000_000 if cuda else 25_000_000, rounds)
     print(f"copy bandwidth (in-place torch.add, 12 B/elem, best of {rounds}): "
           f"{bw / 1e9:.1f} GB/s\n")
@@ -354,6 +411,8 @@ def main() -> None:
             res = bench(algo, layout, device, rounds if full else max(10, rounds // 3), full,
                         bw)
             results.append(res)
+            if res["headline"]:
+                print(headline_table(res) + "\n", flush=True)
             print(table(res) + "\n", flush=True)
             if cuda:
                 torch.cuda.empty_cache()
