@@ -8,6 +8,9 @@ first step initialises the buffer)."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -124,3 +127,27 @@ def test_compilation_failure_falls_back_to_eager_kernels_with_one_warning():
             fu.step()
     for a, b in zip(ref_p, fu_p):
         assert torch.max(torch.abs(a - b)).item() <= 1e-12
+
+
+_COMPILE_ONE_STEP = """
+import sys, torch, sgdlab
+torch.set_num_threads(int(sys.argv[1]))
+p = torch.zeros(4096, requires_grad=True)
+p.grad = torch.ones(4096)
+sgdlab.Adam([p], lr=0.1, fused=True).step()
+assert torch.allclose(p, torch.full_like(p, -0.1))
+"""
+
+
+def test_kernel_compiled_with_one_thread_is_not_reused_with_two(tmp_path):
+    """Inductor writes the thread count into a CPU kernel's OpenMP loops but keeps it out of
+    its on-disk cache key unless it is set: a kernel first compiled by a one-thread process
+    (a data-loader worker) must not be what a two-thread process runs (it ran the step on one
+    core, about 2x slower). Two processes share a fresh cache directory."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path), SGDLAB_FUSED_COMPILE="1",
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # fmt: skip
+    for threads in ("1", "2"):
+        subprocess.run([sys.executable, "-c", _COMPILE_ONE_STEP, threads], env=env, check=True,
+                       timeout=600)  # fmt: skip
+    generated = [f for f in tmp_path.rglob("*") if f.is_file() and f.suffix in (".py", ".cpp")]
+    assert any("num_threads(2)" in f.read_text(errors="ignore") for f in generated)

@@ -126,4 +126,9 @@ def get_kernel(kernel: FusedKernel, opts: Options, compiled: bool) -> Callable[.
         return fn
     tag = "_".join(f"{k}{int(v) if isinstance(v, bool) else v}" for k, v in opts)
     fn = _own_code(fn, f"sgdlab_{kernel.name}_{tag}")
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    # The thread count is part of the code inductor generates for the CPU (its OpenMP
+    # loops) but not of its on-disk cache key unless set: without it, a kernel compiled by a
+    # process with one thread (a data-loader worker, torch.set_num_threads(1)) ran on one
+    # thread in every later process, about 2x slower on 2 cores.
+    options = {"cpp.threads": torch.get_num_threads()}
+    return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
