@@ -276,8 +276,9 @@ def peak_memory(step, dev, warmup: int) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def time_interleaved(steps: dict[str, Callable[[], None]], dev: torch.device, warmup: int,
-                     repeat: int) -> dict[str, tuple[float, float]]:
+def time_interleaved(
+    steps: dict[str, Callable[[], None]], dev: torch.device, warmup: int, repeat: int
+) -> dict[str, tuple[float, float]]:
     """Median step time of every method and median over rounds of its time / plain's time.
 
     Each round times one step of every method, in an order rotated from round to round, so a
@@ -289,7 +290,7 @@ def time_interleaved(steps: dict[str, Callable[[], None]], dev: torch.device, wa
     sync(dev)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeat):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             sync(dev)
             t0 = time.perf_counter()
@@ -297,8 +298,10 @@ def time_interleaved(steps: dict[str, Callable[[], None]], dev: torch.device, wa
             sync(dev)
             times[name].append(time.perf_counter() - t0)
     base = times["plain"]
-    return {n: (statistics.median(ts), statistics.median(t / b for t, b in zip(ts, base)))
-            for n, ts in times.items()}
+    return {
+        n: (statistics.median(ts), statistics.median(t / b for t, b in zip(ts, base)))
+        for n, ts in times.items()
+    }
 
 
 def rel_err(a: list[Tensor], b: list[Tensor]) -> float:
@@ -362,8 +365,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:  # noqa: C901
             model = make().to(dev)
             model.load_state_dict(base.state_dict())
             live[mname] = method(model, x, y)
-        timed = time_interleaved({n: v[0] for n, v in live.items()}, dev, args.warmup,
-                                 args.repeat)
+        timed = time_interleaved({n: v[0] for n, v in live.items()}, dev, args.warmup, args.repeat)
         for row in model_rows:
             if row["method"] in timed:
                 row["time_ms"] = timed[row["method"]][0] * 1e3

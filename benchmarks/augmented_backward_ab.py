@@ -104,8 +104,13 @@ class Floor:
             done = list(zip([m for m, _, _ in lane], linear_moments(calls, B) if calls else []))
             for m, x, d in items:
                 if not isinstance(m, nn.Linear) or x.dim() != 2:
-                    f = (linear_seq_moments if isinstance(m, nn.Linear)
-                         else norm_moments if isinstance(m, _NORM) else conv_moments)
+                    f = (
+                        linear_seq_moments
+                        if isinstance(m, nn.Linear)
+                        else norm_moments
+                        if isinstance(m, _NORM)
+                        else conv_moments
+                    )
                     done.append((m, f(m, x, d, B, 1 << 40, True, m.bias is not None)))
             for m, res in done:
                 for p, r in zip((m.weight, m.bias), res, strict=False):
@@ -116,9 +121,13 @@ def decoder_problems() -> list[tuple[str, object, object]]:
     """A DCGAN-like upsampling decoder (transposed convolutions), batch 64."""
 
     def decoder() -> nn.Module:
-        return nn.Sequential(nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),
-                             nn.ConvTranspose2d(32, 3, 4, 2, 1), nn.Flatten(),
-                             nn.Linear(3 * 32 * 32, 10))
+        return nn.Sequential(
+            nn.ConvTranspose2d(64, 32, 4, 2, 1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(32, 3, 4, 2, 1),
+            nn.Flatten(),
+            nn.Linear(3 * 32 * 32, 10),
+        )
 
     def data():
         return torch.randn(64, 64, 8, 8), torch.randint(0, 10, (64,))
@@ -138,8 +147,10 @@ def decoder_problems() -> list[tuple[str, object, object]]:
     def seq():
         return torch.randn(64, 16, 128), torch.randint(0, 10, (64,))
 
-    return [("decoder, 2 ConvTranspose2d + 1 linear, B=64", decoder, data),
-            ("LSTMCell(128, 256) stepped 16 times + linear, B=64", Loop, seq)]
+    return [
+        ("decoder, 2 ConvTranspose2d + 1 linear, B=64", decoder, data),
+        ("LSTMCell(128, 256) stepped 16 times + linear, B=64", Loop, seq),
+    ]
 
 
 def tiny_problems() -> list[tuple[str, object, object]]:
@@ -152,38 +163,58 @@ def tiny_problems() -> list[tuple[str, object, object]]:
         return nn.Sequential(*mods, nn.Linear(16, 4))
 
     def prenorm() -> nn.Module:
-        return nn.Sequential(*[m for _ in range(6) for m in (nn.LayerNorm(16), nn.Linear(16, 16))],
-                             nn.Flatten(), nn.Linear(4 * 16, 4))
+        return nn.Sequential(
+            *[m for _ in range(6) for m in (nn.LayerNorm(16), nn.Linear(16, 16))],
+            nn.Flatten(),
+            nn.Linear(4 * 16, 4),
+        )
 
     def encoder() -> nn.Module:
-        return nn.Sequential(*[nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-                               for _ in range(2)], nn.Flatten(), nn.Linear(4 * 16, 4))
+        return nn.Sequential(
+            *[
+                nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+                for _ in range(2)
+            ],
+            nn.Flatten(),
+            nn.Linear(4 * 16, 4),
+        )
 
     def seq() -> nn.Module:
-        return nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(16, 16), nn.GELU())],
-                             nn.Flatten(), nn.Linear(4 * 16, 4))
+        return nn.Sequential(
+            *[m for _ in range(12) for m in (nn.Linear(16, 16), nn.GELU())],
+            nn.Flatten(),
+            nn.Linear(4 * 16, 4),
+        )
 
     def cnn() -> nn.Module:
-        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3),
-                             nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 4))
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * 6 * 6, 4),
+        )
 
     def data(*shape: int):
         return lambda: (torch.randn(8, *shape), torch.randint(0, 4, (8,)))
 
-    return [("tiny MLP, 3 layers of 16", lambda: mlp(3), data(16)),
-            ("tiny MLP, 33 layers of 16", lambda: mlp(33), data(16)),
-            ("tiny Linear stack on [B, 4, 16], 12 layers + 1", seq, data(4, 16)),
-            ("tiny pre-norm stack on [B, 4, 16], 6 x (LayerNorm, Linear) + 1", prenorm,
-             data(4, 16)),
-            ("tiny torch TransformerEncoderLayer x 2 on [B, 4, 16] + 1", encoder, data(4, 16)),
-            ("tiny CNN, 2 conv + 1 linear", cnn, data(1, 8, 8))]
+    return [
+        ("tiny MLP, 3 layers of 16", lambda: mlp(3), data(16)),
+        ("tiny MLP, 33 layers of 16", lambda: mlp(33), data(16)),
+        ("tiny Linear stack on [B, 4, 16], 12 layers + 1", seq, data(4, 16)),
+        ("tiny pre-norm stack on [B, 4, 16], 6 x (LayerNorm, Linear) + 1", prenorm, data(4, 16)),
+        ("tiny torch TransformerEncoderLayer x 2 on [B, 4, 16] + 1", encoder, data(4, 16)),
+        ("tiny CNN, 2 conv + 1 linear", cnn, data(1, 8, 8)),
+    ]
 
 
 def extract_old(rev: str, into: str) -> None:
     """``src/sgdlab`` at ``rev`` as the package ``sgdlab_old`` under ``into``."""
     root = Path(__file__).resolve().parent.parent
-    archive = subprocess.run(["git", "archive", rev, "src/sgdlab"], cwd=root, check=True,
-                             capture_output=True).stdout
+    archive = subprocess.run(
+        ["git", "archive", rev, "src/sgdlab"], cwd=root, check=True, capture_output=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", into], input=archive, check=True)
     pkg = Path(into) / "sgdlab_old"
     (Path(into) / "src" / "sgdlab").rename(pkg)
@@ -206,8 +237,16 @@ def step(model, x, y, fused_off: bool) -> None:
 
 def flush_timing(dev: torch.device) -> None:
     """Host time of linear_moments on the benchmark MLP's three calls, fused and torch."""
-    calls = [(True, True, torch.float32, torch.randn(256, i, device=dev),
-              torch.randn(256, o, device=dev)) for i, o in [(784, 512), (512, 512), (512, 10)]]
+    calls = [
+        (
+            True,
+            True,
+            torch.float32,
+            torch.randn(256, i, device=dev),
+            torch.randn(256, o, device=dev),
+        )
+        for i, o in [(784, 512), (512, 512), (512, 10)]
+    ]
     for tag, off in (("fused kernel", False), ("torch operations", True)):
         saved = _fused_linear._kernel
         if off:
@@ -230,10 +269,16 @@ def main() -> None:  # noqa: C901
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
-    ap.add_argument("--tiny", action="store_true",
-                    help="small models whose step is host work only (see the docstring)")
-    ap.add_argument("--decoder", action="store_true",
-                    help="a transposed-convolution decoder and an LSTMCell loop (docstring)")
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="small models whose step is host work only (see the docstring)",
+    )
+    ap.add_argument(
+        "--decoder",
+        action="store_true",
+        help="a transposed-convolution decoder and an LSTMCell loop (docstring)",
+    )
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     tmp = tempfile.mkdtemp(prefix="sgdlab_old_")
@@ -244,12 +289,19 @@ def main() -> None:  # noqa: C901
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    print(f"device: {torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}; "
-          f"torch {torch.__version__}; old = {args.old}")
+    print(
+        f"device: {torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}; "
+        f"torch {torch.__version__}; old = {args.old}"
+    )
     if dev.type == "cuda":
         flush_timing(dev)
-    problems = (tiny_problems() if args.tiny else decoder_problems() if args.decoder
-                else ab.problems(args.quick))
+    problems = (
+        tiny_problems()
+        if args.tiny
+        else decoder_problems()
+        if args.decoder
+        else ab.problems(args.quick)
+    )
     for name, make, data in problems:
         torch.manual_seed(0)
         x, y = (t.to(dev) for t in data())
@@ -284,15 +336,16 @@ def main() -> None:  # noqa: C901
             if ref is None:
                 ref = ms
             else:
-                diffs[v] = max(float((u - w).abs().max() / w.abs().max())
-                               for u, w in zip(ms, ref, strict=True))
+                diffs[v] = max(
+                    float((u - w).abs().max() / w.abs().max()) for u, w in zip(ms, ref, strict=True)
+                )
         names = list(variants)
         for _ in range(20):
             for n in names:
                 step(variants[n][0], x, y, variants[n][1])
         times: dict[str, list[float]] = {n: [] for n in names}
         for r in range(args.rounds):
-            for n in names[r % len(names):] + names[:r % len(names)]:
+            for n in names[r % len(names) :] + names[: r % len(names)]:
                 ab.sync(dev)
                 t0 = time.perf_counter()
                 step(variants[n][0], x, y, variants[n][1])

@@ -106,11 +106,14 @@ def main() -> None:
     base = Stack(args.layers, args.d, 4, 64)
     x = torch.randn(args.batch, args.seq, args.d, device=dev)
     y = torch.randint(0, 64, (args.batch, args.seq), device=dev)
-    print(f"device: {torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}; "
-          f"torch {torch.__version__}; {args.layers} blocks, d={args.d}, T={args.seq}, "
-          f"B={args.batch}; old = {args.old}")
-    print("| checkpointing | method | held after forward (MiB) | median step (ms) "
-          "| ratio to plain |")
+    print(
+        f"device: {torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}; "
+        f"torch {torch.__version__}; {args.layers} blocks, d={args.d}, T={args.seq}, "
+        f"B={args.batch}; old = {args.old}"
+    )
+    print(
+        "| checkpointing | method | held after forward (MiB) | median step (ms) | ratio to plain |"
+    )
     print("|---|---|---:|---:|---:|")
     moments = {}
     for ckpt in (False, True):
@@ -128,20 +131,24 @@ def main() -> None:
         times: dict[str, list[float]] = {n: [] for n in models}
         names = list(models)
         for r in range(args.rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 t0 = time.perf_counter()
                 _step(models[name], x, y, dev)
                 times[name].append(time.perf_counter() - t0)
         for name in names:
             ratio = statistics.median(t / p for t, p in zip(times[name], times["plain"]))
-            print(f"| {'per block' if ckpt else 'none'} | {name} | {held[name]:.1f} | "
-                  f"{statistics.median(times[name]) * 1e3:.1f} | {ratio:.2f} |")
+            print(
+                f"| {'per block' if ckpt else 'none'} | {name} | {held[name]:.1f} | "
+                f"{statistics.median(times[name]) * 1e3:.1f} | {ratio:.2f} |"
+            )
         moments[ckpt] = [p.grad_second_moment.clone() for p in models["sgdlab"].parameters()]
         for h in handles.values():
             h.detach()
     diff = max(float((a - b).abs().max()) for a, b in zip(moments[False], moments[True]))
-    print(f"\nsgdlab, max |difference| of grad_second_moment with and without checkpointing: "
-          f"{diff:.1e}")
+    print(
+        f"\nsgdlab, max |difference| of grad_second_moment with and without checkpointing: "
+        f"{diff:.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -44,16 +44,23 @@ def _models(tf, layers: int, width: int, seq: int, vocab: int) -> dict:
             ids = batch
             pos = torch.arange(ids.shape[1]).expand_as(ids)
             logits = model(ids, position_ids=pos).logits[:, :-1]
-            per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                  reduction="none")
+            per = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+            )
             return per.view(ids.shape[0], -1).mean(1)
 
         return model, losses, lambda b: torch.randint(0, vocab, (b, seq))
 
     def bert():
-        config = tf.BertConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers,
-                               num_attention_heads=heads, intermediate_size=4 * width,
-                               max_position_embeddings=seq, num_labels=3)
+        config = tf.BertConfig(
+            vocab_size=vocab,
+            hidden_size=width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * width,
+            max_position_embeddings=seq,
+            num_labels=3,
+        )
         model = tf.BertForSequenceClassification(config)
 
         def losses(batch):
@@ -62,32 +69,55 @@ def _models(tf, layers: int, width: int, seq: int, vocab: int) -> dict:
             logits = model(ids, position_ids=pos, token_type_ids=torch.zeros_like(ids)).logits
             return F.cross_entropy(logits, y, reduction="none")
 
-        return model, losses, lambda b: (torch.randint(0, vocab, (b, seq)),
-                                         torch.randint(0, 3, (b,)))
+        return (
+            model,
+            losses,
+            lambda b: (torch.randint(0, vocab, (b, seq)), torch.randint(0, 3, (b,))),
+        )
 
     def vit():
         side = 32
-        config = tf.ViTConfig(image_size=side, patch_size=4, num_channels=3, hidden_size=width,
-                              num_hidden_layers=layers, num_attention_heads=heads,
-                              intermediate_size=4 * width, num_labels=10,
-                              hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+        config = tf.ViTConfig(
+            image_size=side,
+            patch_size=4,
+            num_channels=3,
+            hidden_size=width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * width,
+            num_labels=10,
+            hidden_dropout_prob=0.1,
+            attention_probs_dropout_prob=0.1,
+        )
         model = tf.ViTForImageClassification(config)
 
         def losses(batch):
             x, y = batch
-            return F.cross_entropy(model(x.to(next(model.parameters()).dtype)).logits, y,
-                                   reduction="none")
+            return F.cross_entropy(
+                model(x.to(next(model.parameters()).dtype)).logits, y, reduction="none"
+            )
 
-        return model, losses, lambda b: (torch.randn(b, 3, side, side),
-                                         torch.randint(0, 10, (b,)))
+        return model, losses, lambda b: (torch.randn(b, 3, side, side), torch.randint(0, 10, (b,)))
 
     return {
-        "GPT-2": lambda: lm(tf.GPT2LMHeadModel, tf.GPT2Config(
-            n_layer=layers, n_embd=width, n_head=heads, vocab_size=vocab, n_positions=seq)),
-        "Llama": lambda: lm(tf.LlamaForCausalLM, tf.LlamaConfig(
-            vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
-            num_hidden_layers=layers, num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2), max_position_embeddings=seq)),
+        "GPT-2": lambda: lm(
+            tf.GPT2LMHeadModel,
+            tf.GPT2Config(
+                n_layer=layers, n_embd=width, n_head=heads, vocab_size=vocab, n_positions=seq
+            ),
+        ),
+        "Llama": lambda: lm(
+            tf.LlamaForCausalLM,
+            tf.LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=width,
+                intermediate_size=2 * width,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                num_key_value_heads=max(1, heads // 2),
+                max_position_embeddings=seq,
+            ),
+        ),
         "BERT": bert,
         "ViT": vit,
     }
@@ -168,18 +198,25 @@ def main() -> None:
     torch.manual_seed(0)
     tiny = _models(tf, 2, 16, 8, 50)
     real = _models(tf, args.layers, args.width, args.seq, args.vocab)
-    print(f"torch {torch.__version__}, transformers {tf.__version__}, "
-          f"{torch.get_num_threads()} threads; speed: {args.layers} layers x {args.width}, "
-          f"sequence {args.seq}, batch {args.batch}, {args.rounds} rounds")
-    print("| model | max err (statistics) | max err (norms) | plain step (ms) | sgdlab step (ms) "
-          "| ratio | fallback modules |")
+    print(
+        f"torch {torch.__version__}, transformers {tf.__version__}, "
+        f"{torch.get_num_threads()} threads; speed: {args.layers} layers x {args.width}, "
+        f"sequence {args.seq}, batch {args.batch}, {args.rounds} rounds"
+    )
+    print(
+        "| model | max err (statistics) | max err (norms) | plain step (ms) | sgdlab step (ms) "
+        "| ratio | fallback modules |"
+    )
     print("|---|---:|---:|---:|---:|---:|---|")
     for name in real:
         err, norm_err, fallbacks = exactness(tiny[name])
         t_plain, t_tracked, ratio = speed(real[name], args.batch, args.rounds)
         kinds = sorted({f.split(" (")[1].rstrip(")") for f in fallbacks})
-        print(f"| {name} | {err:.1e} | {norm_err:.1e} | {t_plain * 1e3:.0f} | "
-              f"{t_tracked * 1e3:.0f} | {ratio:.2f} | {', '.join(kinds) or '-'} |", flush=True)
+        print(
+            f"| {name} | {err:.1e} | {norm_err:.1e} | {t_plain * 1e3:.0f} | "
+            f"{t_tracked * 1e3:.0f} | {ratio:.2f} | {', '.join(kinds) or '-'} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

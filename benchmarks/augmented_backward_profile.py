@@ -89,8 +89,10 @@ def main() -> None:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    print(f"device: {torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}; "
-          f"torch {torch.__version__}; {args.steps} profiled steps per method")
+    print(
+        f"device: {torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}; "
+        f"torch {torch.__version__}; {args.steps} profiled steps per method"
+    )
     for name, make, data in problems(args.quick):
         torch.manual_seed(0)
         model = make().to(dev)
@@ -102,8 +104,10 @@ def main() -> None:
         print("| method | wall (us) | device busy (us) | device launches | torch ops |")
         print("|---|---:|---:|---:|---:|")
         for mname, r in (("plain", plain), ("sgdlab", aug)):
-            print(f"| {mname} | {r['wall_us']:.0f} | {r['busy_us']:.0f} | "
-                  f"{r['launches']:.0f} | {r['ops']:.0f} |")
+            print(
+                f"| {mname} | {r['wall_us']:.0f} | {r['busy_us']:.0f} | "
+                f"{r['launches']:.0f} | {r['ops']:.0f} |"
+            )
         extra = {k: v - plain["host"].get(k, 0.0) for k, v in aug["host"].items()}
         print(f"\nsgdlab's extra host self time by operator (top {args.top}, us per step):")
         for k, v in sorted(extra.items(), key=lambda kv: -kv[1])[: args.top]:

@@ -72,8 +72,12 @@ def run_variant(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    out = {"variant": args.variant, "peak_mib": _peak_mib(), "warm_peak_mib": base,
-           "step_ms": statistics.median(times) * 1e3}
+    out = {
+        "variant": args.variant,
+        "peak_mib": _peak_mib(),
+        "warm_peak_mib": base,
+        "step_ms": statistics.median(times) * 1e3,
+    }
     if args.variant != "plain":
         out["moment_sum"] = float(model.emb.weight.grad_second_moment.double().sum())
     return out
@@ -103,25 +107,43 @@ def main() -> None:
         variants.append("old")
     rows = []
     for v in variants:
-        cmd = [sys.executable, __file__, "--variant", v, "--vocab", str(args.vocab), "--d",
-               str(args.d), "--seq", str(args.seq), "--batch", str(args.batch), "--steps",
-               str(args.steps)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            v,
+            "--vocab",
+            str(args.vocab),
+            "--d",
+            str(args.d),
+            "--seq",
+            str(args.seq),
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+        ]
         if old_path:
             cmd += ["--old-path", old_path]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ),
-                             check=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), check=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     plain = rows[0]
     dense = args.batch * args.vocab * args.d * 4 / 2**20
-    print(f"tied LM: vocabulary {args.vocab}, d={args.d}, T={args.seq}, B={args.batch}, one "
-          f"encoder layer; a dense [B, V, d] float32 tensor is {dense:.0f} MiB; old = {args.old}")
-    print("| variant | peak RSS (MiB) | over plain (MiB) | median step (ms) | ratio to plain "
-          "| sum of the tied weight's moment |")
+    print(
+        f"tied LM: vocabulary {args.vocab}, d={args.d}, T={args.seq}, B={args.batch}, one "
+        f"encoder layer; a dense [B, V, d] float32 tensor is {dense:.0f} MiB; old = {args.old}"
+    )
+    print(
+        "| variant | peak RSS (MiB) | over plain (MiB) | median step (ms) | ratio to plain "
+        "| sum of the tied weight's moment |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['variant']} | {r['peak_mib']:.0f} | {r['peak_mib'] - plain['peak_mib']:.0f} "
-              f"| {r['step_ms']:.1f} | {r['step_ms'] / plain['step_ms']:.2f} | "
-              f"{r.get('moment_sum', float('nan')):.6g} |")
+        print(
+            f"| {r['variant']} | {r['peak_mib']:.0f} | {r['peak_mib'] - plain['peak_mib']:.0f} "
+            f"| {r['step_ms']:.1f} | {r['step_ms'] / plain['step_ms']:.2f} | "
+            f"{r.get('moment_sum', float('nan')):.6g} |"
+        )
 
 
 if __name__ == "__main__":

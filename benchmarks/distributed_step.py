@@ -113,9 +113,16 @@ def _job(rank: int, world: int, cfg: dict, rounds: int, steps: int, out: str) ->
         n_params = sum(p.numel() for p in runners["ddp"].model.parameters())
         overlapped = runners["DataParallel"].dp.overlapped_launches
         total = runners["DataParallel"].dp.steps
-        Path(out).write_text(json.dumps({
-            "times": times, "params": n_params, "overlapped": overlapped, "dp_steps": total,
-        }))
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "times": times,
+                    "params": n_params,
+                    "overlapped": overlapped,
+                    "dp_steps": total,
+                }
+            )
+        )
 
 
 def main() -> None:
@@ -124,10 +131,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
     world = 2
-    print(f"torch {torch.__version__}, {world} CPU processes (gloo), 1 thread each, float32, "
-          f"best (median) of {args.rounds} interleaved rounds x {args.steps} steps\n")
-    print("| model (widths) | per-rank batch | params | variant | ms/step best (median) | "
-          "vs ddp best (median) | all-reduce payload/step |")
+    print(
+        f"torch {torch.__version__}, {world} CPU processes (gloo), 1 thread each, float32, "
+        f"best (median) of {args.rounds} interleaved rounds x {args.steps} steps\n"
+    )
+    print(
+        "| model (widths) | per-rank batch | params | variant | ms/step best (median) | "
+        "vs ddp best (median) | all-reduce payload/step |"
+    )
     print("|---|---|---|---|---|---|---|")
     for cfg in CONFIGS:
         with tempfile.TemporaryDirectory() as d:
@@ -138,17 +149,27 @@ def main() -> None:
         med = {v: statistics.median(t) for v, t in res["times"].items()}
         grad_bytes = res["params"] * 4
         payload = {v: 2 * grad_bytes + 16 * world for v in VARIANTS}
-        payload.update({"ddp": grad_bytes, "ddp+tracker": grad_bytes,
-                        "DataParallel (no moments)": grad_bytes + 16 * world})
+        payload.update(
+            {
+                "ddp": grad_bytes,
+                "ddp+tracker": grad_bytes,
+                "DataParallel (no moments)": grad_bytes + 16 * world,
+            }
+        )
         for v in VARIANTS:
-            print(f"| {'-'.join(map(str, cfg['widths']))} | {cfg['batch']} | {res['params']:,} "
-                  f"| {v} | {1e3 * best[v]:.1f} ({1e3 * med[v]:.1f}) | "
-                  f"{best[v] / best['ddp']:.2f}x ({med[v] / med['ddp']:.2f}x) | "
-                  f"{payload[v] / 1e6:.2f} MB |")
+            print(
+                f"| {'-'.join(map(str, cfg['widths']))} | {cfg['batch']} | {res['params']:,} "
+                f"| {v} | {1e3 * best[v]:.1f} ({1e3 * med[v]:.1f}) | "
+                f"{best[v] / best['ddp']:.2f}x ({med[v] / med['ddp']:.2f}x) | "
+                f"{payload[v] / 1e6:.2f} MB |"
+            )
         a, b = "DataParallel", "ddp+tracker"
-        print(f"|  |  |  | second-moment all-reduce alone: {a} / {b} | | "
-              f"{best[a] / best[b]:.2f}x ({med[a] / med[b]:.2f}x) | "
-              f"overlapped launches {res['overlapped']}/{res['dp_steps']} |")
+        print(
+            f"|  |  |  | second-moment all-reduce alone: {a} / {b} | | "
+            f"{best[a] / best[b]:.2f}x ({med[a] / med[b]:.2f}x) | "
+            f"overlapped launches {res['overlapped']}/{res['dp_steps']} |"
+        )
+
 
 if __name__ == "__main__":
     main()

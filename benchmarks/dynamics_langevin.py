@@ -125,20 +125,28 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import torchsde
 
-    print(f"# torch {torch.__version__}, torchsde {torchsde.__version__}, "
-          f"{platform.processor() or platform.machine()}, {args.threads} thread(s), float64")
-    print(f"# 2-D OU/Langevin, Euler-Maruyama dt={DT}, {args.steps} steps; "
-          "throughput = chains x steps / second (best of "
-          f"{args.repeats})")
+    print(
+        f"# torch {torch.__version__}, torchsde {torchsde.__version__}, "
+        f"{platform.processor() or platform.machine()}, {args.threads} thread(s), float64"
+    )
+    print(
+        f"# 2-D OU/Langevin, Euler-Maruyama dt={DT}, {args.steps} steps; "
+        "throughput = chains x steps / second (best of "
+        f"{args.repeats})"
+    )
     var_l, var_s = exact_variance(ETA, DT), exact_variance(DT, DT)
-    header = (f"| {'method':<28} | {'chains':>6} | {'seconds':>8} | {'chain-steps/s':>13} | "
-              f"{'vs torchsde':>11} | {'var check':>9} |")
+    header = (
+        f"| {'method':<28} | {'chains':>6} | {'seconds':>8} | {'chain-steps/s':>13} | "
+        f"{'vs torchsde':>11} | {'var check':>9} |"
+    )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    methods = [("sgdlab simulate_langevin", run_sgdlab_langevin, var_l),
-               ("sgdlab simulate_sgd", run_sgdlab_sgd, var_s),
-               ("torchsde sdeint (euler)", run_torchsde, var_l),
-               ("plain Python loop", run_python, var_l)]
+    methods = [
+        ("sgdlab simulate_langevin", run_sgdlab_langevin, var_l),
+        ("sgdlab simulate_sgd", run_sgdlab_sgd, var_s),
+        ("torchsde sdeint (euler)", run_torchsde, var_l),
+        ("plain Python loop", run_python, var_l),
+    ]
     for R in args.chains:
         rates = {}
         rows = []
@@ -152,8 +160,10 @@ def main() -> None:
             rows.append((name, r_here, sec, rate, check))
         for name, r_here, sec, rate, check in rows:
             ratio = rate / rates["torchsde sdeint (euler)"]
-            print(f"| {name:<28} | {r_here:>6} | {sec:>8.3f} | {rate:>13.3e} | "
-                  f"{ratio:>10.1f}x | {check:>9.3f} |")
+            print(
+                f"| {name:<28} | {r_here:>6} | {sec:>8.3f} | {rate:>13.3e} | "
+                f"{ratio:>10.1f}x | {check:>9.3f} |"
+            )
 
 
 if __name__ == "__main__":

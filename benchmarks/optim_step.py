@@ -82,8 +82,20 @@ def transformer_layout(vocab: int, ctx: int, d: int, layers: int) -> list[tuple[
     """A GPT-2-style parameter list: embeddings, per block LN, qkv, proj, LN, MLP, final LN."""
     shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
     for _ in range(layers):
-        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,),
-                   (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+        shapes += [
+            (d,),
+            (d,),
+            (3 * d, d),
+            (3 * d,),
+            (d, d),
+            (d,),
+            (d,),
+            (d,),
+            (4 * d, d),
+            (4 * d,),
+            (d, 4 * d),
+            (d,),
+        ]
     shapes += [(d,), (d,)]
     return shapes
 
@@ -92,10 +104,14 @@ LAYOUTS = {
     "flat10m": ("10M in 40 tensors", lambda: flat_layout(10_000_000, 40)),
     "flat100m": ("100M in 40 tensors", lambda: flat_layout(100_000_000, 40)),
     "flat1b": ("1B in 40 tensors", lambda: flat_layout(1_000_000_000, 40)),
-    "tiny-gpt": ("transformer d=256, 6 layers, vocab 8192 (7.0M in 76 tensors)",
-                 lambda: transformer_layout(8192, 512, 256, 6)),
-    "gpt2-small": ("GPT-2 small shapes (124M in 148 tensors)",
-                   lambda: transformer_layout(50257, 1024, 768, 12)),
+    "tiny-gpt": (
+        "transformer d=256, 6 layers, vocab 8192 (7.0M in 76 tensors)",
+        lambda: transformer_layout(8192, 512, 256, 6),
+    ),
+    "gpt2-small": (
+        "GPT-2 small shapes (124M in 148 tensors)",
+        lambda: transformer_layout(50257, 1024, 768, 12),
+    ),
 }
 
 
@@ -147,8 +163,10 @@ def two_groups(params) -> list[dict]:
     """Matrices and vectors in two param groups (as for a decay / no-decay split), with equal
     hyperparameters so the parameters must still agree with the other rows: the cost of a
     second kernel launch and a second host-side pass, nothing else."""
-    return [{"params": [p for p in params if p.dim() >= 2]},
-            {"params": [p for p in params if p.dim() < 2]}]
+    return [
+        {"params": [p for p in params if p.dim() >= 2]},
+        {"params": [p for p in params if p.dim() < 2]},
+    ]
 
 
 def torch_has_fused(algo: str, device: torch.device) -> bool:
@@ -239,8 +257,9 @@ class Probe:
         torch.add(self.a, self.b, out=self.a)
 
 
-def bench(algo: str, layout: str, device: torch.device, rounds: int, full: bool,
-          bandwidth: float) -> dict:
+def bench(
+    algo: str, layout: str, device: torch.device, rounds: int, full: bool, bandwidth: float
+) -> dict:
     title, make_shapes = LAYOUTS[layout]
     shapes = make_shapes()
     numel = sum(torch.Size(s).numel() for s in shapes)
@@ -249,46 +268,139 @@ def bench(algo: str, layout: str, device: torch.device, rounds: int, full: bool,
 
     impls: list[Impl] = []
     if full:
-        impls.append(Impl("torch for-loop", shapes, grads, device,
-                          lambda ps: torch_optimizer(algo, ps, "forloop")))
-        impls.append(Impl("torch foreach", shapes, grads, device,
-                          lambda ps: torch_optimizer(algo, ps, "foreach")))
+        impls.append(
+            Impl(
+                "torch for-loop",
+                shapes,
+                grads,
+                device,
+                lambda ps: torch_optimizer(algo, ps, "forloop"),
+            )
+        )
+        impls.append(
+            Impl(
+                "torch foreach",
+                shapes,
+                grads,
+                device,
+                lambda ps: torch_optimizer(algo, ps, "foreach"),
+            )
+        )
     if torch_has_fused(algo, device):
-        impls.append(Impl("torch fused", shapes, grads, device,
-                          lambda ps: torch_optimizer(algo, ps, "fused")))
-        impls.append(Impl("torch fused, fresh grads", shapes, grads, device,
-                          lambda ps: torch_optimizer(algo, ps, "fused"), fresh_grads=True))
+        impls.append(
+            Impl(
+                "torch fused", shapes, grads, device, lambda ps: torch_optimizer(algo, ps, "fused")
+            )
+        )
+        impls.append(
+            Impl(
+                "torch fused, fresh grads",
+                shapes,
+                grads,
+                device,
+                lambda ps: torch_optimizer(algo, ps, "fused"),
+                fresh_grads=True,
+            )
+        )
     elif not full:
-        impls.append(Impl("torch foreach", shapes, grads, device,
-                          lambda ps: torch_optimizer(algo, ps, "foreach")))
-    impls.append(Impl("sgdlab fused, grads as views", shapes, grads, device,
-                      lambda ps: sgdlab_optimizer(algo, ps, fused=True, nonfinite="ignore")))
-    impls.append(Impl("sgdlab fused, nonfinite check", shapes, grads, device,
-                      lambda ps: sgdlab_optimizer(algo, ps, fused=True)))
-    impls.append(Impl("sgdlab fused, users' loop", shapes, grads, device,
-                      lambda ps: sgdlab_optimizer(algo, ps, fused=True), fresh_grads=True))
-    impls.append(Impl("sgdlab fused, fresh grads", shapes, grads, device,
-                      lambda ps: sgdlab_optimizer(algo, ps, fused=True, nonfinite="ignore"),
-                      fresh_grads=True))
+        impls.append(
+            Impl(
+                "torch foreach",
+                shapes,
+                grads,
+                device,
+                lambda ps: torch_optimizer(algo, ps, "foreach"),
+            )
+        )
+    impls.append(
+        Impl(
+            "sgdlab fused, grads as views",
+            shapes,
+            grads,
+            device,
+            lambda ps: sgdlab_optimizer(algo, ps, fused=True, nonfinite="ignore"),
+        )
+    )
+    impls.append(
+        Impl(
+            "sgdlab fused, nonfinite check",
+            shapes,
+            grads,
+            device,
+            lambda ps: sgdlab_optimizer(algo, ps, fused=True),
+        )
+    )
+    impls.append(
+        Impl(
+            "sgdlab fused, users' loop",
+            shapes,
+            grads,
+            device,
+            lambda ps: sgdlab_optimizer(algo, ps, fused=True),
+            fresh_grads=True,
+        )
+    )
+    impls.append(
+        Impl(
+            "sgdlab fused, fresh grads",
+            shapes,
+            grads,
+            device,
+            lambda ps: sgdlab_optimizer(algo, ps, fused=True, nonfinite="ignore"),
+            fresh_grads=True,
+        )
+    )
     if full and layout in ("tiny-gpt", "gpt2-small"):
         # the usual transformer split into matrices and vectors: two kernel launches
-        impls.append(Impl("sgdlab fused, 2 param groups", shapes, grads, device,
-                          lambda ps: sgdlab_optimizer(algo, two_groups(ps), fused=True,
-                                                      nonfinite="ignore")))
+        impls.append(
+            Impl(
+                "sgdlab fused, 2 param groups",
+                shapes,
+                grads,
+                device,
+                lambda ps: sgdlab_optimizer(algo, two_groups(ps), fused=True, nonfinite="ignore"),
+            )
+        )
     if device.type == "cuda" and algo != "sgd":
         # device-side step counts and bias corrections: the step can be captured
-        impls.append(Impl("sgdlab capturable", shapes, grads, device,
-                          lambda ps: sgdlab_optimizer(algo, ps, capturable=True)))
-        impls.append(GraphImpl("sgdlab capturable, CUDA graph", shapes, grads, device,
-                               lambda ps: sgdlab_optimizer(algo, ps, capturable=True)))
+        impls.append(
+            Impl(
+                "sgdlab capturable",
+                shapes,
+                grads,
+                device,
+                lambda ps: sgdlab_optimizer(algo, ps, capturable=True),
+            )
+        )
+        impls.append(
+            GraphImpl(
+                "sgdlab capturable, CUDA graph",
+                shapes,
+                grads,
+                device,
+                lambda ps: sgdlab_optimizer(algo, ps, capturable=True),
+            )
+        )
         if torch_has_fused(algo, device):
-            impls.append(GraphImpl("torch fused capturable, CUDA graph", shapes, grads, device,
-                                   lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True,
-                                                               capturable=True)))
+            impls.append(
+                GraphImpl(
+                    "torch fused capturable, CUDA graph",
+                    shapes,
+                    grads,
+                    device,
+                    lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True, capturable=True),
+                )
+            )
     if full:
-        impls.append(Impl("sgdlab foreach", shapes, grads, device,
-                          lambda ps: sgdlab_optimizer(algo, ps, foreach=True,
-                                                      nonfinite="ignore")))
+        impls.append(
+            Impl(
+                "sgdlab foreach",
+                shapes,
+                grads,
+                device,
+                lambda ps: sgdlab_optimizer(algo, ps, foreach=True, nonfinite="ignore"),
+            )
+        )
 
     cap = 250_000_000 if device.type == "cuda" else 50_000_000
     probe = Probe(BYTES_PER_PARAM[algo] * numel, device, cap)
@@ -300,7 +412,7 @@ def bench(algo: str, layout: str, device: torch.device, rounds: int, full: bool,
             im.prepare()
             im.step()
     for r in range(rounds):
-        order = impls[r % len(impls):] + impls[:r % len(impls)]
+        order = impls[r % len(impls) :] + impls[: r % len(impls)]
         for im in order:
             im.prepare()
             im.times.append(timed(im.step, device))
@@ -308,9 +420,11 @@ def bench(algo: str, layout: str, device: torch.device, rounds: int, full: bool,
     probe.times = [t * probe.scale for t in probe.times]
     bound = min(BYTES_PER_PARAM[algo] * numel / bandwidth, min(probe.times))
     med = {im.name: statistics.median(im.times) for im in impls}
-    anchor = next(im for im in impls if im.name == "torch fused") if any(
-        im.name == "torch fused" for im in impls) else next(
-        im for im in impls if im.name == "torch foreach")
+    anchor = (
+        next(im for im in impls if im.name == "torch fused")
+        if any(im.name == "torch fused" for im in impls)
+        else next(im for im in impls if im.name == "torch foreach")
+    )
     ref_params = anchor.params
     by_name = {im.name: im for im in impls}
     headline = []
@@ -320,28 +434,54 @@ def bench(algo: str, layout: str, device: torch.device, rounds: int, full: bool,
         im, an = by_name[name], by_name[anchor_name]
         nbytes = (BYTES_PER_PARAM[algo] + (CHECK_BYTES if checked else 0)) * numel
         floor = nbytes / bandwidth
-        headline.append(dict(
-            name=name, anchor=anchor_name, median_ms=1e3 * med[name],
-            anchor_ms=1e3 * med[anchor_name],
-            vs_anchor=statistics.median(a / b for a, b in zip(im.times, an.times)),
-            floor_ms=1e3 * floor, bytes_per_param=nbytes // numel,
-            vs_floor=med[name] / floor, anchor_vs_floor=med[anchor_name] / floor))
+        headline.append(
+            dict(
+                name=name,
+                anchor=anchor_name,
+                median_ms=1e3 * med[name],
+                anchor_ms=1e3 * med[anchor_name],
+                vs_anchor=statistics.median(a / b for a, b in zip(im.times, an.times)),
+                floor_ms=1e3 * floor,
+                bytes_per_param=nbytes // numel,
+                vs_floor=med[name] / floor,
+                anchor_vs_floor=med[anchor_name] / floor,
+            )
+        )
     rows = []
     for im in impls:
         # every implementation made the same steps from the same start with the same
         # gradients: the parameters must agree (a check that the timed code is correct)
-        diff = float("nan") if isinstance(im, Probe) else max(
-            (a.float() - b.float()).abs().max().item() for a, b in zip(im.params, ref_params))
+        diff = (
+            float("nan")
+            if isinstance(im, Probe)
+            else max(
+                (a.float() - b.float()).abs().max().item() for a, b in zip(im.params, ref_params)
+            )
+        )
         paired = statistics.median(a / b for a, b in zip(im.times, anchor.times))
-        rows.append(dict(name=im.name, median_ms=1e3 * med[im.name],
-                         min_ms=1e3 * min(im.times), first_ms=1e3 * im.first,
-                         vs_anchor=paired,
-                         vs_probe=statistics.median(a / b for a, b in
-                                                    zip(im.times, probe.times)),
-                         min_vs_bound=min(im.times) / bound, max_diff=diff))
+        rows.append(
+            dict(
+                name=im.name,
+                median_ms=1e3 * med[im.name],
+                min_ms=1e3 * min(im.times),
+                first_ms=1e3 * im.first,
+                vs_anchor=paired,
+                vs_probe=statistics.median(a / b for a, b in zip(im.times, probe.times)),
+                min_vs_bound=min(im.times) / bound,
+                max_diff=diff,
+            )
+        )
     del impls
-    return dict(algo=algo, layout=layout, title=title, numel=numel, tensors=len(shapes),
-                bound_ms=1e3 * bound, rows=rows, headline=headline)
+    return dict(
+        algo=algo,
+        layout=layout,
+        title=title,
+        numel=numel,
+        tensors=len(shapes),
+        bound_ms=1e3 * bound,
+        rows=rows,
+        headline=headline,
+    )
 
 
 def headline_table(res: dict) -> str:
@@ -355,16 +495,19 @@ def headline_table(res: dict) -> str:
         "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for h in res["headline"]:
-        lines.append(f"| {h['name']} | {h['median_ms']:.3f} | {h['anchor']} | "
-                     f"{h['anchor_ms']:.3f} | {h['vs_anchor']:.2f} | "
-                     f"{h['floor_ms']:.3f} ({h['bytes_per_param']}) | {h['vs_floor']:.2f} | "
-                     f"{h['anchor_vs_floor']:.2f} |")
+        lines.append(
+            f"| {h['name']} | {h['median_ms']:.3f} | {h['anchor']} | "
+            f"{h['anchor_ms']:.3f} | {h['vs_anchor']:.2f} | "
+            f"{h['floor_ms']:.3f} ({h['bytes_per_param']}) | {h['vs_floor']:.2f} | "
+            f"{h['anchor_vs_floor']:.2f} |"
+        )
     return "\n".join(lines)
 
 
 def table(res: dict) -> str:
-    anchor = "torch fused" if any(r["name"] == "torch fused" for r in res["rows"]) else (
-        "torch foreach")
+    anchor = (
+        "torch fused" if any(r["name"] == "torch fused" for r in res["rows"]) else ("torch foreach")
+    )
     lines = [
         f"**{res['algo']}**, {res['title']}: bound {res['bound_ms']:.3f} ms "
         f"({BYTES_PER_PARAM[res['algo']]} B/param at the best bandwidth seen)",
@@ -374,9 +517,11 @@ def table(res: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
-        lines.append(f"| {r['name']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | "
-                     f"{r['vs_anchor']:.2f} | {r['vs_probe']:.2f} | {r['min_vs_bound']:.2f} | "
-                     f"{r['first_ms']:.0f} | {r['max_diff']:.1e} |")
+        lines.append(
+            f"| {r['name']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | "
+            f"{r['vs_anchor']:.2f} | {r['vs_probe']:.2f} | {r['min_vs_bound']:.2f} | "
+            f"{r['first_ms']:.0f} | {r['max_diff']:.1e} |"
+        )
     return "\n".join(lines)
 
 
@@ -384,8 +529,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--algos", default="adam,sgd,rmsprop")
-    ap.add_argument("--layouts", default=None,
-                    help="comma list of " + ", ".join(LAYOUTS) + " (default per device)")
+    ap.add_argument(
+        "--layouts",
+        default=None,
+        help="comma list of " + ", ".join(LAYOUTS) + " (default per device)",
+    )
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -394,23 +542,30 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
-    layouts = (args.layouts.split(",") if args.layouts else
-               ["flat100m", "gpt2-small", "flat1b"] if cuda else ["flat10m", "tiny-gpt"])
+    layouts = (
+        args.layouts.split(",")
+        if args.layouts
+        else ["flat100m", "gpt2-small", "flat1b"]
+        if cuda
+        else ["flat10m", "tiny-gpt"]
+    )
     rounds = args.rounds or (50 if cuda else 30)
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
     load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    print(f"# optimizer step benchmark: device {device} ({name}), torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, rounds {rounds}, load average {load}")
+    print(
+        f"# optimizer step benchmark: device {device} ({name}), torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, rounds {rounds}, load average {load}"
+    )
     # CPU: 2 x 256 MiB, larger than the last-level cache (260 MiB on the 2-core CI machine)
     bw = copy_bandwidth(device, 250_000_000 if cuda else 64_000_000, rounds)
-    print(f"copy bandwidth (in-place torch.add, 12 B/elem, best of {rounds}): "
-          f"{bw / 1e9:.1f} GB/s\n")
+    print(
+        f"copy bandwidth (in-place torch.add, 12 B/elem, best of {rounds}): {bw / 1e9:.1f} GB/s\n"
+    )
     results = []
     for layout in layouts:
         full = layout != "flat1b"  # 1B: torch fused and sgdlab fused only (memory), Adam only
         for algo in args.algos.split(",") if full else ["adam"]:
-            res = bench(algo, layout, device, rounds if full else max(10, rounds // 3), full,
-                        bw)
+            res = bench(algo, layout, device, rounds if full else max(10, rounds // 3), full, bw)
             results.append(res)
             if res["headline"]:
                 print(headline_table(res) + "\n", flush=True)
@@ -422,8 +577,9 @@ def main() -> None:
         print(f"  {key[0]} {key[2]} {key[3]}: {sec:.1f} s")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(device=str(device), name=name, bandwidth=bw, results=results), fh,
-                      indent=1)
+            json.dump(
+                dict(device=str(device), name=name, bandwidth=bw, results=results), fh, indent=1
+            )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up the test environment (test extras, Debian's chromium for the report's browser test),
-# run the gates (ruff lint, mypy on the typed modules) and the whole test suite, docstring
+# run the gates (ruff lint and format check, mypy on the typed modules) and the whole test suite, docstring
 # examples included, on two workers. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,7 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 .venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff format --check src tests benchmarks
 .venv/bin/mypy
 # property tests draw the same examples on every run (tests/conftest.py)
 export SGDLAB_DERANDOMIZE=1

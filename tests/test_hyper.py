@@ -24,10 +24,14 @@ conjugate = st.builds(Conjugate, eta_prime=lr, n_g=horizon, n_s=horizon, eps=eps
 
 
 def close(a: PerStep | Conjugate, b: PerStep | Conjugate, rel: float = 1e-9) -> bool:
-    fields = ("lr", "beta1", "beta2", "eps") if isinstance(a, PerStep) else (
-        "eta_prime", "n_g", "n_s", "eps")
-    return all(math.isclose(getattr(a, f), getattr(b, f), rel_tol=rel, abs_tol=1e-300)
-               for f in fields)
+    fields = (
+        ("lr", "beta1", "beta2", "eps")
+        if isinstance(a, PerStep)
+        else ("eta_prime", "n_g", "n_s", "eps")
+    )
+    return all(
+        math.isclose(getattr(a, f), getattr(b, f), rel_tol=rel, abs_tol=1e-300) for f in fields
+    )
 
 
 @settings(max_examples=300, deadline=None)
@@ -172,8 +176,14 @@ def test_sqrt_rule_beyond_the_linear_range_warns_once(monkeypatch):
 
     import sgdlab
 
-    opt = sgdlab.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3, betas=(0.9, 0.999),
-                      ref_batch_size=32, batch_size=256, scaling="sqrt")
+    opt = sgdlab.Adam(
+        [torch.zeros(1, requires_grad=True)],
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        ref_batch_size=32,
+        batch_size=256,
+        scaling="sqrt",
+    )
     opt.set_batch_size(512)
     betas = opt.effective_hyperparameters(opt.param_groups[0])["betas"]
     assert betas == pytest.approx((s512.beta1, s512.beta2), rel=1e-15)
@@ -212,10 +222,14 @@ BAD = [
     (lambda: PerStep(lr=1.0, beta1=1.0), r"beta1 must satisfy 0 <= value < 1, got 1\.0"),
     (lambda: hyper.rescale(PerStep(lr=1.0), 0, 4), r"from_batch_size must be an integer >= 1"),
     (lambda: hyper.rescale(PerStep(lr=1.0), 4, 2.5), r"to_batch_size must be an integer >= 1"),
-    (lambda: hyper.rescale(PerStep(lr=1.0), 4, 8, "cubic"),
-     r"rule must be one of 'lecture', 'exact', 'sqrt', 'linear'; got 'cubic'"),
-    (lambda: hyper.to_per_step(Conjugate(1.0), 4, "lecture", "nesterov"),
-     r"momentum_form must be one of 'ema', 'heavy_ball'; got 'nesterov'"),
+    (
+        lambda: hyper.rescale(PerStep(lr=1.0), 4, 8, "cubic"),
+        r"rule must be one of 'lecture', 'exact', 'sqrt', 'linear'; got 'cubic'",
+    ),
+    (
+        lambda: hyper.to_per_step(Conjugate(1.0), 4, "lecture", "nesterov"),
+        r"momentum_form must be one of 'ema', 'heavy_ball'; got 'nesterov'",
+    ),
     (lambda: hyper.steps_horizon(0.2, 4, "exact"), r"n_examples must be a horizon >= 1"),
     (lambda: hyper.beta_to_horizon(1.0), r"beta must satisfy 0 <= value < 1"),
 ]
@@ -241,8 +255,9 @@ def test_numpy_and_torch_scalars_become_floats():
     assert all(type(v) is float for v in (step.lr, step.beta1, step.beta2, step.eps))
     p = hyper.PerStep(torch.tensor(0.1), np.float32(0.9))
     assert type(p.lr) is float and type(p.beta1) is float
-    opt = sgdlab.SGD.from_conjugate([torch.zeros(2, requires_grad=True)],
-                                    eta_prime=torch.tensor(1e-3), batch_size=4)
+    opt = sgdlab.SGD.from_conjugate(
+        [torch.zeros(2, requires_grad=True)], eta_prime=torch.tensor(1e-3), batch_size=4
+    )
     assert type(opt.param_groups[0]["lr"]) is float
 
 

@@ -28,8 +28,9 @@ def _dp(seed: int = 0) -> DataParallel:
     return DataParallel(model, ddp_jobs.build_optimizer(CASE, model), noise_meter=True)
 
 
-def _train(dp: DataParallel, sizes: tuple[int, ...], rank: int, until: int,
-           ckpt: Path | None = None) -> list[list[float]]:
+def _train(
+    dp: DataParallel, sizes: tuple[int, ...], rank: int, until: int, ckpt: Path | None = None
+) -> list[list[float]]:
     readings = []
     while dp.steps < until:
         x, y = ddp_jobs.local_batch(dp.steps, sizes, rank)
@@ -60,8 +61,15 @@ def _resume(ckpt: Path, with_meter: bool) -> tuple[list[list[float]], list[torch
 
 
 def test_two_rank_checkpoint_with_meter_resumes_on_one_process(tmp_path: Path) -> None:
-    spawn(job_save_and_continue, 2, (str(tmp_path),), timeout=60.0, deadline=90.0,
-          start_method="fork", threads=1)
+    spawn(
+        job_save_and_continue,
+        2,
+        (str(tmp_path),),
+        timeout=60.0,
+        deadline=90.0,
+        start_method="fork",
+        threads=1,
+    )
     two: dict[str, Any] = torch.load(tmp_path / "two.pt", weights_only=True)
     state = load_checkpoint(tmp_path / "ck.pt")
     assert state["noise_meter"]["updates"] == SAVE and state["steps"] == SAVE

@@ -77,8 +77,15 @@ def test_step_equals_single_process_step_on_concatenated_batch(name, two_ranks, 
     assert got["opt_batch_size"] == ref["batch_sizes"][0] == B
 
 
-@pytest.mark.parametrize("name", ["rmsprop-per-example", "adam-accumulate-no-sync",
-                                  "adam-accumulate-sync-unequal", "identical-50"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "rmsprop-per-example",
+        "adam-accumulate-no-sync",
+        "adam-accumulate-sync-unequal",
+        "identical-50",
+    ],
+)
 def test_noise_meter_is_global(name, two_ranks, references):
     """tr Sigma, |G|^2 and B_simple on 2 ranks equal the single-process meter on the whole
     batch, step by step."""
@@ -108,8 +115,11 @@ def test_ranks_stay_bit_identical(name, two_ranks):
     assert len(a["trajectory"]) == ddp_jobs.CASES[name]["steps"]
     for x, y in zip(a["trajectory"], b["trajectory"], strict=True):  # after every step
         assert torch.equal(x, y)
-    for x, y in zip(a["params"] + _state_tensors(a["state"]),
-                    b["params"] + _state_tensors(b["state"]), strict=True):
+    for x, y in zip(
+        a["params"] + _state_tensors(a["state"]),
+        b["params"] + _state_tensors(b["state"]),
+        strict=True,
+    ):
         assert torch.equal(x, y)
     for x, y in zip(a["moments"], b["moments"], strict=True):
         assert (x is None and y is None) or torch.equal(x, y)
@@ -148,9 +158,11 @@ def test_killed_run_resumes_on_the_same_trajectory(two_ranks, tmp_path):
     uninterrupted = two_ranks[0]["resume"]
     for rank in (0, 1):
         resumed = _load(tmp_path / f"resumed{rank}.pt")
-        for x, y in zip(resumed["params"] + _state_tensors(resumed["state"]),
-                        uninterrupted["params"] + _state_tensors(uninterrupted["state"]),
-                        strict=True):
+        for x, y in zip(
+            resumed["params"] + _state_tensors(resumed["state"]),
+            uninterrupted["params"] + _state_tensors(uninterrupted["state"]),
+            strict=True,
+        ):
             assert torch.equal(x, y)
 
     case = ddp_jobs.CASES["resume"]
@@ -164,8 +176,7 @@ def test_killed_run_resumes_on_the_same_trajectory(two_ranks, tmp_path):
             dp.train_step(x, y, ddp_jobs.loss_fn)
     one = ddp_jobs.snapshot(model, opt)
     assert _max_rel(one["params"], uninterrupted["params"]) <= 1e-12
-    assert _max_rel(_state_tensors(one["state"]),
-                    _state_tensors(uninterrupted["state"])) <= 1e-12
+    assert _max_rel(_state_tensors(one["state"]), _state_tensors(uninterrupted["state"])) <= 1e-12
 
 
 def test_a_rank_that_raises_brings_the_job_down_with_its_error():

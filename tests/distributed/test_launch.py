@@ -25,16 +25,42 @@ def test_strip_nproc():
 
 def test_torchrun_command_single_node():
     cmd = torchrun_command(["run", "batch_scaling", "--nproc", "4"], 4)
-    assert cmd == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                   "--nproc-per-node=4", "-m", "sgdlab.lab.cli", "run", "batch_scaling"]
+    assert cmd == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc-per-node=4",
+        "-m",
+        "sgdlab.lab.cli",
+        "run",
+        "batch_scaling",
+    ]
 
 
 def test_torchrun_command_several_nodes():
-    cmd = torchrun_command(["--steps", "5"], 8, module="train", nnodes=2,
-                           rdzv_endpoint="node0:29500", rdzv_id="job7", node_rank=1)
-    assert cmd[3:] == ["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29500",
-                       "--rdzv-id=job7", "--node-rank=1", "--nproc-per-node=8", "-m", "train",
-                       "--steps", "5"]
+    cmd = torchrun_command(
+        ["--steps", "5"],
+        8,
+        module="train",
+        nnodes=2,
+        rdzv_endpoint="node0:29500",
+        rdzv_id="job7",
+        node_rank=1,
+    )
+    assert cmd[3:] == [
+        "--nnodes=2",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=node0:29500",
+        "--rdzv-id=job7",
+        "--node-rank=1",
+        "--nproc-per-node=8",
+        "-m",
+        "train",
+        "--steps",
+        "5",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -51,8 +77,14 @@ def test_torchrun_command_errors(kwargs, match):
 
 
 def test_init_from_env_outside_torchrun(monkeypatch):
-    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-              "TORCHELASTIC_RUN_ID"):
+    for v in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "TORCHELASTIC_RUN_ID",
+    ):
         monkeypatch.delenv(v, raising=False)
     assert not launched_by_torchrun()
     with pytest.raises(ValueError, match="missing RANK, WORLD_SIZE"):
@@ -65,8 +97,12 @@ def test_example_under_torchrun_follows_the_single_process_trajectory(tmp_path):
     """torchrun with 2 ranks (gloo) and 2 micro-batches per rank: every step has global batch
     32, and the parameters and noise readings equal the same script on one process."""
     args = ["--steps", "3", "--batch", "32", "--accumulation", "2", "--float64"]
-    rc = run_with_torchrun(args + ["--out", str(tmp_path / "two.json"), "--nproc", "2"], 2,
-                           module="sgdlab.distributed.example", timeout=180)
+    rc = run_with_torchrun(
+        args + ["--out", str(tmp_path / "two.json"), "--nproc", "2"],
+        2,
+        module="sgdlab.distributed.example",
+        timeout=180,
+    )
     assert rc == 0
     assert example_script.main(args + ["--out", str(tmp_path / "one.json")]) == 0
     two = json.loads((tmp_path / "two.json").read_text())

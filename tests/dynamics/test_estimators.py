@@ -81,8 +81,9 @@ def _run_with_test(problem, lr, steps, chains, init, seed=0):
 def test_fdr_statistic_zero_mean_at_stationarity():
     V = quadratic_variance(1.0, 0.1)
     R = 2000
-    init = torch.randn(R, 1, generator=torch.Generator().manual_seed(3),
-                       dtype=torch.float64) * V**0.5
+    init = (
+        torch.randn(R, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * V**0.5
+    )
     test = _run_with_test(Quadratic(1.0, 1.0), 0.1, 400, R, init)
     assert abs(test.z()) < 4
     assert test.is_stationary(tolerance=0.05)

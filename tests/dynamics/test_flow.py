@@ -35,9 +35,12 @@ def test_exact_quadratic_flow_matches_solve_ivp_and_closed_form():
         ref = p.optimum + e0 @ (V * np.exp(-w * t)) @ V.T
         np.testing.assert_allclose(exact[k].numpy(), ref, atol=1e-13)
     # modified flow: exact vs ivp with autograd Hessian-vector products
-    torch.testing.assert_close(gradient_flow(p, init, times, modified_lr=0.2),
-                               gradient_flow(p, init, times, modified_lr=0.2, method="ivp"),
-                               rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        gradient_flow(p, init, times, modified_lr=0.2),
+        gradient_flow(p, init, times, modified_lr=0.2, method="ivp"),
+        rtol=0,
+        atol=1e-9,
+    )
 
 
 def test_gradient_descent_over_flow_ratio_on_a_quadratic():
@@ -50,11 +53,14 @@ def test_gradient_descent_over_flow_ratio_on_a_quadratic():
     assert gd / flow == pytest.approx(np.exp(-eta * h**2 * t / 2), rel=2 * (eta * h) ** 2 * t)
 
 
-@pytest.mark.parametrize("problem,init", [
-    (Quadratic(H2, np.eye(2)), [2.0, -1.0]),
-    (DoubleWell(), [0.2]),
-    (LogisticRegression.synthetic(200, 2, seed=0), [1.0, -1.0]),
-])
+@pytest.mark.parametrize(
+    "problem,init",
+    [
+        (Quadratic(H2, np.eye(2)), [2.0, -1.0]),
+        (DoubleWell(), [0.2]),
+        (LogisticRegression.synthetic(200, 2, seed=0), [1.0, -1.0]),
+    ],
+)
 def test_gradient_descent_is_first_order_and_modified_flow_second_order(problem, init):
     lrs = [0.04, 0.02, 0.01, 0.005]
     gd = flow_errors(problem, lrs, 2.0, init, stochastic=False)["rms_error"]
@@ -122,4 +128,5 @@ def test_weak_error_compares_each_chain_with_its_own_flow():
     gd = simulate_sgd(q, 0.1, 1, 20, 5, init=init[:5], statistics=False, sampling="full")
     assert full["rms_error"][0] == pytest.approx(
         float(((gd.final - gradient_flow(q, init[:5], [2.0])[0]) ** 2).sum(-1).mean()) ** 0.5,
-        rel=1e-12)
+        rel=1e-12,
+    )

@@ -51,8 +51,9 @@ def test_euler_maruyama_stationary_covariance_is_a_discrete_lyapunov_solution():
     for k in range(4):
         _assert_z(m[k], se[k], S.reshape(-1)[k])
     S_ou = ou_covariance(H, C, eta, B)
-    gaps = [np.abs(stationary_covariance(H, eta * C / h, h, B) - S_ou).max() for h in
-            (0.04, 0.02, 0.01)]
+    gaps = [
+        np.abs(stationary_covariance(H, eta * C / h, h, B) - S_ou).max() for h in (0.04, 0.02, 0.01)
+    ]
     np.testing.assert_allclose(np.array(gaps[:-1]) / np.array(gaps[1:]), 2.0, rtol=0.05)
 
 
@@ -61,8 +62,7 @@ def test_quartic_langevin_reaches_gibbs_with_alpha_one_half():
     p = Quartic(sigma)
     R = 3000
     dens = langevin_stationary_density(p.loss_numpy, eta, sigma**2)
-    r = simulate_langevin(p, eta, 40.0, 0.01, R, init=torch.zeros(R, 1), burn_in_time=10.0,
-                          seed=2)
+    r = simulate_langevin(p, eta, 40.0, 0.01, R, init=torch.zeros(R, 1), burn_in_time=10.0, seed=2)
     # the final states are R independent draws: KS distance to the Gibbs cdf
     D, pval = ks_distance(r.final[:, 0], dens.cdf)
     assert D * np.sqrt(R) < 1.95, f"KS distance {D} (p = {pval})"
@@ -91,8 +91,9 @@ def test_double_well_mean_first_passage_time_by_simulation():
     eta = 0.5
     p = DoubleWell(noise_std=np.sqrt(2 * T / eta))
     exact = mean_first_passage_time(p.loss_numpy, T, -1.0, 1.0)
-    times = first_passage_times(p, eta, 1.0, dt=0.004, max_time=200.0, chains=3000,
-                                init=[-1.0], seed=4)
+    times = first_passage_times(
+        p, eta, 1.0, dt=0.004, max_time=200.0, chains=3000, init=[-1.0], seed=4
+    )
     assert torch.isfinite(times).all()
     m, se = estimate_mean(times)
     # discrete monitoring of the crossing biases the time up by O(sqrt(dt)); allow 2%
@@ -129,28 +130,42 @@ class _GenericQuadratic(Problem):
         return self.q.grad(phi)
 
 
-@pytest.mark.parametrize("H,C,pre", [
-    (np.diag([1.0, 0.5]), np.diag([1.0, 2.0]), None),
-    (np.array([[1.0, 0.3], [0.3, 0.5]]), np.array([[1.0, 0.2], [0.2, 2.0]]), None),
-    (np.array([[1.0, 0.3], [0.3, 0.5]]), np.diag([1.0, 2.0]), "inverse_std"),
-])
+@pytest.mark.parametrize(
+    "H,C,pre",
+    [
+        (np.diag([1.0, 0.5]), np.diag([1.0, 2.0]), None),
+        (np.array([[1.0, 0.3], [0.3, 0.5]]), np.array([[1.0, 0.2], [0.2, 2.0]]), None),
+        (np.array([[1.0, 0.3], [0.3, 0.5]]), np.diag([1.0, 2.0]), "inverse_std"),
+    ],
+)
 def test_fused_affine_step_equals_the_generic_step(H, C, pre):
     q = Quadratic(H, C, optimum=[0.5, -1.0])
-    kw = dict(lr=0.3, time=5.0, dt=0.01, chains=7, init=[2.0, 1.0], preconditioner=pre, seed=3,
-              record_every=100)
+    kw = dict(
+        lr=0.3,
+        time=5.0,
+        dt=0.01,
+        chains=7,
+        init=[2.0, 1.0],
+        preconditioner=pre,
+        seed=3,
+        record_every=100,
+    )
     fast = simulate_langevin(q, **kw)
     slow = simulate_langevin(_GenericQuadratic(q), **kw)
     torch.testing.assert_close(fast.trajectory, slow.trajectory, rtol=0, atol=1e-12)
     torch.testing.assert_close(fast.second_moment, slow.second_moment, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(lr=0.0), "lr"),
-    (dict(dt=0.3), "time / dt"),
-    (dict(diffusion="ito"), "diffusion"),
-    (dict(burn_in_time=5.0), "burn_in_time"),
-    (dict(preconditioner=[0.0]), "preconditioner"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lr=0.0), "lr"),
+        (dict(dt=0.3), "time / dt"),
+        (dict(diffusion="ito"), "diffusion"),
+        (dict(burn_in_time=5.0), "burn_in_time"),
+        (dict(preconditioner=[0.0]), "preconditioner"),
+    ],
+)
 def test_bad_input_raises_with_named_parameter(kwargs, match):
     args = dict(problem=Quartic(), lr=0.1, time=1.0, dt=0.1, chains=2)
     args.update(kwargs)
@@ -166,8 +181,9 @@ def test_gibbs_expectations_on_a_wide_interval_find_a_narrow_mass():
     g = GibbsDensity(lambda x: 0.5 * (x - 37.0) ** 2, 1e-3, lower=-100.0, upper=100.0)
     assert g.expect(lambda x: x) == pytest.approx(37.0, rel=1e-10)
     assert g.variance() == pytest.approx(1e-3, rel=1e-8)
-    p = langevin_stationary_density(lambda x: 0.5 * (x - 5.0) ** 2, lr=2e-4, sigma2=1.0,
-                                    lower=-50, upper=50)
+    p = langevin_stationary_density(
+        lambda x: 0.5 * (x - 5.0) ** 2, lr=2e-4, sigma2=1.0, lower=-50, upper=50
+    )
     assert p.expect(lambda x: x) == pytest.approx(5.0, rel=1e-10)
 
 

@@ -22,8 +22,9 @@ from sgdlab.dynamics import (
 torch.set_num_threads(1)
 
 PROBLEMS = {
-    "quadratic": lambda: Quadratic([[1.0, 0.3], [0.3, 0.5]], [[2.0, 0.4], [0.4, 1.0]],
-                                   optimum=[1.0, -1.0], min_loss=0.3),
+    "quadratic": lambda: Quadratic(
+        [[1.0, 0.3], [0.3, 0.5]], [[2.0, 0.4], [0.4, 1.0]], optimum=[1.0, -1.0], min_loss=0.3
+    ),
     "least_squares": lambda: GaussianLeastSquares([1.0, 0.5, 0.25], 0.5, optimum=[1, 2, 3]),
     "logistic": lambda: LogisticRegression.synthetic(100, 3, seed=1, l2=0.01),
     "mean_estimation": lambda: MeanEstimation(np.random.default_rng(0).standard_normal((30, 2))),
@@ -46,8 +47,9 @@ def test_gradient_and_hessian_vector_product_against_autograd(name):
     torch.testing.assert_close(p.grad(phi.detach()), auto.detach(), rtol=1e-12, atol=1e-12)
     v = _phi(p, seed=1)
     (hv,) = torch.autograd.grad((auto * v).sum(), phi)
-    torch.testing.assert_close(p.hessian_vector_product(phi.detach(), v), hv, rtol=1e-10,
-                               atol=1e-12)
+    torch.testing.assert_close(
+        p.hessian_vector_product(phi.detach(), v), hv, rtol=1e-10, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("name", sorted(PROBLEMS))
@@ -57,8 +59,7 @@ def test_optimum_hessian_and_min_loss(name):
     torch.testing.assert_close(p.grad(x), torch.zeros_like(x), rtol=0, atol=1e-10)
     assert float(p.loss(x)[0]) == pytest.approx(p.min_loss, abs=1e-12)
     # Hessian at the optimum by autograd, column by column
-    H = torch.autograd.functional.hessian(lambda z: p.loss(z.unsqueeze(0))[0],
-                                          x[0].clone())
+    H = torch.autograd.functional.hessian(lambda z: p.loss(z.unsqueeze(0))[0], x[0].clone())
     np.testing.assert_allclose(H.numpy(), p.hessian, atol=1e-10)
 
 
@@ -85,8 +86,9 @@ def test_finite_data_per_example_gradients(name):
     np.testing.assert_allclose(Go.T @ Go / p.n, p.noise_covariance, rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", ["quadratic", "least_squares", "double_well", "separable",
-                                  "logistic"])
+@pytest.mark.parametrize(
+    "name", ["quadratic", "least_squares", "double_well", "separable", "logistic"]
+)
 def test_sampled_gradients_have_the_declared_mean_and_covariance(name):
     p = PROBLEMS[name]()
     R, B = 20000, 4
@@ -116,8 +118,9 @@ def test_least_squares_state_dependent_covariance():
     m, se = estimate_mean((dev.unsqueeze(-1) * dev.unsqueeze(-2)).reshape(R, -1))
     Sig = p.gradient_covariance(phi[:1])[0].reshape(-1).numpy()
     assert np.all(np.abs(z_score(m, se, Sig)) < 4)
-    np.testing.assert_allclose(p.gradient_covariance(torch.as_tensor(p.optimum)[None])[0],
-                               p.noise_covariance, atol=1e-14)
+    np.testing.assert_allclose(
+        p.gradient_covariance(torch.as_tensor(p.optimum)[None])[0], p.noise_covariance, atol=1e-14
+    )
 
 
 def test_mean_estimation_standardized_and_logistic_separable_data():
@@ -131,15 +134,18 @@ def test_mean_estimation_standardized_and_logistic_separable_data():
     assert np.isfinite(q.optimum).all()
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: Quadratic([[1.0, 0.0], [0.0, -1.0]], 1.0), "hessian"),
-    (lambda: Quadratic(1.0, [[1.0, 0.0], [0.0, 1.0]]), "noise_covariance"),
-    (lambda: GaussianLeastSquares([1.0], -0.5), "noise_variance"),
-    (lambda: MeanEstimation([1.0]), "n >= 2"),
-    (lambda: LogisticRegression(np.ones((3, 1)), [0, 1, 2]), "labels"),
-    (lambda: Separable([0.0], [1.0]), "confining"),
-    (lambda: DoubleWell(0.0), "noise_std"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: Quadratic([[1.0, 0.0], [0.0, -1.0]], 1.0), "hessian"),
+        (lambda: Quadratic(1.0, [[1.0, 0.0], [0.0, 1.0]]), "noise_covariance"),
+        (lambda: GaussianLeastSquares([1.0], -0.5), "noise_variance"),
+        (lambda: MeanEstimation([1.0]), "n >= 2"),
+        (lambda: LogisticRegression(np.ones((3, 1)), [0, 1, 2]), "labels"),
+        (lambda: Separable([0.0], [1.0]), "confining"),
+        (lambda: DoubleWell(0.0), "noise_std"),
+    ],
+)
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()

@@ -29,12 +29,14 @@ from sgdlab.dynamics import (
 )
 
 H4 = np.diag([1.0, 0.5, 0.25, 0.1])
-C4 = np.array([[1.0, 0.3, 0.0, 0.1], [0.3, 0.8, 0.2, 0.0], [0.0, 0.2, 0.5, 0.1],
-               [0.1, 0.0, 0.1, 0.4]])
+C4 = np.array(
+    [[1.0, 0.3, 0.0, 0.1], [0.3, 0.8, 0.2, 0.0], [0.0, 0.2, 0.5, 0.1], [0.1, 0.0, 0.1, 0.4]]
+)
 
 
-@pytest.mark.parametrize("eta,value", [(0.01, 0.0025126), (0.1, 0.0263158), (0.5, 0.166667),
-                                       (1.0, 0.5)])
+@pytest.mark.parametrize(
+    "eta,value", [(0.01, 0.0025126), (0.1, 0.0263158), (0.5, 0.166667), (1.0, 0.5)]
+)
 def test_one_dimensional_excess_loss_values(eta, value):
     assert quadratic_excess_loss(1.0, eta) == pytest.approx(value, abs=5e-7)
     assert excess_loss(1.0, 1.0, eta) == pytest.approx(quadratic_excess_loss(1.0, eta), rel=1e-12)
@@ -45,7 +47,8 @@ def test_discrete_lyapunov_solves_its_equation_and_matches_1d_formula():
     A = np.eye(4) - 0.4 * H4
     np.testing.assert_allclose(S, A @ S @ A.T + 0.16 * C4 / 3, atol=1e-14)
     assert stationary_covariance(2.0, 3.0, 0.3, 2)[0, 0] == pytest.approx(
-        quadratic_variance(2.0, 0.3, 3.0, 2), rel=1e-12)
+        quadratic_variance(2.0, 0.3, 3.0, 2), rel=1e-12
+    )
 
 
 def test_lyapunov_matches_the_series_sum():
@@ -109,13 +112,14 @@ def test_momentum_lyapunov_general_matrix_form():
 
 @pytest.mark.parametrize("B,eta,value", [(1, 0.05, 0.012945), (4, 0.4, 0.032879)])
 def test_least_squares_gaussian_inputs(B, eta, value):
-    assert least_squares_excess_loss([1, .5, .25, .1, .05], 0.5, eta, B) == pytest.approx(
-        value, abs=5e-7)
+    assert least_squares_excess_loss([1, 0.5, 0.25, 0.1, 0.05], 0.5, eta, B) == pytest.approx(
+        value, abs=5e-7
+    )
 
 
 def test_least_squares_fixed_point_of_second_moment_recursion():
     # s_k' = s_k (1 - 2 eta h_k + eta^2 h_k^2 (1 + 1/B)) + eta^2 h_k (sum h s + s2)/B, iterated
-    h, s2, eta, B = np.array([1, .5, .25, .1, .05]), 0.5, 0.4, 4
+    h, s2, eta, B = np.array([1, 0.5, 0.25, 0.1, 0.05]), 0.5, 0.4, 4
     s = np.zeros(5)
     for _ in range(20000):
         s = s * (1 - 2 * eta * h + eta**2 * h**2 * (1 + 1 / B)) + eta**2 * h * (h @ s + s2) / B
@@ -140,15 +144,19 @@ def _brute_force_reshuffling(H, Z, eta, B):
         for p in perms:
             v = np.zeros(d)
             for j in range(m):
-                v = A @ v + eta * Z[list(p[j * B:(j + 1) * B])].mean(axis=0)
+                v = A @ v + eta * Z[list(p[j * B : (j + 1) * B])].mean(axis=0)
             acc += np.outer(v, v)
         covs.append(acc / len(perms))
     AM = np.linalg.matrix_power(A, M)
     S0 = np.zeros((d, d))
     for _ in range(5000):
         S0 = AM @ S0 @ AM.T + covs[M]
-    return np.stack([np.linalg.matrix_power(A, m) @ S0 @ np.linalg.matrix_power(A, m).T
-                     + covs[m] for m in range(M)])
+    return np.stack(
+        [
+            np.linalg.matrix_power(A, m) @ S0 @ np.linalg.matrix_power(A, m).T + covs[m]
+            for m in range(M)
+        ]
+    )
 
 
 @pytest.mark.parametrize("B", [1, 2])
@@ -159,8 +167,7 @@ def test_reshuffling_covariances_against_enumeration_of_permutations(B):
     C = Z.T @ Z / 6
     H = np.array([[1.0, 0.2], [0.2, 0.6]])
     got = reshuffling_covariances(H, C, 0.3, 6, B)
-    np.testing.assert_allclose(got, _brute_force_reshuffling(H, Z, 0.3, B), rtol=1e-9,
-                               atol=1e-14)
+    np.testing.assert_allclose(got, _brute_force_reshuffling(H, Z, 0.3, B), rtol=1e-9, atol=1e-14)
 
 
 def test_reshuffling_tends_to_with_replacement_for_long_epochs_and_slope_zero():
@@ -187,13 +194,15 @@ def test_mean_first_passage_time_double_well():
     L = lambda x: (x**2 - 1) ** 2 / 4  # noqa: E731
     assert round(mean_first_passage_time(L, 0.1, -1.0, 1.0), 2) == 66.27
     assert mean_first_passage_time(L, 0.1, 1.0, -1.0) == pytest.approx(
-        mean_first_passage_time(L, 0.1, -1.0, 1.0), rel=1e-10)
+        mean_first_passage_time(L, 0.1, -1.0, 1.0), rel=1e-10
+    )
 
 
 def test_mean_first_passage_time_flat_potential_closed_form():
     # Brownian motion with reflection at 0: tau(0 -> b) = b^2 / (2T)
     assert mean_first_passage_time(lambda x: 0 * x, 0.3, 0.0, 1.5, barrier=0.0) == pytest.approx(
-        1.5**2 / 0.6, rel=1e-9)
+        1.5**2 / 0.6, rel=1e-9
+    )
 
 
 def test_gibbs_density_normalised_and_quartic_equipartition():
@@ -214,8 +223,11 @@ def test_coordinate_temperatures():
     T = coordinate_temperatures([1, 1], sig2, 0.02 / np.sqrt(sig2), exact=False)
     np.testing.assert_allclose(T, 0.02 * np.sqrt(sig2) / 2)
     Te = coordinate_temperatures([2.0, 0.5], sig2, [0.1, 0.01], batch_size=2)
-    np.testing.assert_allclose(Te, [2.0, 0.5] * np.array(
-        [quadratic_variance(2.0, 0.1, 1.0, 2), quadratic_variance(0.5, 0.01, 9.0, 2)]))
+    np.testing.assert_allclose(
+        Te,
+        [2.0, 0.5]
+        * np.array([quadratic_variance(2.0, 0.1, 1.0, 2), quadratic_variance(0.5, 0.01, 9.0, 2)]),
+    )
 
 
 def test_lr_drop_curve_matches_the_recursion():
@@ -236,17 +248,20 @@ def test_gradient_flow_ratio_formula():
     assert expm(-np.array([[h]]) * t)[0, 0] == pytest.approx(np.exp(-h * t))
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: stationary_covariance(1.0, 1.0, 2.5), "unstable"),
-    (lambda: stationary_covariance([[1, 2], [0, 1]], 1.0, 0.1), "symmetric"),
-    (lambda: stationary_covariance(1.0, -1.0, 0.1), "positive semi-definite"),
-    (lambda: excess_loss(1.0, 1.0, 0.1, batch_size=0), "batch_size"),
-    (lambda: quadratic_variance(1.0, -0.1), "lr"),
-    (lambda: least_squares_excess_loss([1.0], 0.5, 1.5, 1), "unstable"),
-    (lambda: reshuffling_excess_loss(1.0, 1.0, 0.1, n=4, batch_size=5), "batch_size"),
-    (lambda: mean_first_passage_time(lambda x: x, -1.0, 0.0, 1.0), "temperature"),
-    (lambda: heavy_ball_variance(1.0, 0.1, 1.0), "beta"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: stationary_covariance(1.0, 1.0, 2.5), "unstable"),
+        (lambda: stationary_covariance([[1, 2], [0, 1]], 1.0, 0.1), "symmetric"),
+        (lambda: stationary_covariance(1.0, -1.0, 0.1), "positive semi-definite"),
+        (lambda: excess_loss(1.0, 1.0, 0.1, batch_size=0), "batch_size"),
+        (lambda: quadratic_variance(1.0, -0.1), "lr"),
+        (lambda: least_squares_excess_loss([1.0], 0.5, 1.5, 1), "unstable"),
+        (lambda: reshuffling_excess_loss(1.0, 1.0, 0.1, n=4, batch_size=5), "batch_size"),
+        (lambda: mean_first_passage_time(lambda x: x, -1.0, 0.0, 1.0), "temperature"),
+        (lambda: heavy_ball_variance(1.0, 0.1, 1.0), "beta"),
+    ],
+)
 def test_bad_input_raises_with_named_parameter(call, match):
     with pytest.raises(ValueError, match=match):
         call()

@@ -48,8 +48,9 @@ def test_one_dimensional_quadratic_excess_loss(eta):
     p = Quadratic(1.0, 1.0)
     V = quadratic_variance(1.0, eta)
     steps = max(400, int(20 / eta))
-    r = simulate_sgd(p, eta, 1, steps, 2000, init=_stationary_init(np.array([[V]]), 2000, 1),
-                     seed=2)
+    r = simulate_sgd(
+        p, eta, 1, steps, 2000, init=_stationary_init(np.array([[V]]), 2000, 1), seed=2
+    )
     _assert_z(*estimate_mean(r.excess_loss), excess_loss(1.0, 1.0, eta))
     # the fluctuation-dissipation identity: excess = (eta / 4) E ||g_hat||^2, exact
     _assert_z(*estimate_mean(r.excess_loss - eta / 4 * r.grad_sq), 0.0)
@@ -73,7 +74,7 @@ def test_two_dimensional_quadratic_covariance_and_fdr_with_batches():
 
 @pytest.mark.parametrize("B,eta,value", [(1, 0.05, 0.012945), (4, 0.4, 0.032879)])
 def test_least_squares_multiplicative_noise(B, eta, value):
-    h = np.array([1, .5, .25, .1, .05])
+    h = np.array([1, 0.5, 0.25, 0.1, 0.05])
     p = GaussianLeastSquares(h, 0.5)
     A = np.sum(eta * h / (B * (2 - eta * (1 + 1 / B) * h)))
     X = 0.5 * A / (1 - A)
@@ -94,8 +95,16 @@ def test_random_reshuffling_excess_loss():
 
     S0 = reshuffling_covariances(1.0, 1.0, 0.01, 50)[0]
     R = 1000
-    r = simulate_sgd(p, 0.01, 1, 50 * 60, R, sampling="reshuffle",
-                     init=_stationary_init(S0, R, 7, p.optimum), seed=8)
+    r = simulate_sgd(
+        p,
+        0.01,
+        1,
+        50 * 60,
+        R,
+        sampling="reshuffle",
+        init=_stationary_init(S0, R, 7, p.optimum),
+        seed=8,
+    )
     m, se = estimate_mean(r.excess_loss)
     _assert_z(m, se, ref)
     assert m < 0.25 * excess_loss(1.0, 1.0, 0.01)  # far below sampling with replacement
@@ -104,8 +113,9 @@ def test_random_reshuffling_excess_loss():
 def test_with_replacement_from_a_finite_data_set():
     p = MeanEstimation.standardized(50, 1.0, seed=1)
     V = quadratic_variance(1.0, 0.2, 1.0, 2)
-    r = simulate_sgd(p, 0.2, 2, 1500, 2000, init=_stationary_init(np.array([[V]]), 2000, 9,
-                                                                     p.optimum), seed=10)
+    r = simulate_sgd(
+        p, 0.2, 2, 1500, 2000, init=_stationary_init(np.array([[V]]), 2000, 9, p.optimum), seed=10
+    )
     _assert_z(*estimate_mean(r.excess_loss), excess_loss(1.0, 1.0, 0.2, 2))
 
 
@@ -123,7 +133,7 @@ def test_reshuffled_batch_gradient_covers_each_example_once_per_epoch():
     phi = torch.full((4000, 1), 5.5, dtype=torch.float64)
     perm = torch.argsort(torch.rand(4000, 12, generator=gen), dim=1)
     for j in range(4):
-        grads.append(p.example_grads(phi, perm[:, 3 * j:3 * j + 3]).mean(1)[:, 0])
+        grads.append(p.example_grads(phi, perm[:, 3 * j : 3 * j + 3]).mean(1)[:, 0])
     G = torch.stack(grads, 1)
     assert torch.allclose(G.sum(1), torch.zeros(4000, dtype=torch.float64), atol=1e-12)
     s2 = float(np.var(np.arange(12.0)))
@@ -138,8 +148,9 @@ def test_momentum_heavy_ball_variance(beta, eta):
     R = 2000
     x = _stationary_init(S, R, 11)
     steps = 3000 if eta < 0.1 else 600
-    r = simulate_sgd(p, eta, 1, steps, R, init=x[:, :1], init_momentum=x[:, 1:],
-                     momentum_horizon=Ng, seed=12)
+    r = simulate_sgd(
+        p, eta, 1, steps, R, init=x[:, :1], init_momentum=x[:, 1:], momentum_horizon=Ng, seed=12
+    )
     _assert_z(*estimate_mean(r.variance[:, 0]), heavy_ball_variance(1.0, eta, beta))
 
 
@@ -148,8 +159,9 @@ def test_momentum_forms_identical_to_torch_sgd_in_float64():
     p = MeanEstimation(y)  # per-example sampling through the problem: replayable draws
     beta, B, steps = 0.8, 3, 40
     schedule = lambda t: 0.1 / (1 + t / 10)  # noqa: E731
-    r = simulate_sgd(p, schedule, B, steps, 4, init=[2.0, 1.0], momentum_horizon=5.0, seed=3,
-                     record_every=1)
+    r = simulate_sgd(
+        p, schedule, B, steps, 4, init=[2.0, 1.0], momentum_horizon=5.0, seed=3, record_every=1
+    )
     gen = torch.Generator().manual_seed(3)
     w = torch.nn.Parameter(torch.tensor([[2.0, 1.0]] * 4, dtype=torch.float64))
     opt = torch.optim.SGD([w], lr=0.1, momentum=beta, dampening=0.0)
@@ -172,9 +184,17 @@ def test_learning_rate_drop_relaxation_curve():
     eta_old, eta_new, h = 0.4, 0.04, 1.0
     V_old = quadratic_variance(h, eta_old)
     R, steps = 4000, 60
-    r = simulate_sgd(Quadratic(h, 1.0), lambda t: eta_new, 1, steps, R,
-                     init=_stationary_init(np.array([[V_old]]), R, 13), record_every=10,
-                     statistics=False, seed=14)
+    r = simulate_sgd(
+        Quadratic(h, 1.0),
+        lambda t: eta_new,
+        1,
+        steps,
+        R,
+        init=_stationary_init(np.array([[V_old]]), R, 13),
+        record_every=10,
+        statistics=False,
+        seed=14,
+    )
     exact = lr_drop_second_moment(r.record_steps.numpy(), h, eta_old, eta_new)
     for k in range(len(r.record_steps)):
         _assert_z(*estimate_mean(r.trajectory[k, :, 0] ** 2), exact[k])
@@ -210,8 +230,17 @@ def test_per_coordinate_temperatures(kind):
     V = etas * sigma**2 / (h * (2 - etas * h))
     R = 2000
     init = _stationary_init(np.diag(V), R, 30)
-    r = simulate_sgd(p, eta_p, 1, 2500, R, init=init, preconditioner=kind,
-                     observables=estimate_temperatures.observables(p), seed=31)
+    r = simulate_sgd(
+        p,
+        eta_p,
+        1,
+        2500,
+        R,
+        init=init,
+        preconditioner=kind,
+        observables=estimate_temperatures.observables(p),
+        seed=31,
+    )
     T, se = estimate_temperatures(r)
     exact = etas * sigma**2 / (2 - etas * h)
     for i in range(2):
@@ -228,10 +257,21 @@ def test_rmsprop_preconditioner_against_a_per_chain_reference_loop():
     p = MeanEstimation(np.random.default_rng(1).standard_normal((40, 2)) * [1.0, 3.0])
     for q in ("batch", "per_example"):
         for place, power in (("outside", 0.5), ("inside", 1.0)):
-            pre = RMSPropPreconditioner(horizon=10, eps=1e-3, power=power, eps_placement=place,
-                                        second_moment=q)
-            r = simulate_sgd(p, 0.05, 2, 30, 3, init=[1.0, -1.0], preconditioner=pre,
-                             momentum_horizon=2.0, seed=5, record_every=1)
+            pre = RMSPropPreconditioner(
+                horizon=10, eps=1e-3, power=power, eps_placement=place, second_moment=q
+            )
+            r = simulate_sgd(
+                p,
+                0.05,
+                2,
+                30,
+                3,
+                init=[1.0, -1.0],
+                preconditioner=pre,
+                momentum_horizon=2.0,
+                seed=5,
+                record_every=1,
+            )
             # reference: a slow per-coordinate loop replaying the same draws
             gen = torch.Generator().manual_seed(5)
             phi = torch.tensor([[1.0, -1.0]] * 3, dtype=torch.float64)
@@ -250,8 +290,11 @@ def test_rmsprop_preconditioner_against_a_per_chain_reference_loop():
                         k = 1.0 / min(t + 1, 10)
                         s[c, i] = (1 - k) * s[c, i] + k * qq[c, i]
                         mu[c, i] = 0.5 * mu[c, i] + 0.5 * g[c, i]
-                        den = (s[c, i].sqrt() + 1e-3 if place == "outside"
-                               else (s[c, i] + 1e-3) ** power)
+                        den = (
+                            s[c, i].sqrt() + 1e-3
+                            if place == "outside"
+                            else (s[c, i] + 1e-3) ** power
+                        )
                         new[c, i] = phi[c, i] - 2.0 * 0.05 * mu[c, i] / den
                 phi = new
                 assert torch.allclose(r.trajectory[t + 1], phi, rtol=0, atol=1e-12)
@@ -264,12 +307,17 @@ class _NoShortcutQuadratic(Quadratic):
         return None
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(momentum_horizon=4.0),
-                                dict(preconditioner=[1.0, 0.5], lr=lambda t: 0.1 / (1 + t))])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(momentum_horizon=4.0),
+        dict(preconditioner=[1.0, 0.5], lr=lambda t: 0.1 / (1 + t)),
+    ],
+)
 def test_fused_affine_gradient_equals_generic_gradient_pathwise(kw):
     H, C = [[1.0, 0.3], [0.3, 0.5]], [[1.0, 0.2], [0.2, 2.0]]
-    args = dict(lr=0.2, batch_size=3, steps=300, chains=5, init=[2.0, 1.0], record_every=50,
-                seed=4)
+    args = dict(lr=0.2, batch_size=3, steps=300, chains=5, init=[2.0, 1.0], record_every=50, seed=4)
     args.update(kw)
     fast = simulate_sgd(Quadratic(H, C, optimum=[0.5, -1.0]), **args)
     slow = simulate_sgd(_NoShortcutQuadratic(H, C, optimum=[0.5, -1.0]), **args)
@@ -289,25 +337,27 @@ def test_learning_rate_zero_is_a_no_op_and_seeds_reproduce():
     assert f32.final.dtype == torch.float32
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(lr=-0.1), "lr"),
-    (dict(lr=lambda t: float("nan")), "schedule"),
-    (dict(batch_size=0), "batch_size"),
-    (dict(steps=0), "steps"),
-    (dict(chains=2.5), "chains"),
-    (dict(sampling="shuffle"), "sampling"),
-    (dict(sampling="reshuffle"), "finite data set"),
-    (dict(momentum_horizon=0.5), "momentum_horizon"),
-    (dict(init_momentum=[0.0, 0.0]), "init_momentum"),
-    (dict(preconditioner=[1.0, -1.0]), "preconditioner"),
-    (dict(preconditioner="adam"), "preconditioner"),
-    (dict(burn_in=10), "burn_in"),
-    (dict(init=[1.0, 2.0, 3.0]), "init"),
-    (dict(dtype=torch.int64), "dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lr=-0.1), "lr"),
+        (dict(lr=lambda t: float("nan")), "schedule"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(steps=0), "steps"),
+        (dict(chains=2.5), "chains"),
+        (dict(sampling="shuffle"), "sampling"),
+        (dict(sampling="reshuffle"), "finite data set"),
+        (dict(momentum_horizon=0.5), "momentum_horizon"),
+        (dict(init_momentum=[0.0, 0.0]), "init_momentum"),
+        (dict(preconditioner=[1.0, -1.0]), "preconditioner"),
+        (dict(preconditioner="adam"), "preconditioner"),
+        (dict(burn_in=10), "burn_in"),
+        (dict(init=[1.0, 2.0, 3.0]), "init"),
+        (dict(dtype=torch.int64), "dtype"),
+    ],
+)
 def test_bad_input_raises_with_named_parameter(kwargs, match):
-    args = dict(problem=Quadratic([1.0, 2.0], [1.0, 1.0]), lr=0.1, batch_size=1, steps=10,
-                chains=2)
+    args = dict(problem=Quadratic([1.0, 2.0], [1.0, 1.0]), lr=0.1, batch_size=1, steps=10, chains=2)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         simulate_sgd(**args)

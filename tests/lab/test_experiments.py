@@ -83,8 +83,16 @@ def test_claim_ids_unique_and_complete(tiny_run: Path) -> None:
     assert len(ids) == len(set(ids))
     assert set(summary["experiments"]) == set(NAMES)
     for c in summary["claims"]:
-        for key in ("id", "statement", "formula", "predicted", "measured", "stderr",
-                    "tolerance", "verdict"):
+        for key in (
+            "id",
+            "statement",
+            "formula",
+            "predicted",
+            "measured",
+            "stderr",
+            "tolerance",
+            "verdict",
+        ):
             assert c[key] is not None and c[key] != "", (c["id"], key)
 
 

@@ -32,8 +32,17 @@ def test_spawned_ranks_match_the_single_process_oracles(tiny_run: Path) -> None:
     assert m["launcher"] == "spawn" and m["world_size"] == 2
     assert m["global_batch"] == 2 * m["micro_batch"] * m["accumulation"] == 128
     claims = {c["id"]: c for c in rec["claims"]}
-    for cid in ("params", "adam_state", "ranks_identical", "tr_sigma", "b_simple",
-                "global_batch", "effective_lr", "effective_beta1", "global_not_local"):
+    for cid in (
+        "params",
+        "adam_state",
+        "ranks_identical",
+        "tr_sigma",
+        "b_simple",
+        "global_batch",
+        "effective_lr",
+        "effective_beta1",
+        "global_not_local",
+    ):
         c = claims[f"data_parallel.{cid}"]
         assert c["verdict"] == "agrees", c
     for s in m["seeds"]:
@@ -52,8 +61,9 @@ def test_spawned_ranks_match_the_single_process_oracles(tiny_run: Path) -> None:
     assert fig.startswith("data_parallel.") and (tiny_run / "data_parallel" / fig).is_file()
 
 
-def test_nproc_2_under_torchrun_equals_the_spawned_run(tiny_run: Path, tmp_path: Path,
-                                                       capfd: pytest.CaptureFixture[str]) -> None:
+def test_nproc_2_under_torchrun_equals_the_spawned_run(
+    tiny_run: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "dp"
     shutil.copytree(tiny_run / "_data", out / "_data")  # MNIST-1D cache: no regeneration
     rc = main(["run", "data_parallel", "--preset", "tiny", "--nproc", "2", "--out", str(out)])
@@ -63,8 +73,13 @@ def test_nproc_2_under_torchrun_equals_the_spawned_run(tiny_run: Path, tmp_path:
     assert "2 ranks" in printed
     files = sorted(p.name for p in (out / "data_parallel").iterdir())
     assert files == sorted(["config.json", "curves", *_record(out)["figures"], "results.json"])
-    assert sorted(p.name for p in out.iterdir()) == [".sgdlab.lock", "_data", "data_parallel",
-                                                     "index.html", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".sgdlab.lock",
+        "_data",
+        "data_parallel",
+        "index.html",
+        "results.json",
+    ]
     two, spawned = _record(out), _record(tiny_run)
     assert two["config"] == spawned["config"] and two["config"]["world_size"] == 2
     assert two["measurements"]["launcher"] == "torchrun"
@@ -73,8 +88,9 @@ def test_nproc_2_under_torchrun_equals_the_spawned_run(tiny_run: Path, tmp_path:
             assert two["measurements"][key] == spawned["measurements"][key], key
     assert [c["verdict"] for c in two["claims"]] == [c["verdict"] for c in spawned["claims"]]
     # finished: a second launch skips the run (rank 0 decides for every rank)
-    assert main(["run", "data_parallel", "--preset", "tiny", "--nproc", "2",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["run", "data_parallel", "--preset", "tiny", "--nproc", "2", "--out", str(out)]) == 0
+    )
     assert "data_parallel: skipped" in capfd.readouterr().out
 
 

@@ -25,17 +25,22 @@ def _grid(best: dict[float, float], octaves=(-2, -1, 0, 1, 2)) -> list[dict[str,
     for r, c in best.items():
         for k in octaves:
             loss = math.exp(0.1 * (k - c) ** 2)
-            cells.append({"row": r, "octave": k, "lr": 2.0**k, "loss": loss,
-                          "losses": [loss, loss]})  # two seeds that agree
+            cells.append(
+                {"row": r, "octave": k, "lr": 2.0**k, "loss": loss, "losses": [loss, loss]}
+            )  # two seeds that agree
     return cells
 
 
 def _results(best_b: dict[int, float], b_simple: float) -> dict:
     return {
-        "grids": {"eta_prime_ng": _grid({1.0: 0.0, 8.0: 0.25}),
-                  "eta_ng": _grid({1.0: 0.0, 8.0: -1.0}),  # (a 3-octave shift is off-grid here)
-                  "eta_prime_b": _grid(best_b)},
-        "n_g": [1.0, 8.0], "batch_sizes": sorted(best_b), "noise": {"b_simple": b_simple},
+        "grids": {
+            "eta_prime_ng": _grid({1.0: 0.0, 8.0: 0.25}),
+            "eta_ng": _grid({1.0: 0.0, 8.0: -1.0}),  # (a 3-octave shift is off-grid here)
+            "eta_prime_b": _grid(best_b),
+        },
+        "n_g": [1.0, 8.0],
+        "batch_sizes": sorted(best_b),
+        "noise": {"b_simple": b_simple},
         "seeds": 2,
     }
 

@@ -45,8 +45,9 @@ def same_graph_grads(losses: Tensor, params: list[Tensor]) -> list[Tensor]:
     return [torch.stack(r) for r in zip(*rows, strict=True)]
 
 
-def assert_statistics(model: nn.Module, per: list[Tensor], tracker=None, tol: float = 1e-10,
-                      unused_ok: bool = False) -> None:
+def assert_statistics(
+    model: nn.Module, per: list[Tensor], tracker=None, tol: float = 1e-10, unused_ok: bool = False
+) -> None:
     """Each trainable parameter's ``grad_second_moment`` against ``mean_b g_b^2`` of its
     per-example gradients ``per`` (in ``model.parameters()`` order), and, given the tracker,
     its per-example squared norms against ``sum_p |g_b|^2``. With ``unused_ok`` a parameter

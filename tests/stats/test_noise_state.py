@@ -92,12 +92,18 @@ def _state() -> dict:
         (lambda s: s.update(step=1.5), TypeError, r"state\['step'\] must be an int, got float"),
         (lambda s: s.update(updates=True), TypeError, r"state\['updates'\] must be an int"),
         (lambda s: s.update(updates=-1), ValueError, r"state\['updates'\] must be >= 0, got -1"),
-        (lambda s: s.update(ema_grad_sq_norm="x"), TypeError,
-         r"state\['ema_grad_sq_norm'\] must be a float, got str"),
+        (
+            lambda s: s.update(ema_grad_sq_norm="x"),
+            TypeError,
+            r"state\['ema_grad_sq_norm'\] must be a float, got str",
+        ),
         (lambda s: s.update(ema_tr_sigma=math.nan), ValueError, "must be finite, got nan"),
         (lambda s: s.update(ema_grad_sq_norm=math.inf), ValueError, "must be finite, got inf"),
-        (lambda s: s.update(beta=0.9), ValueError, "recorded with beta=0.9, this meter has "
-                                                   "beta=0.99"),
+        (
+            lambda s: s.update(beta=0.9),
+            ValueError,
+            "recorded with beta=0.9, this meter has beta=0.99",
+        ),
         (lambda s: s.update(groups=["all"]), ValueError, r"holds the groups \['all'\]"),
         (lambda s: s.update(groups="0.weight"), TypeError, "must be a list of group names"),
         (lambda s: s.update(format="other"), ValueError, "format must be"),

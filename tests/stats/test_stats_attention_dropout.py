@@ -36,14 +36,20 @@ def test_encoder_layer_with_dropout_matches_per_example_gradients(norm_first, re
     """torch's encoder layer in training mode with dropout everywhere (attention, residual,
     feed-forward), a key-padding mask and a causal mask."""
     torch.manual_seed(1)
-    layer = nn.TransformerEncoderLayer(D, 2, 16, dropout=0.3, batch_first=True,
-                                       norm_first=norm_first).double()
+    layer = nn.TransformerEncoderLayer(
+        D, 2, 16, dropout=0.3, batch_first=True, norm_first=norm_first
+    ).double()
     x = torch.randn(B, T, D, dtype=torch.float64)
     pad = torch.zeros(B, T, dtype=torch.bool)
     pad[1, 3:] = True
     causal = torch.ones(T, T, dtype=torch.bool).triu(1)
-    _check(layer, lambda m: m(x, src_mask=causal, src_key_padding_mask=pad, is_causal=True)
-           .pow(2).sum((1, 2)), reduction)
+    _check(
+        layer,
+        lambda m: (
+            m(x, src_mask=causal, src_key_padding_mask=pad, is_causal=True).pow(2).sum((1, 2))
+        ),
+        reduction,
+    )
 
 
 ATTENTION = {

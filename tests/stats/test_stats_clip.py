@@ -33,16 +33,15 @@ def test_clipped_statistics_are_those_of_the_scaled_loss(max_norm):
     _loss(model).backward()
     total = stats.clip_grad_norm_(model.parameters(), max_norm)
     _loss(reference).backward()  # torch's clipping of the same gradient
-    torch.testing.assert_close(torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm),
-                               total, rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm), total, rtol=0, atol=0
+    )
     factor = min(1.0, max_norm / (float(total) + 1e-6))
     (factor * _loss(twin)).backward()
-    for p, q, r in zip(model.parameters(), twin.parameters(), reference.parameters(),
-                       strict=True):
+    for p, q, r in zip(model.parameters(), twin.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, r.grad, rtol=0, atol=0)
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0)
-        torch.testing.assert_close(p.grad_second_moment, q.grad_second_moment, rtol=1e-12,
-                                   atol=0)
+        torch.testing.assert_close(p.grad_second_moment, q.grad_second_moment, rtol=1e-12, atol=0)
     if max_norm < 1:  # torch's clipping leaves the statistics unscaled: they differ
         ratio = r.grad_second_moment / p.grad_second_moment
         assert float(ratio.min()) > 10

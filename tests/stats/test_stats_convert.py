@@ -16,9 +16,15 @@ from sgdlab import stats
 
 def _net():
     return nn.Sequential(
-        nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Sequential(nn.Conv2d(6, 4, 3), nn.BatchNorm2d(4, affine=False)), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 3 * 3, 5), nn.BatchNorm1d(5), nn.Linear(5, 3),
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Sequential(nn.Conv2d(6, 4, 3), nn.BatchNorm2d(4, affine=False)),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 5),
+        nn.BatchNorm1d(5),
+        nn.Linear(5, 3),
     )
 
 

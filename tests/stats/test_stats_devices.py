@@ -53,22 +53,45 @@ class Checkpointed(nn.Module):
 
 
 MODELS = {
-    "mlp": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(36, 12), nn.ReLU(), nn.Linear(12, 12),
-                                  nn.ReLU(), nn.Linear(12, 5)),
-            lambda: torch.randn(B, 1, 6, 6)),
-    "cnn": (lambda: nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                  nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.ReLU(),
-                                  nn.Flatten(), nn.Linear(54, 5)),
-            lambda: torch.randn(B, 1, 6, 6)),
-    "block": (lambda: nn.Sequential(Block(16), nn.Flatten(), nn.Linear(7 * 16, 5)),
-              lambda: torch.randn(B, 7, 16)),
+    "mlp": (
+        lambda: nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(36, 12),
+            nn.ReLU(),
+            nn.Linear(12, 12),
+            nn.ReLU(),
+            nn.Linear(12, 5),
+        ),
+        lambda: torch.randn(B, 1, 6, 6),
+    ),
+    "cnn": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 6, 3, padding=1, groups=2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(54, 5),
+        ),
+        lambda: torch.randn(B, 1, 6, 6),
+    ),
+    "block": (
+        lambda: nn.Sequential(Block(16), nn.Flatten(), nn.Linear(7 * 16, 5)),
+        lambda: torch.randn(B, 7, 16),
+    ),
     "tied": (TiedMean, lambda: torch.randint(0, 5, (B, 4))),
     "checkpointed": (Checkpointed, lambda: torch.randn(B, 4, 3)),
-    "decoder": (lambda: nn.Sequential(nn.ConvTranspose2d(3, 4, 4, 2, 1), nn.ReLU(),
-                                      nn.ConvTranspose2d(4, 2, 3, 2, 1, output_padding=1,
-                                                         groups=2),
-                                      nn.Flatten(), nn.Linear(2 * 12 * 12, 5)),
-                lambda: torch.randn(B, 3, 3, 3)),
+    "decoder": (
+        lambda: nn.Sequential(
+            nn.ConvTranspose2d(3, 4, 4, 2, 1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(4, 2, 3, 2, 1, output_padding=1, groups=2),
+            nn.Flatten(),
+            nn.Linear(2 * 12 * 12, 5),
+        ),
+        lambda: torch.randn(B, 3, 3, 3),
+    ),
 }
 
 
@@ -108,9 +131,12 @@ def _convs():
     """Stride, dilation, a non-square kernel, asymmetric padding, a reflect-padded 'same'
     convolution without bias."""
     return nn.Sequential(
-        nn.Conv2d(1, 5, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(2, 1)), nn.ReLU(),
-        nn.Conv2d(5, 4, 3, bias=False, padding="same", padding_mode="reflect"), nn.Tanh(),
-        nn.Flatten(), nn.Linear(96, 5),
+        nn.Conv2d(1, 5, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(2, 1)),
+        nn.ReLU(),
+        nn.Conv2d(5, 4, 3, bias=False, padding="same", padding_mode="reflect"),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(96, 5),
     )
 
 
@@ -161,19 +187,60 @@ def _other_rule_calls(device):
     out = []
     for mode in ("mean", "max"):
         bag = nn.EmbeddingBag(20, 4, mode=mode, padding_idx=0).to(device)
-        out.append((embedding_bag_rule, Call(bag, (flat, offsets), {},
-                                             (torch.randn(n, 4, device=device),), n, ("weight",),
-                                             frozenset(), False, 2**27, scale=6.0)))
+        out.append(
+            (
+                embedding_bag_rule,
+                Call(
+                    bag,
+                    (flat, offsets),
+                    {},
+                    (torch.randn(n, 4, device=device),),
+                    n,
+                    ("weight",),
+                    frozenset(),
+                    False,
+                    2**27,
+                    scale=6.0,
+                ),
+            )
+        )
     up = nn.ConvTranspose1d(4, 3, 3, stride=2).to(device)
-    out.append((conv_transpose_rule, Call(
-        up, (torch.randn(n, 4, 7, device=device),), {}, (torch.randn(n, 3, 15, device=device),),
-        n, ("weight", "bias"), frozenset(), False, 2**27, scale=6.0)))
+    out.append(
+        (
+            conv_transpose_rule,
+            Call(
+                up,
+                (torch.randn(n, 4, 7, device=device),),
+                {},
+                (torch.randn(n, 3, 15, device=device),),
+                n,
+                ("weight", "bias"),
+                frozenset(),
+                False,
+                2**27,
+                scale=6.0,
+            ),
+        )
+    )
     cell = nn.LSTMCell(4, 3).to(device)
     state = (torch.randn(n, 3, device=device), torch.randn(n, 3, device=device))
-    out.append((cell_rule, Call(
-        cell, (torch.randn(n, 4, device=device), state), {},
-        (torch.randn(n, 3, device=device), torch.randn(n, 3, device=device)), n,
-        ("weight_ih", "weight_hh", "bias_ih", "bias_hh"), frozenset(), False, 2**27, scale=6.0)))
+    out.append(
+        (
+            cell_rule,
+            Call(
+                cell,
+                (torch.randn(n, 4, device=device), state),
+                {},
+                (torch.randn(n, 3, device=device), torch.randn(n, 3, device=device)),
+                n,
+                ("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
+                frozenset(),
+                False,
+                2**27,
+                scale=6.0,
+            ),
+        )
+    )
     return out
 
 
@@ -204,12 +271,14 @@ def test_rules_on_the_short_paths_never_wait_for_the_device(device):
     call = Call(emb, (idx,), {}, (dn,), n, ("weight",), frozenset(), False, 2**27, scale=6.0)
 
     def run():
-        return (linear_moments([(True, True, torch.float32, x[:, 0], d[:, 0])], 6.0),
-                linear_seq_moments(lin, x, d, 6.0, 2**27, True, True),
-                norm_moments(norm, x, dn, 6.0, 2**27, True, True),
-                conv_moments(conv, xc, dc, 6.0, 2**27, True, True),
-                embedding_rule(call)["weight"].moment,
-                [{k: c.moment for k, c in rule(c_).items()} for rule, c_ in others])
+        return (
+            linear_moments([(True, True, torch.float32, x[:, 0], d[:, 0])], 6.0),
+            linear_seq_moments(lin, x, d, 6.0, 2**27, True, True),
+            norm_moments(norm, x, dn, 6.0, 2**27, True, True),
+            conv_moments(conv, xc, dc, 6.0, 2**27, True, True),
+            embedding_rule(call)["weight"].moment,
+            [{k: c.moment for k, c in rule(c_).items()} for rule, c_ in others],
+        )
 
     expected = run()  # compiles the fused kernel where there is one
     if device == "cuda":
@@ -223,8 +292,10 @@ def test_rules_on_the_short_paths_never_wait_for_the_device(device):
     flat = [t for r in (got, expected) for t in torch.utils._pytree.tree_leaves(r)]
     half = len(flat) // 2
     # equal up to the order of atomic additions (index_add on a GPU)
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7)
-               for a, b in zip(flat[:half], flat[half:], strict=True))
+    assert all(
+        torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+        for a, b in zip(flat[:half], flat[half:], strict=True)
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -243,8 +314,11 @@ def test_dropout_redraw_on_each_device(device):
             return self.drop(x) * self.g
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.3, batch_first=True),
-                          Gate()).double().to(device)
+    model = (
+        nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.3, batch_first=True), Gate())
+        .double()
+        .to(device)
+    )
     x = torch.randn(4, 5, 8, dtype=torch.float64, device=device)
     params = list(model.parameters())
 
@@ -253,9 +327,12 @@ def test_dropout_redraw_on_each_device(device):
 
     torch.manual_seed(3)
     ls = losses()
-    per = [torch.stack(r) for r in zip(*[
-        torch.autograd.grad(ls[b], params, retain_graph=True) for b in range(4)
-    ], strict=True)]
+    per = [
+        torch.stack(r)
+        for r in zip(
+            *[torch.autograd.grad(ls[b], params, retain_graph=True) for b in range(4)], strict=True
+        )
+    ]
     with pytest.warns(UserWarning, match="fallback"):
         tracker = stats.track(model, reduction="sum")
     torch.manual_seed(3)

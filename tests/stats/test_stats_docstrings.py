@@ -10,8 +10,13 @@ import pytest
 
 @pytest.mark.parametrize(
     "name",
-    ["sgdlab.stats", "sgdlab.stats.tracker", "sgdlab.stats.noise", "sgdlab.stats.convert",
-     "sgdlab.stats.custom"],
+    [
+        "sgdlab.stats",
+        "sgdlab.stats.tracker",
+        "sgdlab.stats.noise",
+        "sgdlab.stats.convert",
+        "sgdlab.stats.custom",
+    ],
 )
 def test_docstring_examples(name):
     module = importlib.import_module(name)

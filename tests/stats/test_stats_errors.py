@@ -186,8 +186,10 @@ def test_random_draws_a_fallback_cannot_reproduce_are_refused():
             q = (x * self.w).unsqueeze(1)
             return F.scaled_dot_product_attention(q, q, q, dropout_p=0.2).squeeze(1)
 
-    for module, match in ((Jitter(), "cannot be replayed per example"),
-                          (FusedDrop(), "dropout_p > 0 inside a module on the per-example")):
+    for module, match in (
+        (Jitter(), "cannot be replayed per example"),
+        (FusedDrop(), "dropout_p > 0 inside a module on the per-example"),
+    ):
         with pytest.warns(UserWarning, match="fallback"):
             stats.track(module)
         with pytest.raises(ValueError, match=match):
@@ -233,8 +235,11 @@ def test_unbatched_instance_norm_input_names_the_batch_dimension():
     norm = nn.InstanceNorm2d(3, affine=True)
     tracker = stats.track(norm)
     assert tracker.fallback_modules == ()  # its own rule
-    with pytest.raises(ValueError, match=r"InstanceNorm2d got an input of shape \(3, 4, 4\).*"
-                                         r"batch dimension first.*4 dims"):
+    with pytest.raises(
+        ValueError,
+        match=r"InstanceNorm2d got an input of shape \(3, 4, 4\).*"
+        r"batch dimension first.*4 dims",
+    ):
         norm(torch.randn(3, 4, 4))
     tracker.detach()
 

@@ -114,8 +114,11 @@ class DropConnect(nn.Module):
 
 
 @pytest.mark.parametrize("size", [B, 3], ids=["size==B", "size!=B"])
-@pytest.mark.parametrize("make", [FeatureNoise, DropConnect, lambda n: SeqFirstNoise()],
-                         ids=["feature-noise", "drop-connect", "noise-on-[T,B,d]"])
+@pytest.mark.parametrize(
+    "make",
+    [FeatureNoise, DropConnect, lambda n: SeqFirstNoise()],
+    ids=["feature-noise", "drop-connect", "noise-on-[T,B,d]"],
+)
 def test_draws_are_split_along_the_batch_wherever_it_is(make, size):
     """Each recorded draw or mask is split along the axis that holds the batch in the batched
     call and is 1 for one example; one of the same shape for both is shared by the batch.
@@ -210,8 +213,11 @@ def test_attention_fallback_finds_the_mask_passed_by_keyword(mask):
     x = torch.randn(B, B, 4, dtype=torch.float64)  # L == B
     kpm = torch.zeros(B, B, dtype=torch.bool)
     kpm[1, 3] = True
-    am = (torch.ones(B, B, dtype=torch.bool).triu(1) if mask == "2-D"
-          else torch.randn(B * 2, B, B, dtype=torch.float64))
+    am = (
+        torch.ones(B, B, dtype=torch.bool).triu(1)
+        if mask == "2-D"
+        else torch.randn(B * 2, B, B, dtype=torch.float64)
+    )
 
     def run():
         return m(x, x, x, key_padding_mask=kpm, need_weights=True, attn_mask=am)[0]

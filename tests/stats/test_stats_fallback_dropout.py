@@ -59,8 +59,9 @@ def test_fallback_applies_the_forward_pass_masks(reduction, budget):
     per = same_graph_grads(losses, params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tracker = stats.track(model, reduction=reduction, per_example_norms=True,
-                              memory_budget=budget)
+        tracker = stats.track(
+            model, reduction=reduction, per_example_norms=True, memory_budget=budget
+        )
     torch.manual_seed(7)
     total = _run(model, x).sum()
     (total / B if reduction == "mean" else total).backward()

@@ -13,6 +13,7 @@ from sgdlab.stats import _fused_linear, linear
 def test_a_failing_fused_kernel_falls_back_to_torch_with_a_warning(monkeypatch):
     """Where the fused GPU kernel is chosen but cannot run (a broken Triton), the statistics
     come from the torch path, with one warning, and the kernel stays off."""
+
     def broken(calls, scale):
         raise RuntimeError("no compiler")
 
@@ -23,8 +24,7 @@ def test_a_failing_fused_kernel_falls_back_to_torch_with_a_warning(monkeypatch):
     a, d = torch.randn(6, 4), torch.randn(6, 3)
     calls = [(True, True, torch.float32, a, d)]
     with pytest.warns(RuntimeWarning, match="fused Triton kernel failed.*no compiler"):
-        (w, b), = linear.linear_moments(calls, 2.0)
+        ((w, b),) = linear.linear_moments(calls, 2.0)
     assert _fused_linear._kernel is False
     torch.testing.assert_close(w, 2.0 * (d * d).T @ (a * a))
     torch.testing.assert_close(b, 2.0 * (d * d).sum(0))
-

@@ -59,20 +59,25 @@ class ViewOut(nn.Module):
 
 CASES = {
     "linear [B,T,in], relu_": (lambda: nn.Linear(D, D), lambda m, x: m(x).relu_()),
-    "linear [B,T,in], slice mul_": (lambda: nn.Linear(D, D),
-                                    lambda m, x: m(x).select(1, 0).mul_(3.0)),
+    "linear [B,T,in], slice mul_": (
+        lambda: nn.Linear(D, D),
+        lambda m, x: m(x).select(1, 0).mul_(3.0),
+    ),
     "linear used twice": (Twice, lambda m, x: m(x)),
     "mlp block": (Block, lambda m, x: m(x)),
-    "bilinear, no bias": (lambda: nn.Bilinear(D, D, 4, bias=False),
-                          lambda m, x: m(x, x).relu_()),
+    "bilinear, no bias": (lambda: nn.Bilinear(D, D, 4, bias=False), lambda m, x: m(x, x).relu_()),
     "instance norm": (lambda: nn.InstanceNorm1d(T, affine=True), lambda m, x: m(x).mul_(2.0)),
     "lstm output": (lambda: nn.LSTM(D, D, batch_first=True), lambda m, x: m(x)[0].relu_()),
-    "lstm state": (lambda: nn.LSTM(D, D, batch_first=True),
-                   lambda m, x: m(x)[1][0].mul_(2.0).transpose(0, 1)),
+    "lstm state": (
+        lambda: nn.LSTM(D, D, batch_first=True),
+        lambda m, x: m(x)[1][0].mul_(2.0).transpose(0, 1),
+    ),
     "gru output": (lambda: nn.GRU(D, D, batch_first=True), lambda m, x: m(x)[0].relu_()),
     "lstm cell": (lambda: nn.LSTMCell(D, D), lambda m, x: m(x[:, 0])[0].relu_()),
-    "attention": (lambda: nn.MultiheadAttention(D, 1, batch_first=True),
-                  lambda m, x: m(x, x, x)[0].relu_()),
+    "attention": (
+        lambda: nn.MultiheadAttention(D, 1, batch_first=True),
+        lambda m, x: m(x, x, x)[0].relu_(),
+    ),
     "fallback, view output": (ViewOut, lambda m, x: m(x).relu_()),
 }
 

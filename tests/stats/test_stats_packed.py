@@ -19,10 +19,10 @@ import sgdlab.stats as stats
 B, T = 5, 6
 
 LAYERS = {
-    "lstm-2layer-bidir-proj": lambda bf: nn.LSTM(3, 4, num_layers=2, bidirectional=True,
-                                                 proj_size=2, batch_first=bf),
-    "gru-2layer-bidir": lambda bf: nn.GRU(3, 4, num_layers=2, bidirectional=True,
-                                          batch_first=bf),
+    "lstm-2layer-bidir-proj": lambda bf: nn.LSTM(
+        3, 4, num_layers=2, bidirectional=True, proj_size=2, batch_first=bf
+    ),
+    "gru-2layer-bidir": lambda bf: nn.GRU(3, 4, num_layers=2, bidirectional=True, batch_first=bf),
     "rnn-relu": lambda bf: nn.RNN(3, 4, nonlinearity="relu", batch_first=bf),
     "lstm-nobias": lambda bf: nn.LSTM(3, 4, bias=False, batch_first=bf),
 }
@@ -50,8 +50,9 @@ def _per_example(model: Packed, x, lengths, bd):
     params = list(model.parameters())
     rows = []
     for b in range(B):
-        rows.append(torch.autograd.grad(
-            model(x.narrow(bd, b, 1), lengths[b:b + 1]).sum(), params))
+        rows.append(
+            torch.autograd.grad(model(x.narrow(bd, b, 1), lengths[b : b + 1]).sum(), params)
+        )
     return [torch.stack(r) for r in zip(*rows, strict=True)]
 
 
@@ -94,9 +95,16 @@ def test_packed_sequences_with_an_initial_state(kind):
         return pad_packed_sequence(out, batch_first=True)[0].sin().sum()
 
     params = list(rnn.parameters())
-    per = [torch.stack(r) for r in zip(*[
-        torch.autograd.grad(loss(x[b:b + 1], lengths[b:b + 1], [b]), params) for b in range(B)
-    ], strict=True)]
+    per = [
+        torch.stack(r)
+        for r in zip(
+            *[
+                torch.autograd.grad(loss(x[b : b + 1], lengths[b : b + 1], [b]), params)
+                for b in range(B)
+            ],
+            strict=True,
+        )
+    ]
     tracker = stats.track(rnn, reduction="sum")
     loss(x, lengths, list(range(B))).backward()
     assert_statistics(rnn, per)
@@ -114,8 +122,9 @@ class TextClassifier(nn.Module):
         self.head = nn.Linear(2 * d, classes)
 
     def forward(self, tokens, lengths):
-        packed = pack_padded_sequence(self.emb(tokens), lengths, batch_first=True,
-                                      enforce_sorted=False)
+        packed = pack_padded_sequence(
+            self.emb(tokens), lengths, batch_first=True, enforce_sorted=False
+        )
         _, (h, _) = self.lstm(packed)
         return self.head(torch.cat([h[0], h[1]], -1))
 
@@ -131,11 +140,19 @@ def test_packed_text_classifier_matches_per_example_loop():
     tokens[torch.arange(T) >= lengths.unsqueeze(1)] = 0
     y = torch.randint(0, 3, (B,))
     params = list(model.parameters())
-    per = [torch.stack(r) for r in zip(*[
-        torch.autograd.grad(
-            F.cross_entropy(model(tokens[b:b + 1], lengths[b:b + 1]), y[b:b + 1]), params)
-        for b in range(B)
-    ], strict=True)]
+    per = [
+        torch.stack(r)
+        for r in zip(
+            *[
+                torch.autograd.grad(
+                    F.cross_entropy(model(tokens[b : b + 1], lengths[b : b + 1]), y[b : b + 1]),
+                    params,
+                )
+                for b in range(B)
+            ],
+            strict=True,
+        )
+    ]
     tracker = stats.track(model, per_example_norms=True)
     F.cross_entropy(model(tokens, lengths), y).backward()
     assert_statistics(model, per, tracker)

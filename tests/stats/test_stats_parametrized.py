@@ -54,7 +54,7 @@ def _per_example(model, x, y, buffers):
     for b in range(B):
         for buf, value in zip(model.buffers(), buffers, strict=True):
             buf.copy_(value)
-        rows.append(torch.autograd.grad(_loss(model(x[b:b + 1]), y[b:b + 1]), params))
+        rows.append(torch.autograd.grad(_loss(model(x[b : b + 1]), y[b : b + 1]), params))
     return [torch.stack(r) for r in zip(*rows, strict=True)]
 
 
@@ -158,7 +158,10 @@ def test_hook_based_reparametrizations_are_refused_with_their_replacement(kind):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         getattr(torch.nn.utils, kind)(model[1])
-    with pytest.raises(ValueError, match=rf"'1' uses the hook-based torch.nn.utils.{kind}.*"
-                                         rf"torch.nn.utils.parametrizations.{kind}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"'1' uses the hook-based torch.nn.utils.{kind}.*"
+        rf"torch.nn.utils.parametrizations.{kind}",
+    ):
         stats.track(model)
     assert not model[0]._forward_hooks

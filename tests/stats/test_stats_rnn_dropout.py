@@ -16,12 +16,14 @@ import sgdlab.stats as stats
 B, T = 4, 5
 
 LAYERS = {
-    "lstm-3layer-bidir-proj": lambda bf: nn.LSTM(3, 4, num_layers=3, bidirectional=True,
-                                                 proj_size=2, dropout=0.4, batch_first=bf),
+    "lstm-3layer-bidir-proj": lambda bf: nn.LSTM(
+        3, 4, num_layers=3, bidirectional=True, proj_size=2, dropout=0.4, batch_first=bf
+    ),
     "lstm-2layer": lambda bf: nn.LSTM(3, 4, num_layers=2, dropout=0.5, batch_first=bf),
     "gru-2layer": lambda bf: nn.GRU(3, 4, num_layers=2, dropout=0.3, batch_first=bf),
-    "rnn-2layer-bidir": lambda bf: nn.RNN(3, 4, num_layers=2, bidirectional=True, dropout=0.3,
-                                          batch_first=bf),
+    "rnn-2layer-bidir": lambda bf: nn.RNN(
+        3, 4, num_layers=2, bidirectional=True, dropout=0.3, batch_first=bf
+    ),
 }
 
 

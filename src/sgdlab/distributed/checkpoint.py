@@ -37,8 +37,10 @@ METER_KEY = "noise_meter"
 
 def _check_meter(noise_meter: Any) -> None:
     if noise_meter is not None and not isinstance(noise_meter, NoiseMeter):
-        raise TypeError(f"noise_meter must be a sgdlab.stats.NoiseMeter or None, got "
-                        f"{type(noise_meter).__name__}")
+        raise TypeError(
+            f"noise_meter must be a sgdlab.stats.NoiseMeter or None, got "
+            f"{type(noise_meter).__name__}"
+        )
 
 
 def save_checkpoint(
@@ -58,11 +60,14 @@ def save_checkpoint(
         data = state() if callable(state) else state
         if noise_meter is not None:
             if not isinstance(data, dict):
-                raise TypeError(f"state must be a dict to carry the noise meter, got "
-                                f"{type(data).__name__}")
+                raise TypeError(
+                    f"state must be a dict to carry the noise meter, got {type(data).__name__}"
+                )
             if METER_KEY in data:
-                raise ValueError(f"state already has a {METER_KEY!r} entry; pass the meter "
-                                 "either inside state or as noise_meter, not both")
+                raise ValueError(
+                    f"state already has a {METER_KEY!r} entry; pass the meter "
+                    "either inside state or as noise_meter, not both"
+                )
             data = {**data, METER_KEY: noise_meter.state_dict()}
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -97,8 +102,9 @@ def load_checkpoint(
     state = torch.load(path, map_location=map_location, weights_only=True)
     if noise_meter is not None:
         if not isinstance(state, dict) or METER_KEY not in state:
-            raise ValueError(f"checkpoint {str(path)!r} holds no noise-meter state (save it "
-                             "with save_checkpoint(..., noise_meter=meter))")
+            raise ValueError(
+                f"checkpoint {str(path)!r} holds no noise-meter state (save it "
+                "with save_checkpoint(..., noise_meter=meter))"
+            )
         noise_meter.load_state_dict(state[METER_KEY])
     return state
-

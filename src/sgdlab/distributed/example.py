@@ -77,8 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1)).to(device, dtype)
     opt = RMSProp(
-        model.parameters(), lr=args.lr, second_moment="per_example",
-        ref_batch_size=args.ref_batch, scaling="linear",
+        model.parameters(),
+        lr=args.lr,
+        second_moment="per_example",
+        ref_batch_size=args.ref_batch,
+        scaling="linear",
     )
     dp = DataParallel(model, opt, accumulation_steps=args.accumulation, noise_meter=True)
     ckpt = Path(args.checkpoint) if args.checkpoint else None
@@ -93,20 +96,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         y = y[start : start + share[rank]].to(device)
         loss, reading = dp.train_step(x, y, nn.functional.mse_loss)
         assert reading is not None
-        log.append({"step": dp.steps, "batch": dp.num_examples, "loss_rank": loss,
-                    "b_simple": reading.b_simple_smoothed})
+        log.append(
+            {
+                "step": dp.steps,
+                "batch": dp.num_examples,
+                "loss_rank": loss,
+                "b_simple": reading.b_simple_smoothed,
+            }
+        )
         if rank == 0 and (dp.steps % 10 == 0 or dp.steps == args.steps):
-            print(f"step {dp.steps:5d}  global batch {dp.num_examples}  loss (rank 0) "
-                  f"{loss:.5f}  B_simple {reading.b_simple_smoothed:.1f}", flush=True)
+            print(
+                f"step {dp.steps:5d}  global batch {dp.num_examples}  loss (rank 0) "
+                f"{loss:.5f}  B_simple {reading.b_simple_smoothed:.1f}",
+                flush=True,
+            )
         if ckpt is not None and dp.steps % args.save_every == 0:
             dp.save(ckpt)
     if rank == 0 and args.out:
         params = [p.detach().cpu().double().flatten() for p in model.parameters()]
-        summary = {"world_size": world, "steps": dp.steps, "log": log,
-                   "param_norm": math.sqrt(float(torch.cat(params).pow(2).sum()))}
+        summary = {
+            "world_size": world,
+            "steps": dp.steps,
+            "log": log,
+            "param_norm": math.sqrt(float(torch.cat(params).pow(2).sum())),
+        }
         Path(args.out).write_text(json.dumps(summary))
     dp.close()
     if dist.is_initialized():
+        dist.barrier()  # no rank tears its process group down while a peer still uses it
         dist.destroy_process_group()
     return 0
 

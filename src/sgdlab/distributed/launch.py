@@ -64,9 +64,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def init_from_env(
-    backend: str | None = None, *, timeout: float = 600.0
-) -> torch.device:
+def init_from_env(backend: str | None = None, *, timeout: float = 600.0) -> torch.device:
     """Initialise the default process group from torchrun's variables; returns this rank's
     device (``cuda:LOCAL_RANK`` under NCCL, else the CPU). Does nothing but return the device
     if the group already exists.
@@ -97,9 +95,7 @@ def init_from_env(
         kwargs: dict[str, Any] = {}
         if backend == "nccl":
             kwargs["device_id"] = device
-        dist.init_process_group(
-            backend, timeout=datetime.timedelta(seconds=seconds), **kwargs
-        )
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds), **kwargs)
     return device
 
 
@@ -224,6 +220,7 @@ def _spawned(
     )
     try:
         fn(rank, world, *args)
+        dist.barrier()  # no rank tears its process group down while a peer still uses it
     finally:
         dist.destroy_process_group()
 

@@ -62,9 +62,14 @@ class NormalBlocks:
     seed still fixes the run. ``blocks(t)`` returns the noise of step t (t = 0, 1, ... in order).
     """
 
-    def __init__(self, generator: torch.Generator, step_shape: tuple[int, ...], steps: int,
-                 dtype: torch.dtype, transform: Callable[[torch.Tensor], torch.Tensor] | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        generator: torch.Generator,
+        step_shape: tuple[int, ...],
+        steps: int,
+        dtype: torch.dtype,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         size = int(np.prod(step_shape))
         self.chunk = max(1, min(steps, BLOCK_ELEMENTS // max(1, size)))
         self.steps = steps
@@ -79,7 +84,7 @@ class NormalBlocks:
     def __call__(self, t: int) -> torch.Tensor:
         j = t % self.chunk
         if j == 0:
-            view = self.buffer[:min(self.chunk, self.steps - t)]
+            view = self.buffer[: min(self.chunk, self.steps - t)]
             self.rng.standard_normal(out=view, dtype=self.np_dtype)
             block = torch.from_numpy(view)
             if block.dtype != self.dtype:
@@ -88,8 +93,9 @@ class NormalBlocks:
         return self.block[j]
 
 
-def scale_transform(K: torch.Tensor, shift: torch.Tensor | None = None
-                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+def scale_transform(
+    K: torch.Tensor, shift: torch.Tensor | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``z -> z @ K + shift`` for blocks ``z`` of shape ``(n, R, d)`` (in place when K is
     diagonal; the per-coordinate factors are expanded to ``(R, d)`` once, because broadcasting
     a short trailing dimension is several times slower in torch's CPU kernels)."""
@@ -126,8 +132,9 @@ def diagonal_or_none(a: torch.Tensor) -> torch.Tensor | None:
     return a.diagonal().clone() if not bool(torch.count_nonzero(off)) else None
 
 
-def as_matrix(name: str, value: Any, dim: int | None = None, *, symmetric: bool = False,
-              psd: bool = False) -> np.ndarray:
+def as_matrix(
+    name: str, value: Any, dim: int | None = None, *, symmetric: bool = False, psd: bool = False
+) -> np.ndarray:
     """A finite float64 square matrix (a scalar or a vector of length d becomes a diagonal)."""
     a = np.asarray(value, dtype=np.float64)
     if a.ndim == 0:
@@ -177,6 +184,7 @@ def resolve_lr(lr: LearningRate, name: str = "lr") -> Callable[[int], float]:
     The callable raises if the schedule ever returns a negative or non-finite value.
     """
     if callable(lr):
+
         def schedule(t: int) -> float:
             value = lr(t)
             try:
@@ -184,16 +192,14 @@ def resolve_lr(lr: LearningRate, name: str = "lr") -> Callable[[int], float]:
             except ValueError:
                 raise ValueError(
                     f"{name} schedule must return a finite learning rate >= 0; "
-                    f"at step {t} it returned {value!r}") from None
+                    f"at step {t} it returned {value!r}"
+                ) from None
+
         return schedule
     if isinstance(lr, bool):
         raise ValueError(f"{name} must be a float or a callable t -> eta_t, got {lr!r}")
     value = check_nonnegative(name, lr)
     return lambda t: value
-
-
-
-
 
 
 def check_init(init: Any, chains: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -207,15 +213,13 @@ def check_init(init: Any, chains: int, dim: int, dtype: torch.dtype) -> torch.Te
             raise ValueError(f"init must have length {dim} (the problem's dim), got {x.shape[0]}")
         x = x.expand(chains, dim)
     if x.ndim != 2 or x.shape != (chains, dim):
-        raise ValueError(f"init must be a length-{dim} vector or a ({chains}, {dim}) array, "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"init must be a length-{dim} vector or a ({chains}, {dim}) array, "
+            f"got shape {tuple(x.shape)}"
+        )
     if not torch.isfinite(x).all():
         raise ValueError("init must be finite")
     return x.clone()
-
-
-
-
 
 
 def finite_or_raise(name: str, x: torch.Tensor, step: int) -> None:
@@ -223,4 +227,5 @@ def finite_or_raise(name: str, x: torch.Tensor, step: int) -> None:
     if not bool(torch.isfinite(x).all()):
         raise FloatingPointError(
             f"{name} became non-finite at step {step}: the learning rate is probably above the "
-            "stability limit (for a quadratic, eta * h_max < 2)")
+            "stability limit (for a quadratic, eta * h_max < 2)"
+        )

@@ -59,8 +59,9 @@ def quadratic_excess_loss(h: float, lr: float, sigma2: float = 1.0, batch_size: 
     return 0.5 * h * quadratic_variance(h, lr, sigma2, batch_size)
 
 
-def heavy_ball_variance(h: float, lr: float, beta: float, sigma2: float = 1.0,
-                        batch_size: int = 1) -> float:
+def heavy_ball_variance(
+    h: float, lr: float, beta: float, sigma2: float = 1.0, batch_size: int = 1
+) -> float:
     """Heavy-ball (AR(2)) stationary variance on a 1-D quadratic:
     ``(1+beta) eta s^2 / ((1-beta) h (2(1+beta) - eta h))``, ``s^2 = sigma^2/B``.
 
@@ -75,8 +76,9 @@ def heavy_ball_variance(h: float, lr: float, beta: float, sigma2: float = 1.0,
     return (1 + beta) * eta * s2 / ((1 - beta) * h * (2 * (1 + beta) - eta * h))
 
 
-def least_squares_excess_loss(curvatures: Any, noise_variance: float, lr: float,
-                              batch_size: int = 1) -> float:
+def least_squares_excess_loss(
+    curvatures: Any, noise_variance: float, lr: float, batch_size: int = 1
+) -> float:
     """Exact stationary excess loss of SGD on least squares with Gaussian inputs x ~ N(0, diag h):
     ``s^2 A / (2(1 - A))``, ``A = sum_k eta h_k / (B (2 - eta (1 + 1/B) h_k))``.
 
@@ -108,8 +110,9 @@ def batch_gradient_variance(sigma2: float, batch_size: int, n: int | None = None
     return s2 / B * (n - B) / (n - 1)
 
 
-def coordinate_temperatures(curvatures: Any, noise_variances: Any, lrs: Any,
-                            batch_size: int = 1, exact: bool = True) -> np.ndarray:
+def coordinate_temperatures(
+    curvatures: Any, noise_variances: Any, lrs: Any, batch_size: int = 1, exact: bool = True
+) -> np.ndarray:
     """Per-coordinate temperatures ``T_i`` of SGD with per-coordinate rates ``eta_i``.
 
     ``exact=False``: the Langevin value ``eta_i sigma_i^2 / (2B)``. ``exact=True`` (quadratic
@@ -129,8 +132,9 @@ def coordinate_temperatures(curvatures: Any, noise_variances: Any, lrs: Any,
     return eta * s2 / (B * (2.0 - eta * h))
 
 
-def lr_drop_second_moment(t: Any, h: float, lr_old: float, lr_new: float, sigma2: float = 1.0,
-                          batch_size: int = 1) -> np.ndarray:
+def lr_drop_second_moment(
+    t: Any, h: float, lr_old: float, lr_new: float, sigma2: float = 1.0, batch_size: int = 1
+) -> np.ndarray:
     """``E e^2`` t steps after dropping the learning rate from stationarity at ``lr_old``:
     ``V_new + (V_old - V_new)(1 - eta_new h)^(2t)`` (1-D quadratic, additive noise)."""
     v_old = quadratic_variance(h, lr_old, sigma2, batch_size)

@@ -43,9 +43,17 @@ __all__ = ["convergence_order", "flow_errors", "gradient_flow"]
 _QUADRATIC = (Quadratic, GaussianLeastSquares, MeanEstimation)
 
 
-def gradient_flow(problem: Problem, init: Any, times: Sequence[float], *,
-                  modified_lr: float | None = None, rtol: float = 1e-11, atol: float = 1e-13,
-                  method: str = "auto", dtype: Any = None) -> torch.Tensor:
+def gradient_flow(
+    problem: Problem,
+    init: Any,
+    times: Sequence[float],
+    *,
+    modified_lr: float | None = None,
+    rtol: float = 1e-11,
+    atol: float = 1e-13,
+    method: str = "auto",
+    dtype: Any = None,
+) -> torch.Tensor:
     """The flow ``Phi(t)`` at ``times`` from ``init`` (a vector or ``(R, d)``): ``(K, R, d)``.
 
     ``method``: "auto" (exact for quadratics, else "ivp"), "exact" or "ivp".
@@ -87,18 +95,28 @@ def gradient_flow(problem: Problem, init: Any, times: Sequence[float], *,
     if uniq[-1] == 0.0:
         y = np.broadcast_to(start, (uniq.size, start.size))
     else:
-        sol = solve_ivp(rhs, (0.0, float(uniq[-1])), start, method="DOP853", t_eval=uniq,
-                        rtol=rtol, atol=atol)
+        sol = solve_ivp(
+            rhs, (0.0, float(uniq[-1])), start, method="DOP853", t_eval=uniq, rtol=rtol, atol=atol
+        )
         if not sol.success:
             raise RuntimeError(f"solve_ivp failed: {sol.message}")
         y = sol.y.T
     return torch.as_tensor(np.ascontiguousarray(y[back]).reshape(t.size, R, d), dtype=dtype)
 
 
-def flow_errors(problem: Problem, lrs: Sequence[float], time: float, init: Any, *,
-                stochastic: bool = True, batch_size: int = 1, chains: int = 1000,
-                observable: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                modified: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
+def flow_errors(
+    problem: Problem,
+    lrs: Sequence[float],
+    time: float,
+    init: Any,
+    *,
+    stochastic: bool = True,
+    batch_size: int = 1,
+    chains: int = 1000,
+    observable: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    modified: bool = False,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Errors of constant-lr (S)GD against the flow at ``t = K eta = time`` for each eta.
 
     Returns arrays over ``lrs``: ``rms_error = sqrt(E ||Phi_K - Phi(t)||^2)`` (strong error),
@@ -120,15 +138,28 @@ def flow_errors(problem: Problem, lrs: Sequence[float], time: float, init: Any, 
         if abs(K * eta - time) > 1e-9 * time:
             raise ValueError(f"time / lr must be an integer, got time={time}, lr={eta}")
         R = chains if stochastic else starts
-        run = simulate_sgd(problem, eta, B, K, R, init=init, statistics=False, seed=seed + i,
-                           sampling="replacement" if stochastic else "full")
+        run = simulate_sgd(
+            problem,
+            eta,
+            B,
+            K,
+            R,
+            init=init,
+            statistics=False,
+            seed=seed + i,
+            sampling="replacement" if stochastic else "full",
+        )
         ref = gradient_flow(problem, init, [K * eta], modified_lr=eta if modified else None)[0]
         diff2 = ((run.final - ref) ** 2).sum(-1)
         fk = torch.as_tensor(f(run.final), dtype=torch.float64).reshape(R, -1).sum(-1)
         # the flow from each chain's starting point (all alike unless init gives one per chain)
         rows_ref = ref.reshape(-1, ref.shape[-1])
-        fref = float(torch.as_tensor(f(rows_ref), dtype=torch.float64)
-                     .reshape(rows_ref.shape[0], -1).sum(-1).mean())
+        fref = float(
+            torch.as_tensor(f(rows_ref), dtype=torch.float64)
+            .reshape(rows_ref.shape[0], -1)
+            .sum(-1)
+            .mean()
+        )
         ms = float(diff2.mean())
         ms_se = float(diff2.std() / R**0.5) if R > 1 else 0.0
         rows["rms_error"].append(ms**0.5)

@@ -34,8 +34,13 @@ class GibbsDensity:
     by default it is found from the loss (where ``(L - L_min)/T`` exceeds 60).
     """
 
-    def __init__(self, loss: Callable[[np.ndarray], np.ndarray], temperature: float,
-                 lower: float | None = None, upper: float | None = None) -> None:
+    def __init__(
+        self,
+        loss: Callable[[np.ndarray], np.ndarray],
+        temperature: float,
+        lower: float | None = None,
+        upper: float | None = None,
+    ) -> None:
         from scipy.integrate import quad
 
         if not callable(loss):
@@ -49,8 +54,9 @@ class GibbsDensity:
         # break points for every integral: the mode (a narrow mass far from the midpoint of a
         # wide interval is otherwise missed: expectations of 0) and the midpoint
         self._breaks = sorted({*self._points(grid), 0.5 * (lo + hi)})
-        self.normaliser = quad(self._unnormalised, lo, hi, points=self._breaks,
-                               limit=500, epsabs=0, epsrel=1e-12)[0]
+        self.normaliser = quad(
+            self._unnormalised, lo, hi, points=self._breaks, limit=500, epsabs=0, epsrel=1e-12
+        )[0]
         if not (np.isfinite(self.normaliser) and self.normaliser > 0):
             raise ValueError(f"the Gibbs density at T={T} cannot be normalised on [{lo}, {hi}]")
         # cumulative distribution on a fine grid (trapezoid on 2e5 points: error ~1e-10)
@@ -90,16 +96,23 @@ class GibbsDensity:
 
     def cdf(self, x: Any) -> np.ndarray:
         """Distribution function (interpolated from a fine cumulative quadrature)."""
-        return np.interp(np.asarray(x, dtype=np.float64), self._grid, self._cdf, left=0.0,
-                         right=1.0)
+        return np.interp(
+            np.asarray(x, dtype=np.float64), self._grid, self._cdf, left=0.0, right=1.0
+        )
 
     def expect(self, f: Callable[[np.ndarray], np.ndarray]) -> float:
         """``E_p f(X)`` by adaptive quadrature."""
         from scipy.integrate import quad
 
-        val = quad(lambda x: f(x) * self._unnormalised(x), self.lower, self.upper,
-                   points=self._breaks, limit=500,
-                   epsabs=1e-14 * self.normaliser, epsrel=1e-10)[0]
+        val = quad(
+            lambda x: f(x) * self._unnormalised(x),
+            self.lower,
+            self.upper,
+            points=self._breaks,
+            limit=500,
+            epsabs=1e-14 * self.normaliser,
+            epsrel=1e-10,
+        )[0]
         return val / self.normaliser
 
     def variance(self) -> float:
@@ -107,18 +120,27 @@ class GibbsDensity:
         return self.expect(lambda x: (x - m) ** 2)
 
 
-def langevin_stationary_density(loss: Callable[[np.ndarray], np.ndarray], lr: float,
-                                sigma2: float, batch_size: int = 1,
-                                lower: float | None = None,
-                                upper: float | None = None) -> GibbsDensity:
+def langevin_stationary_density(
+    loss: Callable[[np.ndarray], np.ndarray],
+    lr: float,
+    sigma2: float,
+    batch_size: int = 1,
+    lower: float | None = None,
+    upper: float | None = None,
+) -> GibbsDensity:
     """Stationary density ``p ∝ exp(-2 L / (eta sigma^2 / B))`` of 1-D Langevin dynamics."""
     eta, s2 = check_positive("lr", lr), check_positive("sigma2", sigma2)
     B = check_batch_size("batch_size", batch_size)
     return GibbsDensity(loss, eta * s2 / (2.0 * B), lower, upper)
 
 
-def estimate_gibbs_alpha(loss_means: Any, loss: Callable[[np.ndarray], np.ndarray], lr: float,
-                         sigma2: float, batch_size: int = 1) -> tuple[float, float]:
+def estimate_gibbs_alpha(
+    loss_means: Any,
+    loss: Callable[[np.ndarray], np.ndarray],
+    lr: float,
+    sigma2: float,
+    batch_size: int = 1,
+) -> tuple[float, float]:
     """Estimate alpha in ``p ∝ exp(-L/(alpha eta sigma^2 / B))`` from per-chain time averages
     of ``L`` (an ``(R,)`` array, chains independent; ``loss`` is the same L for numpy arrays).
 
@@ -143,8 +165,10 @@ def estimate_gibbs_alpha(loss_means: Any, loss: Callable[[np.ndarray], np.ndarra
     lo, hi = 1e-3 * scale, 1e3 * scale
     f_lo, f_hi = mean_loss(lo) - m, mean_loss(hi) - m
     if not f_lo < 0 < f_hi:
-        raise ValueError(f"the mean loss {m} is not E_T[L] for any T in [{lo:.3g}, {hi:.3g}] "
-                         "(alpha outside [1e-3, 1e3]); check loss, lr, sigma2 and batch_size")
+        raise ValueError(
+            f"the mean loss {m} is not E_T[L] for any T in [{lo:.3g}, {hi:.3g}] "
+            "(alpha outside [1e-3, 1e3]); check loss, lr, sigma2 and batch_size"
+        )
     T = brentq(lambda T: mean_loss(T) - m, lo, hi, xtol=1e-14 * scale, rtol=1e-12)
     dens = GibbsDensity(loss, T)
     mL = dens.expect(loss)

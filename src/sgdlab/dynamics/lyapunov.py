@@ -47,8 +47,9 @@ def _check_stable(H: np.ndarray, eta: float) -> None:
         raise ValueError(f"lr={eta} is unstable: eta * h_max = {eta * w.max():.6g} must be < 2")
 
 
-def stationary_covariance(hessian: Any, noise_covariance: Any, lr: float,
-                          batch_size: int = 1) -> np.ndarray:
+def stationary_covariance(
+    hessian: Any, noise_covariance: Any, lr: float, batch_size: int = 1
+) -> np.ndarray:
     """Exact stationary covariance S of constant-lr SGD on a quadratic (discrete Lyapunov).
 
     ``S = (I - eta H) S (I - eta H)^T + eta^2 C / B``; 1-D: ``eta sigma^2 / (B h (2 - eta h))``.
@@ -83,8 +84,9 @@ def excess_loss_slope(noise_covariance: Any, batch_size: int = 1) -> float:
     return float(np.trace(C)) / (4.0 * check_batch_size("batch_size", batch_size))
 
 
-def ou_covariance(hessian: Any, noise_covariance: Any, lr: float,
-                  batch_size: int = 1) -> np.ndarray:
+def ou_covariance(
+    hessian: Any, noise_covariance: Any, lr: float, batch_size: int = 1
+) -> np.ndarray:
     """Stationary covariance of the OU approximation: ``H S + S H = eta C / B``.
 
     Mandt, Hoffman & Blei (2017), "Stochastic gradient descent as approximate Bayesian
@@ -102,8 +104,9 @@ def ou_covariance(hessian: Any, noise_covariance: Any, lr: float,
     return 0.5 * (S + S.T)
 
 
-def momentum_stationary_covariance(hessian: Any, noise_covariance: Any, lr: float,
-                                   momentum_horizon: float, batch_size: int = 1) -> np.ndarray:
+def momentum_stationary_covariance(
+    hessian: Any, noise_covariance: Any, lr: float, momentum_horizon: float, batch_size: int = 1
+) -> np.ndarray:
     """Joint stationary covariance of ``(e, mu)`` for lecture-form momentum on a quadratic.
 
     ``mu' = beta mu + (1 - beta) g_hat``, ``e' = e - N_g eta mu'`` with ``beta = 1 - 1/N_g`` and

@@ -28,8 +28,13 @@ from .._validation import check_finite, check_positive
 __all__ = ["mean_first_passage_time"]
 
 
-def mean_first_passage_time(loss: Callable[[np.ndarray], np.ndarray], temperature: float,
-                            start: float, target: float, barrier: float | None = None) -> float:
+def mean_first_passage_time(
+    loss: Callable[[np.ndarray], np.ndarray],
+    temperature: float,
+    start: float,
+    target: float,
+    barrier: float | None = None,
+) -> float:
     """Mean time for ``dX = -L' dt + sqrt(2T) dW`` to go from ``start`` to ``target``.
 
     ``barrier`` is a reflecting boundary on the far side of ``start`` from ``target``
@@ -46,8 +51,10 @@ def mean_first_passage_time(loss: Callable[[np.ndarray], np.ndarray], temperatur
     if b < a:  # mirror x -> -x so that the target lies to the right
         return mean_first_passage_time(lambda x: loss(-x), T, -a, -b, -barrier)
     if not barrier <= a:
-        raise ValueError(f"barrier must lie beyond start (away from target), got "
-                         f"barrier={barrier}, start={a}, target={b}")
+        raise ValueError(
+            f"barrier must lie beyond start (away from target), got "
+            f"barrier={barrier}, start={a}, target={b}"
+        )
     ys = np.linspace(a, b, 2001)
     shift = float(np.max(loss(ys)))  # keeps exp(L(y)/T) <= 1 on [a, b]
 
@@ -59,8 +66,9 @@ def mean_first_passage_time(loss: Callable[[np.ndarray], np.ndarray], temperatur
     def inner(y: float) -> float:
         return left + quad(f, a, y, limit=500, epsabs=0, epsrel=1e-12)[0]
 
-    outer = quad(lambda y: np.exp((loss(y) - shift) / T) * inner(y), a, b, limit=500,
-                 epsabs=0, epsrel=1e-11)[0]
+    outer = quad(
+        lambda y: np.exp((loss(y) - shift) / T) * inner(y), a, b, limit=500, epsabs=0, epsrel=1e-11
+    )[0]
     tau = outer / T
     if not np.isfinite(tau):
         raise ValueError(f"the first-passage time overflowed at T={T}; the barrier is too high")

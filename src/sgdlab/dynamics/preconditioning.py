@@ -50,8 +50,9 @@ class RMSPropPreconditioner:
         return 1.0 / (s + self.eps).pow(self.power)
 
 
-def resolve_fixed_preconditioner(preconditioner: Any, problem, dtype: torch.dtype
-                                 ) -> torch.Tensor | None:
+def resolve_fixed_preconditioner(
+    preconditioner: Any, problem, dtype: torch.dtype
+) -> torch.Tensor | None:
     """None, "inverse_std", "inverse_variance" or a positive length-d vector -> tensor or None."""
     if preconditioner is None:
         return None
@@ -66,7 +67,9 @@ def resolve_fixed_preconditioner(preconditioner: Any, problem, dtype: torch.dtyp
     if p.ndim == 0:
         p = np.full(problem.dim, float(p))
     if p.shape != (problem.dim,) or not np.all(np.isfinite(p)) or np.any(p <= 0):
-        raise ValueError("preconditioner must be None, 'inverse_std', 'inverse_variance', an "
-                         f"RMSPropPreconditioner or a positive length-{problem.dim} vector; "
-                         f"got {preconditioner!r}")
+        raise ValueError(
+            "preconditioner must be None, 'inverse_std', 'inverse_variance', an "
+            f"RMSPropPreconditioner or a positive length-{problem.dim} vector; "
+            f"got {preconditioner!r}"
+        )
     return torch.as_tensor(p, dtype=dtype)

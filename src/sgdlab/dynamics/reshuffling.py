@@ -38,8 +38,9 @@ from ._common import as_matrix
 __all__ = ["reshuffling_covariances", "reshuffling_excess_loss"]
 
 
-def reshuffling_covariances(hessian: Any, noise_covariance: Any, lr: float, n: int,
-                            batch_size: int = 1) -> np.ndarray:
+def reshuffling_covariances(
+    hessian: Any, noise_covariance: Any, lr: float, n: int, batch_size: int = 1
+) -> np.ndarray:
     """``E e_m e_m^T`` for ``m = 0..M-1`` within an epoch at stationarity: ``(M, d, d)``."""
     from scipy.linalg import solve_discrete_lyapunov
 
@@ -52,8 +53,9 @@ def reshuffling_covariances(hessian: Any, noise_covariance: Any, lr: float, n: i
         raise ValueError(f"need n >= 2 and batch_size <= n, got n={n}, batch_size={B}")
     w = np.linalg.eigvalsh(H)
     if w.min() <= 0 or eta * w.max() >= 2:
-        raise ValueError(f"need H positive definite and eta h_max < 2, got eigenvalues {w}, "
-                         f"lr={eta}")
+        raise ValueError(
+            f"need H positive definite and eta h_max < 2, got eigenvalues {w}, lr={eta}"
+        )
     M = n // B
     if eta == 0.0:  # no step: the limit of the covariances, O(eta) (the system is singular)
         return np.zeros((M, d, d))
@@ -74,8 +76,9 @@ def reshuffling_covariances(hessian: Any, noise_covariance: Any, lr: float, n: i
     return 0.5 * (out + np.swapaxes(out, 1, 2))
 
 
-def reshuffling_excess_loss(hessian: Any, noise_covariance: Any, lr: float, n: int,
-                            batch_size: int = 1) -> float:
+def reshuffling_excess_loss(
+    hessian: Any, noise_covariance: Any, lr: float, n: int, batch_size: int = 1
+) -> float:
     """Exact time-averaged stationary excess loss of SGD with random reshuffling (quadratic)."""
     H = as_matrix("hessian", hessian, psd=True)
     covs = reshuffling_covariances(H, noise_covariance, lr, n, batch_size)

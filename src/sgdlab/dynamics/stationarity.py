@@ -73,8 +73,10 @@ class FluctuationDissipationTest:
     def _append(self, diff: np.ndarray, rhs: np.ndarray) -> None:
         if self._n == 0 or self._diff.shape[1] != diff.size:
             if self._n:
-                raise ValueError(f"the number of chains changed from {self._diff.shape[1]} to "
-                                 f"{diff.size}; call reset() first")
+                raise ValueError(
+                    f"the number of chains changed from {self._diff.shape[1]} to "
+                    f"{diff.size}; call reset() first"
+                )
             self._diff = np.empty((64, diff.size))
             self._rhs = np.empty((64, diff.size))
         if self._n == self._diff.shape[0]:  # amortised doubling
@@ -96,8 +98,10 @@ class FluctuationDissipationTest:
         e = p if self.center is None else p - self.center.to(p.dtype)
         lhs = (e * g).sum(-1)
         rhs = 0.5 * eta * (g * g).sum(-1)
-        self._append((lhs - rhs).to(torch.float64).reshape(-1).cpu().numpy(),
-                     rhs.to(torch.float64).reshape(-1).cpu().numpy())
+        self._append(
+            (lhs - rhs).to(torch.float64).reshape(-1).cpu().numpy(),
+            rhs.to(torch.float64).reshape(-1).cpu().numpy(),
+        )
 
     @staticmethod
     def _flat(x: Any) -> torch.Tensor:
@@ -117,8 +121,11 @@ class FluctuationDissipationTest:
         mean_rhs = float(Rh.mean())
         per_chain = D.mean(axis=0)
         if per_chain.size >= 2:
-            return float(per_chain.mean()), float(per_chain.std(ddof=1) / np.sqrt(
-                per_chain.size)), mean_rhs
+            return (
+                float(per_chain.mean()),
+                float(per_chain.std(ddof=1) / np.sqrt(per_chain.size)),
+                mean_rhs,
+            )
         T = D.shape[0] // self.batches * self.batches
         bm = D[-T:, 0].reshape(self.batches, -1).mean(axis=1)
         return float(bm.mean()), float(bm.std(ddof=1) / np.sqrt(self.batches)), mean_rhs

@@ -34,8 +34,9 @@ __all__ = ["estimate_temperatures"]
 
 
 def _observables(problem) -> dict:
-    center = torch.as_tensor(problem.optimum if problem.optimum is not None
-                             else np.zeros(problem.dim))
+    center = torch.as_tensor(
+        problem.optimum if problem.optimum is not None else np.zeros(problem.dim)
+    )
 
     def virial(phi: torch.Tensor) -> torch.Tensor:
         return (phi - center.to(phi.dtype)) * problem.grad(phi)
@@ -49,8 +50,9 @@ def estimate_temperatures(result: ChainResult) -> tuple[np.ndarray, np.ndarray]:
     The run must have been made with ``observables=estimate_temperatures.observables(problem)``.
     """
     if "virial" not in result.observables:
-        raise ValueError("run the simulation with observables="
-                         "estimate_temperatures.observables(problem)")
+        raise ValueError(
+            "run the simulation with observables=estimate_temperatures.observables(problem)"
+        )
     m, se = estimate_mean(result.observables["virial"])
     return np.atleast_1d(m), np.atleast_1d(se)
 

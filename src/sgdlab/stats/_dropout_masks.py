@@ -36,18 +36,36 @@ from . import _rng
 __all__ = ["Capture", "NeedMasks", "Probe", "Substitute", "batch_axes"]
 
 _DROPOUTS = {
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-    F.feature_alpha_dropout, torch.dropout,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    F.feature_alpha_dropout,
+    torch.dropout,
 }
 # random fills of a tensor in place, and functions returning a fresh random tensor
 _FILLS = {
-    torch.Tensor.bernoulli_, torch.Tensor.uniform_, torch.Tensor.normal_,
-    torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.cauchy_,
-    torch.Tensor.log_normal_, torch.Tensor.random_,
+    torch.Tensor.bernoulli_,
+    torch.Tensor.uniform_,
+    torch.Tensor.normal_,
+    torch.Tensor.exponential_,
+    torch.Tensor.geometric_,
+    torch.Tensor.cauchy_,
+    torch.Tensor.log_normal_,
+    torch.Tensor.random_,
 }
 _DRAWS = {
-    torch.bernoulli, torch.rand, torch.randn, torch.rand_like, torch.randn_like, torch.randint,
-    torch.randint_like, torch.normal, torch.poisson, torch.Tensor.bernoulli,
+    torch.bernoulli,
+    torch.rand,
+    torch.randn,
+    torch.rand_like,
+    torch.randn_like,
+    torch.randint,
+    torch.randint_like,
+    torch.normal,
+    torch.poisson,
+    torch.Tensor.bernoulli,
 }
 
 
@@ -93,8 +111,9 @@ class Capture(TorchFunctionMode):
         self.device = device
         self.maps: list[tuple[Tensor, ...]] = []
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         if _draw(func, kwargs):
             out = func(*args, **kwargs)
@@ -122,8 +141,9 @@ class Probe(TorchFunctionMode):
         super().__init__()
         self.shapes: list[torch.Size] = []
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         if _draw(func, kwargs):
             out = func(*args, **kwargs)
@@ -135,8 +155,9 @@ class Probe(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def batch_axes(maps: list[tuple[Tensor, ...]], shapes: list[torch.Size], B: int, what: str
-               ) -> list[tuple[int | None, ...]]:
+def batch_axes(
+    maps: list[tuple[Tensor, ...]], shapes: list[torch.Size], B: int, what: str
+) -> list[tuple[int | None, ...]]:
     """For each recorded map, the axis of each of its tensors that holds the batch (``None``:
     shared by the examples, applied whole), from the batched call's shape and one example's
     (``shapes``, :class:`Probe`): the same shape is a draw shared by the batch (noise per
@@ -189,8 +210,9 @@ class Substitute(TorchFunctionMode):
         self.what = what
         self.k = 0
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         draw = _draw(func, kwargs)
         x = None if draw else _active(func, args, kwargs)

@@ -81,12 +81,13 @@ def fused_linear_moments(
         _build()
     out: list[tuple[torch.Tensor, ...]] = []
     for i in range(0, len(calls), MAX_LAYERS):
-        out += _launch(calls[i:i + MAX_LAYERS], scale)
+        out += _launch(calls[i : i + MAX_LAYERS], scale)
     return out
 
 
-def _launch(calls: list[tuple[bool, torch.Tensor, torch.Tensor]], scale: float
-            ) -> list[tuple[torch.Tensor, ...]]:
+def _launch(
+    calls: list[tuple[bool, torch.Tensor, torch.Tensor]], scale: float
+) -> list[tuple[torch.Tensor, ...]]:
     args: list = []
     has_b: list[bool] = []
     results: list[tuple[torch.Tensor, ...]] = []
@@ -110,8 +111,9 @@ def _launch(calls: list[tuple[bool, torch.Tensor, torch.Tensor]], scale: float
     while len(has_b) < MAX_LAYERS:  # unused slots: never reached
         args += args[:7] + [tiles]
         has_b.append(False)
-    _kernel[(tiles,)](*args, B, scale, HB0=has_b[0], HB1=has_b[1], HB2=has_b[2],
-                       HB3=has_b[3], BM=BM, BN=BN, BK=BK)
+    _kernel[(tiles,)](
+        *args, B, scale, HB0=has_b[0], HB1=has_b[1], HB2=has_b[2], HB3=has_b[3], BM=BM, BN=BN, BK=BK
+    )
     return results
 
 

@@ -7,8 +7,22 @@ __all__ = ["grouped"]
 
 
 @triton.jit
-def _tile(t, a_ptr, d_ptr, w_ptr, b_ptr, IN, OUT, NTN, B, scale,
-          HAS_B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _tile(
+    t,
+    a_ptr,
+    d_ptr,
+    w_ptr,
+    b_ptr,
+    IN,
+    OUT,
+    NTN,
+    B,
+    scale,
+    HAS_B: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """One ``[BM x BN]`` tile of ``scale * (d^2)^T [a^2 | 1]`` (64-bit offsets)."""
     pm = t // NTN
     pn = t % NTN
@@ -19,10 +33,12 @@ def _tile(t, a_ptr, d_ptr, w_ptr, b_ptr, IN, OUT, NTN, B, scale,
     for k0 in range(0, B, BK):
         kk = k0 + rk
         in_b = kk[:, None] < B
-        dt = tl.load(d_ptr + kk[:, None] * OUT + rm[None, :],
-                     mask=in_b & (rm[None, :] < OUT), other=0.0).to(tl.float32)
-        at = tl.load(a_ptr + kk[:, None] * IN + rn[None, :],
-                     mask=in_b & (rn[None, :] < IN), other=0.0).to(tl.float32)
+        dt = tl.load(
+            d_ptr + kk[:, None] * OUT + rm[None, :], mask=in_b & (rm[None, :] < OUT), other=0.0
+        ).to(tl.float32)
+        at = tl.load(
+            a_ptr + kk[:, None] * IN + rn[None, :], mask=in_b & (rn[None, :] < IN), other=0.0
+        ).to(tl.float32)
         at = at * at
         if HAS_B:
             at = tl.where(in_b & (rn[None, :] == IN), 1.0, at)
@@ -37,13 +53,46 @@ def _tile(t, a_ptr, d_ptr, w_ptr, b_ptr, IN, OUT, NTN, B, scale,
 
 @triton.jit
 def grouped(
-    a0, d0, w0, b0, IN0, OUT0, NTN0,
-    a1, d1, w1, b1, IN1, OUT1, NTN1, T1,
-    a2, d2, w2, b2, IN2, OUT2, NTN2, T2,
-    a3, d3, w3, b3, IN3, OUT3, NTN3, T3,
-    B, scale,
-    HB0: tl.constexpr, HB1: tl.constexpr, HB2: tl.constexpr, HB3: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    a0,
+    d0,
+    w0,
+    b0,
+    IN0,
+    OUT0,
+    NTN0,
+    a1,
+    d1,
+    w1,
+    b1,
+    IN1,
+    OUT1,
+    NTN1,
+    T1,
+    a2,
+    d2,
+    w2,
+    b2,
+    IN2,
+    OUT2,
+    NTN2,
+    T2,
+    a3,
+    d3,
+    w3,
+    b3,
+    IN3,
+    OUT3,
+    NTN3,
+    T3,
+    B,
+    scale,
+    HB0: tl.constexpr,
+    HB1: tl.constexpr,
+    HB2: tl.constexpr,
+    HB3: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
 ):
     """Tiles of up to four layers in one launch."""
     # layer j owns tiles [T_j, T_j+1); unused slots start at the total (never reached)

@@ -50,9 +50,14 @@ def view_source(out: Tensor, inputs: tuple[Any, ...]) -> tuple[Any, int] | None:
     of it in the same contiguous layout and it is not one of the call's ``inputs`` (nor their
     base); ``None`` otherwise."""
     base = out._base
-    if (base is None or base.grad_fn is None or out.numel() != base.numel()
-            or out.storage_offset() != base.storage_offset()
-            or not out.is_contiguous() or not base.is_contiguous()):
+    if (
+        base is None
+        or base.grad_fn is None
+        or out.numel() != base.numel()
+        or out.storage_offset() != base.storage_offset()
+        or not out.is_contiguous()
+        or not base.is_contiguous()
+    ):
         return None
     for x in inputs:
         if isinstance(x, Tensor) and (x is base or x._base is base):

@@ -55,16 +55,18 @@ class Problem:
         """Per-example gradients of data points ``indices`` (``(R, B)`` long): ``(R, B, d)``."""
         raise NotImplementedError(f"{type(self).__name__} has no finite data set (n is None)")
 
-    def sample_example_grads(self, phi: torch.Tensor, batch_size: int,
-                             generator: torch.Generator) -> torch.Tensor:
+    def sample_example_grads(
+        self, phi: torch.Tensor, batch_size: int, generator: torch.Generator
+    ) -> torch.Tensor:
         """Per-example gradients of a batch drawn with replacement: ``(R, B, d)``."""
         if self.n is None:
             raise NotImplementedError
         idx = torch.randint(0, self.n, (phi.shape[0], batch_size), generator=generator)
         return self.example_grads(phi, idx)
 
-    def sample_grad(self, phi: torch.Tensor, batch_size: int,
-                    generator: torch.Generator) -> torch.Tensor:
+    def sample_grad(
+        self, phi: torch.Tensor, batch_size: int, generator: torch.Generator
+    ) -> torch.Tensor:
         """A batch-mean gradient ``g_hat`` (with replacement), shape ``(R, d)``.
 
         Subclasses with Gaussian additive noise override this with the exact-in-law shortcut
@@ -72,8 +74,9 @@ class Problem:
         """
         return self.sample_example_grads(phi, batch_size, generator).mean(dim=1)
 
-    def affine_gradient(self, dtype: torch.dtype = torch.float64
-                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def affine_gradient(
+        self, dtype: torch.dtype = torch.float64
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(M, c)`` with ``g(Phi) = Phi @ M + c`` exactly when the full gradient is affine
         (quadratic losses), else None. Simulators use it to fuse a step into one matmul."""
         return None

@@ -40,8 +40,9 @@ class GaussianLeastSquares(Problem):
         self.noise_variance = check_nonnegative("noise_variance", noise_variance)
         self.hessian = H
         self.noise_covariance = self.noise_variance * H
-        self.optimum = (np.zeros(self.dim) if optimum is None
-                        else as_vector("optimum", optimum, self.dim))
+        self.optimum = (
+            np.zeros(self.dim) if optimum is None else as_vector("optimum", optimum, self.dim)
+        )
         self.min_loss = 0.5 * self.noise_variance
         self._H = torch.as_tensor(H)
         self._H_half = torch.as_tensor(psd_sqrt(H))
@@ -57,13 +58,15 @@ class GaussianLeastSquares(Problem):
     def hessian_vector_product(self, phi: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return v @ self._H.to(phi.dtype)
 
-    def affine_gradient(self, dtype: torch.dtype = torch.float64
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def affine_gradient(
+        self, dtype: torch.dtype = torch.float64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         H = self._H.to(dtype)
         return H, -(self._opt.to(dtype) @ H)
 
-    def sample_example_grads(self, phi: torch.Tensor, batch_size: int,
-                             generator: torch.Generator) -> torch.Tensor:
+    def sample_example_grads(
+        self, phi: torch.Tensor, batch_size: int, generator: torch.Generator
+    ) -> torch.Tensor:
         R, d = phi.shape
         x = torch.randn(R, batch_size, d, generator=generator, dtype=phi.dtype)
         x = x @ self._H_half.to(phi.dtype)

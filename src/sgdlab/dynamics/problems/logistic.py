@@ -56,8 +56,9 @@ class LogisticRegression(Problem):
         self.hessian = (X.T * (s * (1 - s))) @ X / self.n + self.l2 * np.eye(self.dim)
 
     @classmethod
-    def synthetic(cls, n: int, dim: int, seed: int = 0, scale: float = 1.0,
-                  l2: float = 0.0) -> LogisticRegression:
+    def synthetic(
+        cls, n: int, dim: int, seed: int = 0, scale: float = 1.0, l2: float = 0.0
+    ) -> LogisticRegression:
         """Gaussian inputs, labels drawn from a logistic model with weights ``scale * u``."""
         n, dim = check_count("n", n), check_count("dim", dim)
         rng = np.random.default_rng(seed)
@@ -74,8 +75,9 @@ class LogisticRegression(Problem):
     def _newton(self, iters: int = 200) -> np.ndarray:
         """Damped Newton (backtracking on the loss) from 0, in float64."""
         X, y, n = self.inputs, self.labels, self.n
-        separable = ValueError("the data are linearly separable: the logistic optimum is at "
-                               "infinity; pass l2 > 0")
+        separable = ValueError(
+            "the data are linearly separable: the logistic optimum is at infinity; pass l2 > 0"
+        )
         w = np.zeros(self.dim)
         f = self._objective(w)
         for _ in range(iters):
@@ -114,8 +116,7 @@ class LogisticRegression(Problem):
 
     def loss(self, phi: torch.Tensor) -> torch.Tensor:
         m = (phi @ self._X.to(phi.dtype).T) * self._y.to(phi.dtype)
-        return (torch.nn.functional.softplus(-m).mean(-1)
-                + 0.5 * self.l2 * (phi * phi).sum(-1))
+        return torch.nn.functional.softplus(-m).mean(-1) + 0.5 * self.l2 * (phi * phi).sum(-1)
 
     def grad(self, phi: torch.Tensor) -> torch.Tensor:
         X, y = self._X.to(phi.dtype), self._y.to(phi.dtype)

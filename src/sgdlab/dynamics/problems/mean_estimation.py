@@ -50,8 +50,9 @@ class MeanEstimation(Problem):
         self._ybar = torch.as_tensor(ybar)
 
     @classmethod
-    def standardized(cls, n: int, sigma: float = 1.0, dim: int = 1,
-                     seed: int = 0) -> MeanEstimation:
+    def standardized(
+        cls, n: int, sigma: float = 1.0, dim: int = 1, seed: int = 0
+    ) -> MeanEstimation:
         """Gaussian data made exactly mean 0 and population covariance ``sigma^2 I``."""
         n = check_count("n", n)
         dim = check_count("dim", dim)
@@ -76,8 +77,9 @@ class MeanEstimation(Problem):
     def hessian_vector_product(self, phi: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return v.clone()
 
-    def affine_gradient(self, dtype: torch.dtype = torch.float64
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def affine_gradient(
+        self, dtype: torch.dtype = torch.float64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.eye(self.dim, dtype=dtype), -self._ybar.to(dtype)
 
     def example_grads(self, phi: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -72,13 +72,15 @@ class Separable(Problem):
     def additive_noise_sqrt(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return torch.diag(self._s.to(dtype))
 
-    def sample_example_grads(self, phi: torch.Tensor, batch_size: int,
-                             generator: torch.Generator) -> torch.Tensor:
+    def sample_example_grads(
+        self, phi: torch.Tensor, batch_size: int, generator: torch.Generator
+    ) -> torch.Tensor:
         z = torch.randn(phi.shape[0], batch_size, self.dim, generator=generator, dtype=phi.dtype)
         return self.grad(phi).unsqueeze(1) + z * self._s.to(phi.dtype)
 
-    def sample_grad(self, phi: torch.Tensor, batch_size: int,
-                    generator: torch.Generator) -> torch.Tensor:
+    def sample_grad(
+        self, phi: torch.Tensor, batch_size: int, generator: torch.Generator
+    ) -> torch.Tensor:
         z = torch.randn(phi.shape[0], self.dim, generator=generator, dtype=phi.dtype)
         return self.grad(phi) + z * (self._s.to(phi.dtype) / batch_size**0.5)
 
@@ -121,13 +123,15 @@ class DoubleWell(Problem):
     def additive_noise_sqrt(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return torch.tensor([[self.sigma_value]], dtype=dtype)
 
-    def sample_example_grads(self, phi: torch.Tensor, batch_size: int,
-                             generator: torch.Generator) -> torch.Tensor:
+    def sample_example_grads(
+        self, phi: torch.Tensor, batch_size: int, generator: torch.Generator
+    ) -> torch.Tensor:
         z = torch.randn(phi.shape[0], batch_size, 1, generator=generator, dtype=phi.dtype)
         return self.grad(phi).unsqueeze(1) + self.sigma_value * z
 
-    def sample_grad(self, phi: torch.Tensor, batch_size: int,
-                    generator: torch.Generator) -> torch.Tensor:
+    def sample_grad(
+        self, phi: torch.Tensor, batch_size: int, generator: torch.Generator
+    ) -> torch.Tensor:
         z = torch.randn(phi.shape[0], 1, generator=generator, dtype=phi.dtype)
         return self.grad(phi) + (self.sigma_value / batch_size**0.5) * z
 

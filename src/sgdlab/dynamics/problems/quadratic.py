@@ -37,8 +37,9 @@ class Quadratic(Problem):
         optimum: Phi* (default 0).  min_loss : L* (default 0).
     """
 
-    def __init__(self, hessian: Any, noise_covariance: Any, optimum: Any = None,
-                 min_loss: float = 0.0) -> None:
+    def __init__(
+        self, hessian: Any, noise_covariance: Any, optimum: Any = None, min_loss: float = 0.0
+    ) -> None:
         H = as_matrix("hessian", hessian, psd=True)
         d = H.shape[0]
         C = as_matrix("noise_covariance", noise_covariance, d, psd=True)
@@ -61,21 +62,24 @@ class Quadratic(Problem):
     def hessian_vector_product(self, phi: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return v @ self._H.to(phi.dtype)
 
-    def affine_gradient(self, dtype: torch.dtype = torch.float64
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def affine_gradient(
+        self, dtype: torch.dtype = torch.float64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         H = self._H.to(dtype)
         return H, -(self._opt.to(dtype) @ H)
 
     def additive_noise_sqrt(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return self._C_half.to(dtype)
 
-    def sample_example_grads(self, phi: torch.Tensor, batch_size: int,
-                             generator: torch.Generator) -> torch.Tensor:
+    def sample_example_grads(
+        self, phi: torch.Tensor, batch_size: int, generator: torch.Generator
+    ) -> torch.Tensor:
         z = torch.randn(phi.shape[0], batch_size, self.dim, generator=generator, dtype=phi.dtype)
         return self.grad(phi).unsqueeze(1) + z @ self._C_half.to(phi.dtype)
 
-    def sample_grad(self, phi: torch.Tensor, batch_size: int,
-                    generator: torch.Generator) -> torch.Tensor:
+    def sample_grad(
+        self, phi: torch.Tensor, batch_size: int, generator: torch.Generator
+    ) -> torch.Tensor:
         z = torch.randn(phi.shape[0], self.dim, generator=generator, dtype=phi.dtype)
         return self.grad(phi) + (z @ self._C_half.to(phi.dtype)) / batch_size**0.5
 

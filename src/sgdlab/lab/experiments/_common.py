@@ -84,8 +84,9 @@ def _data_dir(outdir: str | os.PathLike[str]) -> Path:
     return d
 
 
-def mnist1d(outdir: str | os.PathLike[str], num_samples: int = 5000, seed: int = 42
-            ) -> dict[str, np.ndarray]:
+def mnist1d(
+    outdir: str | os.PathLike[str], num_samples: int = 5000, seed: int = 42
+) -> dict[str, np.ndarray]:
     """MNIST-1D generated locally by the ``mnist1d`` package, cached in the results directory.
 
     Returns float32 ``x`` (n, 40), int64 ``y`` and the test split ``x_test``, ``y_test``.

@@ -49,8 +49,10 @@ def mlp(hidden: int = 128, seed: int = 0, device: str = "cpu") -> torch.nn.Modul
     """The MLP 40 -> hidden -> hidden -> 10 with torch's default init under ``seed``."""
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Linear(40, hidden), torch.nn.ReLU(),
-        torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+        torch.nn.Linear(40, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.ReLU(),
         torch.nn.Linear(hidden, 10),
     ).to(device)
 
@@ -132,7 +134,8 @@ def examples_to_reach(curve: list[dict[str, float]], target: float) -> float:
             if prev is None or prev["loss"] <= target:
                 return float(p["examples"])
             f = (math.log(prev["loss"]) - math.log(target)) / (
-                math.log(prev["loss"]) - math.log(p["loss"]))
+                math.log(prev["loss"]) - math.log(p["loss"])
+            )
             return float(prev["examples"] + f * (p["examples"] - prev["examples"]))
         prev = p
     return float("nan")
@@ -168,17 +171,23 @@ def noise_scale(
         sq.append(r.grad_sq_norm)
 
     try:
-        res = train(model, opt, data, batch_size, examples, seed=seed, evals=1,
-                    after_backward=read)
+        res = train(model, opt, data, batch_size, examples, seed=seed, evals=1, after_backward=read)
     finally:
         tracker.detach()
     t, q = np.asarray(tr), np.asarray(sq)
     b = float(t.mean() / q.mean())
-    se = abs(b) * math.sqrt(t.var(ddof=1) / t.mean() ** 2 / t.size
-                            + q.var(ddof=1) / q.mean() ** 2 / q.size)
-    return {"b_simple": b, "b_simple_se": se, "tr_sigma_mean": float(t.mean()),
-            "grad_sq_norm_mean": float(q.mean()), "steps": int(t.size), "batch_size": batch_size,
-            "final_loss": res["final_loss"]}
+    se = abs(b) * math.sqrt(
+        t.var(ddof=1) / t.mean() ** 2 / t.size + q.var(ddof=1) / q.mean() ** 2 / q.size
+    )
+    return {
+        "b_simple": b,
+        "b_simple_se": se,
+        "tr_sigma_mean": float(t.mean()),
+        "grad_sq_norm_mean": float(q.mean()),
+        "steps": int(t.size),
+        "batch_size": batch_size,
+        "final_loss": res["final_loss"],
+    }
 
 
 def noise_dominated(batch_sizes: Sequence[int], b_simple: float) -> list[int]:

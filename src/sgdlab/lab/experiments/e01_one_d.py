@@ -90,20 +90,43 @@ def claims(results: dict[str, Any]) -> list[Claim]:
     for r in results["rows"]:
         b = r["B"]
         w, wo = r["with"], r["without"]
-        out.append(Claim(
-            f"one_d.mean_B{b}", f"g_hat at the optimum has mean 0 (B={b}, with replacement)",
-            "E g_hat = 0", 0.0, w["mean"], w["mean_se"], tolerance(w["mean_se"])))
-        out.append(Claim(
-            f"one_d.var_with_B{b}", f"Var g_hat = sigma^2/B with replacement (B={b})",
-            "sigma^2/B", r["pred_with"], w["var"], w["var_se"], tolerance(w["var_se"])))
+        out.append(
+            Claim(
+                f"one_d.mean_B{b}",
+                f"g_hat at the optimum has mean 0 (B={b}, with replacement)",
+                "E g_hat = 0",
+                0.0,
+                w["mean"],
+                w["mean_se"],
+                tolerance(w["mean_se"]),
+            )
+        )
+        out.append(
+            Claim(
+                f"one_d.var_with_B{b}",
+                f"Var g_hat = sigma^2/B with replacement (B={b})",
+                "sigma^2/B",
+                r["pred_with"],
+                w["var"],
+                w["var_se"],
+                tolerance(w["var_se"]),
+            )
+        )
         if b > 1:
-            out.append(Claim(
-                f"one_d.var_without_B{b}",
-                f"without replacement the variance shrinks by (n-B)/(n-1) (B={b})",
-                "(sigma^2/B)(n-B)/(n-1)", r["pred_without"], wo["var"], wo["var_se"],
-                tolerance(wo["var_se"], model_error=1e-12 * results["sigma2"]),
-                note="at B = n the batch is the data set: exactly 0 up to rounding"
-                if b == results["n"] else ""))
+            out.append(
+                Claim(
+                    f"one_d.var_without_B{b}",
+                    f"without replacement the variance shrinks by (n-B)/(n-1) (B={b})",
+                    "(sigma^2/B)(n-B)/(n-1)",
+                    r["pred_without"],
+                    wo["var"],
+                    wo["var_se"],
+                    tolerance(wo["var_se"], model_error=1e-12 * results["sigma2"]),
+                    note="at B = n the batch is the data set: exactly 0 up to rounding"
+                    if b == results["n"]
+                    else "",
+                )
+            )
     return out
 
 
@@ -112,10 +135,20 @@ def plot(results: dict[str, Any], outdir: Path) -> list[str]:
     bs = np.array([r["B"] for r in rows], float)
     fig, ax = figure()
     a = ax[0, 0]
-    a.errorbar(bs, [r["with"]["var"] for r in rows], [2 * r["with"]["var_se"] for r in rows],
-               fmt="o", label="measured, with replacement")
-    a.errorbar(bs, [r["without"]["var"] for r in rows], [2 * r["without"]["var_se"] for r in rows],
-               fmt="s", label="measured, without replacement")
+    a.errorbar(
+        bs,
+        [r["with"]["var"] for r in rows],
+        [2 * r["with"]["var_se"] for r in rows],
+        fmt="o",
+        label="measured, with replacement",
+    )
+    a.errorbar(
+        bs,
+        [r["without"]["var"] for r in rows],
+        [2 * r["without"]["var_se"] for r in rows],
+        fmt="s",
+        label="measured, without replacement",
+    )
     a.plot(bs, [r["pred_with"] for r in rows], "-", label="sigma^2/B")
     a.plot(bs, [r["pred_without"] for r in rows], "--", label="(sigma^2/B)(n-B)/(n-1)")
     a.set_xscale("log")

@@ -90,19 +90,40 @@ def run(config: Config, outdir: Path) -> dict[str, Any]:
             if t + 1 in ck:
                 mse, mse_se = chain_mean(e * e)
                 mean, mean_se = chain_mean(e)
-                rows.append({"t": t + 1, "mse": mse, "mse_se": mse_se, "mse_exact": m_exact,
-                             "mean": mean, "mean_se": mean_se, "mean_exact": mean_exact})
+                rows.append(
+                    {
+                        "t": t + 1,
+                        "mse": mse,
+                        "mse_se": mse_se,
+                        "mse_exact": m_exact,
+                        "mean": mean,
+                        "mean_se": mean_se,
+                        "mean_exact": mean_exact,
+                    }
+                )
         # Conditions of the theorem (analytic, for the infinite schedule).
         if gamma is None:
             conds = {"eta_to_0": False, "sum_eta_inf": True, "sum_eta2_finite": False}
         else:
-            conds = {"eta_to_0": True, "sum_eta_inf": gamma <= 1.0,
-                     "sum_eta2_finite": gamma > 0.5}
-        out.append({"gamma": gamma, "rows": rows, "conditions": conds,
-                    "sum_eta": float(eta.sum()), "sum_eta2": float((eta**2).sum())})
-    return {"schedules": out, "stationary_const": config.constant_eta * config.sigma**2
-            / (config.h * (2 - config.constant_eta * config.h)), "h": config.h,
-            "sigma": config.sigma, "e0": config.e0}
+            conds = {"eta_to_0": True, "sum_eta_inf": gamma <= 1.0, "sum_eta2_finite": gamma > 0.5}
+        out.append(
+            {
+                "gamma": gamma,
+                "rows": rows,
+                "conditions": conds,
+                "sum_eta": float(eta.sum()),
+                "sum_eta2": float((eta**2).sum()),
+            }
+        )
+    return {
+        "schedules": out,
+        "stationary_const": config.constant_eta
+        * config.sigma**2
+        / (config.h * (2 - config.constant_eta * config.h)),
+        "h": config.h,
+        "sigma": config.sigma,
+        "e0": config.e0,
+    }
 
 
 def _label(g: float | None) -> str:
@@ -115,38 +136,70 @@ def claims(results: dict[str, Any]) -> list[Claim]:
         last = s["rows"][-1]
         lab = _label(s["gamma"])
         c = s["conditions"]
-        met = "; ".join(f"{k} {'yes' if v else 'no'}" for k, v in (
-            ("eta_t -> 0:", c["eta_to_0"]), ("sum eta_t = inf:", c["sum_eta_inf"]),
-            ("sum eta_t^2 < inf:", c["sum_eta2_finite"])))
-        out.append(Claim(
-            f"convergence.mse_{lab}",
-            f"MSE at t={last['t']} follows the exact recursion ({lab})",
-            "m_{t+1} = (1-eta_t h)^2 m_t + eta_t^2 sigma^2", last["mse_exact"], last["mse"],
-            last["mse_se"], tolerance(last["mse_se"]), note=f"conditions: {met}"))
+        met = "; ".join(
+            f"{k} {'yes' if v else 'no'}"
+            for k, v in (
+                ("eta_t -> 0:", c["eta_to_0"]),
+                ("sum eta_t = inf:", c["sum_eta_inf"]),
+                ("sum eta_t^2 < inf:", c["sum_eta2_finite"]),
+            )
+        )
+        out.append(
+            Claim(
+                f"convergence.mse_{lab}",
+                f"MSE at t={last['t']} follows the exact recursion ({lab})",
+                "m_{t+1} = (1-eta_t h)^2 m_t + eta_t^2 sigma^2",
+                last["mse_exact"],
+                last["mse"],
+                last["mse_se"],
+                tolerance(last["mse_se"]),
+                note=f"conditions: {met}",
+            )
+        )
         if s["gamma"] == 1.5 or (s["gamma"] is not None and s["gamma"] > 1):
-            out.append(Claim(
-                "convergence.stall",
-                f"with sum eta_t < inf (gamma={s['gamma']:g}) SGD stalls: the mean error stays "
-                "at e0 prod(1 - eta_t h) > 0",
-                "E e_T = e0 prod_t (1 - eta_t h)", last["mean_exact"], last["mean"],
-                last["mean_se"], tolerance(last["mean_se"]), erratum=3,
-                lecture_formula="eta_t -> 0 and sum eta_t = inf (sum eta_t^2 < inf missing)",
-                note="the stall level is far from 0: the optimum is never reached"))
+            out.append(
+                Claim(
+                    "convergence.stall",
+                    f"with sum eta_t < inf (gamma={s['gamma']:g}) SGD stalls: the mean error stays "
+                    "at e0 prod(1 - eta_t h) > 0",
+                    "E e_T = e0 prod_t (1 - eta_t h)",
+                    last["mean_exact"],
+                    last["mean"],
+                    last["mean_se"],
+                    tolerance(last["mean_se"]),
+                    erratum=3,
+                    lecture_formula="eta_t -> 0 and sum eta_t = inf (sum eta_t^2 < inf missing)",
+                    note="the stall level is far from 0: the optimum is never reached",
+                )
+            )
         if s["gamma"] is not None and s["gamma"] < 1:
             tail = [r for r in s["rows"] if r["t"] >= s["rows"][-1]["t"] / 30]
             slope, se = fit_loglog_slope([r["t"] for r in tail], [r["mse"] for r in tail])
-            out.append(Claim(
-                f"convergence.decay_{lab}",
-                f"for gamma={s['gamma']:g} < 1 the MSE decays like eta_t ~ t^-gamma",
-                "d log MSE / d log t -> -gamma", -s["gamma"], slope, se,
-                tolerance(se, model_error=0.1), exact=False,
-                note="asymptotic: MSE ~ c sigma^2 t^-gamma/(2h); 0.1 allowed for the transient"))
+            out.append(
+                Claim(
+                    f"convergence.decay_{lab}",
+                    f"for gamma={s['gamma']:g} < 1 the MSE decays like eta_t ~ t^-gamma",
+                    "d log MSE / d log t -> -gamma",
+                    -s["gamma"],
+                    slope,
+                    se,
+                    tolerance(se, model_error=0.1),
+                    exact=False,
+                    note="asymptotic: MSE ~ c sigma^2 t^-gamma/(2h); 0.1 allowed for the transient",
+                )
+            )
         if s["gamma"] is None:
-            out.append(Claim(
-                "convergence.constant_floor",
-                "at constant eta SGD does not converge: MSE -> eta sigma^2/(h(2 - eta h))",
-                "eta sigma^2/(h(2 - eta h))", results["stationary_const"], last["mse"],
-                last["mse_se"], tolerance(last["mse_se"])))
+            out.append(
+                Claim(
+                    "convergence.constant_floor",
+                    "at constant eta SGD does not converge: MSE -> eta sigma^2/(h(2 - eta h))",
+                    "eta sigma^2/(h(2 - eta h))",
+                    results["stationary_const"],
+                    last["mse"],
+                    last["mse_se"],
+                    tolerance(last["mse_se"]),
+                )
+            )
     return out
 
 
@@ -156,21 +209,42 @@ def plot(results: dict[str, Any], outdir: Path) -> list[str]:
         t = [r["t"] for r in s["rows"]]
         lab = _label(s["gamma"])
         line = ax[0, 0].plot(t, [r["mse_exact"] for r in s["rows"]], "-", label=lab)[0]
-        ax[0, 0].errorbar(t, [r["mse"] for r in s["rows"]], [2 * r["mse_se"] for r in s["rows"]],
-                          fmt="o", ms=3, color=line.get_color())
-        ax[0, 1].plot(t, [abs(r["mean_exact"]) for r in s["rows"]], "-", color=line.get_color(),
-                      label=lab)
-        ax[0, 1].errorbar(t, [abs(r["mean"]) for r in s["rows"]],
-                          [2 * r["mean_se"] for r in s["rows"]], fmt="o", ms=3,
-                          color=line.get_color())
+        ax[0, 0].errorbar(
+            t,
+            [r["mse"] for r in s["rows"]],
+            [2 * r["mse_se"] for r in s["rows"]],
+            fmt="o",
+            ms=3,
+            color=line.get_color(),
+        )
+        ax[0, 1].plot(
+            t, [abs(r["mean_exact"]) for r in s["rows"]], "-", color=line.get_color(), label=lab
+        )
+        ax[0, 1].errorbar(
+            t,
+            [abs(r["mean"]) for r in s["rows"]],
+            [2 * r["mean_se"] for r in s["rows"]],
+            fmt="o",
+            ms=3,
+            color=line.get_color(),
+        )
     # the axis follows the measurements: an exact mean that underflows towards 1e-300 is far
     # below anything the chains can resolve (their standard error) and must not set it
     seen = [abs(r[k]) for s in results["schedules"] for r in s["rows"] for k in ("mean", "mean_se")]
     log_limits(ax[0, 1], seen, pad=3.0)
-    ax[0, 0].set(xscale="log", yscale="log", xlabel="step t", ylabel="E e_t^2",
-                 title="MSE: measured (dots) vs exact recursion")
-    ax[0, 1].set(xscale="log", yscale="log", xlabel="step t", ylabel="|E e_t|",
-                 title="mean error: gamma > 1 stalls")
+    ax[0, 0].set(
+        xscale="log",
+        yscale="log",
+        xlabel="step t",
+        ylabel="E e_t^2",
+        title="MSE: measured (dots) vs exact recursion",
+    )
+    ax[0, 1].set(
+        xscale="log",
+        yscale="log",
+        xlabel="step t",
+        ylabel="|E e_t|",
+        title="mean error: gamma > 1 stalls",
+    )
     ax[0, 0].legend(fontsize=8)
     return [save(fig, outdir, "convergence.png")]
-

@@ -64,17 +64,25 @@ def run(config: Config, outdir: Path) -> dict[str, Any]:
     avgs = {k: RunningAverage(k, None if k == "mean" else float(n)) for k in KINDS}
     traces: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
     for t in bar(range(1, t_max + 1), desc=NAME):
-        x = config.mu + config.sigma * torch.randn(config.chains, generator=gen,
-                                                   dtype=torch.float64)
+        x = config.mu + config.sigma * torch.randn(
+            config.chains, generator=gen, dtype=torch.float64
+        )
         for k in KINDS:
             est = avgs[k].update(x).numpy()
             m, m_se = chain_mean(est)
             mf = mean_factor(k, t, None if k == "mean" else n) * config.mu
             v, v_se = chain_mean((est - mf) ** 2)
-            traces[k].append({"t": t, "mean": m, "mean_se": m_se, "mean_pred": mf, "var": v,
-                              "var_se": v_se,
-                              "var_pred": variance(k, t, None if k == "mean" else n,
-                                                   config.sigma**2)})
+            traces[k].append(
+                {
+                    "t": t,
+                    "mean": m,
+                    "mean_se": m_se,
+                    "mean_pred": mf,
+                    "var": v,
+                    "var_se": v_se,
+                    "var_pred": variance(k, t, None if k == "mean" else n, config.sigma**2),
+                }
+            )
     # The EMA of a ramp x_t = t lags it by exactly N - 1 once the start-up transient has died.
     ema = RunningAverage("ema", float(n))
     for t in range(1, 40 * n + 1):
@@ -82,9 +90,16 @@ def run(config: Config, outdir: Path) -> dict[str, Any]:
     lag = 40 * n - lagged
     beta = 1 - 1 / n
     weight_sum = float(sum(beta**k for k in range(40 * n)))
-    return {"horizon": n, "sigma2": config.sigma**2, "mu": config.mu, "traces": traces,
-            "ramp_lag": lag, "ramp_lag_pred": ema_mean_lag(float(n)),
-            "weight_sum_terms": 40 * n, "weight_sum": weight_sum}
+    return {
+        "horizon": n,
+        "sigma2": config.sigma**2,
+        "mu": config.mu,
+        "traces": traces,
+        "ramp_lag": lag,
+        "ramp_lag_pred": ema_mean_lag(float(n)),
+        "weight_sum_terms": 40 * n,
+        "weight_sum": weight_sum,
+    }
 
 
 def _at(trace: list[dict[str, float]], t: int) -> dict[str, float]:
@@ -100,33 +115,78 @@ def claims(results: dict[str, Any]) -> list[Claim]:
     ema1 = _at(tr["ema"], 1)
     lecn = _at(tr["lecture"], n)
     return [
-        Claim("running_averages.ema_bias_t1", "the EMA starts biased: E mu_1 = mu/N",
-              "E mu_1 = mu/N", ema1["mean_pred"], ema1["mean"], ema1["mean_se"],
-              tolerance(ema1["mean_se"])),
-        Claim("running_averages.lecture_exact_mean",
-              f"1/min(N,t) weights give the exact mean for t <= N (t={t_half}): variance "
-              "sigma^2/t", "sigma^2/t", lec["var_pred"], lec["var"], lec["var_se"],
-              tolerance(lec["var_se"])),
-        Claim("running_averages.lecture_unbiased", f"1/min(N,t) is unbiased at t=N={n}",
-              "E mu_t = mu", results["mu"], lecn["mean"], lecn["mean_se"],
-              tolerance(lecn["mean_se"])),
-        Claim("running_averages.adam_variance",
-              f"Adam's m/(1-beta^t) at N=t={n}: variance sigma^2(1-b)(1+b^t)/((1+b)(1-b^t))",
-              "sigma^2 (1-beta)(1+beta^t)/((1+beta)(1-beta^t))", adam["var_pred"], adam["var"],
-              adam["var_se"], tolerance(adam["var_se"])),
-        Claim("running_averages.ema_variance",
-              f"stationary EMA variance (t={last['t']}) is sigma^2/(2N-1): a (2N-1)-window",
-              "sigma^2/(2N-1)", s2 / (2 * n - 1), last["var"], last["var_se"],
-              tolerance(last["var_se"]), erratum=4, lecture_formula="N-window: sigma^2/N",
-              lecture_value=s2 / n),
-        Claim("running_averages.ema_lag", "the EMA of a ramp lags by N-1 steps (not N/2)",
-              "lag = N - 1", results["ramp_lag_pred"], results["ramp_lag"], 0.0, 1e-9 * n,
-              erratum=4, lecture_formula="N-window lag (N-1)/2", lecture_value=(n - 1) / 2),
-        Claim("running_averages.weight_sum",
-              "sum_{n>=0} (1-1/N)^n = N (the slide's exponent -n diverges)",
-              f"sum of first {results['weight_sum_terms']} terms -> N", float(n),
-              results["weight_sum"], 0.0, n * (1 - 1 / n) ** results["weight_sum_terms"] + 1e-9,
-              erratum=4, lecture_formula="sum_n (1-1/N)^(-n) = N", lecture_value=float("inf")),
+        Claim(
+            "running_averages.ema_bias_t1",
+            "the EMA starts biased: E mu_1 = mu/N",
+            "E mu_1 = mu/N",
+            ema1["mean_pred"],
+            ema1["mean"],
+            ema1["mean_se"],
+            tolerance(ema1["mean_se"]),
+        ),
+        Claim(
+            "running_averages.lecture_exact_mean",
+            f"1/min(N,t) weights give the exact mean for t <= N (t={t_half}): variance sigma^2/t",
+            "sigma^2/t",
+            lec["var_pred"],
+            lec["var"],
+            lec["var_se"],
+            tolerance(lec["var_se"]),
+        ),
+        Claim(
+            "running_averages.lecture_unbiased",
+            f"1/min(N,t) is unbiased at t=N={n}",
+            "E mu_t = mu",
+            results["mu"],
+            lecn["mean"],
+            lecn["mean_se"],
+            tolerance(lecn["mean_se"]),
+        ),
+        Claim(
+            "running_averages.adam_variance",
+            f"Adam's m/(1-beta^t) at N=t={n}: variance sigma^2(1-b)(1+b^t)/((1+b)(1-b^t))",
+            "sigma^2 (1-beta)(1+beta^t)/((1+beta)(1-beta^t))",
+            adam["var_pred"],
+            adam["var"],
+            adam["var_se"],
+            tolerance(adam["var_se"]),
+        ),
+        Claim(
+            "running_averages.ema_variance",
+            f"stationary EMA variance (t={last['t']}) is sigma^2/(2N-1): a (2N-1)-window",
+            "sigma^2/(2N-1)",
+            s2 / (2 * n - 1),
+            last["var"],
+            last["var_se"],
+            tolerance(last["var_se"]),
+            erratum=4,
+            lecture_formula="N-window: sigma^2/N",
+            lecture_value=s2 / n,
+        ),
+        Claim(
+            "running_averages.ema_lag",
+            "the EMA of a ramp lags by N-1 steps (not N/2)",
+            "lag = N - 1",
+            results["ramp_lag_pred"],
+            results["ramp_lag"],
+            0.0,
+            1e-9 * n,
+            erratum=4,
+            lecture_formula="N-window lag (N-1)/2",
+            lecture_value=(n - 1) / 2,
+        ),
+        Claim(
+            "running_averages.weight_sum",
+            "sum_{n>=0} (1-1/N)^n = N (the slide's exponent -n diverges)",
+            f"sum of first {results['weight_sum_terms']} terms -> N",
+            float(n),
+            results["weight_sum"],
+            0.0,
+            n * (1 - 1 / n) ** results["weight_sum_terms"] + 1e-9,
+            erratum=4,
+            lecture_formula="sum_n (1-1/N)^(-n) = N",
+            lecture_value=float("inf"),
+        ),
     ]
 
 

@@ -106,8 +106,9 @@ def _forms(config: Config) -> dict[str, float]:
     return dev
 
 
-def _stationary_var(eta: float, beta: float, config: Config, rng: np.random.Generator
-                    ) -> tuple[float, float]:
+def _stationary_var(
+    eta: float, beta: float, config: Config, rng: np.random.Generator
+) -> tuple[float, float]:
     """Time-averaged x^2 per chain from the exact stationary covariance; mean and s.e."""
     h, s2, r = config.h, config.sigma**2, config.chains
     # Exact stationary covariance of (x_t, x_{t-1}) to start in the stationary law.
@@ -132,51 +133,104 @@ def run(config: Config, outdir: Path) -> dict[str, Any]:
     rows = []
     for n_g in bar(config.n_g, desc=NAME):
         beta = 1 - 1 / n_g
-        for mode, eta in (("fixed_eta_prime", config.eta_prime / n_g),
-                          ("fixed_eta", config.eta_fixed)):
+        for mode, eta in (
+            ("fixed_eta_prime", config.eta_prime / n_g),
+            ("fixed_eta", config.eta_fixed),
+        ):
             v, se = _stationary_var(eta, beta, config, rng)
-            rows.append({"n_g": n_g, "mode": mode, "eta": eta, "beta": beta, "var": v,
-                         "var_se": se,
-                         "var_exact": heavy_ball_variance(eta, beta, config.h, config.sigma**2)})
-    return {"forms": _forms(config), "rows": rows, "eta_prime": config.eta_prime,
-            "eta_fixed": config.eta_fixed, "h": config.h, "sigma2": config.sigma**2,
-            "reference_values": {"beta0.9_eta0.01": heavy_ball_variance(0.01, 0.9, 1, 1),
-                                 "beta0.5_eta0.5": heavy_ball_variance(0.5, 0.5, 1, 1)}}
+            rows.append(
+                {
+                    "n_g": n_g,
+                    "mode": mode,
+                    "eta": eta,
+                    "beta": beta,
+                    "var": v,
+                    "var_se": se,
+                    "var_exact": heavy_ball_variance(eta, beta, config.h, config.sigma**2),
+                }
+            )
+    return {
+        "forms": _forms(config),
+        "rows": rows,
+        "eta_prime": config.eta_prime,
+        "eta_fixed": config.eta_fixed,
+        "h": config.h,
+        "sigma2": config.sigma**2,
+        "reference_values": {
+            "beta0.9_eta0.01": heavy_ball_variance(0.01, 0.9, 1, 1),
+            "beta0.5_eta0.5": heavy_ball_variance(0.5, 0.5, 1, 1),
+        },
+    }
 
 
 def claims(results: dict[str, Any]) -> list[Claim]:
     out = []
     for form, dev in results["forms"].items():
-        out.append(Claim(
-            f"momentum.form_{form}",
-            f"the momentum forms coincide: v-form vs {form.replace('_', ' ')} (float64)",
-            "max_t |Phi_a - Phi_b| / |Phi| = 0", 0.0, dev, 0.0, 1e-12))
+        out.append(
+            Claim(
+                f"momentum.form_{form}",
+                f"the momentum forms coincide: v-form vs {form.replace('_', ' ')} (float64)",
+                "max_t |Phi_a - Phi_b| / |Phi| = 0",
+                0.0,
+                dev,
+                0.0,
+                1e-12,
+            )
+        )
     ref = results["reference_values"]
-    out.append(Claim("momentum.reference_values", "closed form reproduces REFERENCE.md: "
-                     "beta=.9, eta=.01 -> 0.050132", "Var(beta, eta) at h = s = 1",
-                     0.050132, ref["beta0.9_eta0.01"], 0.0, 5e-7))
+    out.append(
+        Claim(
+            "momentum.reference_values",
+            "closed form reproduces REFERENCE.md: beta=.9, eta=.01 -> 0.050132",
+            "Var(beta, eta) at h = s = 1",
+            0.050132,
+            ref["beta0.9_eta0.01"],
+            0.0,
+            5e-7,
+        )
+    )
     for r in results["rows"]:
-        out.append(Claim(
-            f"momentum.var_{r['mode']}_Ng{r['n_g']:g}",
-            f"stationary variance, N_g={r['n_g']:g}, {r['mode'].replace('_', ' ')}",
-            "(1+b) eta s^2/((1-b) h (2(1+b) - eta h))", r["var_exact"], r["var"], r["var_se"],
-            tolerance(r["var_se"])))
+        out.append(
+            Claim(
+                f"momentum.var_{r['mode']}_Ng{r['n_g']:g}",
+                f"stationary variance, N_g={r['n_g']:g}, {r['mode'].replace('_', ' ')}",
+                "(1+b) eta s^2/((1-b) h (2(1+b) - eta h))",
+                r["var_exact"],
+                r["var"],
+                r["var_se"],
+                tolerance(r["var_se"]),
+            )
+        )
     for mode in ("fixed_eta_prime", "fixed_eta"):
         rows = [r for r in results["rows"] if r["mode"] == mode]
         lo, hi = rows[0], rows[-1]
         ratio, se = ratio_stderr(hi["var"], hi["var_se"], lo["var"], lo["var_se"])
         pred = hi["var_exact"] / lo["var_exact"]
         if mode == "fixed_eta_prime":
-            out.append(Claim(
-                "momentum.conjugacy_flat",
-                f"at fixed eta' the variance barely moves from N_g={lo['n_g']:g} to "
-                f"{hi['n_g']:g} (conjugacy)", "Var(N_g)/Var(1) = 1 + O(eta')", pred, ratio, se,
-                tolerance(se)))
+            out.append(
+                Claim(
+                    "momentum.conjugacy_flat",
+                    f"at fixed eta' the variance barely moves from N_g={lo['n_g']:g} to "
+                    f"{hi['n_g']:g} (conjugacy)",
+                    "Var(N_g)/Var(1) = 1 + O(eta')",
+                    pred,
+                    ratio,
+                    se,
+                    tolerance(se),
+                )
+            )
         else:
-            out.append(Claim(
-                "momentum.fixed_eta_moves",
-                f"at fixed eta the variance grows ~N_g from N_g={lo['n_g']:g} to {hi['n_g']:g}",
-                "Var(N_g)/Var(1) ~ N_g", pred, ratio, se, tolerance(se)))
+            out.append(
+                Claim(
+                    "momentum.fixed_eta_moves",
+                    f"at fixed eta the variance grows ~N_g from N_g={lo['n_g']:g} to {hi['n_g']:g}",
+                    "Var(N_g)/Var(1) ~ N_g",
+                    pred,
+                    ratio,
+                    se,
+                    tolerance(se),
+                )
+            )
     return out
 
 
@@ -187,9 +241,20 @@ def plot(results: dict[str, Any], outdir: Path) -> list[str]:
         rows = [r for r in results["rows"] if r["mode"] == mode]
         ng = [r["n_g"] for r in rows]
         line = a.plot(ng, [r["var_exact"] for r in rows], "-", label=f"exact, {mode}")[0]
-        a.errorbar(ng, [r["var"] for r in rows], [2 * r["var_se"] for r in rows], fmt=mk,
-                   color=line.get_color(), label=f"measured, {mode}")
-    a.set(xscale="log", yscale="log", xlabel="N_g", ylabel="stationary Var",
-          title=f"eta' = {results['eta_prime']:g} vs eta = {results['eta_fixed']:g}")
+        a.errorbar(
+            ng,
+            [r["var"] for r in rows],
+            [2 * r["var_se"] for r in rows],
+            fmt=mk,
+            color=line.get_color(),
+            label=f"measured, {mode}",
+        )
+    a.set(
+        xscale="log",
+        yscale="log",
+        xlabel="N_g",
+        ylabel="stationary Var",
+        title=f"eta' = {results['eta_prime']:g} vs eta = {results['eta_fixed']:g}",
+    )
     a.legend(fontsize=8)
     return [save(fig, outdir, "momentum_variance.png")]

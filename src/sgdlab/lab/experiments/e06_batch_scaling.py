@@ -66,11 +66,20 @@ class Config(ExperimentConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"batch_sizes": (1, 16, 256), "examples": 2048, "chains": 500,
-             "momentum_chains": 2000, "momentum_batch_sizes": (1, 4, 32)},
-    "full": {"batch_sizes": (1, 2, 4, 8, 16, 32, 64, 128, 192, 256), "examples": 32768,
-             "chains": 4000, "momentum_chains": 20000,
-             "momentum_batch_sizes": (1, 2, 4, 8, 16, 32)},
+    "tiny": {
+        "batch_sizes": (1, 16, 256),
+        "examples": 2048,
+        "chains": 500,
+        "momentum_chains": 2000,
+        "momentum_batch_sizes": (1, 4, 32),
+    },
+    "full": {
+        "batch_sizes": (1, 2, 4, 8, 16, 32, 64, 128, 192, 256),
+        "examples": 32768,
+        "chains": 4000,
+        "momentum_chains": 20000,
+        "momentum_batch_sizes": (1, 2, 4, 8, 16, 32),
+    },
 }
 
 
@@ -107,12 +116,25 @@ def _sgd_part(config: Config, rng: np.random.Generator) -> list[dict[str, Any]]:
             m = (1 - eta * h) ** 2 * m + eta**2 * config.sigma**2 / b
             if j % every == 0 or j == steps:
                 loss, se = chain_mean(0.5 * (h * x * x).sum(axis=1))
-                trace.append({"examples": j * b, "loss": loss, "loss_se": se,
-                              "loss_exact": float(0.5 * (h * m).sum())})
+                trace.append(
+                    {
+                        "examples": j * b,
+                        "loss": loss,
+                        "loss_se": se,
+                        "loss_exact": float(0.5 * (h * m).sum()),
+                    }
+                )
         # the alternative the linear rule is told apart from: eta = sqrt(B) eta'
         sqrt_ratio = _exact_loss(config, np.sqrt(b) * config.eta_prime, b) / sqrt_ref
-        rows.append({"B": b, "eta": eta, "stability": eta * float(h.max()), "trace": trace,
-                     "sqrt_ratio_exact": sqrt_ratio})
+        rows.append(
+            {
+                "B": b,
+                "eta": eta,
+                "stability": eta * float(h.max()),
+                "trace": trace,
+                "sqrt_ratio_exact": sqrt_ratio,
+            }
+        )
     return rows
 
 
@@ -122,8 +144,9 @@ def _momentum_params(rule: str, b: int, config: Config) -> tuple[float, float]:
         n_g = min(1.0, config.n_g_examples / b)
         return b * config.eta_prime / n_g, 1.0 - 1.0 / n_g
     conj = hyper.Conjugate(eta_prime=config.eta_prime, n_g=config.n_g_examples)
-    step = hyper.to_per_step(conj, b, {"max": "lecture", "exact": "exact"}[rule],
-                             momentum_form="heavy_ball")
+    step = hyper.to_per_step(
+        conj, b, {"max": "lecture", "exact": "exact"}[rule], momentum_form="heavy_ball"
+    )
     return step.lr, step.beta1
 
 
@@ -144,8 +167,9 @@ def _momentum_part(config: Config, rng: np.random.Generator) -> list[dict[str, A
                 x, x_prev = x + beta * (x - x_prev) - lr * g, x
                 mean = a @ mean
                 mu, se = chain_mean(x)
-                trace.append({"examples": j * b, "mean": mu, "mean_se": se,
-                              "mean_exact": float(mean[0])})
+                trace.append(
+                    {"examples": j * b, "mean": mu, "mean_se": se, "mean_exact": float(mean[0])}
+                )
             rows.append({"rule": rule, "B": b, "lr": lr, "beta": beta, "trace": trace})
     return rows
 
@@ -153,14 +177,20 @@ def _momentum_part(config: Config, rng: np.random.Generator) -> list[dict[str, A
 @with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     rng = np.random.default_rng(config.seed)
-    return {"sgd": _sgd_part(config, rng), "momentum": _momentum_part(config, rng),
-            "curvatures": list(config.curvatures), "eta_prime": config.eta_prime,
-            "chains": config.chains,
-            "n_g_examples": config.n_g_examples, "x0": config.x0}
+    return {
+        "sgd": _sgd_part(config, rng),
+        "momentum": _momentum_part(config, rng),
+        "curvatures": list(config.curvatures),
+        "eta_prime": config.eta_prime,
+        "chains": config.chains,
+        "n_g_examples": config.n_g_examples,
+        "x0": config.x0,
+    }
 
 
-def _linear_rule_claim(r: dict[str, Any], last: dict[str, Any], ref: dict[str, Any],
-                       chains: int) -> Claim:
+def _linear_rule_claim(
+    r: dict[str, Any], last: dict[str, Any], ref: dict[str, Any], chains: int
+) -> Claim:
     """The linear rule at batch ``r["B"]`` against the reference batch.
 
     Loss ratio at equal examples, measured against the chains' ratio. In the first-order regime
@@ -181,23 +211,42 @@ def _linear_rule_claim(r: dict[str, Any], last: dict[str, Any], ref: dict[str, A
         return Claim(
             f"batch_scaling.linear_rule_B{b}",
             f"linear rule: loss at equal examples, B={b} vs the reference batch ({where})",
-            "L_B(E)/L_1(E) = 1 + O(B eta' h)", 1.0, ratio, se, tol, exact=False, effect=effect,
-            seeds=chains, inconclusive=_undecided(tol, effect),
+            "L_B(E)/L_1(E) = 1 + O(B eta' h)",
+            1.0,
+            ratio,
+            se,
+            tol,
+            exact=False,
+            effect=effect,
+            seeds=chains,
+            inconclusive=_undecided(tol, effect),
             note=f"model error: the exact recursion's ratio is {exact:.3g}; the sqrt rule would "
-                 f"give {1 + effect:.3g}")
+            f"give {1 + effect:.3g}",
+        )
     tol, effect = tolerance(se), exact - 1.0
     return Claim(
         f"batch_scaling.linear_rule_bends_B{b}",
         f"the linear rule bends at {where}: the loss ratio at equal examples, B={b} vs the "
-        "reference batch, is the exact recursion's, not 1", "L_B(E)/L_1(E) from m' = "
-        "(1-eta h)^2 m + eta^2 sigma^2/B", exact, ratio, se, tol, exact=False, effect=effect,
-        seeds=chains, inconclusive=_undecided(tol, effect),
-        note=f"first order fails: ratio {exact:.3g} is more than {FIRST_ORDER:g} from 1")
+        "reference batch, is the exact recursion's, not 1",
+        "L_B(E)/L_1(E) from m' = (1-eta h)^2 m + eta^2 sigma^2/B",
+        exact,
+        ratio,
+        se,
+        tol,
+        exact=False,
+        effect=effect,
+        seeds=chains,
+        inconclusive=_undecided(tol, effect),
+        note=f"first order fails: ratio {exact:.3g} is more than {FIRST_ORDER:g} from 1",
+    )
 
 
 def _undecided(tol: float, effect: float) -> str:
-    return "" if decides(tol, effect) else (
-        f"tolerance {tol:.3g} exceeds the effect {effect:.3g}: more chains needed")
+    return (
+        ""
+        if decides(tol, effect)
+        else (f"tolerance {tol:.3g} exceeds the effect {effect:.3g}: more chains needed")
+    )
 
 
 def claims(results: dict[str, Any]) -> list[Claim]:
@@ -208,19 +257,35 @@ def claims(results: dict[str, Any]) -> list[Claim]:
         last = r["trace"][-1]
         stable = r["stability"] < 2
         if stable:
-            out.append(Claim(
-                f"batch_scaling.sgd_exact_B{r['B']}",
-                f"SGD at B={r['B']}, eta=B eta': loss after {last['examples']} examples follows "
-                "the exact recursion", "m' = (1-eta h)^2 m + eta^2 sigma^2/B",
-                last["loss_exact"], last["loss"], last["loss_se"], tolerance(last["loss_se"])))
+            out.append(
+                Claim(
+                    f"batch_scaling.sgd_exact_B{r['B']}",
+                    f"SGD at B={r['B']}, eta=B eta': loss after "
+                    f"{last['examples']} examples follows "
+                    "the exact recursion",
+                    "m' = (1-eta h)^2 m + eta^2 sigma^2/B",
+                    last["loss_exact"],
+                    last["loss"],
+                    last["loss_se"],
+                    tolerance(last["loss_se"]),
+                )
+            )
             if r["B"] != sgd[0]["B"]:
                 out.append(_linear_rule_claim(r, last, ref, int(results["chains"])))
         else:
-            out.append(Claim(
-                f"batch_scaling.breaks_B{r['B']}",
-                f"the linear rule breaks: B eta' h_max = {r['stability']:.2f} >= 2, SGD diverges",
-                "|1 - B eta' h| > 1: loss grows", 1.0, last["loss"] / (0.5 * sum(
-                    results["curvatures"])), 0.0, 0.0, kind="at_least"))
+            out.append(
+                Claim(
+                    f"batch_scaling.breaks_B{r['B']}",
+                    f"the linear rule breaks: B eta' h_max = "
+                    f"{r['stability']:.2f} >= 2, SGD diverges",
+                    "|1 - B eta' h| > 1: loss grows",
+                    1.0,
+                    last["loss"] / (0.5 * sum(results["curvatures"])),
+                    0.0,
+                    0.0,
+                    kind="at_least",
+                )
+            )
     mom = results["momentum"]
     ref_m = next(r for r in mom if r["rule"] == "exact" and r["B"] == 1)["trace"]
     ref_at = {p["examples"]: p for p in ref_m}
@@ -230,12 +295,19 @@ def claims(results: dict[str, Any]) -> list[Claim]:
         worst, worst_pred, se = 0.0, 0.0, 0.0
         for r in (r for r in mom if r["rule"] == rule):
             last = r["trace"][-1]
-            out.append(Claim(
-                f"batch_scaling.momentum_{rule}_B{r['B']}_mean",
-                f"heavy ball, {rule} rule, B={r['B']} (lr={r['lr']:.3g}, beta={r['beta']:.3g}): "
-                "mean error follows the companion recursion",
-                "E(x_j, x_{j-1}) = A^j (x0, x0)", last["mean_exact"], last["mean"],
-                last["mean_se"], tolerance(last["mean_se"], model_error=1e-9)))
+            out.append(
+                Claim(
+                    f"batch_scaling.momentum_{rule}_B{r['B']}_mean",
+                    f"heavy ball, {rule} rule, B={r['B']} "
+                    f"(lr={r['lr']:.3g}, beta={r['beta']:.3g}): "
+                    "mean error follows the companion recursion",
+                    "E(x_j, x_{j-1}) = A^j (x0, x0)",
+                    last["mean_exact"],
+                    last["mean"],
+                    last["mean_se"],
+                    tolerance(last["mean_se"], model_error=1e-9),
+                )
+            )
             for p in r["trace"]:
                 q = ref_at.get(p["examples"])
                 if q is None:
@@ -245,21 +317,38 @@ def claims(results: dict[str, Any]) -> list[Claim]:
                     worst, se = d, float(np.hypot(p["mean_se"], q["mean_se"]))
                     worst_pred = abs(p["mean_exact"] - q["mean_exact"])
         if rule == "min":
-            out.append(Claim(
-                "batch_scaling.momentum_min_rule",
-                "the lecture's literal N_g = min(1, N'_g/B) leaves the B=1 trajectory (momentum "
-                "off for B <= N'_g, beta < 0 beyond)", "max_E |E x_B(E) - E x_1(E)| (exact)",
-                worst_pred, worst, se, tolerance(se, model_error=1e-9 * max(1.0, worst_pred)),
-                erratum=1, lecture_formula="N_g = min(1, N'_g/B) keeps SGD unperturbed",
-                lecture_value=0.0))
+            out.append(
+                Claim(
+                    "batch_scaling.momentum_min_rule",
+                    "the lecture's literal N_g = min(1, N'_g/B) leaves the B=1 trajectory "
+                    "(momentum off for B <= N'_g, beta < 0 beyond)",
+                    "max_E |E x_B(E) - E x_1(E)| (exact)",
+                    worst_pred,
+                    worst,
+                    se,
+                    tolerance(se, model_error=1e-9 * max(1.0, worst_pred)),
+                    erratum=1,
+                    lecture_formula="N_g = min(1, N'_g/B) keeps SGD unperturbed",
+                    lecture_value=0.0,
+                )
+            )
         else:
-            out.append(Claim(
-                f"batch_scaling.momentum_{rule}_rule",
-                f"{'max(1, Ng/B)' if rule == 'max' else 'beta_B = beta^B'} keeps the mean "
-                "trajectory against examples on the B=1 one", "max_E |E x_B(E) - E x_1(E)| = 0 "
-                "+ O(B eta' h)", 0.0, worst, se, tolerance(se, model_error=model_err),
-                exact=False, erratum=1, lecture_formula="N_g = min(1, N'_g/B)",
-                note=f"model error B_max eta' h x0/2 = {model_err:.3g} allowed (first order)"))
+            out.append(
+                Claim(
+                    f"batch_scaling.momentum_{rule}_rule",
+                    f"{'max(1, Ng/B)' if rule == 'max' else 'beta_B = beta^B'} keeps the mean "
+                    "trajectory against examples on the B=1 one",
+                    "max_E |E x_B(E) - E x_1(E)| = 0 + O(B eta' h)",
+                    0.0,
+                    worst,
+                    se,
+                    tolerance(se, model_error=model_err),
+                    exact=False,
+                    erratum=1,
+                    lecture_formula="N_g = min(1, N'_g/B)",
+                    note=f"model error B_max eta' h x0/2 = {model_err:.3g} allowed (first order)",
+                )
+            )
     return out
 
 
@@ -268,21 +357,38 @@ def plot(results: dict[str, Any], outdir: Path) -> list[str]:
     a = ax[0, 0]
     for r in results["sgd"]:
         e = [p["examples"] for p in r["trace"]]
-        line = a.plot(e, [p["loss_exact"] for p in r["trace"]], "-",
-                      label=f"B={r['B']} (exact)")[0]
-        a.errorbar(e, [p["loss"] for p in r["trace"]], yerr=[p["loss_se"] for p in r["trace"]],
-                   fmt="o", ms=2.5, color=line.get_color(), label=f"B={r['B']} (chains)")
-    a.set(yscale="log", xlabel="examples seen", ylabel="excess loss",
-          title=f"SGD, eta = B eta' (eta'={results['eta_prime']:g})")
+        line = a.plot(e, [p["loss_exact"] for p in r["trace"]], "-", label=f"B={r['B']} (exact)")[0]
+        a.errorbar(
+            e,
+            [p["loss"] for p in r["trace"]],
+            yerr=[p["loss_se"] for p in r["trace"]],
+            fmt="o",
+            ms=2.5,
+            color=line.get_color(),
+            label=f"B={r['B']} (chains)",
+        )
+    a.set(
+        yscale="log",
+        xlabel="examples seen",
+        ylabel="excess loss",
+        title=f"SGD, eta = B eta' (eta'={results['eta_prime']:g})",
+    )
     a.set_ylim(1e-3, 10)
     a.legend(fontsize=7)
     a = ax[0, 1]
     styles = {"min": ":", "max": "--", "exact": "-"}
     for r in results["momentum"]:
         e = [p["examples"] for p in r["trace"]]
-        a.plot(e, np.clip([p["mean_exact"] for p in r["trace"]], -2, 2), styles[r["rule"]],
-               label=f"{r['rule']}, B={r['B']}")
-    a.set(xlabel="examples seen", ylabel="E x (clipped to +-2)",
-          title=f"momentum horizon rules, N'_g = {results['n_g_examples']:g}")
+        a.plot(
+            e,
+            np.clip([p["mean_exact"] for p in r["trace"]], -2, 2),
+            styles[r["rule"]],
+            label=f"{r['rule']}, B={r['B']}",
+        )
+    a.set(
+        xlabel="examples seen",
+        ylabel="E x (clipped to +-2)",
+        title=f"momentum horizon rules, N'_g = {results['n_g_examples']:g}",
+    )
     a.legend(fontsize=6, ncol=2)
     return [save(fig, outdir, "batch_scaling.png")]

@@ -93,13 +93,24 @@ class Config(ExperimentConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"quad_steps": 3000, "quad_chains": 500, "batch_sizes": (8, 32, 128, 512),
-             "examples": 8192, "evals": 8, "seeds": 2},
+    "tiny": {
+        "quad_steps": 3000,
+        "quad_chains": 500,
+        "batch_sizes": (8, 32, 128, 512),
+        "examples": 8192,
+        "evals": 8,
+        "seeds": 2,
+    },
     # full: 4 seeds x 8 batch sizes x 3 methods at 65536 examples (~16k steps per method and
     # seed); B = 2, 4 at 131072 examples cost 8x that and kept the full preset over an hour
-    "full": {"quad_steps": 20000, "quad_chains": 4000, "batch_sizes": (8, 16, 32, 64, 128, 256,
-                                                                       512, 1024),
-             "examples": 65536, "evals": 32, "seeds": 4},
+    "full": {
+        "quad_steps": 20000,
+        "quad_chains": 4000,
+        "batch_sizes": (8, 16, 32, 64, 128, 256, 512, 1024),
+        "examples": 65536,
+        "evals": 32,
+        "seeds": 4,
+    },
 }
 
 
@@ -111,22 +122,42 @@ def _quadratic(config: Config) -> list[dict[str, Any]]:
         eff = {}
         for b in (1, config.quad_batch):
             mult = math.sqrt(b) if rule == "sqrt" else float(b)
-            pre = RMSPropPreconditioner(horizon=max(1.0, config.quad_horizon / b), eps=0.0,
-                                        second_moment=moment)
+            pre = RMSPropPreconditioner(
+                horizon=max(1.0, config.quad_horizon / b), eps=0.0, second_moment=moment
+            )
             lr = config.quad_lr * mult
             # Effective per-step rate lr/sqrt(E q): E q = sigma^2 (per-example), sigma^2/B (batch).
             eff[b] = lr * (1.0 if moment == "per_example" else math.sqrt(b))
             init = np.random.default_rng(config.seed + k).normal(
-                0.0, math.sqrt(eff[b] / (2 * b)), (config.quad_chains, 1))
-            res = simulate_sgd(problem, lr, b, config.quad_steps, config.quad_chains, init=init,
-                               preconditioner=pre, burn_in=config.quad_steps // 4,
-                               seed=config.seed + 10 * k + b)
+                0.0, math.sqrt(eff[b] / (2 * b)), (config.quad_chains, 1)
+            )
+            res = simulate_sgd(
+                problem,
+                lr,
+                b,
+                config.quad_steps,
+                config.quad_chains,
+                init=init,
+                preconditioner=pre,
+                burn_in=config.quad_steps // 4,
+                seed=config.seed + 10 * k + b,
+            )
             var[b] = estimate_mean(res.variance.numpy()[:, 0])
-        r, se = ratio_stderr(var[config.quad_batch][0], var[config.quad_batch][1], var[1][0],
-                             var[1][1])
-        rows.append({"second_moment": moment, "rule": rule, "ratio": r, "ratio_se": se,
-                     "predicted": pred, "var_1": var[1][0], "var_B": var[config.quad_batch][0],
-                     "model_error": pred * max(eff.values()) / 2})
+        r, se = ratio_stderr(
+            var[config.quad_batch][0], var[config.quad_batch][1], var[1][0], var[1][1]
+        )
+        rows.append(
+            {
+                "second_moment": moment,
+                "rule": rule,
+                "ratio": r,
+                "ratio_se": se,
+                "predicted": pred,
+                "var_1": var[1][0],
+                "var_B": var[config.quad_batch][0],
+                "model_error": pred * max(eff.values()) / 2,
+            }
+        )
     return rows
 
 
@@ -135,8 +166,9 @@ def _optimizer(method: str, params: Any, b: int, config: Config) -> torch.optim.
     if method == "sgdlab_per_example_linear":
         # Per-example second moments are ~B0 times larger than the batch mean's square in the
         # noise-dominated regime; match the reference step at B0 with lr * sqrt(B0).
-        ref = hyper.PerStep(lr=config.ref_lr * math.sqrt(config.ref_batch), beta1=0.9,
-                            beta2=0.999, eps=1e-8)
+        ref = hyper.PerStep(
+            lr=config.ref_lr * math.sqrt(config.ref_batch), beta1=0.9, beta2=0.999, eps=1e-8
+        )
     rule = "sqrt" if method == "torch_sqrt" else "lecture"
     s = hyper.rescale(ref, config.ref_batch, b, rule=rule)
     kw = {"lr": s.lr, "betas": (s.beta1, s.beta2), "eps": s.eps}
@@ -149,8 +181,7 @@ def _noise_scale(config: Config, data: _mnist.Data) -> dict[str, Any]:
     """B_simple along the reference run (B0, sgdlab.Adam with per-example second moments)."""
     model = _mnist.mlp(config.hidden, config.seed, config.device)
     opt = _optimizer("sgdlab_per_example_linear", model.parameters(), config.ref_batch, config)
-    return _mnist.noise_scale(model, opt, data, config.ref_batch, config.examples,
-                              seed=config.seed)
+    return _mnist.noise_scale(model, opt, data, config.ref_batch, config.examples, seed=config.seed)
 
 
 def _range_factor(n: int) -> float:
@@ -160,21 +191,25 @@ def _range_factor(n: int) -> float:
     return float(np.trapezoid(1 - phi**n - (1 - phi) ** n, x))
 
 
-def _spreads(runs: dict[str, list[dict[str, Any]]], bs: list[int], seeds: int
-             ) -> dict[str, Any]:
+def _spreads(runs: dict[str, list[dict[str, Any]]], bs: list[int], seeds: int) -> dict[str, Any]:
     """Per method: the log-spread max_B log L - min_B log L over ``bs`` for each seed, and the
     noise floor, the spread that seed-to-seed noise alone gives to a B-invariant method:
     E[range of len(bs) normals] x the pooled seed-to-seed s.d. of log L at fixed B."""
     out = {}
     for method, rs in runs.items():
-        logs = np.array([[math.log(r["final_loss"]) for r in rs if r["B"] == b]
-                         for b in bs], float)  # (B, seed)
+        logs = np.array(
+            [[math.log(r["final_loss"]) for r in rs if r["B"] == b] for b in bs], float
+        )  # (B, seed)
         per_seed = logs.max(axis=0) - logs.min(axis=0) if len(bs) > 1 else np.zeros(seeds)
         sd = float(np.sqrt(logs.var(axis=1, ddof=1).mean())) if seeds > 1 else float("nan")
         floor = _range_factor(len(bs)) * sd if len(bs) > 1 else 0.0
-        out[method] = {"per_seed": per_seed.tolist(), "log_spread": float(per_seed.mean()),
-                       "log_spread_se": float(per_seed.std(ddof=1) / math.sqrt(seeds)),
-                       "seed_sd": sd, "floor": floor}
+        out[method] = {
+            "per_seed": per_seed.tolist(),
+            "log_spread": float(per_seed.mean()),
+            "log_spread_se": float(per_seed.std(ddof=1) / math.sqrt(seeds)),
+            "seed_sd": sd,
+            "floor": floor,
+        }
     return out
 
 
@@ -188,68 +223,112 @@ def _mnist_part(config: Config, outdir: Path) -> dict[str, Any]:
         model = _mnist.mlp(config.hidden, seed, config.device)
         tracker = stats.track(model) if method.startswith("sgdlab") else None
         opt = _optimizer(method, model.parameters(), b, config)
-        res = _mnist.train(model, opt, data, b, config.examples, seed=seed + b,
-                           evals=config.evals)
+        res = _mnist.train(model, opt, data, b, config.examples, seed=seed + b, evals=config.evals)
         if tracker is not None:
             tracker.detach()
         runs[method].append({"B": b, "seed": k, **res})
     noise_bs = _mnist.noise_dominated(config.batch_sizes, noise["b_simple"])
-    dropped = [{"point": f"B={b}", "reason": f"above B_simple/2 = {noise['b_simple'] / 2:.0f}: "
-                "outside the noise-dominated regime the spread claims are about (run and drawn)"}
-               for b in config.batch_sizes if b not in noise_bs]
-    return {"runs": runs, "noise": noise, "noise_dominated": noise_bs, "dropped": dropped,
-            "spread": _spreads(runs, noise_bs, config.seeds),
-            "spread_all": _spreads(runs, list(config.batch_sizes), config.seeds)}
+    dropped = [
+        {
+            "point": f"B={b}",
+            "reason": f"above B_simple/2 = {noise['b_simple'] / 2:.0f}: "
+            "outside the noise-dominated regime the spread claims are about (run and drawn)",
+        }
+        for b in config.batch_sizes
+        if b not in noise_bs
+    ]
+    return {
+        "runs": runs,
+        "noise": noise,
+        "noise_dominated": noise_bs,
+        "dropped": dropped,
+        "spread": _spreads(runs, noise_bs, config.seeds),
+        "spread_all": _spreads(runs, list(config.batch_sizes), config.seeds),
+    }
 
 
 @with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     mnist = _mnist_part(config, outdir)
-    return {"quadratic": _quadratic(config), "mnist1d": mnist, "dropped": mnist["dropped"],
-            "quad_batch": config.quad_batch, "batch_sizes": list(config.batch_sizes),
-            "examples": config.examples, "seeds": config.seeds}
+    return {
+        "quadratic": _quadratic(config),
+        "mnist1d": mnist,
+        "dropped": mnist["dropped"],
+        "quad_batch": config.quad_batch,
+        "batch_sizes": list(config.batch_sizes),
+        "examples": config.examples,
+        "seeds": config.seeds,
+    }
 
 
 def claims(results: dict[str, Any]) -> list[Claim]:
     out = []
     bq = results["quad_batch"]
     for r in results["quadratic"]:
-        out.append(Claim(
-            f"invariant_adam.var_ratio_{r['second_moment']}_{r['rule']}",
-            f"RMSProp, {r['second_moment']} second moment, {r['rule']} rule: "
-            f"Var(B={bq})/Var(B=1)", "1 if the rule matches the second moment; sqrt(B)^+-1 "
-            "otherwise", r["predicted"], r["ratio"], r["ratio_se"],
-            tolerance(r["ratio_se"], model_error=r["model_error"]), exact=False,
-            note=f"first-order (noise-dominated) prediction; O(eta h) model error "
-            f"{r['model_error']:.3g} allowed"))
+        out.append(
+            Claim(
+                f"invariant_adam.var_ratio_{r['second_moment']}_{r['rule']}",
+                f"RMSProp, {r['second_moment']} second moment, {r['rule']} rule: "
+                f"Var(B={bq})/Var(B=1)",
+                "1 if the rule matches the second moment; sqrt(B)^+-1 otherwise",
+                r["predicted"],
+                r["ratio"],
+                r["ratio_se"],
+                tolerance(r["ratio_se"], model_error=r["model_error"]),
+                exact=False,
+                note=f"first-order (noise-dominated) prediction; O(eta h) model error "
+                f"{r['model_error']:.3g} allowed",
+            )
+        )
     mn = results["mnist1d"]
     sp, bs = mn["spread"], mn["noise_dominated"]
     if len(bs) < 2:
         return out  # the plot and the table show the runs; no range to compare over
     b_simple = mn["noise"]["b_simple"]
-    regime = (f"B = {bs[0]}..{bs[-1]}, the batch sizes at most half the measured noise scale "
-              f"B_simple = {b_simple:.0f}")
+    regime = (
+        f"B = {bs[0]}..{bs[-1]}, the batch sizes at most half the measured noise scale "
+        f"B_simple = {b_simple:.0f}"
+    )
     beyond = ", ".join(f"{m} {s['log_spread']:.3f}" for m, s in mn["spread_all"].items())
     lin = sp["torch_linear"]
     effect = lin["log_spread"] - lin["floor"]
     for method, cid, what in (
-            ("sgdlab_per_example_linear", "mnist1d_spread", "per-example second moments + "
-             "linear rule (sgdlab.Adam)"),
-            ("torch_sqrt", "mnist1d_sqrt", "torch.optim.Adam + square-root rule")):
+        (
+            "sgdlab_per_example_linear",
+            "mnist1d_spread",
+            "per-example second moments + linear rule (sgdlab.Adam)",
+        ),
+        ("torch_sqrt", "mnist1d_sqrt", "torch.optim.Adam + square-root rule"),
+    ):
         m = sp[method]
         tol = tolerance(m["log_spread_se"])
-        why = "" if decides(tol, effect) else (
-            f"tolerance {float(tol):.2g} exceeds torch-linear's excess spread {effect:.2g}: "
-            "more seeds needed")
-        out.append(Claim(
-            f"invariant_adam.{cid}", f"MNIST-1D: {what} keeps the loss at {results['examples']} "
-            f"examples equal across {regime}: its spread is the seed noise's alone",
-            "max_B log L - min_B log L - noise floor = 0 (torch Adam + linear: > 0)", 0.0,
-            m["log_spread"] - m["floor"], m["log_spread_se"], tol, exact=False, effect=effect,
-            seeds=int(results["seeds"]), inconclusive=why,
-            note=f"log-spreads (mean over seeds) {m['log_spread']:.3f} vs torch+linear "
-            f"{lin['log_spread']:.3f}; noise floors {m['floor']:.3f}, {lin['floor']:.3f}; over "
-            f"every B run (beyond the noise scale no rule holds): {beyond}"))
+        why = (
+            ""
+            if decides(tol, effect)
+            else (
+                f"tolerance {float(tol):.2g} exceeds torch-linear's excess spread {effect:.2g}: "
+                "more seeds needed"
+            )
+        )
+        out.append(
+            Claim(
+                f"invariant_adam.{cid}",
+                f"MNIST-1D: {what} keeps the loss at {results['examples']} "
+                f"examples equal across {regime}: its spread is the seed noise's alone",
+                "max_B log L - min_B log L - noise floor = 0 (torch Adam + linear: > 0)",
+                0.0,
+                m["log_spread"] - m["floor"],
+                m["log_spread_se"],
+                tol,
+                exact=False,
+                effect=effect,
+                seeds=int(results["seeds"]),
+                inconclusive=why,
+                note=f"log-spreads (mean over seeds) {m['log_spread']:.3f} vs torch+linear "
+                f"{lin['log_spread']:.3f}; noise floors {m['floor']:.3f}, {lin['floor']:.3f}; over "
+                f"every B run (beyond the noise scale no rule holds): {beyond}",
+            )
+        )
     return out
 
 
@@ -265,11 +344,15 @@ def plot(results: dict[str, Any], outdir: Path) -> list[str]:
     q = results["quadratic"]
     a = ax[0, 0]
     xs = np.arange(len(q))
-    a.errorbar(xs, [r["ratio"] for r in q], [2 * r["ratio_se"] for r in q], fmt="o",
-               label="measured")
+    a.errorbar(
+        xs, [r["ratio"] for r in q], [2 * r["ratio_se"] for r in q], fmt="o", label="measured"
+    )
     a.plot(xs, [r["predicted"] for r in q], "_", ms=20, color="k", label="predicted")
-    a.set_xticks(xs, [f"{r['second_moment'].replace('per_example', 'per-ex.')}\n{r['rule']}"
-                      for r in q], fontsize=7)
+    a.set_xticks(
+        xs,
+        [f"{r['second_moment'].replace('per_example', 'per-ex.')}\n{r['rule']}" for r in q],
+        fontsize=7,
+    )
     a.set(yscale="log", ylabel=f"Var(B={results['quad_batch']})/Var(1)", title="RMSProp")
     a.legend()
     cmap = _colors(len(results["batch_sizes"]))
@@ -278,8 +361,12 @@ def plot(results: dict[str, Any], outdir: Path) -> list[str]:
         for color, b in zip(cmap, results["batch_sizes"]):
             ex, loss = _mean_curve([r for r in rs if r["B"] == b])
             a.plot(ex, loss, color=color, label=f"B={b}")
-        a.set(xlabel="examples seen", ylabel="training loss (mean over seeds)", yscale="log",
-              title=method.replace("_", " "))
+        a.set(
+            xlabel="examples seen",
+            ylabel="training loss (mean over seeds)",
+            yscale="log",
+            title=method.replace("_", " "),
+        )
         a.legend()
     mn = results["mnist1d"]
     a = ax[0, 4]
@@ -287,14 +374,25 @@ def plot(results: dict[str, Any], outdir: Path) -> list[str]:
         rs = mn["runs"][method]
         bs = results["batch_sizes"]
         finals = [[r["final_loss"] for r in rs if r["B"] == b] for b in bs]
-        a.errorbar(bs, [float(np.mean(f)) for f in finals],
-                   [float(np.std(f, ddof=1) / math.sqrt(len(f))) for f in finals], fmt="o-",
-                   ms=3, capsize=2, label=method.replace("_", " "))
+        a.errorbar(
+            bs,
+            [float(np.mean(f)) for f in finals],
+            [float(np.std(f, ddof=1) / math.sqrt(len(f))) for f in finals],
+            fmt="o-",
+            ms=3,
+            capsize=2,
+            label=method.replace("_", " "),
+        )
     if "noise" in mn:
         a.axvline(mn["noise"]["b_simple"], color="k", ls="--", lw=1, label="B_simple (B0 run)")
         a.axvline(mn["noise"]["b_simple"] / 2, color="k", ls=":", lw=1, label="B_simple / 2")
-    a.set(xscale="log", yscale="log", xlabel="batch size B",
-          ylabel=f"loss at {results['examples']} examples", title="loss at equal examples")
+    a.set(
+        xscale="log",
+        yscale="log",
+        xlabel="batch size B",
+        ylabel=f"loss at {results['examples']} examples",
+        title="loss at equal examples",
+    )
     a.legend()
     return [save(fig, outdir, "invariant_adam.png")]
 

@@ -44,7 +44,9 @@ DESCRIPTION = (
 @dataclass(frozen=True)
 class Config(ExperimentConfig):
     RANGES: ClassVar[Mapping[str, Range]] = {
-        "alpha": Range(ge=0, lt=1), "seeds": Range(ge=2), "grid_extensions": Range(ge=0, le=10),
+        "alpha": Range(ge=0, lt=1),
+        "seeds": Range(ge=2),
+        "grid_extensions": Range(ge=0, le=10),
     }
 
     lrs_sigma: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
@@ -59,10 +61,19 @@ class Config(ExperimentConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"lrs_sigma": (3e-3, 1e-2), "lrs_sigma2": (1e-6, 3e-6), "examples": 6144,
-             "seeds": 2, "grid_extensions": 1},
-    "full": {"lrs_sigma": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
-             "lrs_sigma2": (3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4), "examples": 65536, "seeds": 4},
+    "tiny": {
+        "lrs_sigma": (3e-3, 1e-2),
+        "lrs_sigma2": (1e-6, 3e-6),
+        "examples": 6144,
+        "seeds": 2,
+        "grid_extensions": 1,
+    },
+    "full": {
+        "lrs_sigma": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+        "lrs_sigma2": (3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4),
+        "examples": 65536,
+        "seeds": 4,
+    },
 }
 
 
@@ -91,8 +102,7 @@ def _eps_identities(config: Config) -> dict[str, float]:
 
 def _train(power: float, lr: float, seed: int, data: _mnist.Data, config: Config) -> float:
     model = _mnist.mlp(config.hidden, seed, config.device)
-    opt = SgdlabRMSProp(model.parameters(), lr=lr, alpha=config.alpha, eps=config.eps,
-                        power=power)
+    opt = SgdlabRMSProp(model.parameters(), lr=lr, alpha=config.alpha, eps=config.eps, power=power)
     res = _mnist.train(model, opt, data, config.batch_size, config.examples, seed=seed, evals=4)
     return float(res["final_loss"])
 
@@ -111,29 +121,42 @@ def run(config: Config, outdir: Path) -> dict[str, Any]:
     data = _mnist.load(outdir, config.device)
     grids: dict[str, list[dict[str, float]]] = {}
     best: dict[str, dict[str, Any]] = {}
-    for name, power, lrs in (("sigma", 0.5, config.lrs_sigma),
-                             ("sigma2", 1.0, config.lrs_sigma2)):
-        grid = [{"lr": lr, "loss": _train(power, lr, config.seed, data, config)}
-                for lr in bar(lrs, desc=f"{NAME} {name}")]
+    for name, power, lrs in (("sigma", 0.5, config.lrs_sigma), ("sigma2", 1.0, config.lrs_sigma2)):
+        grid = [
+            {"lr": lr, "loss": _train(power, lr, config.seed, data, config)}
+            for lr in bar(lrs, desc=f"{NAME} {name}")
+        ]
         for _ in range(config.grid_extensions):  # a best lr on the edge: one step beyond it
             side = _edge(grid)
             if not side:
                 break
-            lr = grid[-1]["lr"] * grid[-1]["lr"] / grid[-2]["lr"] if side > 0 else \
-                grid[0]["lr"] * grid[0]["lr"] / grid[1]["lr"]
-            grid = sorted(grid + [{"lr": lr, "loss": _train(power, lr, config.seed, data,
-                                                            config)}], key=lambda g: g["lr"])
+            lr = (
+                grid[-1]["lr"] * grid[-1]["lr"] / grid[-2]["lr"]
+                if side > 0
+                else grid[0]["lr"] * grid[0]["lr"] / grid[1]["lr"]
+            )
+            grid = sorted(
+                grid + [{"lr": lr, "loss": _train(power, lr, config.seed, data, config)}],
+                key=lambda g: g["lr"],
+            )
         grids[name] = grid
         finite = [g for g in grid if np.isfinite(g["loss"])]
         lr_best = min(finite, key=lambda g: g["loss"])["lr"] if finite else lrs[0]
         losses = [next(g["loss"] for g in grid if g["lr"] == lr_best)]
-        losses += [_train(power, lr_best, config.seed + k, data, config)
-                   for k in range(1, config.seeds)]
+        losses += [
+            _train(power, lr_best, config.seed + k, data, config) for k in range(1, config.seeds)
+        ]
         best[name] = {"lr": lr_best, "losses": losses}
     diff = np.array(best["sigma2"]["losses"]) - np.array(best["sigma"]["losses"])
     d, d_se = chain_mean(diff) if diff.size > 1 else (float(diff[0]), float("nan"))
-    return {"grids": grids, "best": best, "diff": d, "diff_se": d_se, "seeds": config.seeds,
-            "identities": _eps_identities(config)}
+    return {
+        "grids": grids,
+        "best": best,
+        "diff": d,
+        "diff_se": d_se,
+        "seeds": config.seeds,
+        "identities": _eps_identities(config),
+    }
 
 
 def _undecided(results: dict[str, Any]) -> str:
@@ -152,24 +175,46 @@ def claims(results: dict[str, Any]) -> list[Claim]:
     ident = results["identities"]
     b = results["best"]
     return [
-        Claim("rmsprop_power.sigma_better", "the lecture: dividing by sigma (RMSProp) works "
-              "better than by sigma^2, each at its best lr (MNIST-1D, final training loss)",
-              "L_best(sigma^2) - L_best(sigma) > 0 (decided beyond 4 s.e.)", 0.0,
-              results["diff"], results["diff_se"], tolerance(0.0, k=0.0), kind="at_least",
-              exact=False, seeds=int(results.get("seeds", len(b["sigma"]["losses"]))),
-              inconclusive=_undecided(results),
-              note=f"best lr: sigma {b['sigma']['lr']:g}, sigma^2 {b['sigma2']['lr']:g}; "
-              f"mean losses {np.mean(b['sigma']['losses']):.4g} vs "
-              f"{np.mean(b['sigma2']['losses']):.4g}"),
-        Claim("rmsprop_power.eps_inside", "eps_placement='inside' is the slide's "
-              "Phi -= eta g/sqrt(s + eps) (float64)", "max |Phi_sgdlab - Phi_slide| = 0", 0.0,
-              ident["inside_vs_slide"], 0.0, 1e-13, erratum=8,
-              lecture_formula="sqrt(s + eps) only",
-              note=f"the placements differ by {ident['inside_vs_outside']:.3g} at eps=1e-3"),
-        Claim("rmsprop_power.eps_outside_torch", "eps_placement='outside' is "
-              "torch.optim.RMSprop's sqrt(s) + eps (float64)", "max |Phi_sgdlab - Phi_torch| = 0",
-              0.0, ident["outside_vs_torch"], 0.0, 1e-13, erratum=8,
-              lecture_formula="sqrt(s + eps) only"),
+        Claim(
+            "rmsprop_power.sigma_better",
+            "the lecture: dividing by sigma (RMSProp) works "
+            "better than by sigma^2, each at its best lr (MNIST-1D, final training loss)",
+            "L_best(sigma^2) - L_best(sigma) > 0 (decided beyond 4 s.e.)",
+            0.0,
+            results["diff"],
+            results["diff_se"],
+            tolerance(0.0, k=0.0),
+            kind="at_least",
+            exact=False,
+            seeds=int(results.get("seeds", len(b["sigma"]["losses"]))),
+            inconclusive=_undecided(results),
+            note=f"best lr: sigma {b['sigma']['lr']:g}, sigma^2 {b['sigma2']['lr']:g}; "
+            f"mean losses {np.mean(b['sigma']['losses']):.4g} vs "
+            f"{np.mean(b['sigma2']['losses']):.4g}",
+        ),
+        Claim(
+            "rmsprop_power.eps_inside",
+            "eps_placement='inside' is the slide's Phi -= eta g/sqrt(s + eps) (float64)",
+            "max |Phi_sgdlab - Phi_slide| = 0",
+            0.0,
+            ident["inside_vs_slide"],
+            0.0,
+            1e-13,
+            erratum=8,
+            lecture_formula="sqrt(s + eps) only",
+            note=f"the placements differ by {ident['inside_vs_outside']:.3g} at eps=1e-3",
+        ),
+        Claim(
+            "rmsprop_power.eps_outside_torch",
+            "eps_placement='outside' is torch.optim.RMSprop's sqrt(s) + eps (float64)",
+            "max |Phi_sgdlab - Phi_torch| = 0",
+            0.0,
+            ident["outside_vs_torch"],
+            0.0,
+            1e-13,
+            erratum=8,
+            lecture_formula="sqrt(s + eps) only",
+        ),
     ]
 
 
@@ -179,6 +224,11 @@ def plot(results: dict[str, Any], outdir: Path) -> list[str]:
         lr = [g["lr"] for g in grid]
         loss = [g["loss"] if np.isfinite(g["loss"]) else np.nan for g in grid]
         a.plot(lr, loss, "o-")
-        a.set(xscale="log", yscale="log", xlabel="lr", ylabel="final training loss",
-              title=f"RMSProp dividing by {'sigma' if name == 'sigma' else 'sigma^2'}")
+        a.set(
+            xscale="log",
+            yscale="log",
+            xlabel="lr",
+            ylabel="final training loss",
+            title=f"RMSProp dividing by {'sigma' if name == 'sigma' else 'sigma^2'}",
+        )
     return [save(fig, outdir, "rmsprop_power.png")]

@@ -57,15 +57,24 @@ class Config(ExperimentConfig):
         for lr in self.lrs:
             k = self.time / lr if lr > 0 else 0.0
             if lr <= 0 or abs(k - round(k)) > 1e-9 * k:
-                raise ValueError(f"lrs must be > 0 and divide time={self.time} into whole "
-                                 f"steps; got lr={lr}")
+                raise ValueError(
+                    f"lrs must be > 0 and divide time={self.time} into whole steps; got lr={lr}"
+                )
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"lrs": (0.08, 0.04, 0.02), "chains": 1500, "logistic_chains": 200,
-             "logistic_examples": 150},
-    "full": {"lrs": (0.2, 0.1, 0.05, 0.025, 0.0125, 0.00625), "chains": 10000,
-             "logistic_chains": 2000, "logistic_examples": 1797},
+    "tiny": {
+        "lrs": (0.08, 0.04, 0.02),
+        "chains": 1500,
+        "logistic_chains": 200,
+        "logistic_examples": 150,
+    },
+    "full": {
+        "lrs": (0.2, 0.1, 0.05, 0.025, 0.0125, 0.00625),
+        "chains": 10000,
+        "logistic_chains": 2000,
+        "logistic_examples": 1797,
+    },
 }
 
 KINDS = {
@@ -83,8 +92,10 @@ def _problems(config: Config) -> dict[str, Any]:
     idx = rng.choice(x.shape[0], n, replace=False)
     logistic = LogisticRegression(x[idx], (y[idx] >= 5).astype(float), l2=config.l2)
     quad = Quadratic(hessian=[1.0, 0.3], noise_covariance=[1.0, 2.0])
-    return {"quadratic": (quad, np.array([2.0, -1.5])),
-            "logistic": (logistic, logistic.optimum + 0.5)}
+    return {
+        "quadratic": (quad, np.array([2.0, -1.5])),
+        "logistic": (logistic, logistic.optimum + 0.5),
+    }
 
 
 @with_curves
@@ -94,18 +105,30 @@ def run(config: Config, outdir: Path) -> dict[str, Any]:
         chains = config.chains if name == "quadratic" else config.logistic_chains
         runs = {
             "gd": flow_errors(problem, list(config.lrs), config.time, init, stochastic=False),
-            "gd_modified": flow_errors(problem, list(config.lrs), config.time, init,
-                                       stochastic=False, modified=True),
-            "sgd": flow_errors(problem, list(config.lrs), config.time, init, stochastic=True,
-                               chains=chains, seed=config.seed),
+            "gd_modified": flow_errors(
+                problem, list(config.lrs), config.time, init, stochastic=False, modified=True
+            ),
+            "sgd": flow_errors(
+                problem,
+                list(config.lrs),
+                config.time,
+                init,
+                stochastic=True,
+                chains=chains,
+                seed=config.seed,
+            ),
         }
         rows = {}
         for kind, (_label, _order, key) in KINDS.items():
             r = runs["sgd" if kind.startswith("sgd") else kind]
             err = r[key]
             order, order_se = fit_loglog_slope(config.lrs, err)
-            rows[kind] = {"error": err, "stderr": r[key.replace("error", "stderr")],
-                          "order": order, "order_se": order_se}
+            rows[kind] = {
+                "error": err,
+                "stderr": r[key.replace("error", "stderr")],
+                "order": order,
+                "order_se": order_se,
+            }
         out["problems"][name] = rows
     return out
 
@@ -115,12 +138,20 @@ def claims(results: dict[str, Any]) -> list[Claim]:
     for pname, rows in results["problems"].items():
         for kind, r in rows.items():
             label, pred, _ = KINDS[kind]
-            out.append(Claim(
-                f"gradient_flow.{pname}_{kind}_order",
-                f"{label} on the {pname} problem: error at fixed t = sum eta is O(eta^{pred:g})",
-                f"d log err / d log eta = {pred:g}", pred, r["order"], r["order_se"],
-                tolerance(r["order_se"], model_error=0.15), exact=False,
-                note="fitted over the eta grid; 0.15 allowed for higher-order terms"))
+            out.append(
+                Claim(
+                    f"gradient_flow.{pname}_{kind}_order",
+                    f"{label} on the {pname} problem: error at fixed "
+                    f"t = sum eta is O(eta^{pred:g})",
+                    f"d log err / d log eta = {pred:g}",
+                    pred,
+                    r["order"],
+                    r["order_se"],
+                    tolerance(r["order_se"], model_error=0.15),
+                    exact=False,
+                    note="fitted over the eta grid; 0.15 allowed for higher-order terms",
+                )
+            )
     return out
 
 
@@ -129,9 +160,14 @@ def plot(results: dict[str, Any], outdir: Path) -> list[str]:
     fig, ax = figure(2, 1)
     for a, (pname, rows) in zip(ax[0], results["problems"].items()):
         for kind, r in rows.items():
-            a.errorbar(lrs, r["error"], 2 * np.asarray(r["stderr"]), fmt="o-", ms=4,
-                       label=f"{KINDS[kind][0]} (order {r['order']:.2f})")
-        a.set(xscale="log", yscale="log", xlabel="eta", ylabel="error at t = K eta",
-              title=pname)
+            a.errorbar(
+                lrs,
+                r["error"],
+                2 * np.asarray(r["stderr"]),
+                fmt="o-",
+                ms=4,
+                label=f"{KINDS[kind][0]} (order {r['order']:.2f})",
+            )
+        a.set(xscale="log", yscale="log", xlabel="eta", ylabel="error at t = K eta", title=pname)
         a.legend(fontsize=7)
     return [save(fig, outdir, "flow_orders.png")]

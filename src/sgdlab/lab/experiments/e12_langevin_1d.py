@@ -82,8 +82,15 @@ def run(config: Config, outdir: Path) -> dict[str, Any]:
     temp = config.lr * s2 / 2
     gibbs = GibbsDensity(_quartic, temp)
     init = _sample(gibbs, config.chains, rng)[:, None]
-    res = simulate_sgd(Quartic(noise_std=config.noise_std), config.lr, 1, config.steps,
-                       config.chains, init=init, seed=config.seed)
+    res = simulate_sgd(
+        Quartic(noise_std=config.noise_std),
+        config.lr,
+        1,
+        config.steps,
+        config.chains,
+        init=init,
+        seed=config.seed,
+    )
     loss_means = res.loss.numpy()
     alpha, alpha_se = estimate_gibbs_alpha(loss_means, _quartic, config.lr, s2)
     final = res.final.numpy()[:, 0]
@@ -92,21 +99,42 @@ def run(config: Config, outdir: Path) -> dict[str, Any]:
     ks_tenth, _ = ks_distance(final, lecture.cdf)
     curv = gibbs.expect(lambda x: 3 * x**2)  # typical curvature under the law: the O(eta) scale
     # Quadratic: the exact discrete law.
-    quad = simulate_sgd(Separable([1.0], [1.0]), config.quadratic_lr, 1, config.steps,
-                        config.chains, init=rng.normal(0, np.sqrt(quadratic_variance(
-                            1.0, config.quadratic_lr, 1.0)), (config.chains, 1)),
-                        seed=config.seed + 1)
+    quad = simulate_sgd(
+        Separable([1.0], [1.0]),
+        config.quadratic_lr,
+        1,
+        config.steps,
+        config.chains,
+        init=rng.normal(
+            0, np.sqrt(quadratic_variance(1.0, config.quadratic_lr, 1.0)), (config.chains, 1)
+        ),
+        seed=config.seed + 1,
+    )
     qv, qv_se = estimate_mean(quad.variance.numpy()[:, 0])
     hist, edges = np.histogram(final, bins=60, density=True)
     centers = 0.5 * (edges[1:] + edges[:-1])
     return {
-        "lr": config.lr, "sigma2": s2, "alpha": alpha, "alpha_se": alpha_se,
-        "ks_half": ks_half, "ks_half_p": p_half, "ks_tenth": ks_tenth, "chains": config.chains,
+        "lr": config.lr,
+        "sigma2": s2,
+        "alpha": alpha,
+        "alpha_se": alpha_se,
+        "ks_half": ks_half,
+        "ks_half_p": p_half,
+        "ks_tenth": ks_tenth,
+        "chains": config.chains,
         "typical_curvature": curv,
-        "quadratic": {"lr": config.quadratic_lr, "var": qv, "var_se": qv_se,
-                      "var_exact": quadratic_variance(1.0, config.quadratic_lr, 1.0)},
-        "hist": {"x": centers, "density": hist, "gibbs_half": gibbs.pdf(centers),
-                 "gibbs_tenth": lecture.pdf(centers)},
+        "quadratic": {
+            "lr": config.quadratic_lr,
+            "var": qv,
+            "var_se": qv_se,
+            "var_exact": quadratic_variance(1.0, config.quadratic_lr, 1.0),
+        },
+        "hist": {
+            "x": centers,
+            "density": hist,
+            "gibbs_half": gibbs.pdf(centers),
+            "gibbs_tenth": lecture.pdf(centers),
+        },
     }
 
 
@@ -115,21 +143,46 @@ def claims(results: dict[str, Any]) -> list[Claim]:
     crit = 1.95 / np.sqrt(results["chains"])  # KS critical value at the 0.1% level
     q = results["quadratic"]
     return [
-        Claim("langevin_1d.alpha", "SGD's stationary law is Gibbs p ∝ exp(-L/(alpha eta sigma^2))"
-              " with alpha = 1/2 (L = x^4/4)", "alpha = 1/2: T = eta sigma^2/2",
-              0.5, results["alpha"], results["alpha_se"],
-              tolerance(results["alpha_se"], model_error=model), exact=False, erratum=2,
-              lecture_formula="alpha ≈ 1/10", lecture_value=0.1,
-              note=f"O(eta h) model error {model:.3g} allowed"),
-        Claim("langevin_1d.ks_gibbs", "KS distance of the chains to the Gibbs law at alpha = 1/2 "
-              "is at sampling level", "sup|F_R - F_Gibbs| <= 1.95/sqrt(R) + O(eta h)",
-              float(crit), results["ks_half"], 0.0, model, kind="at_most", exact=False,
-              erratum=2, lecture_formula="Gibbs law at alpha = 1/10",
-              lecture_value=results["ks_tenth"],
-              note=f"KS distance to the slide's law (alpha=1/10): {results['ks_tenth']:.3g}"),
-        Claim("langevin_1d.quadratic_exact", f"on L = x^2/2 the stationary variance is exactly "
-              f"eta sigma^2/(h(2 - eta h)) (eta = {q['lr']:g})", "eta sigma^2/(h(2 - eta h))",
-              q["var_exact"], q["var"], q["var_se"], tolerance(q["var_se"])),
+        Claim(
+            "langevin_1d.alpha",
+            "SGD's stationary law is Gibbs p ∝ exp(-L/(alpha eta sigma^2))"
+            " with alpha = 1/2 (L = x^4/4)",
+            "alpha = 1/2: T = eta sigma^2/2",
+            0.5,
+            results["alpha"],
+            results["alpha_se"],
+            tolerance(results["alpha_se"], model_error=model),
+            exact=False,
+            erratum=2,
+            lecture_formula="alpha ≈ 1/10",
+            lecture_value=0.1,
+            note=f"O(eta h) model error {model:.3g} allowed",
+        ),
+        Claim(
+            "langevin_1d.ks_gibbs",
+            "KS distance of the chains to the Gibbs law at alpha = 1/2 is at sampling level",
+            "sup|F_R - F_Gibbs| <= 1.95/sqrt(R) + O(eta h)",
+            float(crit),
+            results["ks_half"],
+            0.0,
+            model,
+            kind="at_most",
+            exact=False,
+            erratum=2,
+            lecture_formula="Gibbs law at alpha = 1/10",
+            lecture_value=results["ks_tenth"],
+            note=f"KS distance to the slide's law (alpha=1/10): {results['ks_tenth']:.3g}",
+        ),
+        Claim(
+            "langevin_1d.quadratic_exact",
+            f"on L = x^2/2 the stationary variance is exactly "
+            f"eta sigma^2/(h(2 - eta h)) (eta = {q['lr']:g})",
+            "eta sigma^2/(h(2 - eta h))",
+            q["var_exact"],
+            q["var"],
+            q["var_se"],
+            tolerance(q["var_se"]),
+        ),
     ]
 
 
@@ -140,7 +193,10 @@ def plot(results: dict[str, Any], outdir: Path) -> list[str]:
     a.bar(h["x"], h["density"], width=h["x"][1] - h["x"][0], alpha=0.4, label="SGD chains")
     a.plot(h["x"], h["gibbs_half"], "-", label="Gibbs, alpha = 1/2")
     a.plot(h["x"], h["gibbs_tenth"], "--", label="slide, alpha = 1/10")
-    a.set(xlabel="Phi", ylabel="density",
-          title=f"L = x^4/4, eta = {results['lr']:g}, fitted alpha = {results['alpha']:.3f}")
+    a.set(
+        xlabel="Phi",
+        ylabel="density",
+        title=f"L = x^4/4, eta = {results['lr']:g}, fitted alpha = {results['alpha']:.3f}",
+    )
     a.legend(fontsize=8)
     return [save(fig, outdir, "langevin_1d.png")]

@@ -77,22 +77,40 @@ def run(config: Config, outdir: Path) -> dict[str, Any]:
     for i, (name, lrs) in enumerate(schemes.items()):
         t_exact = coordinate_temperatures(h, s**2, lrs, exact=True)
         init = np.random.default_rng(config.seed + i).normal(
-            0.0, np.sqrt(t_exact / h), size=(config.chains, 2))
+            0.0, np.sqrt(t_exact / h), size=(config.chains, 2)
+        )
         # Per-coordinate rates eta_i = lr * P_i with lr = 1 and the fixed preconditioner P = lrs.
-        res = simulate_sgd(problem, 1.0, 1, config.steps, config.chains, init=init,
-                           preconditioner=lrs, seed=config.seed + 10 + i,
-                           observables=estimate_temperatures.observables(problem))
+        res = simulate_sgd(
+            problem,
+            1.0,
+            1,
+            config.steps,
+            config.chains,
+            init=init,
+            preconditioner=lrs,
+            seed=config.seed + 10 + i,
+            observables=estimate_temperatures.observables(problem),
+        )
         temp, temp_se = estimate_temperatures(res)
         ratio, ratio_se = ratio_stderr(temp[0], temp_se[0], temp[1], temp_se[1])
-        rows[name] = {"lrs": lrs, "T": temp, "T_se": temp_se, "T_exact": t_exact,
-                      "T_langevin": coordinate_temperatures(h, s**2, lrs, exact=False),
-                      "ratio": ratio, "ratio_se": ratio_se,
-                      "ratio_exact": float(t_exact[0] / t_exact[1])}
+        rows[name] = {
+            "lrs": lrs,
+            "T": temp,
+            "T_se": temp_se,
+            "T_exact": t_exact,
+            "T_langevin": coordinate_temperatures(h, s**2, lrs, exact=False),
+            "ratio": ratio,
+            "ratio_se": ratio_se,
+            "ratio_exact": float(t_exact[0] / t_exact[1]),
+        }
     return {"schemes": rows, "noise_std": s, "curvatures": h}
 
 
-_LABEL = {"plain": "eta_i = eta", "inverse_variance": "eta_i = eta'/sigma_i^2",
-          "inverse_std": "eta_i = eta'/sigma_i (RMSProp)"}
+_LABEL = {
+    "plain": "eta_i = eta",
+    "inverse_variance": "eta_i = eta'/sigma_i^2",
+    "inverse_std": "eta_i = eta'/sigma_i (RMSProp)",
+}
 
 
 def claims(results: dict[str, Any]) -> list[Claim]:
@@ -100,19 +118,35 @@ def claims(results: dict[str, Any]) -> list[Claim]:
     s = results["noise_std"]
     for name, r in results["schemes"].items():
         for i, coord in enumerate("xy"):
-            out.append(Claim(
-                f"two_temperatures.{name}_T{coord}",
-                f"{_LABEL[name]}: temperature of {coord} (exact discrete law)",
-                "T_i = eta_i sigma_i^2/(2 - eta_i h_i)", r["T_exact"][i], r["T"][i],
-                r["T_se"][i], tolerance(r["T_se"][i])))
+            out.append(
+                Claim(
+                    f"two_temperatures.{name}_T{coord}",
+                    f"{_LABEL[name]}: temperature of {coord} (exact discrete law)",
+                    "T_i = eta_i sigma_i^2/(2 - eta_i h_i)",
+                    r["T_exact"][i],
+                    r["T"][i],
+                    r["T_se"][i],
+                    tolerance(r["T_se"][i]),
+                )
+            )
         langevin_ratio = r["T_langevin"][0] / r["T_langevin"][1]
-        formula = {"plain": "T_x/T_y = sigma_x^2/sigma_y^2", "inverse_variance":
-                   "T_x/T_y = 1 (Gibbs)", "inverse_std": "T_x/T_y = sigma_x/sigma_y"}[name]
-        out.append(Claim(
-            f"two_temperatures.{name}_ratio",
-            f"{_LABEL[name]}: ratio of temperatures (Langevin value {langevin_ratio:.3g})",
-            formula, r["ratio_exact"], r["ratio"], r["ratio_se"], tolerance(r["ratio_se"]),
-            note=f"sigma = ({s[0]:g}, {s[1]:g})"))
+        formula = {
+            "plain": "T_x/T_y = sigma_x^2/sigma_y^2",
+            "inverse_variance": "T_x/T_y = 1 (Gibbs)",
+            "inverse_std": "T_x/T_y = sigma_x/sigma_y",
+        }[name]
+        out.append(
+            Claim(
+                f"two_temperatures.{name}_ratio",
+                f"{_LABEL[name]}: ratio of temperatures (Langevin value {langevin_ratio:.3g})",
+                formula,
+                r["ratio_exact"],
+                r["ratio"],
+                r["ratio_se"],
+                tolerance(r["ratio_se"]),
+                note=f"sigma = ({s[0]:g}, {s[1]:g})",
+            )
+        )
     return out
 
 
@@ -123,8 +157,13 @@ def plot(results: dict[str, Any], outdir: Path) -> list[str]:
     xs = np.arange(len(names))
     for i, coord in enumerate("xy"):
         r = [results["schemes"][n] for n in names]
-        a.errorbar(xs + (i - 0.5) * 0.15, [q["T"][i] for q in r], [2 * q["T_se"][i] for q in r],
-                   fmt="o", label=f"measured T_{coord}")
+        a.errorbar(
+            xs + (i - 0.5) * 0.15,
+            [q["T"][i] for q in r],
+            [2 * q["T_se"][i] for q in r],
+            fmt="o",
+            label=f"measured T_{coord}",
+        )
         a.plot(xs + (i - 0.5) * 0.15, [q["T_exact"][i] for q in r], "_", ms=18, color="k")
     a.set_xticks(xs, [_LABEL[n] for n in names], fontsize=7)
     a.set(ylabel="temperature", yscale="log", title="per-coordinate temperatures (bars: exact)")

@@ -89,13 +89,29 @@ class Config(ExperimentConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"temperatures": (0.125, 0.2), "escape_chains": 500, "drop_chains": 1000,
-             "logistic_steps": 800, "logistic_chains": 60, "logistic_examples": 120,
-             "snapshot_examples": 60000, "snapshot_cycles": 3, "snapshot_seeds": 2},
-    "full": {"temperatures": (0.08, 0.1, 0.125, 0.15, 0.2, 0.25), "escape_chains": 4000,
-             "escape_lr": 0.005, "drop_chains": 10000, "logistic_steps": 6000,
-             "logistic_chains": 200, "logistic_examples": 600, "snapshot_examples": 1200000,
-             "snapshot_cycles": 5, "snapshot_seeds": 5},
+    "tiny": {
+        "temperatures": (0.125, 0.2),
+        "escape_chains": 500,
+        "drop_chains": 1000,
+        "logistic_steps": 800,
+        "logistic_chains": 60,
+        "logistic_examples": 120,
+        "snapshot_examples": 60000,
+        "snapshot_cycles": 3,
+        "snapshot_seeds": 2,
+    },
+    "full": {
+        "temperatures": (0.08, 0.1, 0.125, 0.15, 0.2, 0.25),
+        "escape_chains": 4000,
+        "escape_lr": 0.005,
+        "drop_chains": 10000,
+        "logistic_steps": 6000,
+        "logistic_chains": 200,
+        "logistic_examples": 600,
+        "snapshot_examples": 1200000,
+        "snapshot_cycles": 5,
+        "snapshot_seeds": 5,
+    },
 }
 
 
@@ -121,8 +137,16 @@ def _escape(config: Config, rng: np.random.Generator) -> list[dict[str, Any]]:
                 break
         done = np.isfinite(hit)
         mean, se = chain_mean(np.where(done, hit, max_steps * eta))
-        rows.append({"T": temp, "sigma": sigma, "mfpt": mean, "mfpt_se": se, "exact": exact,
-                     "censored": int((~done).sum())})
+        rows.append(
+            {
+                "T": temp,
+                "sigma": sigma,
+                "mfpt": mean,
+                "mfpt_se": se,
+                "exact": exact,
+                "censored": int((~done).sum()),
+            }
+        )
     return rows
 
 
@@ -133,15 +157,28 @@ def _drop_quadratic(config: Config) -> dict[str, Any]:
     v_old = quadratic_variance(h, old, 1.0)
     rng = np.random.default_rng(config.seed)
     init = rng.normal(0.0, math.sqrt(v_old), (config.drop_chains, 1))
-    res = simulate_sgd(p, new, 1, config.drop_steps, config.drop_chains, init=init,
-                       record_every=max(1, config.drop_steps // 30), statistics=False,
-                       seed=config.seed)
+    res = simulate_sgd(
+        p,
+        new,
+        1,
+        config.drop_steps,
+        config.drop_chains,
+        init=init,
+        record_every=max(1, config.drop_steps // 30),
+        statistics=False,
+        seed=config.seed,
+    )
     traj = res.trajectory.numpy()[:, :, 0]
     steps = res.record_steps.numpy()
     e2 = [chain_mean(traj[i] ** 2) for i in range(len(steps))]
-    return {"steps": steps, "e2": [m for m, _ in e2], "e2_se": [s for _, s in e2],
-            "e2_exact": lr_drop_second_moment(steps, h, old, new, 1.0), "lr_old": old,
-            "lr_new": new}
+    return {
+        "steps": steps,
+        "e2": [m for m, _ in e2],
+        "e2_se": [s for _, s in e2],
+        "e2_exact": lr_drop_second_moment(steps, h, old, new, 1.0),
+        "lr_old": old,
+        "lr_new": new,
+    }
 
 
 def _drop_logistic(config: Config) -> dict[str, Any]:
@@ -150,10 +187,16 @@ def _drop_logistic(config: Config) -> dict[str, Any]:
     idx = rng.choice(x.shape[0], min(config.logistic_examples, x.shape[0]), replace=False)
     p = LogisticRegression(x[idx], (y[idx] >= 5).astype(float), l2=config.l2)
     out = {}
-    for name, lr in (("old", config.logistic_lr),
-                     ("new", config.logistic_lr / config.drop_factor)):
-        res = simulate_sgd(p, lr, 1, config.logistic_steps, config.logistic_chains,
-                           burn_in=config.logistic_steps // 2, seed=config.seed + 7)
+    for name, lr in (("old", config.logistic_lr), ("new", config.logistic_lr / config.drop_factor)):
+        res = simulate_sgd(
+            p,
+            lr,
+            1,
+            config.logistic_steps,
+            config.logistic_chains,
+            burn_in=config.logistic_steps // 2,
+            seed=config.seed + 7,
+        )
         m, se = estimate_mean(res.excess_loss)
         out[name] = {"lr": lr, "excess": m, "excess_se": se}
     out["slope"] = excess_loss_slope(p.noise_covariance, 1)
@@ -164,16 +207,22 @@ def _snapshots(config: Config, outdir: Path) -> dict[str, Any]:
     """The snapshot ensemble against one model, over ``snapshot_seeds`` independent seeds: the
     test-NLL difference per seed, its mean and standard error over seeds."""
     data = _mnist.load(outdir, config.device)
-    per_seed = [_snapshot_run(config, data, config.seed + 1000 * k)
-                for k in range(config.snapshot_seeds)]
+    per_seed = [
+        _snapshot_run(config, data, config.seed + 1000 * k) for k in range(config.snapshot_seeds)
+    ]
     d_mean, d_se = chain_mean([r["nll_diff"] for r in per_seed])
     first = per_seed[0]
-    return {**first, "nll_diff": d_mean, "nll_diff_se": d_se,
-            "seeds": config.snapshot_seeds, "per_seed": per_seed,
-            "ensemble_nll": float(np.mean([r["ensemble_nll"] for r in per_seed])),
-            "single_nll": float(np.mean([r["single_nll"] for r in per_seed])),
-            "ensemble_acc": float(np.mean([r["ensemble_acc"] for r in per_seed])),
-            "single_acc": float(np.mean([r["single_acc"] for r in per_seed]))}
+    return {
+        **first,
+        "nll_diff": d_mean,
+        "nll_diff_se": d_se,
+        "seeds": config.snapshot_seeds,
+        "per_seed": per_seed,
+        "ensemble_nll": float(np.mean([r["ensemble_nll"] for r in per_seed])),
+        "single_nll": float(np.mean([r["single_nll"] for r in per_seed])),
+        "ensemble_acc": float(np.mean([r["ensemble_acc"] for r in per_seed])),
+        "single_acc": float(np.mean([r["single_acc"] for r in per_seed])),
+    }
 
 
 def _snapshot_run(config: Config, data: _mnist.Data, seed: int) -> dict[str, Any]:
@@ -195,38 +244,64 @@ def _snapshot_run(config: Config, data: _mnist.Data, seed: int) -> dict[str, Any
 
     model = _mnist.mlp(config.hidden, seed, config.device)
     opt = torch.optim.SGD(model.parameters(), lr=lr0, momentum=0.9)
-    _mnist.train(model, opt, data, config.batch_size, config.snapshot_examples,
-                 seed=seed, lr_at=cyclic, evals=config.snapshot_cycles, on_eval=snap)
+    _mnist.train(
+        model,
+        opt,
+        data,
+        config.batch_size,
+        config.snapshot_examples,
+        seed=seed,
+        lr_at=cyclic,
+        evals=config.snapshot_cycles,
+        on_eval=snap,
+    )
     ens = torch.stack(probs).mean(0)
-    nll_ens = torch.nn.functional.nll_loss(ens.clamp_min(1e-12).log(), data.y_test,
-                                           reduction="none")
+    nll_ens = torch.nn.functional.nll_loss(
+        ens.clamp_min(1e-12).log(), data.y_test, reduction="none"
+    )
     members = [_mnist.evaluate(model, data.x_test, data.y_test)]
     single_model = _mnist.mlp(config.hidden, seed, config.device)
     opt = torch.optim.SGD(single_model.parameters(), lr=lr0, momentum=0.9)
-    _mnist.train(single_model, opt, data, config.batch_size, config.snapshot_examples,
-                 seed=seed, lr_at=single, evals=4)
+    _mnist.train(
+        single_model,
+        opt,
+        data,
+        config.batch_size,
+        config.snapshot_examples,
+        seed=seed,
+        lr_at=single,
+        evals=4,
+    )
     with torch.no_grad():
         logp = torch.log_softmax(single_model(data.x_test), 1)
     nll_single = torch.nn.functional.nll_loss(logp, data.y_test, reduction="none")
     diff = (nll_ens - nll_single).cpu().numpy()
     return {
         "snapshots": len(probs),
-        "ensemble_nll": float(nll_ens.mean()), "single_nll": float(nll_single.mean()),
+        "ensemble_nll": float(nll_ens.mean()),
+        "single_nll": float(nll_single.mean()),
         "nll_diff": float(diff.mean()),
         "ensemble_acc": float((ens.argmax(1) == data.y_test).float().mean()),
         "single_acc": float((logp.argmax(1) == data.y_test).float().mean()),
         "last_snapshot_nll": members[0][0],
-        "member_nll": [float(torch.nn.functional.nll_loss(p.clamp_min(1e-12).log(),
-                                                          data.y_test)) for p in probs],
+        "member_nll": [
+            float(torch.nn.functional.nll_loss(p.clamp_min(1e-12).log(), data.y_test))
+            for p in probs
+        ],
     }
 
 
 @with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     rng = np.random.default_rng(config.seed)
-    return {"escape": _escape(config, rng), "drop_quadratic": _drop_quadratic(config),
-            "drop_logistic": _drop_logistic(config), "snapshots": _snapshots(config, outdir),
-            "escape_lr": config.escape_lr, "drop_factor": config.drop_factor}
+    return {
+        "escape": _escape(config, rng),
+        "drop_quadratic": _drop_quadratic(config),
+        "drop_logistic": _drop_logistic(config),
+        "snapshots": _snapshots(config, outdir),
+        "escape_lr": config.escape_lr,
+        "drop_factor": config.drop_factor,
+    }
 
 
 def claims(results: dict[str, Any]) -> list[Claim]:
@@ -235,50 +310,96 @@ def claims(results: dict[str, Any]) -> list[Claim]:
     eta = results["escape_lr"]
     for r in esc:
         model = 0.05 * r["exact"]
-        out.append(Claim(
-            f"mcmc.escape_T{r['T']:g}", f"SGD escape time from the left well at T = eta sigma^2/2 "
-            f"= {r['T']:g} equals the diffusion's exact first-passage time",
-            "MFPT = int int exp((L(y) - L(z))/T)/T", r["exact"], r["mfpt"], r["mfpt_se"],
-            tolerance(r["mfpt_se"], model_error=model), exact=False,
-            note=f"5% allowed for the O(eta) discretisation; {r['censored']} chains censored"))
+        out.append(
+            Claim(
+                f"mcmc.escape_T{r['T']:g}",
+                f"SGD escape time from the left well at T = eta sigma^2/2 "
+                f"= {r['T']:g} equals the diffusion's exact first-passage time",
+                "MFPT = int int exp((L(y) - L(z))/T)/T",
+                r["exact"],
+                r["mfpt"],
+                r["mfpt_se"],
+                tolerance(r["mfpt_se"], model_error=model),
+                exact=False,
+                note=f"5% allowed for the O(eta) discretisation; {r['censored']} chains censored",
+            )
+        )
     if len(esc) >= 2:
         inv_t = [1 / r["T"] for r in esc]
         slope, se = fit_loglog_slope(np.exp(inv_t), [r["mfpt"] for r in esc])
         slope_exact, _ = fit_loglog_slope(np.exp(inv_t), [r["exact"] for r in esc])
-        out.append(Claim(
-            "mcmc.arrhenius", "escape time grows like exp(2 Delta L/(eta sigma^2)) = "
-            "exp(Delta L/T), Delta L = 1/4", "d log MFPT / d(1/T) (exact MFPT fitted alike)",
-            slope_exact, slope, se, tolerance(se, model_error=0.05), exact=False,
-            note=f"Kramers' asymptotic value Delta L = 0.25; eta = {eta:g}"))
+        out.append(
+            Claim(
+                "mcmc.arrhenius",
+                "escape time grows like exp(2 Delta L/(eta sigma^2)) = "
+                "exp(Delta L/T), Delta L = 1/4",
+                "d log MFPT / d(1/T) (exact MFPT fitted alike)",
+                slope_exact,
+                slope,
+                se,
+                tolerance(se, model_error=0.05),
+                exact=False,
+                note=f"Kramers' asymptotic value Delta L = 0.25; eta = {eta:g}",
+            )
+        )
     dq = results["drop_quadratic"]
     for i in (len(dq["steps"]) // 4, len(dq["steps"]) - 1):
-        out.append(Claim(
-            f"mcmc.drop_quadratic_t{int(dq['steps'][i])}",
-            f"after the drop eta {dq['lr_old']:g} -> {dq['lr_new']:g}: E e^2 at step "
-            f"{int(dq['steps'][i])}", "V_new + (V_old - V_new)(1 - eta_new h)^(2t)",
-            dq["e2_exact"][i], dq["e2"][i], dq["e2_se"][i], tolerance(dq["e2_se"][i])))
+        out.append(
+            Claim(
+                f"mcmc.drop_quadratic_t{int(dq['steps'][i])}",
+                f"after the drop eta {dq['lr_old']:g} -> {dq['lr_new']:g}: E e^2 at step "
+                f"{int(dq['steps'][i])}",
+                "V_new + (V_old - V_new)(1 - eta_new h)^(2t)",
+                dq["e2_exact"][i],
+                dq["e2"][i],
+                dq["e2_se"][i],
+                tolerance(dq["e2_se"][i]),
+            )
+        )
     dl = results["drop_logistic"]
     ratio = dl["new"]["excess"] / dl["old"]["excess"]
-    ratio_se = ratio * math.hypot(dl["new"]["excess_se"] / dl["new"]["excess"],
-                                  dl["old"]["excess_se"] / dl["old"]["excess"])
+    ratio_se = ratio * math.hypot(
+        dl["new"]["excess_se"] / dl["new"]["excess"], dl["old"]["excess_se"] / dl["old"]["excess"]
+    )
     f = results["drop_factor"]
-    out.append(Claim(
-        "mcmc.lr_drop_level", f"logistic regression on digits: dropping the lr by {f:g} lowers "
-        f"the excess loss to about 1/{f:g} (L(eta) ≈ L* + eta tr C/4)",
-        "excess(eta/10)/excess(eta) = 1/10 + O(eta)", 1 / f, ratio, ratio_se,
-        tolerance(ratio_se, model_error=0.03), exact=False, erratum=7,
-        lecture_formula="drop by 2 (slide); He et al. drop by 10", lecture_value=0.5,
-        note=f"levels {dl['old']['excess']:.3g} -> {dl['new']['excess']:.3g}"))
+    out.append(
+        Claim(
+            "mcmc.lr_drop_level",
+            f"logistic regression on digits: dropping the lr by {f:g} lowers "
+            f"the excess loss to about 1/{f:g} (L(eta) ≈ L* + eta tr C/4)",
+            "excess(eta/10)/excess(eta) = 1/10 + O(eta)",
+            1 / f,
+            ratio,
+            ratio_se,
+            tolerance(ratio_se, model_error=0.03),
+            exact=False,
+            erratum=7,
+            lecture_formula="drop by 2 (slide); He et al. drop by 10",
+            lecture_value=0.5,
+            note=f"levels {dl['old']['excess']:.3g} -> {dl['new']['excess']:.3g}",
+        )
+    )
     sn = results["snapshots"]
-    out.append(Claim(
-        "mcmc.snapshot_ensemble", f"a snapshot ensemble ({sn['snapshots']} snapshots, cyclic "
-        "schedule) has lower test NLL than one model with the same budget",
-        "NLL_ensemble - NLL_single < 0 (decided beyond 4 s.e.)", 0.0, sn["nll_diff"],
-        sn["nll_diff_se"], tolerance(0.0, k=0.0), kind="at_most", exact=False,
-        seeds=int(sn.get("seeds", 1)), inconclusive="" if abs(sn["nll_diff"]) > 4 * sn[
-            "nll_diff_se"] else f"difference within 4 s.e. ({sn['nll_diff_se']:.2g}) of 0",
-        note=f"accuracy {sn['ensemble_acc']:.3f} (ensemble) vs {sn['single_acc']:.3f}, mean "
-        "over seeds"))
+    out.append(
+        Claim(
+            "mcmc.snapshot_ensemble",
+            f"a snapshot ensemble ({sn['snapshots']} snapshots, cyclic "
+            "schedule) has lower test NLL than one model with the same budget",
+            "NLL_ensemble - NLL_single < 0 (decided beyond 4 s.e.)",
+            0.0,
+            sn["nll_diff"],
+            sn["nll_diff_se"],
+            tolerance(0.0, k=0.0),
+            kind="at_most",
+            exact=False,
+            seeds=int(sn.get("seeds", 1)),
+            inconclusive=""
+            if abs(sn["nll_diff"]) > 4 * sn["nll_diff_se"]
+            else f"difference within 4 s.e. ({sn['nll_diff_se']:.2g}) of 0",
+            note=f"accuracy {sn['ensemble_acc']:.3f} (ensemble) vs {sn['single_acc']:.3f}, mean "
+            "over seeds",
+        )
+    )
     return out
 
 
@@ -287,18 +408,22 @@ def plot(results: dict[str, Any], outdir: Path) -> list[str]:
     esc = results["escape"]
     a = ax[0, 0]
     inv = [1 / r["T"] for r in esc]
-    a.errorbar(inv, [r["mfpt"] for r in esc], [2 * r["mfpt_se"] for r in esc], fmt="o",
-               label="SGD chains")
+    a.errorbar(
+        inv, [r["mfpt"] for r in esc], [2 * r["mfpt_se"] for r in esc], fmt="o", label="SGD chains"
+    )
     a.plot(inv, [r["exact"] for r in esc], "-", label="exact MFPT")
     a.set(yscale="log", xlabel="1/T", ylabel="escape time (sum of lrs)", title="double well")
     a.legend(fontsize=7)
     dq = results["drop_quadratic"]
     a = ax[0, 1]
-    a.errorbar(dq["steps"], dq["e2"], 2 * np.asarray(dq["e2_se"]), fmt="o", ms=3,
-               label="measured")
+    a.errorbar(dq["steps"], dq["e2"], 2 * np.asarray(dq["e2_se"]), fmt="o", ms=3, label="measured")
     a.plot(dq["steps"], dq["e2_exact"], "-", label="exact")
-    a.set(xlabel="steps after the drop", ylabel="E e^2", yscale="log",
-          title=f"lr drop by {results['drop_factor']:g}")
+    a.set(
+        xlabel="steps after the drop",
+        ylabel="E e^2",
+        yscale="log",
+        title=f"lr drop by {results['drop_factor']:g}",
+    )
     a.legend(fontsize=7)
     sn = results["snapshots"].get("per_seed", [results["snapshots"]])[0]
     a = ax[0, 2]

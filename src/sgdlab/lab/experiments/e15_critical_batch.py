@@ -54,7 +54,9 @@ DESCRIPTION = (
 class Config(ExperimentConfig):
     # seeds >= 2 for a standard error; a line through S = S_min + E_min/B needs 3 points
     RANGES: ClassVar[Mapping[str, Range]] = {
-        "seeds": Range(ge=2), "min_fit_points": Range(ge=3), "grid_extensions": Range(ge=0),
+        "seeds": Range(ge=2),
+        "min_fit_points": Range(ge=3),
+        "grid_extensions": Range(ge=0),
     }
 
     batch_sizes: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
@@ -72,12 +74,24 @@ class Config(ExperimentConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"batch_sizes": (8, 32, 64, 256), "lr_multipliers": (1.0, 2.0), "target_loss": 1.6,
-             "max_examples": 24576, "evals": 24, "seeds": 2, "grid_extensions": 1,
-             "min_fit_points": 3},
-    "full": {"batch_sizes": (8, 16, 32, 64, 128, 256, 512, 1024),
-             "lr_multipliers": (0.5, 1.0, 2.0, 4.0), "target_loss": 1.1,
-             "max_examples": 262144, "evals": 96, "seeds": 5},
+    "tiny": {
+        "batch_sizes": (8, 32, 64, 256),
+        "lr_multipliers": (1.0, 2.0),
+        "target_loss": 1.6,
+        "max_examples": 24576,
+        "evals": 24,
+        "seeds": 2,
+        "grid_extensions": 1,
+        "min_fit_points": 3,
+    },
+    "full": {
+        "batch_sizes": (8, 16, 32, 64, 128, 256, 512, 1024),
+        "lr_multipliers": (0.5, 1.0, 2.0, 4.0),
+        "target_loss": 1.1,
+        "max_examples": 262144,
+        "evals": 96,
+        "seeds": 5,
+    },
 }
 
 # The claim's stated model error, in decades: B_simple = tr Sigma/|G|^2 ignores the curvature
@@ -108,15 +122,29 @@ def _meter_run(config: Config, data: _mnist.Data, seed: int) -> dict[str, Any]:
         tr.append(r.tr_sigma)
         sq.append(r.grad_sq_norm)
 
-    res = _mnist.train(model, opt, data, b, config.max_examples, seed=seed,
-                       evals=config.evals, after_backward=read, stop_below=config.target_loss)
+    res = _mnist.train(
+        model,
+        opt,
+        data,
+        b,
+        config.max_examples,
+        seed=seed,
+        evals=config.evals,
+        after_backward=read,
+        stop_below=config.target_loss,
+    )
     tracker.detach()
     curve = [{**p, "b_simple": smoothed[p["step"]]} for p in res["curve"]]
     near = [p["step"] for p in curve if p["loss"] <= config.target_loss * 1.25]
     first = near[0] if near else max(1, 3 * len(tr) // 4)
-    t, q = np.asarray(tr[first - 1:]), np.asarray(sq[first - 1:])
-    return {"curve": curve, "batch_size": b, "seed": seed, "b_simple": float(t.mean() / q.mean()),
-            "window_steps": int(t.size)}
+    t, q = np.asarray(tr[first - 1 :]), np.asarray(sq[first - 1 :])
+    return {
+        "curve": curve,
+        "batch_size": b,
+        "seed": seed,
+        "b_simple": float(t.mean() / q.mean()),
+        "window_steps": int(t.size),
+    }
 
 
 def _examples(config: Config, data: _mnist.Data, b: int, lr: float) -> list[float]:
@@ -126,8 +154,16 @@ def _examples(config: Config, data: _mnist.Data, b: int, lr: float) -> list[floa
         seed = config.seed + 1000 * k
         model = _mnist.mlp(config.hidden, seed, config.device)
         opt = torch.optim.SGD(model.parameters(), lr=lr)
-        res = _mnist.train(model, opt, data, b, config.max_examples, seed=seed + b,
-                           evals=config.evals, stop_below=config.target_loss)
+        res = _mnist.train(
+            model,
+            opt,
+            data,
+            b,
+            config.max_examples,
+            seed=seed + b,
+            evals=config.evals,
+            stop_below=config.target_loss,
+        )
         out.append(_mnist.examples_to_reach(res["curve"], config.target_loss))
     return out
 
@@ -137,8 +173,9 @@ def _score(es: list[float]) -> float:
     return float(np.mean(es)) if all(math.isfinite(e) for e in es) else math.inf
 
 
-def _batch_point(config: Config, data: _mnist.Data, b: int, runs: list[dict[str, Any]]
-                 ) -> tuple[dict[str, Any] | None, str]:
+def _batch_point(
+    config: Config, data: _mnist.Data, b: int, runs: list[dict[str, Any]]
+) -> tuple[dict[str, Any] | None, str]:
     """The best lr of batch ``b`` (extending its grid while the best sits on an edge) as a
     point ``{B, lr, examples, examples_se, steps, steps_se}``, or ``None`` and why."""
     lrs = sorted({m * b * config.eta_prime for m in config.lr_multipliers})
@@ -152,8 +189,10 @@ def _batch_point(config: Config, data: _mnist.Data, b: int, runs: list[dict[str,
         grid = sorted(tried)
         scores = [_score(tried[lr]) for lr in grid]
         if not any(math.isfinite(v) for v in scores):
-            return None, (f"never reached the target loss {config.target_loss:g} within "
-                          f"{config.max_examples} examples at any lr of {_lrs(grid)}")
+            return None, (
+                f"never reached the target loss {config.target_loss:g} within "
+                f"{config.max_examples} examples at any lr of {_lrs(grid)}"
+            )
         i = int(np.argmin(scores))
         if 0 < i < len(grid) - 1:
             break
@@ -162,12 +201,20 @@ def _batch_point(config: Config, data: _mnist.Data, b: int, runs: list[dict[str,
         nxt = grid[0] / 2 if i == 0 else min(grid[-1] * 2, config.max_lr)
         lrs = [nxt]
     else:
-        return None, (f"best lr {grid[i]:.3g} on the edge of its grid {_lrs(grid)} after "
-                      f"{config.grid_extensions} extensions")
+        return None, (
+            f"best lr {grid[i]:.3g} on the edge of its grid {_lrs(grid)} after "
+            f"{config.grid_extensions} extensions"
+        )
     es = np.asarray(tried[grid[i]])
     e, e_se = float(es.mean()), float(es.std(ddof=1) / math.sqrt(es.size))
-    return {"B": b, "lr": grid[i], "examples": e, "examples_se": e_se, "steps": e / b,
-            "steps_se": e_se / b}, ""
+    return {
+        "B": b,
+        "lr": grid[i],
+        "examples": e,
+        "examples_se": e_se,
+        "steps": e / b,
+        "steps_se": e_se / b,
+    }, ""
 
 
 def _lrs(grid: list[float]) -> str:
@@ -210,10 +257,18 @@ def run(config: Config, outdir: Path) -> dict[str, Any]:
             best.append(point)
     meters = [_meter_run(config, data, config.seed + 1000 * k) for k in range(config.seeds)]
     bs = np.array([m["b_simple"] for m in meters])
-    return {"runs": runs, "best": best, "dropped": dropped, "fit": _fit(best), "meters": meters,
-            "b_simple": float(bs.mean()), "b_simple_se": float(bs.std(ddof=1) / math.sqrt(bs.size)),
-            "target_loss": config.target_loss, "seeds": config.seeds,
-            "min_fit_points": config.min_fit_points}
+    return {
+        "runs": runs,
+        "best": best,
+        "dropped": dropped,
+        "fit": _fit(best),
+        "meters": meters,
+        "b_simple": float(bs.mean()),
+        "b_simple_se": float(bs.std(ddof=1) / math.sqrt(bs.size)),
+        "target_loss": config.target_loss,
+        "seeds": config.seeds,
+        "min_fit_points": config.min_fit_points,
+    }
 
 
 def claims(results: dict[str, Any]) -> list[Claim]:
@@ -226,21 +281,34 @@ def claims(results: dict[str, Any]) -> list[Claim]:
     tol = tolerance(se, model_error=MODEL_DECADES)
     why = ""
     if fit["points"] < results["min_fit_points"]:
-        why = (f"only {fit['points']} batch sizes reached the target (need "
-               f"{results['min_fit_points']} to fit B_crit)")
+        why = (
+            f"only {fit['points']} batch sizes reached the target (need "
+            f"{results['min_fit_points']} to fit B_crit)"
+        )
     elif not ok:
         why = "the fit gives no positive S_min and E_min: no B_crit"
     elif not float(tol) <= MAX_DECADES:
-        why = (f"tolerance {float(tol):.2g} decades exceeds {MAX_DECADES:g} (s.e. B_crit "
-               f"{bc_se / bc:.0%}, B_simple {bs_se / bs:.0%}): more seeds needed")
+        why = (
+            f"tolerance {float(tol):.2g} decades exceeds {MAX_DECADES:g} (s.e. B_crit "
+            f"{bc_se / bc:.0%}, B_simple {bs_se / bs:.0%}): more seeds needed"
+        )
     return [
-        Claim("critical_batch.b_simple_predicts_b_crit", "the noise meter's B_simple predicts "
-              "the critical batch B_crit = E_min/S_min of the steps/examples trade-off",
-              "log10(B_crit/B_simple) = 0 (B_simple ignores curvature: a factor 2 allowed)",
-              0.0, ratio, se, tol, exact=False, seeds=int(results["seeds"]), inconclusive=why,
-              note=f"B_crit = {bc:.3g} +- {bc_se:.2g} (fit of {fit['points']} batch sizes), "
-              f"B_simple = {bs:.3g} +- {bs_se:.2g} (meter near the target loss "
-              f"{results['target_loss']:g}); dropped: {len(results['dropped'])}"),
+        Claim(
+            "critical_batch.b_simple_predicts_b_crit",
+            "the noise meter's B_simple predicts "
+            "the critical batch B_crit = E_min/S_min of the steps/examples trade-off",
+            "log10(B_crit/B_simple) = 0 (B_simple ignores curvature: a factor 2 allowed)",
+            0.0,
+            ratio,
+            se,
+            tol,
+            exact=False,
+            seeds=int(results["seeds"]),
+            inconclusive=why,
+            note=f"B_crit = {bc:.3g} +- {bc_se:.2g} (fit of {fit['points']} batch sizes), "
+            f"B_simple = {bs:.3g} +- {bs_se:.2g} (meter near the target loss "
+            f"{results['target_loss']:g}); dropped: {len(results['dropped'])}",
+        ),
     ]
 
 
@@ -250,34 +318,66 @@ def plot(results: dict[str, Any], outdir: Path) -> list[str]:
     best = results["best"]
     fit = results["fit"]
     if best:
-        a.errorbar([p["examples"] for p in best], [p["steps"] for p in best],
-                   xerr=[p["examples_se"] for p in best], yerr=[p["steps_se"] for p in best],
-                   fmt="o", ms=4, label=f"measured (mean of {results['seeds']} seeds)")
+        a.errorbar(
+            [p["examples"] for p in best],
+            [p["steps"] for p in best],
+            xerr=[p["examples_se"] for p in best],
+            yerr=[p["steps_se"] for p in best],
+            fmt="o",
+            ms=4,
+            label=f"measured (mean of {results['seeds']} seeds)",
+        )
         for p in best:
-            a.annotate(f"B={p['B']}", (p["examples"], p["steps"]), fontsize=6,
-                       xytext=(4, 4), textcoords="offset points")
+            a.annotate(
+                f"B={p['B']}",
+                (p["examples"], p["steps"]),
+                fontsize=6,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
     if math.isfinite(fit["b_crit"]) and fit["s_min"] > 0:
         lo = min(p["B"] for p in best) / 2
         hi = max(p["B"] for p in best) * 2
         bgrid = np.geomspace(lo, hi, 100)
         s = fit["s_min"] * (1 + fit["b_crit"] / bgrid)
         a.plot(s * bgrid, s, "-", label=f"fit, B_crit = {fit['b_crit']:.3g}")
-    a.set(xscale="log", yscale="log", xlabel="examples to target", ylabel="steps to target",
-          title=f"target loss {results['target_loss']:g}")
+    a.set(
+        xscale="log",
+        yscale="log",
+        xlabel="examples to target",
+        ylabel="steps to target",
+        title=f"target loss {results['target_loss']:g}",
+    )
     a.legend()
     a = ax[0, 1]
     for k, m in enumerate(results["meters"]):
         curve = m["curve"]
-        a.plot([p["examples"] for p in curve], [p["b_simple"] for p in curve], "-", lw=1,
-               color="C0", alpha=0.8, label="B_simple (smoothed), per seed" if k == 0 else None)
-    a.axhline(results["b_simple"], color="C0", ls=":",
-              label="B_simple near the target (mean of seeds)")
+        a.plot(
+            [p["examples"] for p in curve],
+            [p["b_simple"] for p in curve],
+            "-",
+            lw=1,
+            color="C0",
+            alpha=0.8,
+            label="B_simple (smoothed), per seed" if k == 0 else None,
+        )
+    a.axhline(
+        results["b_simple"], color="C0", ls=":", label="B_simple near the target (mean of seeds)"
+    )
     if math.isfinite(fit["b_crit"]):
         a.axhline(fit["b_crit"], color="C1", ls="--", label="B_crit (fit)")
         if math.isfinite(fit["b_crit_se"]):
-            a.axhspan(max(fit["b_crit"] - fit["b_crit_se"], 1e-3),
-                      fit["b_crit"] + fit["b_crit_se"], color="C1", alpha=0.15)
-    a.set(yscale="log", xlabel="examples seen", ylabel="batch size",
-          title=f"noise meter, B = {results['meters'][0]['batch_size']}")
+            a.axhspan(
+                max(fit["b_crit"] - fit["b_crit_se"], 1e-3),
+                fit["b_crit"] + fit["b_crit_se"],
+                color="C1",
+                alpha=0.15,
+            )
+    a.set(
+        yscale="log",
+        xlabel="examples seen",
+        ylabel="batch size",
+        title=f"noise meter, B = {results['meters'][0]['batch_size']}",
+    )
     a.legend()
     return [save(fig, outdir, "critical_batch.png")]

@@ -96,11 +96,13 @@ class Config(ExperimentConfig):
             if v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if self.world_size < 2:
-            raise ValueError(f"world_size must be an integer >= 2 (data parallelism), got "
-                             f"{self.world_size!r}")
+            raise ValueError(
+                f"world_size must be an integer >= 2 (data parallelism), got {self.world_size!r}"
+            )
         if self.seeds < 2:
-            raise ValueError(f"seeds must be an integer >= 2 (for a standard error), got "
-                             f"{self.seeds!r}")
+            raise ValueError(
+                f"seeds must be an integer >= 2 (for a standard error), got {self.seeds!r}"
+            )
         if self.hidden < 1:
             raise ValueError(f"hidden must be an integer >= 1, got {self.hidden!r}")
         if not (math.isfinite(self.ref_lr) and self.ref_lr > 0):
@@ -108,14 +110,18 @@ class Config(ExperimentConfig):
         if not (math.isfinite(self.timeout) and self.timeout > 0):
             raise ValueError(f"timeout must be finite and > 0 seconds, got {self.timeout!r}")
         if self.scaling not in hyper.RULES:
-            raise ValueError(f"scaling must be one of {', '.join(hyper.RULES)}, got "
-                             f"{self.scaling!r}")
-        for name, b in (("global batch world_size x micro_batch x accumulation",
-                         self.global_batch), ("ref_batch", self.ref_batch)):
+            raise ValueError(
+                f"scaling must be one of {', '.join(hyper.RULES)}, got {self.scaling!r}"
+            )
+        for name, b in (
+            ("global batch world_size x micro_batch x accumulation", self.global_batch),
+            ("ref_batch", self.ref_batch),
+        ):
             if self.examples % (self.evals * b):
                 raise ValueError(
                     f"examples must be a multiple of evals x {name} = {self.evals * b} (equal "
-                    f"evaluation points in examples), got examples={self.examples}")
+                    f"evaluation points in examples), got examples={self.examples}"
+                )
 
     @property
     def global_batch(self) -> int:
@@ -142,9 +148,15 @@ def _data_seed(config: Config, r: int, batch: int) -> int:
 
 
 def _optimizer(model: torch.nn.Module, config: Config) -> Adam:
-    return Adam(model.parameters(), lr=config.ref_lr, betas=BETAS, eps=EPS,
-                second_moment="per_example", ref_batch_size=config.ref_batch,
-                scaling=config.scaling)
+    return Adam(
+        model.parameters(),
+        lr=config.ref_lr,
+        betas=BETAS,
+        eps=EPS,
+        second_moment="per_example",
+        ref_batch_size=config.ref_batch,
+        scaling=config.scaling,
+    )
 
 
 def _marks(config: Config, batch: int) -> dict[int, int]:
@@ -162,8 +174,11 @@ def _flat_state(opt: torch.optim.Optimizer) -> torch.Tensor:
     for group in opt.param_groups:
         for p in group["params"]:
             st = opt.state[p]
-            parts += [st["exp_avg"].flatten(), st["exp_avg_sq"].flatten(),
-                      torch.as_tensor(st["step"], dtype=torch.float64).flatten().to(p.device)]
+            parts += [
+                st["exp_avg"].flatten(),
+                st["exp_avg_sq"].flatten(),
+                torch.as_tensor(st["step"], dtype=torch.float64).flatten().to(p.device),
+            ]
     return torch.cat(parts).detach().double().cpu()
 
 
@@ -173,14 +188,22 @@ def _flat_params(model: torch.nn.Module) -> torch.Tensor:
 
 def _effective(opt: Adam) -> dict[str, float]:
     hp = opt.effective_hyperparameters(opt.param_groups[0])
-    return {"lr": float(hp["lr"]), "beta1": float(hp["betas"][0]),
-            "beta2": float(hp["betas"][1]), "eps": float(hp["eps"])}
+    return {
+        "lr": float(hp["lr"]),
+        "beta1": float(hp["betas"][0]),
+        "beta2": float(hp["betas"][1]),
+        "eps": float(hp["eps"]),
+    }
 
 
 def _reading(r: Any) -> dict[str, float]:
-    return {"batch_size": int(r.batch_size), "tr_sigma": float(r.tr_sigma),
-            "grad_sq_norm": float(r.grad_sq_norm), "b_simple": float(r.b_simple),
-            "b_simple_smoothed": float(r.b_simple_smoothed)}
+    return {
+        "batch_size": int(r.batch_size),
+        "tr_sigma": float(r.tr_sigma),
+        "grad_sq_norm": float(r.grad_sq_norm),
+        "b_simple": float(r.b_simple),
+        "b_simple_smoothed": float(r.b_simple_smoothed),
+    }
 
 
 def train_data_parallel(config: Config, data: _mnist.Data, r: int) -> dict[str, Any]:
@@ -192,13 +215,20 @@ def train_data_parallel(config: Config, data: _mnist.Data, r: int) -> dict[str, 
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world != config.world_size:
-        raise ValueError(f"world_size={config.world_size} in the config, but the process group "
-                         f"has {world} ranks; pass --set world_size={world}")
+        raise ValueError(
+            f"world_size={config.world_size} in the config, but the process group "
+            f"has {world} ranks; pass --set world_size={world}"
+        )
     B, share = config.global_batch, config.rank_batch
     model = _model(config, r, data.device)
     opt = _optimizer(model, config)
-    dp = DataParallel(model, opt, accumulation_steps=config.accumulation,
-                      noise_meter={"beta": METER_BETA}, equal_local=True)
+    dp = DataParallel(
+        model,
+        opt,
+        accumulation_steps=config.accumulation,
+        noise_meter={"beta": METER_BETA},
+        equal_local=True,
+    )
     gen = torch.Generator().manual_seed(_data_seed(config, r, B))
     marks = _marks(config, B)
     x_all, y_all = data.x.double(), data.y
@@ -206,7 +236,7 @@ def train_data_parallel(config: Config, data: _mnist.Data, r: int) -> dict[str, 
     effective = None
     for step in range(1, config.examples // B + 1):
         idx = torch.randint(0, x_all.shape[0], (B,), generator=gen)
-        mine = idx[rank * share:(rank + 1) * share].to(data.device)
+        mine = idx[rank * share : (rank + 1) * share].to(data.device)
         _, reading = dp.train_step(x_all[mine], y_all[mine], F.cross_entropy)
         assert reading is not None
         readings.append(_reading(reading))
@@ -225,16 +255,26 @@ def train_data_parallel(config: Config, data: _mnist.Data, r: int) -> dict[str, 
         gathered = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(gathered, local)
         spread = max(float((g - local).abs().max()) for g in gathered)
-    out = {"curve": curve, "readings": readings, "batches": batches, "effective": effective,
-           "params": params, "state": _flat_state(opt), "params_by_step": params_by_step,
-           "rank_spread": spread, "world_size": world, "overlapped": dp.overlapped_launches,
-           "steps": dp.steps}
+    out = {
+        "curve": curve,
+        "readings": readings,
+        "batches": batches,
+        "effective": effective,
+        "params": params,
+        "state": _flat_state(opt),
+        "params_by_step": params_by_step,
+        "rank_spread": spread,
+        "world_size": world,
+        "overlapped": dp.overlapped_launches,
+        "steps": dp.steps,
+    }
     dp.close()
     return out
 
 
-def train_single(config: Config, data: _mnist.Data, r: int, batch: int, rule_batch: int
-                 ) -> dict[str, Any]:
+def train_single(
+    config: Config, data: _mnist.Data, r: int, batch: int, rule_batch: int
+) -> dict[str, Any]:
     """Run ``r`` in one process, without ``sgdlab.distributed``: ``batch`` examples per step
     (at ``batch = B`` the same global batches as :func:`train_data_parallel`, concatenated),
     the optimizer's rule evaluated at ``rule_batch``. Same outputs, without ranks."""
@@ -260,9 +300,14 @@ def train_single(config: Config, data: _mnist.Data, r: int, batch: int, rule_bat
             loss, _ = _mnist.evaluate(model, x_all, y_all)
             curve.append({"examples": marks[step], "loss": loss})
     tracker.detach()
-    return {"curve": curve, "readings": readings, "effective": _effective(opt),
-            "params": _flat_params(model), "state": _flat_state(opt),
-            "params_by_step": params_by_step}
+    return {
+        "curve": curve,
+        "readings": readings,
+        "effective": _effective(opt),
+        "params": _flat_params(model),
+        "state": _flat_state(opt),
+        "params_by_step": params_by_step,
+    }
 
 
 # ----------------------------------------------------------------------------- the job
@@ -273,8 +318,9 @@ def _rank_device(config: Config) -> torch.device:
     return torch.device("cpu")
 
 
-def _train_all(config: Config, arrays: dict[str, np.ndarray], device: torch.device
-               ) -> list[dict[str, Any]]:
+def _train_all(
+    config: Config, arrays: dict[str, np.ndarray], device: torch.device
+) -> list[dict[str, Any]]:
     data = _mnist.Data(arrays, str(device))
     return [train_data_parallel(config, data, r) for r in range(config.seeds)]
 
@@ -295,8 +341,9 @@ def run_worker(config: Config) -> None:
     _train_all(config, _share_arrays(None), _rank_device(config))
 
 
-def _rank_job(rank: int, world: int, config: Config, arrays: dict[str, np.ndarray],
-              tmp: str) -> None:
+def _rank_job(
+    rank: int, world: int, config: Config, arrays: dict[str, np.ndarray], tmp: str
+) -> None:
     runs = _train_all(config, arrays, torch.device("cpu"))
     if rank == 0:
         torch.save(runs, os.path.join(tmp, "rank0.pt"))
@@ -306,20 +353,32 @@ def _start_method() -> str:
     """``fork`` where it is safe (POSIX, CUDA untouched, no other threads); else ``spawn``."""
     import threading
 
-    safe = ("fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin"
-            and not torch.cuda.is_initialized() and threading.active_count() == 1)
+    safe = (
+        "fork" in multiprocessing.get_all_start_methods()
+        and sys.platform != "darwin"
+        and not torch.cuda.is_initialized()
+        and threading.active_count() == 1
+    )
     return "fork" if safe else "spawn"
 
 
-def _data_parallel_runs(config: Config, arrays: dict[str, np.ndarray]
-                        ) -> tuple[list[dict[str, Any]], torch.device, str]:
+def _data_parallel_runs(
+    config: Config, arrays: dict[str, np.ndarray]
+) -> tuple[list[dict[str, Any]], torch.device, str]:
     if dist.is_initialized():  # a torchrun rank 0: the other ranks are in run_worker
         device = _rank_device(config)
         return _train_all(config, _share_arrays(arrays), device), device, "torchrun"
     with tempfile.TemporaryDirectory(prefix="sgdlab-dp-") as tmp:
-        spawn(_rank_job, config.world_size, (config, arrays, tmp), backend="gloo",
-              timeout=min(config.timeout, 120.0), deadline=config.timeout, threads=1,
-              start_method=_start_method())
+        spawn(
+            _rank_job,
+            config.world_size,
+            (config, arrays, tmp),
+            backend="gloo",
+            timeout=min(config.timeout, 120.0),
+            deadline=config.timeout,
+            threads=1,
+            start_method=_start_method(),
+        )
         runs = torch.load(os.path.join(tmp, "rank0.pt"), weights_only=True)
     return runs, torch.device("cpu"), "spawn"
 
@@ -346,8 +405,10 @@ def _log_gap(a: list[dict[str, float]], b: list[dict[str, float]]) -> float:
 @with_curves
 def run(config: Config, outdir: Path) -> dict[str, Any]:
     if dist.is_initialized() and dist.get_rank() != 0:
-        raise RuntimeError("run() is rank 0's part of the experiment (it writes); the other "
-                           "ranks call run_worker(config)")
+        raise RuntimeError(
+            "run() is rank 0's part of the experiment (it writes); the other "
+            "ranks call run_worker(config)"
+        )
     arrays = mnist1d(outdir)
     dp_runs, device, launcher = _data_parallel_runs(config, arrays)
     data = _mnist.Data(arrays, str(device))
@@ -358,88 +419,179 @@ def run(config: Config, outdir: Path) -> dict[str, Any]:
         local = train_single(config, data, r, B, Bw)
         ref = train_single(config, data, r, B0, B0)
         rd, rs = dp_run["readings"], replay["readings"]
-        per_seed.append({
-            "params_diff": _max_abs(dp_run["params"], replay["params"]),
-            "state_diff": _max_abs(dp_run["state"], replay["state"]),
-            "params_diff_by_step": [
-                _max_abs(a, b) for a, b in zip(dp_run["params_by_step"],
-                                               replay["params_by_step"], strict=True)
-            ] if r == 0 else None,
-            "rank_spread": dp_run["rank_spread"],
-            "tr_sigma_rel": _rel_series([x["tr_sigma"] for x in rd], [x["tr_sigma"] for x in rs]),
-            "grad_sq_rel": _rel_series([x["grad_sq_norm"] for x in rd],
-                                       [x["grad_sq_norm"] for x in rs]),
-            "b_simple_rel": _rel_series([x["b_simple_smoothed"] for x in rd],
-                                        [x["b_simple_smoothed"] for x in rs]),
-            "batches": sorted(set(dp_run["batches"]) | {x["batch_size"] for x in rd}),
-            "effective": dp_run["effective"], "effective_replay": replay["effective"],
-            "effective_local": local["effective"], "effective_ref": ref["effective"],
-            "overlapped": dp_run["overlapped"], "steps": dp_run["steps"],
-            "curves": {"data_parallel": dp_run["curve"], "replay": replay["curve"],
-                       "local_rule": local["curve"], "reference": ref["curve"]},
-            "gap_global": _log_gap(dp_run["curve"], ref["curve"]),
-            "gap_local": _log_gap(local["curve"], ref["curve"]),
-            "gap_replay": _log_gap(dp_run["curve"], replay["curve"]),
-            "b_simple": {"data_parallel": [x["b_simple_smoothed"] for x in rd],
-                         "replay": [x["b_simple_smoothed"] for x in rs]} if r == 0 else None,
-            "tr_sigma_rel_by_step": [abs(a["tr_sigma"] - b["tr_sigma"]) / abs(b["tr_sigma"])
-                                     for a, b in zip(rd, rs)] if r == 0 else None,
-        })
+        per_seed.append(
+            {
+                "params_diff": _max_abs(dp_run["params"], replay["params"]),
+                "state_diff": _max_abs(dp_run["state"], replay["state"]),
+                "params_diff_by_step": [
+                    _max_abs(a, b)
+                    for a, b in zip(dp_run["params_by_step"], replay["params_by_step"], strict=True)
+                ]
+                if r == 0
+                else None,
+                "rank_spread": dp_run["rank_spread"],
+                "tr_sigma_rel": _rel_series(
+                    [x["tr_sigma"] for x in rd], [x["tr_sigma"] for x in rs]
+                ),
+                "grad_sq_rel": _rel_series(
+                    [x["grad_sq_norm"] for x in rd], [x["grad_sq_norm"] for x in rs]
+                ),
+                "b_simple_rel": _rel_series(
+                    [x["b_simple_smoothed"] for x in rd], [x["b_simple_smoothed"] for x in rs]
+                ),
+                "batches": sorted(set(dp_run["batches"]) | {x["batch_size"] for x in rd}),
+                "effective": dp_run["effective"],
+                "effective_replay": replay["effective"],
+                "effective_local": local["effective"],
+                "effective_ref": ref["effective"],
+                "overlapped": dp_run["overlapped"],
+                "steps": dp_run["steps"],
+                "curves": {
+                    "data_parallel": dp_run["curve"],
+                    "replay": replay["curve"],
+                    "local_rule": local["curve"],
+                    "reference": ref["curve"],
+                },
+                "gap_global": _log_gap(dp_run["curve"], ref["curve"]),
+                "gap_local": _log_gap(local["curve"], ref["curve"]),
+                "gap_replay": _log_gap(dp_run["curve"], replay["curve"]),
+                "b_simple": {
+                    "data_parallel": [x["b_simple_smoothed"] for x in rd],
+                    "replay": [x["b_simple_smoothed"] for x in rs],
+                }
+                if r == 0
+                else None,
+                "tr_sigma_rel_by_step": [
+                    abs(a["tr_sigma"] - b["tr_sigma"]) / abs(b["tr_sigma"]) for a, b in zip(rd, rs)
+                ]
+                if r == 0
+                else None,
+            }
+        )
     ref_step = hyper.PerStep(lr=config.ref_lr, beta1=BETAS[0], beta2=BETAS[1], eps=EPS)
-    rule = {k: hyper.rescale(ref_step, B0, b, config.scaling) for k, b in
-            (("global", B), ("local", Bw))}
-    return {"world_size": dp_runs[0]["world_size"], "global_batch": B, "ref_batch": B0,
-            "rank_batch": Bw, "micro_batch": config.micro_batch,
-            "accumulation": config.accumulation, "scaling": config.scaling,
-            "ref_lr": config.ref_lr, "examples": config.examples, "launcher": launcher,
-            "device": str(device),
-            "rule": {k: {"lr": s.lr, "beta1": s.beta1, "beta2": s.beta2, "eps": s.eps}
-                     for k, s in rule.items()},
-            "seeds": per_seed}
+    rule = {
+        k: hyper.rescale(ref_step, B0, b, config.scaling) for k, b in (("global", B), ("local", Bw))
+    }
+    return {
+        "world_size": dp_runs[0]["world_size"],
+        "global_batch": B,
+        "ref_batch": B0,
+        "rank_batch": Bw,
+        "micro_batch": config.micro_batch,
+        "accumulation": config.accumulation,
+        "scaling": config.scaling,
+        "ref_lr": config.ref_lr,
+        "examples": config.examples,
+        "launcher": launcher,
+        "device": str(device),
+        "rule": {
+            k: {"lr": s.lr, "beta1": s.beta1, "beta2": s.beta2, "eps": s.eps}
+            for k, s in rule.items()
+        },
+        "seeds": per_seed,
+    }
 
 
 # ----------------------------------------------------------------------------- claims
 def claims(results: dict[str, Any]) -> list[Claim]:
     seeds = results["seeds"]
     W, B, B0 = results["world_size"], results["global_batch"], results["ref_batch"]
-    setting = (f"W={W} ranks x micro-batch {results['micro_batch']} x {results['accumulation']} "
-               f"accumulation steps = global batch {B}")
+    setting = (
+        f"W={W} ranks x micro-batch {results['micro_batch']} x {results['accumulation']} "
+        f"accumulation steps = global batch {B}"
+    )
     replay = "the single-process run on the concatenated global batches (float64)"
-    worst = {k: max(s[k] for s in seeds) for k in
-             ("params_diff", "state_diff", "rank_spread", "tr_sigma_rel", "grad_sq_rel",
-              "b_simple_rel")}
+    worst = {
+        k: max(s[k] for s in seeds)
+        for k in (
+            "params_diff",
+            "state_diff",
+            "rank_spread",
+            "tr_sigma_rel",
+            "grad_sq_rel",
+            "b_simple_rel",
+        )
+    }
     out = [
-        Claim("data_parallel.params", f"{setting}: parameters equal those of {replay}",
-              "max |theta_W - theta_1| = 0", 0.0, worst["params_diff"], 0.0, EXACT_TOL,
-              note=f"max over {len(seeds)} runs; rounding allowed {EXACT_TOL:g}"),
-        Claim("data_parallel.adam_state", f"{setting}: Adam's state (exp_avg, exp_avg_sq, "
-              f"step) equals that of {replay}", "max |state_W - state_1| = 0", 0.0,
-              worst["state_diff"], 0.0, EXACT_TOL),
-        Claim("data_parallel.ranks_identical", "every rank holds the same parameters, bit "
-              "for bit", "max_r |theta_r - theta_0| = 0", 0.0, worst["rank_spread"], 0.0, 0.0),
-        Claim("data_parallel.tr_sigma", "the global noise meter's tr Sigma and |G|^2 equal the "
-              "single-process meter's on the concatenated batch", "max_t |tr Sigma_W - "
-              "tr Sigma_1| / max_t |tr Sigma_1| = 0 (and the same for |G|^2)", 0.0,
-              max(worst["tr_sigma_rel"], worst["grad_sq_rel"]), 0.0, EXACT_TOL,
-              note=f"tr Sigma {worst['tr_sigma_rel']:.2g}, |G|^2 {worst['grad_sq_rel']:.2g}"),
-        Claim("data_parallel.b_simple", "the global noise meter's B_simple = tr Sigma/|G|^2 "
-              "(smoothed) equals the single-process value", "max_t |B_W - B_1| / max_t "
-              "|B_1| = 0", 0.0, worst["b_simple_rel"], 0.0, EXACT_TOL),
+        Claim(
+            "data_parallel.params",
+            f"{setting}: parameters equal those of {replay}",
+            "max |theta_W - theta_1| = 0",
+            0.0,
+            worst["params_diff"],
+            0.0,
+            EXACT_TOL,
+            note=f"max over {len(seeds)} runs; rounding allowed {EXACT_TOL:g}",
+        ),
+        Claim(
+            "data_parallel.adam_state",
+            f"{setting}: Adam's state (exp_avg, exp_avg_sq, step) equals that of {replay}",
+            "max |state_W - state_1| = 0",
+            0.0,
+            worst["state_diff"],
+            0.0,
+            EXACT_TOL,
+        ),
+        Claim(
+            "data_parallel.ranks_identical",
+            "every rank holds the same parameters, bit for bit",
+            "max_r |theta_r - theta_0| = 0",
+            0.0,
+            worst["rank_spread"],
+            0.0,
+            0.0,
+        ),
+        Claim(
+            "data_parallel.tr_sigma",
+            "the global noise meter's tr Sigma and |G|^2 equal the "
+            "single-process meter's on the concatenated batch",
+            "max_t |tr Sigma_W - tr Sigma_1| / max_t |tr Sigma_1| = 0 (and the same for |G|^2)",
+            0.0,
+            max(worst["tr_sigma_rel"], worst["grad_sq_rel"]),
+            0.0,
+            EXACT_TOL,
+            note=f"tr Sigma {worst['tr_sigma_rel']:.2g}, |G|^2 {worst['grad_sq_rel']:.2g}",
+        ),
+        Claim(
+            "data_parallel.b_simple",
+            "the global noise meter's B_simple = tr Sigma/|G|^2 "
+            "(smoothed) equals the single-process value",
+            "max_t |B_W - B_1| / max_t |B_1| = 0",
+            0.0,
+            worst["b_simple_rel"],
+            0.0,
+            EXACT_TOL,
+        ),
     ]
     batches = {b for s in seeds for b in s["batches"]}
-    out.append(Claim(
-        "data_parallel.global_batch", "the batch size the optimizer and the meter use is the "
-        "global batch", "B = W x micro-batch x accumulation", float(B),
-        float(batches.pop()) if len(batches) == 1 else math.nan, 0.0, 0.0))
+    out.append(
+        Claim(
+            "data_parallel.global_batch",
+            "the batch size the optimizer and the meter use is the global batch",
+            "B = W x micro-batch x accumulation",
+            float(B),
+            float(batches.pop()) if len(batches) == 1 else math.nan,
+            0.0,
+            0.0,
+        )
+    )
     for key, name in (("lr", "learning rate"), ("beta1", "beta1")):
         pred = results["rule"]["global"][key]
         got = seeds[0]["effective"][key]
-        out.append(Claim(
-            f"data_parallel.effective_{key}", f"the optimizer's effective {name} is the "
-            f"{results['scaling']} rule's value at the global batch B={B} (tuned at B0={B0})",
-            f"rescale({key} at B0, B0 -> B, {results['scaling']})", pred, got, 0.0,
-            1e-12 * abs(pred), note=f"at the per-rank batch {results['rank_batch']} it would "
-            f"be {results['rule']['local'][key]:.6g}"))
+        out.append(
+            Claim(
+                f"data_parallel.effective_{key}",
+                f"the optimizer's effective {name} is the "
+                f"{results['scaling']} rule's value at the global batch B={B} (tuned at B0={B0})",
+                f"rescale({key} at B0, B0 -> B, {results['scaling']})",
+                pred,
+                got,
+                0.0,
+                1e-12 * abs(pred),
+                note=f"at the per-rank batch {results['rank_batch']} it would "
+                f"be {results['rule']['local'][key]:.6g}",
+            )
+        )
     gaps = np.array([s["gap_global"] for s in seeds])
     local = np.array([s["gap_local"] for s in seeds])
     g, se = chain_mean(gaps)
@@ -449,19 +601,37 @@ def claims(results: dict[str, Any]) -> list[Claim]:
     # it cannot be told apart from another seed), plus 4 standard errors of the paired gap.
     ref_logs = np.log([[p["loss"] for p in s["curves"]["reference"]] for s in seeds])
     spread = float(ref_logs.std(axis=0, ddof=1).mean())
-    out.append(Claim(
-        "data_parallel.tracks_reference", f"the W-rank run at global B={B} follows the "
-        f"single-process run at B0={B0}: equal training loss at equal examples",
-        "mean_n [log L_B(n) - log L_B0(n)] = 0", 0.0, g, se,
-        tolerance(se, model_error=spread), exact=False,
-        note=f"{len(seeds)} seeds, paired by initialisation; the rule is first order, so the "
-        f"tolerance adds the B0 runs' seed-to-seed spread of log L ({spread:.3f}); with the "
-        f"rule at the per-rank batch the gap is {gl:.3f} +- {sel:.3f}"))
-    out.append(Claim(
-        "data_parallel.global_not_local", "applying the rule at the per-rank batch instead of "
-        "the global one (a W-times smaller lr under the linear rule) departs further from the "
-        "B0 curve", "|gap(global B)| <= |gap(per-rank B)|", abs(gl), abs(g), se, 0.0,
-        kind="at_most", exact=False))
+    out.append(
+        Claim(
+            "data_parallel.tracks_reference",
+            f"the W-rank run at global B={B} follows the "
+            f"single-process run at B0={B0}: equal training loss at equal examples",
+            "mean_n [log L_B(n) - log L_B0(n)] = 0",
+            0.0,
+            g,
+            se,
+            tolerance(se, model_error=spread),
+            exact=False,
+            note=f"{len(seeds)} seeds, paired by initialisation; the rule is first order, so the "
+            f"tolerance adds the B0 runs' seed-to-seed spread of log L ({spread:.3f}); with the "
+            f"rule at the per-rank batch the gap is {gl:.3f} +- {sel:.3f}",
+        )
+    )
+    out.append(
+        Claim(
+            "data_parallel.global_not_local",
+            "applying the rule at the per-rank batch instead of "
+            "the global one (a W-times smaller lr under the linear rule) departs further from the "
+            "B0 curve",
+            "|gap(global B)| <= |gap(per-rank B)|",
+            abs(gl),
+            abs(g),
+            se,
+            0.0,
+            kind="at_most",
+            exact=False,
+        )
+    )
     return out
 
 
@@ -471,38 +641,62 @@ def plot(results: dict[str, Any], outdir: Path) -> list[str]:
 
     fig, ax = figure(3, 1, width=4.2)
     a = ax[0, 0]
-    styles = {"reference": ("k", "-", f"1 process, B0={results['ref_batch']}"),
-              "data_parallel": ("C0", "-", f"{results['world_size']} ranks, B="
-                                f"{results['global_batch']}"),
-              "replay": ("C1", ":", "1 process, same global batches"),
-              "local_rule": ("C3", "--", f"rule at per-rank B={results['rank_batch']}")}
+    styles = {
+        "reference": ("k", "-", f"1 process, B0={results['ref_batch']}"),
+        "data_parallel": ("C0", "-", f"{results['world_size']} ranks, B={results['global_batch']}"),
+        "replay": ("C1", ":", "1 process, same global batches"),
+        "local_rule": ("C3", "--", f"rule at per-rank B={results['rank_batch']}"),
+    }
     for key, (color, ls, label) in styles.items():
         for i, s in enumerate(results["seeds"]):
             c = s["curves"][key]
-            a.plot([p["examples"] for p in c], [p["loss"] for p in c], color=color, ls=ls,
-                   lw=1.2 if key != "replay" else 2.0, alpha=0.8,
-                   label=label if i == 0 else None)
-    a.set(xlabel="examples seen", ylabel="training loss (full set)", yscale="log",
-          title=f"Adam per-example, {results['scaling']} rule")
+            a.plot(
+                [p["examples"] for p in c],
+                [p["loss"] for p in c],
+                color=color,
+                ls=ls,
+                lw=1.2 if key != "replay" else 2.0,
+                alpha=0.8,
+                label=label if i == 0 else None,
+            )
+    a.set(
+        xlabel="examples seen",
+        ylabel="training loss (full set)",
+        yscale="log",
+        title=f"Adam per-example, {results['scaling']} rule",
+    )
     a.legend(fontsize=7)
     a = ax[0, 1]
     bs = results["seeds"][0]["b_simple"]
     xs = np.arange(1, len(bs["data_parallel"]) + 1) * results["global_batch"]
     a.plot(xs, bs["data_parallel"], "C0", label=f"{results['world_size']} ranks (global)")
     a.plot(xs, bs["replay"], "C1:", lw=2, label="1 process")
-    a.set(xlabel="examples seen", ylabel="B_simple (smoothed)", yscale="log",
-          title="noise meter on the global batch")
+    a.set(
+        xlabel="examples seen",
+        ylabel="B_simple (smoothed)",
+        yscale="log",
+        title="noise meter on the global batch",
+    )
     a.legend(fontsize=7)
     a = ax[0, 2]
     s0 = results["seeds"][0]
     tiny = 1e-18
     steps = np.arange(1, len(s0["params_diff_by_step"]) + 1)
-    a.plot(steps, np.maximum(s0["params_diff_by_step"], tiny), "C0",
-           label="max |theta_W - theta_1|")
-    a.plot(steps, np.maximum(s0["tr_sigma_rel_by_step"], tiny), "C2",
-           label="|tr Sigma_W - tr Sigma_1| / tr Sigma_1")
+    a.plot(
+        steps, np.maximum(s0["params_diff_by_step"], tiny), "C0", label="max |theta_W - theta_1|"
+    )
+    a.plot(
+        steps,
+        np.maximum(s0["tr_sigma_rel_by_step"], tiny),
+        "C2",
+        label="|tr Sigma_W - tr Sigma_1| / tr Sigma_1",
+    )
     a.axhline(EXACT_TOL, color="k", ls="--", lw=0.8, label="claim tolerance")
-    a.set(xlabel="step", ylabel="difference (0 drawn at 1e-18)", yscale="log",
-          title="W ranks vs one process")
+    a.set(
+        xlabel="step",
+        ylabel="difference (0 drawn at 1e-18)",
+        yscale="log",
+        title="W ranks vs one process",
+    )
     a.legend(fontsize=7)
     return [save(fig, outdir, "data_parallel.png")]

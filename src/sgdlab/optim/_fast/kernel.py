@@ -130,5 +130,5 @@ def get_kernel(kernel: FusedKernel, opts: Options, compiled: bool) -> Callable[.
     # loops) but not of its on-disk cache key unless set: without it, a kernel compiled by a
     # process with one thread (a data-loader worker, torch.set_num_threads(1)) ran on one
     # thread in every later process, about 2x slower on 2 cores.
-    options = {"cpp.threads": torch.get_num_threads()}
+    options: dict[str, Any] = {"cpp.threads": torch.get_num_threads()}
     return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
