@@ -4,29 +4,12 @@ parts, seeds, effect size, dropped points) and renders records older than them."
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from sgdlab.lab import build_report, run_experiment
+from sgdlab.lab import build_report
 from sgdlab.lab.runner import DamagedResultError, load_result
-
-
-@pytest.fixture(scope="module")
-def one_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    os.environ.setdefault("SGDLAB_PROGRESS", "0")
-    out = tmp_path_factory.mktemp("contract") / "out"
-    run_experiment("one_d", out, preset="tiny")
-    return out
-
-
-@pytest.fixture
-def out(one_run: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "out"
-    shutil.copytree(one_run, dest)
-    return dest
 
 
 def _edit(out: Path, fn) -> dict:

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sgdlab.lab import build_report, run_experiment
+from sgdlab.lab import build_report
 
 PAYLOADS = (
     "x'><script>alert(1)</script>",
@@ -108,21 +106,6 @@ def _poison(obj: Any, payloads: list[str], skip: tuple[str, ...] = ()) -> Any:
         payloads.append(payloads.pop(0))
         return payloads[-1]
     return obj
-
-
-@pytest.fixture(scope="module")
-def one_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    os.environ.setdefault("SGDLAB_PROGRESS", "0")
-    out = tmp_path_factory.mktemp("secure") / "out"
-    run_experiment("one_d", out, preset="tiny")
-    return out
-
-
-@pytest.fixture
-def out(one_run: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "out"
-    shutil.copytree(one_run, dest)
-    return dest
 
 
 def test_every_string_of_a_results_file_is_escaped(out: Path) -> None:
